@@ -1,0 +1,30 @@
+# nbd-mc: two commands do everything on a fresh Debian 12 machine:
+#   make demo   -- set up and run the end-to-end story
+#   make test   -- set up and run the test suite
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.nbd-mc-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup debs demo test bench soak clean
+setup: debs $(STAMP)
+
+debs:
+	@tools/setup-debs.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	@touch $(STAMP)
+
+test: setup
+	PATH=$(CURDIR)/$(VENV)/bin:/usr/bin:$$PATH $(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+demo: setup
+	PATH=$(CURDIR)/$(VENV)/bin:/usr/bin:$$PATH $(PY) -m nbd_mc.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+-include mk/*.mk

@@ -1,0 +1,16 @@
+#!/bin/sh
+# Install the Debian packages nbd-mc stands on, only those that are missing.
+# Idempotent and silent when everything is there.
+set -e
+PKGS="nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils qemu-system-x86 \
+fio python3-venv busybox-static cpio e2fsprogs gnutls-bin openssl"
+missing=""
+for p in $PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+[ -z "$missing" ] && exit 0
+echo "setup: installing Debian packages:$missing"
+if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
