@@ -1,0 +1,586 @@
+"""The consistency group and its epochs: the heart of the secondary.
+
+One group serves one or more disks with ONE epoch.  Every request that touches
+undo state passes the *gate*; a commit, rollback or failover closes the gate,
+which waits for requests in flight and holds new ones back, so no write slips
+between epochs.  Before a write reaches an image, every cluster it touches that is
+not yet preserved in this epoch is copied into the disk's undo overlay (modelled on
+QEMU's copy-before-write filter).
+
+Crash safety comes from ordering, never from luck:
+  commit:   [power: images durable] -> state file says N -> each overlay dropped,
+            recording "returns to N" (a crash in between leaves stale undo, which
+            recovery recognises by its older epoch and drops, never applies);
+  rollback: apply every overlay -> images durable -> drop (apply is idempotent, so
+            a crash at any point is repaired by applying again).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import threading
+import time
+from contextlib import contextmanager
+
+from . import qcow2
+from .errors import (BadRequest, EpochMismatch, Fenced, IOFailure, NbdMcError,
+                     NotProtected, StateError)
+from .state import DirLock, DiskState, GroupState, load, save
+
+DURABILITY_MODES = ("process", "power")
+SECTOR = 512
+
+
+class Gate:
+    """Many requests pass at once; a checkpoint closes it and waits for them."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._active = 0
+        self._closed = False
+
+    def enter(self) -> None:
+        with self._cond:
+            while self._closed:
+                self._cond.wait()
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if self._closed and not self._active:
+                self._cond.notify_all()
+
+    @contextmanager
+    def closed(self):
+        with self._cond:
+            while self._closed:  # another checkpoint holds it
+                self._cond.wait()
+            self._closed = True
+            while self._active:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._closed = False
+                self._cond.notify_all()
+
+
+class GroupSync:
+    """fdatasync one file, sharing a sync among requests that wait at the same time."""
+
+    def __init__(self, fd_getter):
+        self._fd = fd_getter
+        self._cond = threading.Condition()
+        self._requested = 0
+        self._done = 0
+        self._running = False
+
+    def __call__(self) -> None:
+        with self._cond:
+            self._requested += 1
+            mine = self._requested
+            while self._done < mine:
+                if not self._running:
+                    self._running = True
+                    target = self._requested
+                    break
+                self._cond.wait()
+            else:
+                return
+        try:
+            os.fdatasync(self._fd())
+        finally:
+            with self._cond:
+                self._running = False
+                self._done = max(self._done, target)
+                self._cond.notify_all()
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def write_zeros(fd: int, offset: int, length: int, chunk: int = 1 << 20) -> None:
+    zeros = bytes(min(length, chunk))
+    end = offset + length
+    while offset < end:
+        n = min(len(zeros), end - offset)
+        qcow2.pwrite_all(fd, [memoryview(zeros)[:n]], offset)
+        offset += n
+
+
+def _runs(clusters):
+    return qcow2._runs(clusters)
+
+
+class Disk:
+    """One replica image and its undo overlay."""
+
+    def __init__(self, spec: DiskState, durability: str):
+        self.spec = spec
+        self.name = spec.name
+        self.size = spec.size
+        self.cluster_size = spec.cluster_size
+        self.bits = spec.cluster_size.bit_length() - 1
+        self.fd = qcow2.open_image(spec.image)
+        self._lock = threading.Lock()  # serialises preserves of this disk
+        power = durability == "power"
+        self.overlay_sync = GroupSync(lambda: self.overlay.fd)
+        try:
+            self.overlay = qcow2.UndoOverlay(
+                spec.overlay, self.fd, expected_size=spec.size, expected_image=spec.image,
+                barrier=self.overlay_sync if power else None)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.power = power
+
+    def protect(self, offset: int, length: int) -> None:
+        """Preserve every not-yet-preserved cluster of [offset, offset+length).
+
+        Exactly one request preserves a cluster: the disk lock makes a concurrent
+        request touching the same cluster wait until it is in the overlay, and
+        re-checking under the lock finds it preserved.
+        """
+        if length <= 0:
+            return
+        first = offset >> self.bits
+        last = (offset + length - 1) >> self.bits
+        ov = self.overlay
+        if all(ov.is_preserved(c) for c in range(first, last + 1)):
+            return
+        with self._lock:
+            todo = [c for c in range(first, last + 1) if not ov.is_preserved(c)]
+            for start, n in _runs(todo):
+                ov.preserve(start, n)
+        if self.power:
+            self.overlay_sync()
+
+    def read_committed(self, view: memoryview, offset: int) -> None:
+        """The committed view, safe against a concurrent preserve + overwrite.
+
+        A cluster read from the image is re-checked afterwards: if it became
+        preserved meanwhile, an overwrite may have raced the read, so read again
+        (now from the overlay).  Preserve publishes before the image write starts.
+        """
+        first = offset >> self.bits
+        last = (offset + len(view) - 1) >> self.bits
+        while True:
+            before = [c for c in range(first, last + 1) if not self.overlay.is_preserved(c)]
+            self.overlay.read_committed(view, offset)
+            if all(not self.overlay.is_preserved(c) for c in before):
+                return
+
+    def status(self) -> dict:
+        return {
+            "name": self.name,
+            "image": self.spec.image,
+            "overlay": self.spec.overlay,
+            "size": self.size,
+            "cluster_size": self.cluster_size,
+            "preserved_clusters": self.overlay.preserved,
+            "undo_bytes": self.overlay.undo_bytes,
+        }
+
+    def close(self) -> None:
+        self.overlay.close()
+        os.close(self.fd)
+
+
+def parse_disk_spec(spec: str) -> tuple[str, str]:
+    """``NAME=PATH`` or ``PATH`` (name = the file's stem)."""
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+    else:
+        path = spec
+        name = os.path.splitext(os.path.basename(path))[0]
+    if not name or "@" in name or "/" in name or not path:
+        raise BadRequest(f"bad disk {spec!r}: use NAME=PATH or PATH; names may not contain '@' or '/'")
+    return name, os.path.abspath(path)
+
+
+def _image_size(path: str) -> int:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise StateError(f"image {path} does not exist") from None
+    except OSError as e:
+        raise StateError(f"image {path}: {os.strerror(e.errno)}") from None
+    if not os.path.isfile(path):
+        raise StateError(f"image {path} is not a regular file")
+    return st.st_size
+
+
+def check_disks(state: GroupState) -> None:
+    """Each image exists and still has the size the group was created with."""
+    for d in state.disks:
+        size = _image_size(d.image)
+        if size != d.size:
+            raise StateError(
+                f"image {d.image} of disk {d.name} is {size} bytes, but the group was created "
+                f"with {d.size} bytes (resized behind nbd-mc's back?)")
+
+
+def plan_group(state_dir: str, disks: list[tuple[str, str]] | None,
+               cluster_size: int | None) -> tuple[GroupState, bool]:
+    """The state to serve from ``state_dir`` and whether it is new; changes nothing.
+
+    Refuses a disk list that differs from the one the directory was made for.
+    """
+    state = load(state_dir) if os.path.isdir(state_dir) else None
+    if state is not None:
+        if disks:
+            want = [(n, os.path.realpath(p)) for n, p in disks]
+            have = [(d.name, os.path.realpath(d.image)) for d in state.disks]
+            if want != have:
+                raise StateError(
+                    f"state directory {state_dir} belongs to disks "
+                    f"{', '.join(f'{n}={p}' for n, p in have)}; you gave "
+                    f"{', '.join(f'{n}={p}' for n, p in want)}")
+        if cluster_size and any(d.cluster_size != cluster_size for d in state.disks):
+            raise StateError(
+                f"state directory {state_dir} uses cluster size {state.disks[0].cluster_size}, "
+                f"not {cluster_size}")
+        check_disks(state)
+        return state, False
+    if not disks:
+        raise StateError(f"no nbd-mc state in {state_dir}; give the disks to serve")
+    names = [n for n, _ in disks]
+    if len(set(names)) != len(names):
+        raise StateError(f"disk names must be unique: {', '.join(names)}")
+    cs = cluster_size or 65536
+    qcow2.cluster_bits_of(cs)
+    specs = []
+    for name, path in disks:
+        size = _image_size(path)
+        if size == 0 or size % SECTOR:
+            raise StateError(f"image {path} is {size} bytes; the size must be a non-zero "
+                             f"multiple of {SECTOR} (QEMU's sector size)")
+        overlay = os.path.join(os.path.abspath(state_dir), f"{name}.undo.qcow2")
+        specs.append(DiskState(name, path, overlay, size, cs))
+    return GroupState(disks=specs), True
+
+
+class Group:
+    """A consistency group: one epoch for all of its disks."""
+
+    def __init__(self, state_dir: str, disks: list[tuple[str, str]] | None = None, *,
+                 cluster_size: int | None = None, durability: str = "process",
+                 lock: bool = True):
+        if durability not in DURABILITY_MODES:
+            raise BadRequest(f"durability must be one of {', '.join(DURABILITY_MODES)}")
+        self.state_dir = os.path.abspath(state_dir)
+        self.durability = durability
+        state, new = plan_group(self.state_dir, disks, cluster_size)
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        self.lock = DirLock(self.state_dir) if lock else None
+        try:
+            if self.lock:
+                self.lock.record_pid()
+            if new:
+                for d in state.disks:  # overlays first: the state file makes the group exist
+                    qcow2.create(d.overlay, d.image, d.size, d.cluster_size, epoch=0)
+                save(self.state_dir, state)
+            self.state = state
+            if state.handoff:
+                raise StateError(
+                    f"the disks of {self.state_dir} were handed out by an instant failover; the new "
+                    f"primary owns the overlays ({', '.join(d.overlay for d in state.disks)})")
+            self.disks = self._open_disks(state)
+        except BaseException:
+            if self.lock:
+                self.lock.release()
+            raise
+        self.by_name = {d.name: d for d in self.disks}
+        self.gate = Gate()
+        self._control = threading.Lock()  # one checkpoint operation at a time
+        self.broken: str | None = None
+        self.stats = {"writes": 0, "zeroes": 0, "trims": 0, "bytes_written": 0,
+                      "commits": 0, "rollbacks": 0, "refused_writes": 0, "errors": 0}
+        self.recovered = self._recover()
+
+    def _open_disks(self, state: GroupState) -> list[Disk]:
+        disks = []
+        try:
+            for spec in state.disks:
+                disks.append(Disk(spec, self.durability))
+        except BaseException:
+            for d in disks:
+                d.close()
+            raise
+        return disks
+
+    # --- recovery --------------------------------------------------------------
+    def _recover(self) -> dict:
+        """Bring every disk to exactly the committed epoch (restart after a crash).
+
+        An overlay returning to the committed epoch holds undo data of the open
+        epoch: apply it.  One returning to an older epoch is stale (the crash fell
+        between persisting the commit and dropping): drop it, never apply.
+        """
+        committed = self.state.committed
+        report = {"committed": committed, "restored_clusters": 0, "stale_dropped": []}
+        for d in self.disks:
+            epoch = d.overlay.epoch
+            if epoch is None or epoch > committed:
+                raise StateError(
+                    f"overlay {d.spec.overlay} returns to epoch {epoch}, but the state file says "
+                    f"{committed} is committed: the overlay does not belong to this state")
+        for d in self.disks:
+            if d.overlay.epoch == committed:
+                report["restored_clusters"] += self._checked_apply(d)
+        for d in self.disks:
+            if d.overlay.epoch != committed or d.overlay.preserved:
+                if d.overlay.epoch != committed:
+                    report["stale_dropped"].append(d.name)
+                d.overlay.drop(committed)
+        return report
+
+    def _checked_apply(self, d: Disk) -> int:
+        n = d.overlay.apply()
+        if n:
+            try:
+                os.fdatasync(d.fd)
+            except OSError as e:
+                raise IOFailure(f"syncing image {d.spec.image}: {os.strerror(e.errno)}", e.errno)
+        return n
+
+    # --- properties ---------------------------------------------------------------
+    @property
+    def committed(self) -> int:
+        return self.state.committed
+
+    @property
+    def protected(self) -> bool:
+        return self.state.committed > 0 and self.state.role == "secondary"
+
+    @property
+    def generation(self) -> int:
+        return self.state.generation
+
+    def disk(self, name: str) -> Disk:
+        return self.by_name[name]
+
+    # --- the I/O path ----------------------------------------------------------------
+    def _check_writable(self, generation: int) -> None:
+        """Split-brain guard: a fenced group takes writes from nobody, a promoted one
+        only from connections opened after the failover."""
+        refusal = None
+        if self.state.handoff:
+            refusal = "the disks were handed out by an instant failover"
+        elif self.state.fenced:
+            refusal = f"the group is fenced (generation {self.state.generation})"
+        elif generation != self.state.generation:
+            refusal = "this connection was opened before the last fence"
+        if refusal:
+            self.stats["refused_writes"] += 1
+            raise Fenced(f"write refused: {refusal}")
+        if self.broken:
+            raise IOFailure(f"group is unusable until restart: {self.broken}")
+
+    @contextmanager
+    def io(self):
+        self.gate.enter()
+        try:
+            yield
+        finally:
+            self.gate.leave()
+
+    def write(self, disk: Disk, generation: int, buf, offset: int, fua: bool = False) -> None:
+        with self.io():
+            self._check_writable(generation)
+            if self.protected:
+                disk.protect(offset, len(buf))
+            try:
+                qcow2.pwrite_all(disk.fd, [buf], offset)
+                if fua:
+                    os.fdatasync(disk.fd)
+            except OSError as e:
+                raise IOFailure(f"writing image {disk.spec.image}: {os.strerror(e.errno)}", e.errno)
+            self.stats["writes"] += 1
+            self.stats["bytes_written"] += len(buf)
+
+    def zero(self, disk: Disk, generation: int, count: int, offset: int, *,
+             fua: bool = False, fast: bool = False, trim: bool = False) -> None:
+        """Write zeroes (or trim): both overwrite data, so both preserve first."""
+        with self.io():
+            self._check_writable(generation)
+            if self.protected:
+                disk.protect(offset, count)
+            try:
+                try:
+                    punch_hole(disk.fd, offset, count)
+                except OSError as e:
+                    if fast or trim or e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                        raise
+                    write_zeros(disk.fd, offset, count)
+                if fua:
+                    os.fdatasync(disk.fd)
+            except OSError as e:
+                raise IOFailure(f"zeroing image {disk.spec.image}: {os.strerror(e.errno)}", e.errno)
+            self.stats["trims" if trim else "zeroes"] += 1
+
+    def read(self, disk: Disk, view, offset: int) -> None:
+        try:
+            qcow2.pread_into(disk.fd, view, offset)
+        except OSError as e:
+            raise IOFailure(f"reading image {disk.spec.image}: {os.strerror(e.errno)}", e.errno)
+
+    def read_committed(self, disk: Disk, view, offset: int) -> None:
+        with self.io():
+            try:
+                disk.read_committed(view, offset)
+            except OSError as e:
+                raise IOFailure(f"reading committed view of {disk.name}: {os.strerror(e.errno)}",
+                                e.errno)
+
+    def flush(self, disk: Disk) -> None:
+        try:
+            os.fdatasync(disk.fd)
+        except OSError as e:
+            raise IOFailure(f"flushing image {disk.spec.image}: {os.strerror(e.errno)}", e.errno)
+
+    # --- checkpoint operations --------------------------------------------------------
+    def commit(self, epoch: int) -> dict:
+        with self._control:
+            if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+                raise BadRequest("commit: 'epoch' must be a non-negative integer")
+            self._refuse_if_fenced("commit")
+            if epoch == self.state.committed:
+                return {"committed": epoch, "seconds": 0.0, "retry": True}
+            if epoch != self.state.committed + 1:
+                raise EpochMismatch(
+                    f"cannot commit epoch {epoch}: epoch {self.state.committed} is committed, "
+                    f"the open epoch is {self.state.committed + 1}")
+            t0 = time.perf_counter()
+            with self.gate.closed():
+                if self.durability == "power":
+                    for d in self.disks:
+                        self.flush(d)
+                self._persist(committed=epoch)
+                self._drop_all(epoch)
+            self.stats["commits"] += 1
+            return {"committed": epoch, "seconds": time.perf_counter() - t0}
+
+    def _refuse_if_fenced(self, what: str) -> None:
+        if self.state.role == "primary":
+            raise Fenced(f"{what} refused: this node was promoted to primary by a failover")
+        if self.state.fenced:
+            raise Fenced(f"{what} refused: the group is fenced (generation {self.state.generation})")
+
+    def _persist(self, **changes) -> None:
+        old = {k: getattr(self.state, k) for k in changes}
+        for k, v in changes.items():
+            setattr(self.state, k, v)
+        try:
+            save(self.state_dir, self.state, durable=self.durability == "power")
+        except OSError as e:
+            for k, v in old.items():
+                setattr(self.state, k, v)
+            raise IOFailure(f"writing the state file: {os.strerror(e.errno)}", e.errno) from None
+
+    def _drop_all(self, epoch: int) -> None:
+        for d in self.disks:
+            try:
+                d.overlay.drop(epoch)
+            except NbdMcError as e:
+                # The commit is persisted; the stale undo is dropped on restart.  Until
+                # then the in-memory overlay can't be trusted: refuse writes.
+                self.broken = f"dropping undo data of {d.name} failed: {e.desc}"
+                raise
+
+    def rollback(self) -> dict:
+        with self._control:
+            if self.state.role == "primary":
+                raise NotProtected("rollback refused: promoted to primary, no undo data is kept")
+            if not self.state.committed:
+                raise NotProtected("nothing to roll back to: no epoch was committed yet "
+                                   "(epoch 0 is the initial synchronisation)")
+            t0 = time.perf_counter()
+            with self.gate.closed():
+                restored = self._rollback_locked()
+            self.stats["rollbacks"] += 1
+            return {"committed": self.state.committed, "restored_clusters": restored,
+                    "seconds": time.perf_counter() - t0}
+
+    def _rollback_locked(self) -> int:
+        restored = sum(self._checked_apply(d) for d in self.disks)
+        self._drop_all(self.state.committed)
+        return restored
+
+    def fence(self) -> dict:
+        with self._control:
+            with self.gate.closed():  # no write of an old connection is still in flight
+                self._persist(generation=self.state.generation + 1, fenced=True)
+            return {"generation": self.state.generation}
+
+    def failover(self, instant: bool = False) -> dict:
+        """Fence, return to the last commit, promote.  Idempotent."""
+        with self._control:
+            if not isinstance(instant, bool):
+                raise BadRequest("failover: 'instant' must be a boolean")
+            t0 = time.perf_counter()
+            if self.state.role != "primary":
+                if not self.state.committed:
+                    raise NotProtected("failover refused: no epoch was ever committed, the "
+                                       "replica holds no consistent state")
+                with self.gate.closed():
+                    self._persist(generation=self.state.generation + 1, fenced=True)
+                    if instant:
+                        self._persist(role="primary", handoff="instant")
+                    else:
+                        self._rollback_locked()
+                        self._persist(role="primary", fenced=False)
+            return {"committed": self.state.committed, "disks": self.handover(),
+                    "seconds": time.perf_counter() - t0}
+
+    def handover(self) -> list[dict]:
+        out = []
+        for d in self.disks:
+            if self.state.handoff == "instant":
+                path, fmt = d.spec.overlay, "qcow2"
+            else:
+                path, fmt = d.spec.image, "raw"
+            out.append({"name": d.name, "path": path, "format": fmt,
+                        "drive": f"file={path},format={fmt},if=none,id={d.name}"})
+        return out
+
+    @property
+    def read_only(self) -> bool:
+        """After an instant failover the overlays belong to the new primary."""
+        return self.state.handoff == "instant"
+
+    # --- status -----------------------------------------------------------------
+    def status(self) -> dict:
+        return {
+            "committed": self.state.committed,
+            "open_epoch": self.state.committed + 1,
+            "protected": self.protected,
+            "role": self.state.role,
+            "fenced": self.state.fenced,
+            "generation": self.state.generation,
+            "durability": self.durability,
+            "handoff": self.state.handoff,
+            "broken": self.broken,
+            "disks": [d.status() for d in self.disks],
+            "stats": dict(self.stats),
+        }
+
+    def close(self) -> None:
+        for d in self.disks:
+            d.close()
+        if self.lock:
+            self.lock.release()

@@ -1,0 +1,137 @@
+"""The group's persistent state: one small JSON file, replaced atomically.
+
+The state file is the single source of truth for "which epoch is committed": a
+commit is exactly the moment the new file is renamed into place.  Writing goes
+temp file -> fsync -> rename -> fsync of the directory, so after kill -9 or power
+loss the file is either the old or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from .errors import StateError
+
+STATE_FILE = "state.json"
+LOCK_FILE = "lock"
+FORMAT = "nbd-mc-state"
+VERSION = 1
+ROLES = ("secondary", "primary")
+
+
+@dataclass
+class DiskState:
+    name: str
+    image: str
+    overlay: str
+    size: int
+    cluster_size: int
+
+
+@dataclass
+class GroupState:
+    committed: int = 0
+    generation: int = 0
+    fenced: bool = False
+    role: str = "secondary"
+    handoff: str | None = None  # "instant": overlays were handed to a new primary
+    disks: list[DiskState] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        body = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        return json.dumps(body, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "GroupState":
+        try:
+            body = json.loads(text)
+            if body.get("format") != FORMAT or body.get("version") != VERSION:
+                raise ValueError("not an nbd-mc state file of a known version")
+            disks = [DiskState(**d) for d in body["disks"]]
+            state = cls(committed=int(body["committed"]), generation=int(body["generation"]),
+                        fenced=bool(body["fenced"]), role=body["role"],
+                        handoff=body.get("handoff"), disks=disks)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise StateError(f"{where}: unreadable state file ({e})") from None
+        if state.role not in ROLES or state.committed < 0 or not state.disks:
+            raise StateError(f"{where}: inconsistent state file")
+        return state
+
+    def disk_names(self) -> list[str]:
+        return [d.name for d in self.disks]
+
+
+def state_path(state_dir: str) -> str:
+    return os.path.join(state_dir, STATE_FILE)
+
+
+def load(state_dir: str) -> GroupState | None:
+    """The state of ``state_dir``, or None when no group was created there."""
+    path = state_path(state_dir)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise StateError(f"{path}: cannot read state file ({e})") from None
+    return GroupState.from_json(text, path)
+
+
+def save(state_dir: str, state: GroupState, durable: bool = True) -> None:
+    """Replace the state file atomically; ``durable`` adds the fsyncs that power loss
+    needs (rename alone is atomic against kill -9: the page cache survives it)."""
+    path = state_path(state_dir)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        data = state.to_json().encode()
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    if not durable:
+        return
+    dfd = os.open(state_dir, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class DirLock:
+    """An exclusive flock on DIR/lock: one server (or recover) per state directory.
+
+    flock belongs to the open file description, so it survives nbdkit's fork into
+    the background and vanishes with the last process holding it, also on kill -9.
+    """
+
+    def __init__(self, state_dir: str):
+        self.path = os.path.join(state_dir, LOCK_FILE)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise StateError(
+                f"state directory {state_dir} is in use by another nbd-mc process (pid {holder})"
+            ) from None
+
+    def record_pid(self) -> None:
+        """Write the holder's pid (called again after nbdkit forks)."""
+        pid = str(os.getpid()).encode() + b"\n"
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, pid, 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
