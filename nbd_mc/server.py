@@ -1,0 +1,271 @@
+"""Starting nbdkit with our plugin, and knowing when it is really serving.
+
+`nbd-mc serve` checks what it can before nbdkit starts (so refusals are one clear
+line, not an nbdkit log), then runs nbdkit -- in the background by default -- and
+returns only when both the NBD socket and the control socket answer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from . import engine
+from .control import ControlClient, TlsFiles, parse_address
+from .errors import NbdMcError, StateError
+from .state import DirLock
+
+READY_TIMEOUT = 60.0
+POLL = 0.01
+
+
+def plugin_path() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(here, "plugins", "nbd_mc.py")
+
+
+@dataclass
+class ServeOptions:
+    state_dir: str
+    disks: list = field(default_factory=list)  # [(name, path)]
+    socket: str | None = None
+    port: int | None = None
+    bind: str | None = None
+    cluster_size: int | None = None
+    durability: str = "process"
+    tls: str = "off"  # off | on | require
+    tls_certificates: str | None = None
+    control: str | None = None
+    foreground: bool = False
+    pidfile: str | None = None
+    thread_model: str = "parallel"
+    threads: int | None = None
+
+    def resolve(self) -> None:
+        self.state_dir = os.path.abspath(self.state_dir)
+        if self.port is None and not self.socket:
+            self.socket = os.path.join(self.state_dir, "nbd.sock")
+        if self.socket:
+            self.socket = os.path.abspath(self.socket)
+        if not self.control:
+            self.control = os.path.join(self.state_dir, "control.sock")
+        if parse_address(self.control)[0] == "unix":
+            self.control = os.path.abspath(parse_address(self.control)[1])
+        if not self.pidfile:
+            self.pidfile = os.path.join(self.state_dir, "nbdkit.pid")
+        self.pidfile = os.path.abspath(self.pidfile)
+        if self.tls_certificates:
+            self.tls_certificates = os.path.abspath(self.tls_certificates)
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.state_dir, "nbdkit.log")
+
+
+def nbd_uri(opts: ServeOptions, export: str = "") -> str:
+    if opts.socket:
+        scheme = "nbds+unix" if opts.tls == "require" else "nbd+unix"
+        return f"{scheme}:///{export}?socket={opts.socket}"
+    host = opts.bind or "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "nbds" if opts.tls == "require" else "nbd"
+    return f"{scheme}://{host}:{opts.port}/{export}"
+
+
+def nbdkit_command(opts: ServeOptions) -> list[str]:
+    cmd = ["nbdkit", "--log=stderr", "-P", opts.pidfile]
+    if opts.socket:
+        cmd += ["-U", opts.socket]
+    else:
+        cmd += ["-p", str(opts.port)]
+        if opts.bind:
+            cmd += ["-i", opts.bind]
+    if opts.foreground:
+        cmd.append("-f")
+    if opts.tls != "off":
+        cmd += [f"--tls={opts.tls}", f"--tls-certificates={opts.tls_certificates}"]
+    if opts.threads:
+        cmd += ["-t", str(opts.threads)]
+    cmd += ["python", plugin_path(), f"state_dir={opts.state_dir}", f"control={opts.control}",
+            f"durability={opts.durability}", f"threads={opts.thread_model}"]
+    cmd += [f"disk={name}={path}" for name, path in opts.disks]
+    if opts.cluster_size:
+        cmd.append(f"cluster_size={opts.cluster_size}")
+    if parse_address(opts.control)[0] == "tcp":
+        cmd.append(f"control_tls={opts.tls_certificates}")
+    return cmd
+
+
+def _unix_socket_answers(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _claim_unix_socket(path: str, what: str) -> None:
+    """Refuse a socket another server answers on; remove one left by a dead server."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return
+    if _unix_socket_answers(path):
+        raise StateError(f"{what} socket {path} is in use by another server")
+    os.unlink(path)
+
+
+def preflight(opts: ServeOptions) -> tuple:
+    """Every refusal we can give before nbdkit starts; changes nothing on disk."""
+    if opts.tls != "off" and not opts.tls_certificates:
+        raise StateError("--tls needs --tls-certificates DIR")
+    if opts.tls_certificates:
+        TlsFiles(opts.tls_certificates)
+    if parse_address(opts.control)[0] == "tcp" and not opts.tls_certificates:
+        raise StateError("a tcp:// control address needs --tls-certificates DIR "
+                         "(clients must present a certificate)")
+    state, new = engine.plan_group(opts.state_dir, opts.disks or None, opts.cluster_size)
+    if os.path.isdir(opts.state_dir):
+        DirLock(opts.state_dir).release()  # raises if a server holds it
+    if opts.socket:
+        _claim_unix_socket(opts.socket, "NBD")
+    if parse_address(opts.control)[0] == "unix":
+        _claim_unix_socket(opts.control, "control")
+    return state, new
+
+
+def _read_new(path: str, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _nbdkit_failure(log_text: str) -> str:
+    """The line of the log that says why, without Python tracebacks."""
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("nbd-mc:"):
+            return ln[len("nbd-mc:"):].strip()
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return (errors or lines or ["nbdkit exited without a message"])[-1]
+
+
+def wait_ready(opts: ServeOptions, proc: subprocess.Popen | None, log_offset: int) -> int:
+    """Wait until the control socket greets us (the NBD socket is bound before the
+    fork, the control socket only after it).  Returns nbdkit's pid."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    tls = TlsFiles(opts.tls_certificates) if opts.tls_certificates else None
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise StateError(f"nbdkit failed: {_nbdkit_failure(_read_new(opts.log_path, log_offset))}")
+        pid = _read_pid(opts.pidfile)
+        if pid and not _alive(pid):
+            raise StateError(f"nbdkit died: {_nbdkit_failure(_read_new(opts.log_path, log_offset))}")
+        if pid:
+            try:
+                ControlClient(opts.control, tls=tls, timeout=5).close()
+                return pid
+            except (OSError, NbdMcError):
+                pass
+        if time.monotonic() > deadline:
+            raise StateError(f"nbdkit did not become ready within {READY_TIMEOUT:.0f} s; "
+                             f"see {opts.log_path}")
+        time.sleep(POLL)  # polling a socket for readiness, bounded by the deadline
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def start(opts: ServeOptions, on_ready=None) -> int:
+    """Run nbdkit; in the background return its pid once ready, in the foreground
+    call on_ready(pid) and then wait for it (forwarding SIGINT/SIGTERM)."""
+    opts.resolve()
+    preflight(opts)
+    os.makedirs(opts.state_dir, mode=0o700, exist_ok=True)
+    try:
+        os.unlink(opts.pidfile)
+    except FileNotFoundError:
+        pass
+    log = open(opts.log_path, "ab")
+    offset = log.tell()
+    cmd = nbdkit_command(opts)
+    env = dict(os.environ)
+    env.pop("PYTHONHOME", None)
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                start_new_session=not opts.foreground)
+    except FileNotFoundError:
+        raise StateError("nbdkit is not installed (make setup installs it)") from None
+    finally:
+        log.close()
+    if not opts.foreground:
+        rc = proc.wait()
+        if rc != 0:
+            raise StateError(f"nbdkit failed: {_nbdkit_failure(_read_new(opts.log_path, offset))}")
+        return wait_ready(opts, None, offset)
+    pid = wait_ready(opts, proc, offset)
+    if on_ready:
+        on_ready(pid)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, f: proc.send_signal(signal.SIGTERM))
+    rc = proc.wait()
+    sys.stderr.write(_read_new(opts.log_path, offset)) if rc else None
+    return pid
+
+
+def stop_pid(pid: int, timeout: float = 30.0) -> bool:
+    """SIGTERM and wait for the process to go away."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL)
+    return True
+
+
+def wait_gone(control: str, state_dir: str | None, timeout: float = 30.0) -> None:
+    """After quit: wait until the server no longer answers and its lock is free."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = False
+        if parse_address(control)[0] == "unix" and _unix_socket_answers(parse_address(control)[1]):
+            busy = True
+        elif state_dir and os.path.isdir(state_dir):
+            try:
+                DirLock(state_dir).release()
+            except StateError:
+                busy = True
+        if not busy:
+            return
+        time.sleep(POLL)  # polling for the process to go, bounded by the deadline
+    raise StateError(f"server at {control} did not stop within {timeout:.0f} s")
