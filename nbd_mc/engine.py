@@ -25,7 +25,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from . import qcow2
+from . import crashpoints, qcow2
 from .errors import (BadRequest, EpochMismatch, Fenced, IOFailure, NbdMcError,
                      NotProtected, StateError)
 from .state import DirLock, DiskState, GroupState, load, save
@@ -404,8 +404,12 @@ class Group:
             self._check_writable(generation)
             if self.protected:
                 disk.protect(offset, len(buf))
+            if crashpoints.ARMED:
+                crashpoints.reached("write.before-image")
             try:
                 qcow2.pwrite_all(disk.fd, [buf], offset)
+                if crashpoints.ARMED:
+                    crashpoints.reached("write.after-image")
                 if fua:
                     os.fdatasync(disk.fd)
             except OSError as e:
@@ -470,7 +474,11 @@ class Group:
                 if self.durability == "power":
                     for d in self.disks:
                         self.flush(d)
+                if crashpoints.ARMED:
+                    crashpoints.reached("commit.before-state")
                 self._persist(committed=epoch)
+                if crashpoints.ARMED:
+                    crashpoints.reached("commit.after-state")
                 self._drop_all(epoch)
             self.stats["commits"] += 1
             return {"committed": epoch, "seconds": time.perf_counter() - t0}
@@ -493,7 +501,9 @@ class Group:
             raise IOFailure(f"writing the state file: {os.strerror(e.errno)}", e.errno) from None
 
     def _drop_all(self, epoch: int) -> None:
-        for d in self.disks:
+        for i, d in enumerate(self.disks):
+            if i and crashpoints.ARMED:
+                crashpoints.reached("commit.between-disks")
             try:
                 d.overlay.drop(epoch)
             except NbdMcError as e:
@@ -517,7 +527,13 @@ class Group:
                     "seconds": time.perf_counter() - t0}
 
     def _rollback_locked(self) -> int:
-        restored = sum(self._checked_apply(d) for d in self.disks)
+        restored = 0
+        for i, d in enumerate(self.disks):
+            if i and crashpoints.ARMED:
+                crashpoints.reached("rollback.between-disks")
+            restored += self._checked_apply(d)
+        if crashpoints.ARMED:
+            crashpoints.reached("rollback.after-apply")
         self._drop_all(self.state.committed)
         return restored
 
@@ -539,10 +555,14 @@ class Group:
                                        "replica holds no consistent state")
                 with self.gate.closed():
                     self._persist(generation=self.state.generation + 1, fenced=True)
+                    if crashpoints.ARMED:
+                        crashpoints.reached("failover.after-fence")
                     if instant:
                         self._persist(role="primary", handoff="instant")
                     else:
                         self._rollback_locked()
+                        if crashpoints.ARMED:
+                            crashpoints.reached("failover.before-promote")
                         self._persist(role="primary", fenced=False)
             return {"committed": self.state.committed, "disks": self.handover(),
                     "seconds": time.perf_counter() - t0}

@@ -31,6 +31,7 @@ import struct
 from array import array
 from dataclasses import dataclass
 
+from . import crashpoints
 from .errors import CorruptOverlay, IOFailure
 
 MAGIC = b"QFI\xfb"
@@ -558,9 +559,13 @@ class UndoOverlay:
             hosts = self._allocate(len(new_tables) + len(nonzero))
             table_hosts = dict(zip(new_tables, hosts))
             data_hosts = hosts[len(new_tables):]
+            if crashpoints.ARMED:
+                crashpoints.reached("preserve.before-data")
             for (h0, n), segs in _host_runs(data_hosts, nonzero):
                 pwrite_all(self.fd, [view[i * C:(i + 1) * C] for i in segs], h0 * C)
             self.barrier()
+            if crashpoints.ARMED:
+                crashpoints.reached("preserve.before-l2")
             entries = {first + i: ZERO_ENTRY for i in range(count)}
             for i, h in zip(nonzero, data_hosts):
                 entries[first + i] = (h * C) | OFLAG_COPIED
@@ -598,6 +603,8 @@ class UndoOverlay:
             pwrite_all(self.fd, [_be64(table[lo:hi])], offset + lo * 8)
         if table_hosts:
             self.barrier()
+            if crashpoints.ARMED:
+                crashpoints.reached("preserve.before-l1")
             for t, h in table_hosts.items():
                 entry = (h * C) | OFLAG_COPIED
                 pwrite_all(self.fd, [struct.pack(">Q", entry)], self.l1_offset + t * 8)
@@ -654,8 +661,12 @@ class UndoOverlay:
         """
         try:
             self._zero_l1()
+            if crashpoints.ARMED:
+                crashpoints.reached("drop.after-l1")
             self.barrier()
             self._clean_refblocks()
+            if crashpoints.ARMED:
+                crashpoints.reached("drop.before-epoch")
             self.set_epoch(epoch)
         except OSError as e:
             raise _io_error(f"dropping undo data of {self.path}", e) from None
