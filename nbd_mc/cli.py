@@ -56,7 +56,7 @@ def refusals(fn):
             cls = getattr(e, "error_class", "")
             prefix = f"{cls}: " if cls and cls not in ("StateError", "GenericError") else ""
             raise Failure(prefix + e.desc) from None
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:
             raise Failure(str(e)) from None
     return wrapper
 
