@@ -71,23 +71,31 @@ class Gate:
 
 
 class GroupSync:
-    """fdatasync one file, sharing a sync among requests that wait at the same time."""
+    """fdatasync of one file, shared by every request waiting at the same time.
+
+    Writers count their writes (``note_write``); ``wait_durable(n)`` returns once a
+    sync that started after write n has finished -- one fdatasync serves everyone
+    who arrived while the previous one ran.
+    """
 
     def __init__(self, fd_getter):
         self._fd = fd_getter
         self._cond = threading.Condition()
-        self._requested = 0
-        self._done = 0
+        self.written = 0
+        self._synced = 0
         self._running = False
 
-    def __call__(self) -> None:
+    def note_write(self) -> int:
         with self._cond:
-            self._requested += 1
-            mine = self._requested
-            while self._done < mine:
+            self.written += 1
+            return self.written
+
+    def wait_durable(self, upto: int) -> None:
+        with self._cond:
+            while self._synced < upto:
                 if not self._running:
                     self._running = True
-                    target = self._requested
+                    target = self.written
                     break
                 self._cond.wait()
             else:
@@ -97,8 +105,13 @@ class GroupSync:
         finally:
             with self._cond:
                 self._running = False
-                self._done = max(self._done, target)
+                if target > self._synced:
+                    self._synced = target
                 self._cond.notify_all()
+
+    def __call__(self) -> None:
+        """A barrier: everything written so far is durable when this returns."""
+        self.wait_durable(self.note_write())
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -153,21 +166,28 @@ class Disk:
 
         Exactly one request preserves a cluster: the disk lock makes a concurrent
         request touching the same cluster wait until it is in the overlay, and
-        re-checking under the lock finds it preserved.
+        re-checking under the lock finds it preserved.  With durability ``power``
+        the overlay must also be on disk before the image is overwritten, even
+        when another request did the preserving: the sync is shared among all
+        requests waiting at the same time.
         """
         if length <= 0:
             return
         first = offset >> self.bits
         last = (offset + length - 1) >> self.bits
         ov = self.overlay
-        if all(ov.is_preserved(c) for c in range(first, last + 1)):
+        if not self.power and all(ov.is_preserved(c) for c in range(first, last + 1)):
             return
         with self._lock:
             todo = [c for c in range(first, last + 1) if not ov.is_preserved(c)]
             for start, n in _runs(todo):
                 ov.preserve(start, n)
+            if todo:
+                self.overlay_sync.note_write()
+            # Under the lock: a cluster another request preserved has been counted.
+            upto = self.overlay_sync.written
         if self.power:
-            self.overlay_sync()
+            self.overlay_sync.wait_durable(upto)
 
     def read_committed(self, view: memoryview, offset: int) -> None:
         """The committed view, safe against a concurrent preserve + overwrite.
