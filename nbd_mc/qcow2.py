@@ -87,13 +87,16 @@ def pread_into(fd: int, view: memoryview, offset: int) -> None:
 
 def pwrite_all(fd: int, buffers, offset: int) -> None:
     """Write a list of buffers contiguously at ``offset`` (one syscall normally)."""
+    if len(buffers) == 1:
+        view = memoryview(buffers[0]).cast("B")
+        n = os.pwrite(fd, view, offset)
+        while n < len(view):  # rare: a partial write
+            n += os.pwrite(fd, view[n:], offset + n)
+        return
     total = sum(len(b) for b in buffers)
     n = os.pwritev(fd, buffers, offset)
-    if n == total:
-        return
-    flat = memoryview(b"".join(bytes(b) for b in buffers))  # rare: partial write
-    while n < total:
-        n += os.pwrite(fd, flat[n:], offset + n)
+    if n < total:
+        pwrite_all(fd, [b"".join(bytes(b) for b in buffers)[n:]], offset + n)
 
 
 def _io_error(what: str, e: OSError) -> IOFailure:
