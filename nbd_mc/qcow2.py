@@ -85,8 +85,17 @@ def pread_into(fd: int, view: memoryview, offset: int) -> None:
         done += n
 
 
+IOV_MAX = os.sysconf("SC_IOV_MAX")  # 1024 on Linux: pwritev refuses more (EINVAL)
+
+
 def pwrite_all(fd: int, buffers, offset: int) -> None:
     """Write a list of buffers contiguously at ``offset`` (one syscall normally)."""
+    if len(buffers) > IOV_MAX:  # e.g. preserving > 1024 clusters of 4 KiB at once
+        for i in range(0, len(buffers), IOV_MAX):
+            group = buffers[i:i + IOV_MAX]
+            pwrite_all(fd, group, offset)
+            offset += sum(len(b) for b in group)
+        return
     if len(buffers) == 1:
         view = memoryview(buffers[0]).cast("B")
         n = os.pwrite(fd, view, offset)
