@@ -648,8 +648,8 @@ class UndoOverlay:
             segment = view[pos:pos + n]
             if not first:
                 pread_into(self.image_fd, segment, offset + pos)
-            elif first & OFFSET_MASK:
-                pread_into(self.fd, segment, (first & OFFSET_MASK) + ((offset + pos) & (C - 1)))
+            elif _data_offset(first):
+                pread_into(self.fd, segment, _data_offset(first) + ((offset + pos) & (C - 1)))
             else:
                 segment[:] = _zeros(n)
             pos += n
@@ -658,9 +658,9 @@ class UndoOverlay:
     def _same_run(a: int, b: int, C: int) -> bool:
         if not a:
             return not b
-        if not a & OFFSET_MASK:
-            return bool(b) and not b & OFFSET_MASK
-        return bool(b & OFFSET_MASK) and (b & OFFSET_MASK) == (a & OFFSET_MASK) + C
+        if not _data_offset(a):
+            return bool(b) and not _data_offset(b)
+        return bool(_data_offset(b)) and _data_offset(b) == _data_offset(a) + C
 
     # --- drop (commit) and apply (rollback) ----------------------------------------
     def drop(self, epoch: int) -> None:
@@ -736,7 +736,7 @@ class UndoOverlay:
         C = self.cluster_size
         start = run[0][0] * C
         length = min(len(run) * C, self.size - start)
-        host = run[0][1] & OFFSET_MASK
+        host = _data_offset(run[0][1])
         try:
             if host:
                 buf = bytearray(length)
@@ -770,6 +770,13 @@ class UndoOverlay:
 
 
 # --- helpers ----------------------------------------------------------------------
+def _data_offset(entry: int) -> int:
+    """Where a preserved cluster's data is; 0 if it reads as zeros.  The zero flag wins
+    over an offset: QEMU's write-zeroes without unmap keeps the host cluster
+    allocated and sets the flag (ZERO_ALLOC), and such a cluster reads as zeros."""
+    return 0 if entry & OFLAG_ZERO else entry & OFFSET_MASK
+
+
 def _is_zero(buf: bytearray, start: int, length: int) -> bool:
     return buf.startswith(_zeros(length), start)
 
