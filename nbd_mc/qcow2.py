@@ -458,7 +458,8 @@ class UndoOverlay:
                     top = max(top, data // C)
                     self.data_clusters += 1
                 elif not entry & OFLAG_ZERO:
-                    continue  # unallocated: reads from the backing file
+                    table[j] = 0  # unallocated (e.g. a stray COPIED bit): not preserved
+                    continue  # reads from the backing file
                 self.preserved += 1
         self.cursor = max(top + 1, max(self.permanent) + 1)
         # refcount blocks holding anything but metadata: rewritten by the next drop
