@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from . import crashpoints, qcow2
 from .errors import (BadRequest, EpochMismatch, Fenced, IOFailure, NbdMcError,
                      NotProtected, StateError)
-from .state import DirLock, DiskState, GroupState, load, save
+from .state import DirLock, DiskState, GroupState, StateFile, load, save
 
 DURABILITY_MODES = ("process", "power")
 SECTOR = 512
@@ -319,6 +319,7 @@ class Group:
                     qcow2.create(d.overlay, d.image, d.size, d.cluster_size, epoch=0)
                 save(self.state_dir, state)
             self.state = state
+            self.state_file = StateFile(self.state_dir)
             if state.handoff:
                 raise StateError(
                     f"the disks of {self.state_dir} were handed out by an instant failover; the new "
@@ -527,7 +528,7 @@ class Group:
         for k, v in changes.items():
             setattr(self.state, k, v)
         try:
-            save(self.state_dir, self.state, durable=self.durability == "power")
+            self.state_file.save(self.state, durable=self.durability == "power")
         except OSError as e:
             for k, v in old.items():
                 setattr(self.state, k, v)
@@ -646,5 +647,6 @@ class Group:
     def close(self) -> None:
         for d in self.disks:
             d.close()
+        self.state_file.close()
         if self.lock:
             self.lock.release()

@@ -1,9 +1,17 @@
 """The group's persistent state: one small JSON file, replaced atomically.
 
 The state file is the single source of truth for "which epoch is committed": a
-commit is exactly the moment the new file is renamed into place.  Writing goes
-temp file -> fsync -> rename -> fsync of the directory, so after kill -9 or power
-loss the file is either the old or the new one, never a mix.
+commit is exactly the moment the new contents land.  Two ways to land them:
+
+* durable (power loss): temp file -> fsync -> rename -> fsync of the directory;
+* process (kill -9): one pwrite of one page over the old contents, in place.  A
+  write that fits in one page is copied into the page cache whole or not at all,
+  and the page cache survives the process.  This matters because a rename that
+  replaces a file makes ext4 start writeback of the new file (auto_da_alloc), a
+  millisecond or more per commit.
+
+The file is padded with spaces to a whole page, so in-place writes never change
+its length (JSON ignores trailing whitespace).
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from .errors import StateError
 
@@ -41,7 +49,9 @@ class GroupState:
     disks: list[DiskState] = field(default_factory=list)
 
     def to_json(self) -> str:
-        body = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        body = {"format": FORMAT, "version": VERSION, "committed": self.committed,
+                "generation": self.generation, "fenced": self.fenced, "role": self.role,
+                "handoff": self.handoff, "disks": [d.__dict__ for d in self.disks]}
         return json.dumps(body, indent=2) + "\n"
 
     @classmethod
@@ -81,14 +91,21 @@ def load(state_dir: str) -> GroupState | None:
     return GroupState.from_json(text, path)
 
 
+PAGE = 4096
+
+
+def _padded(state: GroupState) -> bytes:
+    data = state.to_json().encode()
+    return data + b" " * (-len(data) % PAGE)
+
+
 def save(state_dir: str, state: GroupState, durable: bool = True) -> None:
-    """Replace the state file atomically; ``durable`` adds the fsyncs that power loss
-    needs (rename alone is atomic against kill -9: the page cache survives it)."""
+    """Replace the state file by rename (fsync'd when ``durable``)."""
     path = state_path(state_dir)
     tmp = path + ".tmp"
+    data = _padded(state)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        data = state.to_json().encode()
         written = 0
         while written < len(data):
             written += os.write(fd, data[written:])
@@ -104,6 +121,30 @@ def save(state_dir: str, state: GroupState, durable: bool = True) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+class StateFile:
+    """The state file of a running group, kept open for cheap in-place updates."""
+
+    def __init__(self, state_dir: str):
+        self.state_dir = state_dir
+        self.fd = -1
+
+    def save(self, state: GroupState, durable: bool) -> None:
+        data = _padded(state)
+        if not durable and len(data) == PAGE:
+            if self.fd < 0:
+                self.fd = os.open(state_path(self.state_dir), os.O_RDWR)
+            if os.fstat(self.fd).st_size == PAGE:
+                if os.pwrite(self.fd, data, 0) == PAGE:
+                    return
+        self.close()
+        save(self.state_dir, state, durable)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class DirLock:
