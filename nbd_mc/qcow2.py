@@ -383,6 +383,10 @@ class UndoOverlay:
         if struct.pack("=H", 1) != struct.pack(">H", 1):
             entries.byteswap()
         self.refblocks = {}  # block index -> file offset of the refcount block
+        l1_first = h.l1_table_offset // C
+        taken = {0, *range(h.refcount_table_offset // C,
+                           h.refcount_table_offset // C + h.refcount_table_clusters),
+                 *range(l1_first, l1_first + _ceil_div(h.l1_size * 8, C))}
         for i, e in enumerate(entries):
             off = e & OFFSET_MASK
             if e & ~OFFSET_MASK or off % C:
@@ -390,6 +394,10 @@ class UndoOverlay:
             if off:
                 if off + C > file_size:
                     raise CorruptOverlay(f"{self.path}: truncated (refcount block {i} past end of file)")
+                if off // C in taken:  # we would write refcounts into other metadata
+                    raise CorruptOverlay(
+                        f"{self.path}: refcount block {i} at {off:#x} overlaps other metadata")
+                taken.add(off // C)
                 self.refblocks[i] = off
         self.refcount_table_entries = len(entries)
         self.refcount_table_offset = h.refcount_table_offset
@@ -466,6 +474,8 @@ class UndoOverlay:
         self.dirty_blocks = set(self.refblocks)
 
     def _check_reference(self, off: int, file_size: int, cache: dict, referenced: set, what: str):
+        if off % self.cluster_size:
+            raise CorruptOverlay(f"{self.path}: {what} at {off:#x} is not cluster aligned")
         if off + self.cluster_size > file_size:
             raise CorruptOverlay(f"{self.path}: truncated ({what} at {off:#x} is past end of file)")
         cluster = off // self.cluster_size
