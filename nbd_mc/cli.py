@@ -164,8 +164,7 @@ def serve(disks, state_dir, socket_path, port, bind, control, cluster_size, dura
     as_json = as_json or bool(click.get_current_context().find_root().params.get("as_json"))
 
     def announce(pid: int) -> None:
-        with ControlClient(opts.control, tls=TlsFiles(opts.tls_certificates)
-                           if opts.tls_certificates else None) as c:
+        with ControlClient(opts.control, tls=server.control_tls(opts)) as c:
             st = c.execute("query-status")
         names = [d["name"] for d in st["disks"]]
         info = {"pid": pid, "nbd": server.nbd_uri(opts), "control": opts.control,

@@ -102,6 +102,15 @@ def nbdkit_command(opts: ServeOptions) -> list[str]:
     return cmd
 
 
+def control_tls(opts: ServeOptions) -> TlsFiles | None:
+    """TLS for our own control connections: only over tcp://.  The server speaks TLS
+    on the control channel only there (a unix socket is guarded by its mode 0600),
+    so wrapping a unix connection in TLS would never get past the handshake."""
+    if opts.tls_certificates and parse_address(opts.control)[0] == "tcp":
+        return TlsFiles(opts.tls_certificates)
+    return None
+
+
 def _unix_socket_answers(path: str) -> bool:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -165,7 +174,7 @@ def wait_ready(opts: ServeOptions, proc: subprocess.Popen | None, log_offset: in
     """Wait until the control socket greets us (the NBD socket is bound before the
     fork, the control socket only after it).  Returns nbdkit's pid."""
     deadline = time.monotonic() + READY_TIMEOUT
-    tls = TlsFiles(opts.tls_certificates) if opts.tls_certificates else None
+    tls = control_tls(opts)
     while True:
         if proc is not None and proc.poll() is not None:
             raise StateError(f"nbdkit failed: {_nbdkit_failure(_read_new(opts.log_path, log_offset))}")
