@@ -89,7 +89,11 @@ def nbdkit_command(opts: ServeOptions) -> list[str]:
     if opts.foreground:
         cmd.append("-f")
     if opts.tls != "off":
-        cmd += [f"--tls={opts.tls}", f"--tls-certificates={opts.tls_certificates}"]
+        # --tls-verify-peer: a client must present a certificate signed by our CA.
+        # Without it TLS only encrypts, and anyone who can reach the port can write
+        # to the replica.
+        cmd += [f"--tls={opts.tls}", f"--tls-certificates={opts.tls_certificates}",
+                "--tls-verify-peer"]
     if opts.threads:
         cmd += ["-t", str(opts.threads)]
     cmd += ["python", plugin_path(), f"state_dir={opts.state_dir}", f"control={opts.control}",
