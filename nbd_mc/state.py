@@ -100,27 +100,53 @@ def _padded(state: GroupState) -> bytes:
 
 
 def save(state_dir: str, state: GroupState, durable: bool = True) -> None:
-    """Replace the state file by rename (fsync'd when ``durable``)."""
+    """Replace the state file by rename (fsync'd when ``durable``).
+
+    The new contents are written over a *spare*, ``state.json.tmp``, that the
+    previous save left behind already allocated, so replacing the state file needs
+    no new space: when the overlays have filled the file system, commit and fence
+    still work.  After the rename the old file's space is free again and is taken
+    at once for the next spare (a commit holds every writer of the group back).
+    """
     path = state_path(state_dir)
     tmp = path + ".tmp"
     data = _padded(state)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(tmp, os.O_WRONLY)  # the spare: overwritten in place
+    except FileNotFoundError:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         written = 0
         while written < len(data):
-            written += os.write(fd, data[written:])
+            written += os.pwrite(fd, data[written:], written)
+        os.ftruncate(fd, len(data))
         if durable:
             os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, path)
-    if not durable:
-        return
-    dfd = os.open(state_dir, os.O_RDONLY)
+    if durable:
+        dfd = os.open(state_dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    _make_spare(tmp, len(data))
+
+
+def _make_spare(tmp: str, size: int) -> None:
+    """Allocate the next save's file now; best effort (without it, the next save
+    simply has to allocate its own)."""
     try:
-        os.fsync(dfd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return
+    try:
+        os.pwrite(fd, b" " * size, 0)
+    except OSError:
+        pass
     finally:
-        os.close(dfd)
+        os.close(fd)
 
 
 class StateFile:
