@@ -18,11 +18,12 @@ _hits = 0
 #: Every point, in the order a write + commit + rollback passes them.
 POINTS = (
     "preserve.before-data", "preserve.before-l2", "preserve.before-l1",
-    "write.before-image", "write.after-image",
+    "write.before-image", "write.after-image", "zero.before-image",
     "commit.before-state", "commit.after-state", "commit.between-disks",
     "drop.after-l1", "drop.before-epoch",
-    "rollback.after-apply", "rollback.between-disks",
+    "apply.after-run", "rollback.after-apply", "rollback.between-disks",
     "failover.after-fence", "failover.before-promote",
+    "recover.after-apply",
 )
 
 

@@ -368,6 +368,8 @@ class Group:
         for d in self.disks:
             if d.overlay.epoch == committed:
                 report["restored_clusters"] += self._checked_apply(d)
+        if crashpoints.ARMED:
+            crashpoints.reached("recover.after-apply")
         for d in self.disks:
             if d.overlay.epoch != committed or d.overlay.preserved:
                 if d.overlay.epoch != committed:
@@ -458,6 +460,8 @@ class Group:
                 self._check_writable(generation)
             if self._undo:
                 disk.protect(offset, count)
+            if crashpoints.ARMED:
+                crashpoints.reached("zero.before-image")
             try:
                 try:
                     punch_hole(disk.fd, offset, count)

@@ -736,6 +736,8 @@ class UndoOverlay:
             if run and (guest != run[-1][0] + 1 or not self._same_run(run[-1][1], entry, C)
                         or len(run) * C >= chunk):
                 self._apply_run(fd, run)
+                if crashpoints.ARMED:
+                    crashpoints.reached("apply.after-run")
                 run = []
             run.append((guest, entry))
             restored += 1
