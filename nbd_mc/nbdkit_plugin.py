@@ -81,8 +81,32 @@ def after_fork() -> None:
     _group.lock.record_pid()
     tls = TlsFiles(_config["control_tls"]) if _config["control_tls"] else None
     _control = ControlServer(_config["control"], handle_control, greeting, tls=tls,
-                             on_quit=nbdkit.shutdown)
+                             on_quit=_quit)
     _control.start()
+
+
+_connections = 0
+_connections_lock = threading.Lock()
+
+
+def _quit() -> None:
+    """Control command quit (runs in its own thread).
+
+    nbdkit 1.32 exits only once every client has disconnected (nbdkit.disconnect
+    arrived in 1.34), and the primary's mirror connection never does: with clients
+    connected, let the requests in flight finish, hold new ones back, and exit.
+    """
+    nbdkit.shutdown()
+    with _connections_lock:
+        if not _connections:
+            return  # nbdkit exits by itself and runs cleanup()
+    with _group._control, _group.gate.closed():
+        for d in _group.disks:
+            try:
+                os.fdatasync(d.fd)
+            except OSError:
+                pass
+        os._exit(0)
 
 
 def cleanup() -> None:
@@ -152,6 +176,9 @@ def open(readonly):  # noqa: A001 - nbdkit's callback name
         nbdkit.set_error(errno.ENOENT)
         raise RuntimeError(f"no export {name!r}")
     writable = not (readonly or committed or _group.read_only)
+    global _connections
+    with _connections_lock:
+        _connections += 1
     return Handle(disk, committed, _group.generation, writable)
 
 
@@ -287,7 +314,9 @@ def cache(h, count, offset, flags):
 
 
 def close(h):
-    pass
+    global _connections
+    with _connections_lock:
+        _connections -= 1
 
 
 _ = threading  # the callbacks run on nbdkit's worker threads; the Group locks
