@@ -371,7 +371,11 @@ class Group:
         if crashpoints.ARMED:
             crashpoints.reached("recover.after-apply")
         for d in self.disks:
-            if d.overlay.epoch != committed or d.overlay.preserved:
+            # Also with nothing preserved when a crash in the middle of a preserve
+            # left allocated but unreferenced clusters: dropping rewrites the
+            # refcounts, so a recovered group's overlays are clean (qemu-img check
+            # exit 0, not 3 for leaks).
+            if d.overlay.epoch != committed or not d.overlay.is_clean():
                 if d.overlay.epoch != committed:
                     report["stale_dropped"].append(d.name)
                 d.overlay.drop(committed)

@@ -705,15 +705,29 @@ class UndoOverlay:
                 self.l1[i] = 0
 
     def _clean_refblocks(self) -> None:
-        E = self.geo.refblock_entries
         for block in sorted(self.dirty_blocks):
-            content = bytearray(self.cluster_size)
-            base = block * E
-            for c in self.permanent:
-                if base <= c < base + E:
-                    content[(c - base) * 2:(c - base) * 2 + 2] = REFCOUNT_ONE
-            pwrite_all(self.fd, [content], self.refblocks[block])
+            pwrite_all(self.fd, [self._clean_refblock(block)], self.refblocks[block])
         self.dirty_blocks = set()
+
+    def _clean_refblock(self, block: int) -> bytearray:
+        """A refcount block as it is with no undo data: only metadata counted."""
+        E = self.geo.refblock_entries
+        content = bytearray(self.cluster_size)
+        base = block * E
+        for c in self.permanent:
+            if base <= c < base + E:
+                content[(c - base) * 2:(c - base) * 2 + 2] = REFCOUNT_ONE
+        return content
+
+    def is_clean(self) -> bool:
+        """No undo data and no leaked clusters (what a crash in the middle of a
+        preserve leaves: allocated, never referenced): nothing for drop() to do."""
+        if self.l2 or self.preserved:
+            return False
+        for block, off in self.refblocks.items():
+            if os.pread(self.fd, self.cluster_size, off) != self._clean_refblock(block):
+                return False
+        return True
 
     def set_epoch(self, epoch: int) -> None:
         if self._epoch_offset is None:
