@@ -378,7 +378,14 @@ class Group:
             if d.overlay.epoch != committed or not d.overlay.is_clean():
                 if d.overlay.epoch != committed:
                     report["stale_dropped"].append(d.name)
-                d.overlay.drop(committed)
+                # Recovery is rare and may run offline (`nbd-mc recover` is not told
+                # the durability mode): always order the drop for power loss, or a
+                # torn drop could leave referenced clusters with refcount 0.
+                saved, d.overlay.barrier = d.overlay.barrier, d.overlay.sync
+                try:
+                    d.overlay.drop(committed)
+                finally:
+                    d.overlay.barrier = saved
         return report
 
     def _checked_apply(self, d: Disk) -> int:
