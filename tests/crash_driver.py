@@ -1,0 +1,418 @@
+"""The crash matrix driver: a write + commit workload against the real server,
+killed with SIGKILL at a named point, then recovered and checked against a model.
+
+One *trial* = start `nbd-mc serve` (two disks) with ``NBD_MC_CRASHPOINT=POINT:N``,
+run a deterministic workload (concurrent writes / write-zeroes / trims on both
+disks, commits, one rollback, a final failover) until nbdkit kills itself at the
+N-th time it reaches POINT, then:
+
+* before any recovery: every overlay passes `qemu-img check` (leaks allowed) and,
+  opened with QEMU's own qcow2 reader, shows the disk at exactly one committed
+  epoch (the state file's, or -- only while a commit is half done -- the one the
+  overlay itself records);
+* recovery, by `nbd-mc recover` or by restarting `nbd-mc serve --state-dir`
+  (optionally crashing the restart again, inside its recovery);
+* after it: the state file names epoch E, E is the last acknowledged commit or the
+  one in flight at the kill, every image equals the model at E byte for byte,
+  every overlay is clean (`qemu-img check` exit 0) and shows E; a restarted
+  server serves E on both exports and still rolls back correctly.
+
+Used by tests/test_crash_matrix.py (a sample covering every point in both
+durability modes) and by `make soak` (every point at every hit count).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+
+import nbd
+import pytest
+
+from nbd_mc import crashpoints, qcow2
+from servers import (GroupModel, Server, describe, make_image, nbd_mc, pid_alive, qemu_img_check,
+                     read_all, read_file, run, wait_until, write_file)
+
+DISKS = ("a", "b")
+DISK_SIZE = 3 << 20          # with 4 KiB clusters: two L2 tables per disk
+CLUSTER_SIZES = (4096, 65536)
+EPOCHS = 5                   # commits after the first one
+ROLLBACK_AT = 2              # the epoch in which the workload rolls back once
+
+#: Points the workload reaches in both durability modes (all of them).
+POINTS = tuple(p for p in crashpoints.POINTS if p != "recover.after-apply")
+#: Points that only a recovery passes: armed when a restart follows a crash.
+RECOVERY_POINTS = ("recover.after-apply", "apply.after-run", "drop.after-l1", "drop.before-epoch")
+
+
+@dataclass
+class Trial:
+    point: str                    # a crash point name, or "*" (every point counts)
+    hit: int = 1                  # kill at the hit-th time the point is reached
+    durability: str = "process"
+    seed: int = 0
+    recovery: str = "recover"     # "recover" (offline) or "serve" (restart)
+    second: str | None = None     # crash point armed in the restart (recovery == "serve")
+
+    @property
+    def cluster_size(self) -> int:
+        return CLUSTER_SIZES[self.seed % len(CLUSTER_SIZES)]
+
+    @property
+    def spec(self) -> str:
+        return f"{self.point}:{self.hit}"
+
+    def __str__(self):
+        s = f"{self.spec} {self.durability} seed={self.seed} cs={self.cluster_size} {self.recovery}"
+        return s + (f" then {self.second}" if self.second else "")
+
+
+@dataclass
+class Result:
+    trial: Trial
+    killed: bool = False          # the server died at the armed point
+    killed_in: str = ""           # the workload step it died in
+    second_killed: bool = False   # the restart died at the second point
+    committed: int | None = None  # the epoch the group recovered to
+    failures: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+class TrialFailure(Exception):
+    pass
+
+
+# --- the workload ------------------------------------------------------------------
+def workload(seed: int, cluster_size: int) -> list:
+    """Deterministic steps: ("io", ops) | ("commit",) | ("rollback",) | ("failover",).
+
+    Ops of one "io" step are in flight together; on one disk they never overlap
+    byte-wise, but they do share clusters (so two requests race for one preserve).
+    """
+    rng = random.Random(seed * 7919 + cluster_size)
+    steps = [("commit",)]  # epoch 1: the group becomes protected
+    for epoch in range(EPOCHS):
+        steps += [("io", _batch(rng, cluster_size)), ("io", _batch(rng, cluster_size))]
+        if epoch == ROLLBACK_AT:
+            steps += [("rollback",), ("io", _batch(rng, cluster_size))]
+        steps.append(("commit",))
+    steps += [("io", _batch(rng, cluster_size)), ("failover",)]
+    return steps
+
+
+def _batch(rng: random.Random, cs: int) -> list:
+    ops = []
+    for disk in DISKS:
+        used = []
+        for _ in range(rng.randint(3, 6)):
+            for _attempt in range(20):
+                length = rng.choice([rng.randint(1, 8) * 512, rng.randint(1, 3 * cs // 512) * 512,
+                                     cs, 2 * cs])
+                offset = rng.randrange(0, DISK_SIZE - length + 1, 512)
+                if rng.random() < 0.4:  # cluster-aligned, the common case for a mirror
+                    offset -= offset % cs
+                    length = min(length, DISK_SIZE - offset)
+                if all(offset + length <= a or b <= offset for a, b in used):
+                    break
+            else:
+                continue
+            used.append((offset, offset + length))
+            kind = rng.choices(("write", "zero", "trim"), (70, 15, 15))[0]
+            data = rng.randbytes(length) if kind == "write" else None
+            ops.append((disk, kind, offset, length, data))
+    return ops
+
+
+# --- running a trial -----------------------------------------------------------------
+class _Crashed(Exception):
+    """The server went away in the middle of a step."""
+
+
+def run_trial(root: str, trial: Trial) -> Result:
+    """One trial in a fresh directory under ``root``; never leaves nbdkit running."""
+    res = Result(trial)
+    tdir = os.path.join(root, f"t{abs(hash(str(trial))) % 10**8}")
+    shutil.rmtree(tdir, ignore_errors=True)
+    os.makedirs(tdir)
+    rng = random.Random(trial.seed)
+    images = {d: os.path.join(tdir, f"{d}.raw") for d in DISKS}
+    initial = {d: make_image(images[d], DISK_SIZE, rng) for d in DISKS}
+    srv = Server(tdir, images, durability=trial.durability, cluster_size=trial.cluster_size)
+    try:
+        _run(srv, trial, res, initial, tdir)
+    except TrialFailure as e:
+        res.failures.append(str(e))
+    except (Exception, pytest.fail.Exception) as e:  # a bug or a hang: report, never hide
+        res.failures.append(f"{type(e).__name__}: {e}")
+    finally:
+        try:
+            srv.stop()
+        except BaseException:
+            srv.kill_all()
+        srv.kill_all()
+    if res.ok:
+        shutil.rmtree(tdir, ignore_errors=True)
+    return res
+
+
+def _fail(msg: str):
+    raise TrialFailure(msg)
+
+
+def _run(srv: Server, trial: Trial, res: Result, initial: dict, tdir: str) -> None:
+    model = GroupModel(initial)
+    srv.start(crashpoint=trial.spec)
+    handles = {d: srv.connect(d) for d in DISKS}
+    inflight = None  # (epoch, contents) of a commit whose reply never came
+    steps = workload(trial.seed, trial.cluster_size)
+    finished = False
+    for i, step in enumerate(steps):
+        try:
+            if step[0] == "io":
+                _io(handles, step[1], model)
+            elif step[0] == "commit":
+                pending = model.epoch + 1
+                inflight = (pending, {n: bytes(b) for n, b in model.live.items()})
+                r = srv.execute("commit", epoch=pending)
+                if r["committed"] != pending:
+                    _fail(f"commit {pending} returned {r}")
+                inflight = None
+                model.commit(pending)
+            elif step[0] == "rollback":
+                r = srv.execute("rollback")
+                if r["committed"] != model.epoch:
+                    _fail(f"rollback returned {r}, model at {model.epoch}")
+                model.rollback()
+            elif step[0] == "failover":
+                r = srv.execute("failover")
+                model.rollback()
+                finished = True
+        except (_Crashed, ConnectionError, OSError, nbd.Error) as e:
+            if srv.pid is not None and pid_alive(srv.pid):
+                # Not our kill: a real error reply or a hang.  Give the server a moment
+                # to die (the kill may be racing the reply of another request).
+                try:
+                    wait_until(lambda: not pid_alive(srv.pid), "the server to die", timeout=5)
+                except BaseException:
+                    _fail(f"step {i} {step[0]} failed while the server lives: {e!r}")
+            res.killed = True
+            res.killed_in = f"{i}:{step[0]}"
+            break
+    if not res.killed:
+        if not finished:
+            _fail("workload ended without failover")
+        status = srv.execute("query-status")
+        if status["role"] != "primary" or status["committed"] != model.epoch:
+            _fail(f"after failover: {status}")
+    srv.wait_dead() if res.killed else srv.stop()
+    _check_after_crash(srv, trial, res, model, inflight, tdir)
+
+
+def _io(handles: dict, ops: list, model: GroupModel) -> None:
+    cookies = []
+    for disk, kind, offset, length, data in ops:
+        h = handles[disk]
+        if kind == "write":
+            c = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), offset)
+            model.write(disk, offset, data)
+        elif kind == "zero":
+            c = h.aio_zero(length, offset)
+            model.zero(disk, offset, length)
+        else:
+            c = h.aio_trim(length, offset)
+            model.zero(disk, offset, length)  # the image's hole reads as zeros
+        cookies.append((h, c))
+    for h in handles.values():
+        while h.aio_in_flight() > 0:
+            if h.aio_is_dead() or h.aio_is_closed():
+                raise _Crashed("connection lost")
+            h.poll(-1)
+    for h, c in cookies:
+        h.aio_command_completed(c)
+
+
+# --- the oracles ---------------------------------------------------------------------------
+def _overlay_epoch(path: str) -> int | None:
+    ov = qcow2.UndoOverlay(path, -1, readonly=True)
+    try:
+        return ov.epoch
+    finally:
+        ov.close()
+
+
+def _shows(overlay: str, expected_file: str) -> bool:
+    r = run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", overlay, expected_file])
+    if r.returncode not in (0, 1):
+        _fail(f"qemu-img compare {overlay}: {describe(r)}")
+    return r.returncode == 0
+
+
+def _check_overlays(srv: Server, tdir: str, allowed: dict, clean: bool, when: str) -> None:
+    """Every overlay passes qemu-img check and shows one of ``allowed[disk]``
+    ({label: contents}) through QEMU's qcow2 reader."""
+    for d in DISKS:
+        ov = srv.overlay(d)
+        r = qemu_img_check(ov)
+        if r.returncode not in ((0,) if clean else (0, 3)):
+            _fail(f"{when}: qemu-img check {d}: {describe(r)}")
+        shown = None
+        for label, content in allowed[d].items():
+            path = os.path.join(tdir, f"expect-{d}-{label}.raw")
+            if not os.path.exists(path):
+                write_file(path, content)
+            if _shows(ov, path):
+                shown = label
+                break
+        if shown is None:
+            _fail(f"{when}: overlay of {d} shows none of the epochs {sorted(allowed[d])}")
+
+
+def _check_after_crash(srv: Server, trial: Trial, res: Result, model: GroupModel,
+                       inflight, tdir: str) -> None:
+    state = srv.state()
+    committed = state["committed"]
+    candidates = {model.epoch: model.history[model.epoch]}
+    if inflight is not None:
+        candidates[inflight[0]] = inflight[1]
+    if committed not in candidates:
+        _fail(f"state file says committed {committed}; acknowledged {model.epoch}, "
+              f"in flight {inflight[0] if inflight else None}")
+    expected = candidates[committed]
+    history = dict(model.history)
+    history[committed] = expected
+    res.committed = committed
+
+    # Before recovery: each overlay shows the committed epoch -- or, while a commit
+    # is half done, the epoch its own record names (recovery drops it as stale).
+    allowed = {}
+    for d in DISKS:
+        allowed[d] = {committed: expected[d]}
+        rec = _overlay_epoch(srv.overlay(d))
+        if rec is None or rec > committed:
+            _fail(f"overlay of {d} returns to epoch {rec}, state says {committed}")
+        if rec < committed and rec in history:
+            allowed[d][rec] = history[rec][d]
+    _check_overlays(srv, tdir, allowed, clean=False, when="after the kill")
+
+    exact = {d: {committed: expected[d]} for d in DISKS}
+    if trial.recovery == "serve":
+        if trial.second:
+            r = srv.start(with_disks=False, crashpoint=trial.second, check=False)
+            if r.returncode == 0:  # recovery did not pass the point: stop, go on unarmed
+                srv.stop()
+            else:
+                res.second_killed = True
+                wait_until(lambda: not _locked(srv.state_dir), "the killed restart to let go")
+                _check_overlays(srv, tdir, {d: dict(allowed[d]) for d in DISKS}, clean=False,
+                                when="after the second kill")
+        if not res.second_killed:
+            srv.start(with_disks=False)
+            _check_served(srv, state, committed, expected)
+            srv.stop()
+            _check_overlays(srv, tdir, exact, clean=True, when="after restart")
+            _check_images(srv, expected, "after restart")
+            return
+    r = nbd_mc("recover", "--state-dir", srv.state_dir, "--json")
+    if r.returncode != 0:
+        _fail(f"recover failed: {describe(r)}")
+    rep = json.loads(r.stdout)
+    if rep["committed"] != committed:
+        _fail(f"recover reports epoch {rep['committed']}, state file {committed}")
+    _check_images(srv, expected, "after recover")
+    _check_overlays(srv, tdir, exact, clean=True, when="after recover")
+    # recover is idempotent: a second run restores nothing and changes nothing
+    before = {d: read_file(srv.image(d)) for d in DISKS}
+    r = nbd_mc("recover", "--state-dir", srv.state_dir, "--json")
+    if r.returncode != 0 or json.loads(r.stdout)["restored_clusters"] != 0:
+        _fail(f"second recover: {describe(r)}")
+    if any(read_file(srv.image(d)) != before[d] for d in DISKS):
+        _fail("a second recover changed an image")
+
+
+def _locked(state_dir: str) -> bool:
+    import fcntl
+    fd = os.open(os.path.join(state_dir, "lock"), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _check_images(srv: Server, expected: dict, when: str) -> None:
+    for d in DISKS:
+        got = read_file(srv.image(d))
+        if got != expected[d]:
+            off = next(i for i in range(len(got)) if got[i] != expected[d][i]) \
+                if len(got) == len(expected[d]) else -1
+            _fail(f"{when}: image of {d} differs from the committed epoch at byte {off}")
+
+
+def _check_served(srv: Server, state: dict, committed: int, expected: dict) -> None:
+    st = srv.execute("query-status")
+    if st["committed"] != committed:
+        _fail(f"restarted server reports epoch {st['committed']}, state file {committed}")
+    for d in DISKS:
+        if read_all(srv.connect(d)) != expected[d]:
+            _fail(f"restarted server: live export {d} is not the committed epoch")
+        if committed and read_all(srv.connect(f"{d}@committed")) != expected[d]:
+            _fail(f"restarted server: {d}@committed is not the committed epoch")
+    if st["role"] == "secondary" and not st["fenced"] and committed:
+        # still a working replica: write, then roll back to the same epoch
+        rng = random.Random(committed)
+        for d in DISKS:
+            h = srv.connect(d)
+            for _ in range(4):
+                off = rng.randrange(0, DISK_SIZE - 8192, 512)
+                h.pwrite(rng.randbytes(8192), off)
+        srv.execute("rollback")
+        for d in DISKS:
+            if read_all(srv.connect(d)) != expected[d]:
+                _fail(f"restarted server: rollback did not return {d} to epoch {committed}")
+    srv.close_clients()
+
+
+# --- plans ------------------------------------------------------------------------------
+def sample_plan(seed: int = 1) -> list[Trial]:
+    """Every point in both durability modes (hit counts and recovery paths vary),
+    a few sweeps of "any point", and crashes inside a restart's recovery."""
+    rng = random.Random(seed)
+    trials = []
+    for mode in ("process", "power"):
+        for i, point in enumerate(POINTS):
+            hit = 1 if point.startswith(("failover", "rollback")) else rng.choice((1, 1, 2, 3))
+            recovery = "serve" if (i + (mode == "power")) % 2 else "recover"
+            trials.append(Trial(point, hit, mode, rng.randrange(1 << 30), recovery))
+        for _ in range(2):
+            trials.append(Trial("*", rng.randint(1, 120), mode, rng.randrange(1 << 30),
+                                rng.choice(("serve", "recover"))))
+        for second in RECOVERY_POINTS:
+            trials.append(Trial(rng.choice(("preserve.before-l1", "write.after-image",
+                                            "zero.before-image", "rollback.between-disks")),
+                                1, mode, rng.randrange(1 << 30), "serve", f"{second}:1"))
+    return trials
+
+
+def full_plan(seeds=(1, 2)) -> list[Trial]:
+    """`make soak`: every named point at hit counts 1..6, both modes, both recovery
+    paths alternately; the "*" sweep is open-ended (see sweep_any)."""
+    trials = []
+    for seed in seeds:
+        for mode in ("process", "power"):
+            for point in POINTS:
+                for hit in range(1, 7):
+                    recovery = "serve" if (hit + seed) % 2 else "recover"
+                    trials.append(Trial(point, hit, mode, seed * 1000 + hit, recovery))
+            for second in RECOVERY_POINTS:
+                for first in ("preserve.before-l2", "write.after-image", "commit.after-state",
+                              "apply.after-run", "failover.after-fence"):
+                    trials.append(Trial(first, 1, mode, seed, "serve", f"{second}:1"))
+    return trials
