@@ -445,6 +445,8 @@ class UndoOverlay:
                 continue
             if e & ~(OFFSET_MASK | OFLAG_COPIED) or off % C:
                 raise CorruptOverlay(f"{self.path}: L1 entry {i} is invalid ({e:#x})")
+            if not e & OFLAG_COPIED:  # refcount 1 (checked below) requires COPIED
+                raise CorruptOverlay(f"{self.path}: L1 entry {i} lacks the COPIED flag ({e:#x})")
             self._check_reference(off, file_size, cache, referenced, f"L2 table {i}")
             table = array("Q", os.pread(self.fd, C, off))
             table.byteswap()
@@ -462,6 +464,9 @@ class UndoOverlay:
                     raise CorruptOverlay(f"{self.path}: L2 entry for cluster {guest} is invalid ({entry:#x})")
                 data = entry & OFFSET_MASK
                 if data:
+                    if not entry & OFLAG_COPIED:  # as for L1: refcount 1 requires COPIED
+                        raise CorruptOverlay(f"{self.path}: L2 entry for cluster {guest} lacks "
+                                             f"the COPIED flag ({entry:#x})")
                     self._check_reference(data, file_size, cache, referenced, f"cluster {guest}")
                     top = max(top, data // C)
                     self.data_clusters += 1
