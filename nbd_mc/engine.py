@@ -514,6 +514,10 @@ class Group:
             self._refuse_if_fenced("commit")
             if epoch == self.state.committed:
                 return {"committed": epoch, "seconds": 0.0, "retry": True}
+            if self.broken:
+                # An overlay may still hold undo data of an epoch already committed;
+                # committing on top would leave it more than one epoch behind.
+                raise IOFailure(f"commit refused until restart: {self.broken}")
             if epoch != self.state.committed + 1:
                 raise EpochMismatch(
                     f"cannot commit epoch {epoch}: epoch {self.state.committed} is committed, "
@@ -591,7 +595,12 @@ class Group:
         for i, d in enumerate(self.disks):
             if i and crashpoints.ARMED:
                 crashpoints.reached("rollback.between-disks")
-            restored += self._checked_apply(d)
+            # An overlay still returning to an older epoch holds undo data of an epoch
+            # that is committed (a commit's drop of it failed): as in recovery, it is
+            # dropped below, never applied -- applying it would take this disk back
+            # one epoch further than the others.
+            if d.overlay.epoch == self.state.committed:
+                restored += self._checked_apply(d)
         if crashpoints.ARMED:
             crashpoints.reached("rollback.after-apply")
         self._drop_all(self.state.committed)
