@@ -1,0 +1,101 @@
+"""Real I/O faults for the fault tests, no mocks:
+
+* ``Tmpfs``: a small tmpfs mounted under the test's directory (we are root), so a
+  file system really fills up (ENOSPC from the kernel);
+* ``FaultyFile``: a regular file whose reads or writes fail with EIO on demand --
+  nbdkit's file plugin behind its error filter (errors only while a trigger file
+  exists), mounted as a file with nbdfuse.  The engine opens it like any image or
+  overlay and gets the error from read()/write() itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+
+from servers import pid_alive, read_file, wait_until
+
+#: Files a run may rewrite without changing any data: the lock holder's pid, the
+#: server's log and pid file.  Everything else must be byte-identical after a refusal.
+RUNTIME_FILES = {"lock", "nbdkit.log", "nbdkit.pid"}
+
+
+def file_hashes(*roots: str) -> dict:
+    """sha256 of every regular file under each root (a directory or a file)."""
+    out = {}
+    for root in roots:
+        if os.path.isfile(root):
+            out[root] = hashlib.sha256(read_file(root)).hexdigest()
+            continue
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                if name in RUNTIME_FILES or not os.path.isfile(path) or os.path.islink(path):
+                    continue
+                out[path] = hashlib.sha256(read_file(path)).hexdigest()
+    return out
+
+
+class Tmpfs:
+    def __init__(self, path: str, size: str):
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", path],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, f"mount -t tmpfs: {r.stderr}"
+
+    def free(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def umount(self) -> None:
+        if os.path.ismount(self.path):
+            r = subprocess.run(["umount", self.path], capture_output=True, text=True)
+            assert r.returncode == 0, f"umount {self.path}: {r.stderr}"
+
+
+class FaultyFile:
+    """``path`` reads/writes ``backing`` through FUSE; ``fail(True)`` makes every
+    ``kind`` ("pread" or "pwrite") request fail with EIO until ``fail(False)``."""
+
+    def __init__(self, root: str, name: str, backing: str, kind: str):
+        self.root = root
+        self.backing = backing
+        self.sock = os.path.join(root, f"{name}.err.sock")
+        self.pidfile = os.path.join(root, f"{name}.err.pid")
+        self.trigger = os.path.join(root, f"{name}.fail")
+        self.mnt = os.path.join(root, f"{name}.mnt")
+        self.path = os.path.join(self.mnt, name)
+        os.makedirs(self.mnt, exist_ok=True)
+        subprocess.run(["nbdkit", "-U", self.sock, "-P", self.pidfile, "--filter=error", "file",
+                        backing, "error=EIO", f"error-{kind}-rate=100%",
+                        f"error-{kind}-file={self.trigger}"], check=True)
+        wait_until(lambda: os.path.exists(self.pidfile) and read_file(self.pidfile).strip(),
+                   "the error-injecting nbdkit")
+        self.nbdkit_pid = int(read_file(self.pidfile))
+        self.fuse = subprocess.Popen(["nbdfuse", self.path, "--unix", self.sock],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(lambda: os.path.ismount(self.mnt) and os.path.exists(self.path)
+                   or self.fuse.poll() is not None, "nbdfuse to mount")
+        assert self.fuse.poll() is None, f"nbdfuse failed: {self.fuse.stderr.read()}"
+
+    def fail(self, on: bool) -> None:
+        if on:
+            open(self.trigger, "w").close()
+        elif os.path.exists(self.trigger):
+            os.unlink(self.trigger)
+
+    def stop(self) -> None:
+        self.fail(False)
+        if os.path.ismount(self.mnt):
+            subprocess.run(["umount", self.mnt], capture_output=True)
+        try:
+            self.fuse.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.fuse.kill()
+            self.fuse.wait()
+        if pid_alive(self.nbdkit_pid):
+            os.kill(self.nbdkit_pid, signal.SIGTERM)
+            wait_until(lambda: not pid_alive(self.nbdkit_pid), "the error-injecting nbdkit to stop")
