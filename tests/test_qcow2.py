@@ -260,7 +260,7 @@ class OverlayMachine(RuleBasedStateMachine):
 
 
 OverlayMachine.TestCase.settings = settings(
-    max_examples=40, stateful_step_count=15, deadline=None,
+    max_examples=30, stateful_step_count=15, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TestOverlayStateful = OverlayMachine.TestCase
 
