@@ -1,0 +1,347 @@
+"""Every refusal through the real command line (exit 1 and a message that says
+why), the epoch rules, fencing and failover against the real server, and usage
+errors (exit 2)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+
+import nbd
+import pytest
+
+from servers import (GroupModel, assert_bytes, assert_check, assert_compare, describe,
+                     make_image, nbd_mc, pid_alive, read_all, read_file, servers,
+                     workdir, write_file)
+
+__all__ = ["servers", "workdir"]  # fixtures
+
+MiB = 1 << 20
+
+
+def refused(r, *needles):
+    """Exit status 1, one clear message on stderr naming the reason."""
+    assert r.returncode == 1, describe(r)
+    msg = r.stderr.strip()
+    assert msg.startswith("nbd-mc: error:"), describe(r)
+    assert "Traceback" not in r.stderr, describe(r)
+    for n in needles:
+        assert n.lower() in msg.lower(), f"{n!r} not in: {msg}"
+    return msg
+
+
+def ok(r):
+    assert r.returncode == 0, describe(r)
+    return r
+
+
+def group(servers, rng=None, sizes=(2 * MiB, 1 * MiB), **kw):
+    rng = rng or random.Random(1)
+    images, initial = {}, {}
+    for name, size in zip(("vda", "vdb"), sizes):
+        images[name] = servers.path(f"{name}.raw")
+        initial[name] = make_image(images[name], size, rng)
+    return servers.new(images, **kw), GroupModel(initial)
+
+
+# --- serve refusals ----------------------------------------------------------------------
+def test_serve_refuses_missing_image(servers):
+    missing = servers.path("nope.raw")
+    r = nbd_mc("serve", missing, "--state-dir", servers.path("st"))
+    refused(r, missing, "does not exist")
+    assert not os.path.exists(servers.path("st", "state.json"))
+
+
+def test_serve_refuses_size_not_multiple_of_512(servers):
+    for size in (1000, 512 * 3 + 1, 0):
+        img = servers.path(f"odd{size}.raw")
+        with open(img, "wb") as f:
+            f.truncate(size)
+        r = nbd_mc("serve", img, "--state-dir", servers.path(f"st{size}"))
+        refused(r, "512")
+        assert not os.path.exists(servers.path(f"st{size}", "state.json"))
+
+
+def test_serve_refuses_resized_image(servers):
+    s, _ = group(servers)
+    s.start()
+    s.stop()
+    with open(s.image("vdb"), "r+b") as f:
+        f.truncate(1 * MiB + 4096)
+    refused(s.start(check=False), s.image("vdb"), str(1 * MiB + 4096), str(1 * MiB))
+    refused(s.start(check=False, with_disks=False), "vdb")
+    refused(s.cli("recover"), "vdb")
+    # back to the right size: serving works again
+    with open(s.image("vdb"), "r+b") as f:
+        f.truncate(1 * MiB)
+    s.start()
+
+
+def test_serve_refuses_state_dir_of_another_disk_set(servers):
+    s, _ = group(servers)
+    s.start()
+    s.stop()
+    other = servers.path("other.raw")
+    make_image(other, 1 * MiB)
+    r = nbd_mc("serve", f"vda={s.image('vda')}", f"vdb={other}", "--state-dir", s.state_dir)
+    refused(r, "belongs to disks", other)
+    r = nbd_mc("serve", f"vda={s.image('vda')}", "--state-dir", s.state_dir)
+    refused(r, "belongs to disks")
+    r = nbd_mc("serve", f"x={s.image('vda')}", f"vdb={s.image('vdb')}", "--state-dir", s.state_dir)
+    refused(r, "belongs to disks")
+    r = nbd_mc("serve", *[f"{n}={p}" for n, p in s.disks.items()], "--state-dir", s.state_dir,
+               "--cluster-size", "4K")
+    refused(r, "cluster size")
+    # the directory is unchanged: the right disks still serve from it
+    s.start()
+    assert [d["name"] for d in s.execute("query-status")["disks"]] == ["vda", "vdb"]
+
+
+def test_serve_refuses_sockets_in_use(servers):
+    s, _ = group(servers)
+    s.start()
+    # the same state directory twice
+    r = nbd_mc(*s.serve_argv())
+    refused(r, "in use")
+    r = nbd_mc("serve", "--state-dir", s.state_dir)
+    refused(r, "in use")
+    # another group on the same NBD socket
+    img = servers.path("c.raw")
+    make_image(img, 1 * MiB)
+    r = nbd_mc("serve", img, "--state-dir", servers.path("st2"), "--socket", s.sock)
+    refused(r, "NBD socket", s.sock, "in use")
+    # ... or on the same control socket
+    r = nbd_mc("serve", img, "--state-dir", servers.path("st3"), "--control", s.control_path)
+    refused(r, "control socket", "in use")
+    # the first server is unharmed
+    assert s.running()
+    assert s.execute("query-status")["committed"] == 0
+    h = s.connect("vda")
+    h.pwrite(b"still here", 0)
+    # recover refuses a directory a server is using
+    refused(s.cli("recover"), "in use")
+
+
+def test_serve_after_kill9_reuses_stale_sockets(servers):
+    s, _ = group(servers)
+    s.start()
+    s.kill9()
+    assert os.path.exists(s.sock)  # left behind by the dead server
+    s.start(with_disks=False)
+    assert s.execute("query-status")["committed"] == 0
+
+
+def test_serve_refuses_unknown_state_dir_without_disks(servers):
+    r = nbd_mc("serve", "--state-dir", servers.path("empty"))
+    refused(r, "no nbd-mc state")
+    r = nbd_mc("recover", "--state-dir", servers.path("empty"))
+    refused(r, "no nbd-mc state")
+
+
+# --- epochs ------------------------------------------------------------------------------------
+def test_commit_rules(servers):
+    s, model = group(servers)
+    s.start()
+    st = json.loads(ok(s.cli("status", "--json")).stdout)
+    assert st["committed"] == 0 and st["protected"] is False and st["open_epoch"] == 1
+    refused(s.cli("rollback"), "NotProtected")
+    refused(s.cli("failover"), "NotProtected")
+    refused(s.cli("commit", "2"), "EpochMismatch", "epoch 0 is committed")
+    r = json.loads(ok(s.cli("commit", "1", "--json")).stdout)
+    assert r["committed"] == 1
+    model.commit(1)
+    ok(s.cli("commit", "1"))  # a retry of the committed epoch
+    assert "committed epoch 1" in ok(s.cli("commit", "1")).stdout
+    refused(s.cli("commit", "0"), "EpochMismatch")
+    refused(s.cli("commit", "3"), "EpochMismatch", "open epoch is 2")
+    h = s.connect("vda")
+    h.pwrite(b"\x11" * 100000, 5000)
+    model.write("vda", 5000, b"\x11" * 100000)
+    st = json.loads(ok(s.cli("status", "--json")).stdout)
+    assert st["protected"] is True and st["disks"][0]["preserved_clusters"] >= 2
+    assert "protected" in ok(s.cli("status")).stdout
+    r = json.loads(ok(s.cli("rollback", "--json")).stdout)
+    assert r["committed"] == 1 and r["restored_clusters"] >= 2
+    model.rollback()
+    assert_bytes(read_file(s.image("vda")), model.committed["vda"], "vda after rollback")
+    ok(s.cli("rollback"))  # nothing to undo: still fine
+    ok(s.cli("commit", "2"))
+    assert json.loads(ok(s.cli("status", "--json")).stdout)["committed"] == 2
+    # the control address given explicitly, and through the environment
+    r = nbd_mc("status", "--json", "--control", s.control_path)
+    assert json.loads(ok(r).stdout)["committed"] == 2
+
+
+def test_clients_without_a_server(servers):
+    d = servers.path("nothing")
+    os.makedirs(d)
+    for cmd in (["status"], ["commit", "1"], ["rollback"], ["fence"], ["stop"]):
+        r = nbd_mc(*cmd, "--state-dir", d)
+        refused(r, "cannot reach")
+
+
+# --- fence and failover --------------------------------------------------------------------------
+def test_fence_refuses_old_connections_and_commits(servers):
+    s, model = group(servers)
+    s.start()
+    ok(s.cli("commit", "1"))
+    model.commit(1)
+    old = s.connect("vda")
+    old.pwrite(b"before fence", 0)
+    model.write("vda", 0, b"before fence")
+    r = json.loads(ok(s.cli("fence", "--json")).stdout)
+    assert r["generation"] == 1
+    with pytest.raises(nbd.Error) as e:
+        old.pwrite(b"after fence", 100)
+    assert e.value.errnum == errno.EPERM, e.value  # EROFS travels as EPERM: NBD has no EROFS
+    with pytest.raises(nbd.Error) as e:
+        old.zero(4096, 8192)
+    assert e.value.errnum == errno.EPERM
+    with pytest.raises(nbd.Error) as e:
+        old.trim(4096, 8192)
+    assert e.value.errnum == errno.EPERM
+    # reads still work; nothing changed on disk
+    assert old.pread(12, 0) == b"before fence"
+    assert_bytes(read_file(s.image("vda")), model.live["vda"], "vda after refused writes")
+    refused(s.cli("commit", "2"), "Fenced")
+    st = json.loads(ok(s.cli("status", "--json")).stdout)
+    assert st["fenced"] is True and st["committed"] == 1
+    # fencing survives a restart
+    s.stop()
+    s.start(with_disks=False)
+    st = s.execute("query-status")
+    assert st["fenced"] is True and st["generation"] == 1
+    h = s.connect("vdb")
+    with pytest.raises(nbd.Error) as e:
+        h.pwrite(b"x", 0)
+    assert e.value.errnum == errno.EPERM
+
+
+def test_failover_promotes_and_fences_old_connections(servers):
+    s, model = group(servers)
+    s.start()
+    old = s.connect("vda")
+    ok(s.cli("commit", "1"))
+    model.commit(1)
+    data = random.Random(3).randbytes(300000)
+    old.pwrite(data, 777)
+    model.write("vda", 777, data)
+    r = json.loads(ok(s.cli("failover", "--json")).stdout)
+    assert r["committed"] == 1
+    assert [(d["name"], d["path"], d["format"]) for d in r["disks"]] == [
+        ("vda", s.image("vda"), "raw"), ("vdb", s.image("vdb"), "raw")]
+    model.rollback()
+    for d in ("vda", "vdb"):
+        assert_bytes(read_file(s.image(d)), model.committed[d], f"{d} after failover")
+    with pytest.raises(nbd.Error) as e:
+        old.pwrite(b"stale primary", 0)
+    assert e.value.errnum == errno.EPERM
+    new = s.connect("vda")
+    new.pwrite(b"new primary", 0)
+    model.write("vda", 0, b"new primary")
+    assert_bytes(read_file(s.image("vda")), model.live["vda"], "vda written by the new primary")
+    st = json.loads(ok(s.cli("status", "--json")).stdout)
+    assert st["role"] == "primary" and st["protected"] is False and st["fenced"] is False
+    refused(s.cli("rollback"), "NotProtected")
+    refused(s.cli("commit", "2"), "Fenced")
+    # idempotent: a second failover changes nothing
+    r = json.loads(ok(s.cli("failover", "--json")).stdout)
+    assert r["committed"] == 1
+    new.pwrite(b"still writable", 100)
+
+
+def test_failover_instant_hands_out_the_overlay(servers, workdir):
+    s, model = group(servers)
+    s.start()
+    h = s.connect("vdb")
+    ok(s.cli("commit", "1"))
+    model.commit(1)
+    data = random.Random(4).randbytes(200000)
+    h.pwrite(data, 1000)
+    model.write("vdb", 1000, data)
+    h.zero(65536 * 3, 500000)
+    model.zero("vdb", 500000, 65536 * 3)
+    r = json.loads(ok(s.cli("failover", "--instant", "--json")).stdout)
+    assert r["committed"] == 1
+    assert [(d["name"], d["path"], d["format"]) for d in r["disks"]] == [
+        ("vda", s.overlay("vda"), "qcow2"), ("vdb", s.overlay("vdb"), "qcow2")]
+    for d in ("vda", "vdb"):
+        expected = os.path.join(workdir, f"{d}.model.raw")
+        write_file(expected, model.committed[d])
+        assert_check(s.overlay(d), allowed=(0,))
+        assert_compare(s.overlay(d), expected)
+    # nobody writes the images any more, old or new connections
+    for conn in (h, s.connect("vda")):
+        with pytest.raises(nbd.Error) as e:
+            conn.pwrite(b"x", 0)
+        assert e.value.errnum in (errno.EPERM, errno.EROFS), e.value
+    assert_bytes(read_file(s.image("vdb")), model.live["vdb"], "vdb image untouched")
+    # after the hand-off the state directory is not served again
+    s.stop()
+    refused(s.start(check=False, with_disks=False), "instant failover")
+
+
+# --- stop ------------------------------------------------------------------------------------------
+def test_stop_with_a_client_connected(servers):
+    """The primary's mirror never disconnects: stop must not wait for it."""
+    s, _ = group(servers)
+    s.start()
+    h = s.connect("vda")
+    h.pwrite(b"x" * 4096, 0)
+    pid = s.pid
+    r = s.cli("stop")
+    ok(r)
+    assert not pid_alive(pid)
+    with pytest.raises(nbd.Error):
+        h.pread(4096, 0)
+    s.pid = None
+    s.start(with_disks=False)
+    assert read_all(s.connect("vda"))[:4096] == b"x" * 4096
+
+
+# --- usage errors --------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [
+    [],
+    ["no-such-command"],
+    ["commit"],
+    ["commit", "abc"],
+    ["commit", "-1"],
+    ["commit", "1", "--bogus"],
+    ["serve", "x.raw"],
+    ["serve", "x.raw", "--state-dir", "/tmp/nbdmc-usage", "--socket", "/tmp/s", "--port", "10809"],
+    ["serve", "x.raw", "--state-dir", "/tmp/nbdmc-usage", "--durability", "sometimes"],
+    ["serve", "x.raw", "--state-dir", "/tmp/nbdmc-usage", "--port", "99999"],
+    ["recover"],
+    ["status"],
+    ["inspect"],
+    ["failover", "--instant=yes"],
+])
+def test_usage_errors_exit_2(argv):
+    r = nbd_mc(*argv)  # NBD_MC_CONTROL is not set for it
+    assert r.returncode == 2, describe(r)
+    assert "Traceback" not in r.stderr
+    assert not os.path.exists("/tmp/nbdmc-usage")
+
+
+def test_recover_and_inspect_cli(servers):
+    s, model = group(servers)
+    s.start()
+    ok(s.cli("commit", "1"))
+    model.commit(1)
+    h = s.connect("vda")
+    h.pwrite(b"\x77" * 200000, 3)
+    s.kill9()
+    r = json.loads(ok(nbd_mc("recover", "--state-dir", s.state_dir, "--json")).stdout)
+    assert r["committed"] == 1 and r["restored_clusters"] >= 4
+    assert_bytes(read_file(s.image("vda")), model.committed["vda"], "vda after recover")
+    assert_check(s.overlay("vda"), allowed=(0,))
+    rep = json.loads(ok(nbd_mc("inspect", s.state_dir, "--json")).stdout)
+    assert rep["valid"] and rep["committed"] == 1 and not rep["server_running"]
+    rep = json.loads(ok(nbd_mc("inspect", s.overlay("vdb"), "--json")).stdout)
+    assert rep["valid"] and rep["epoch"] == 1 and rep["preserved_clusters"] == 0
+    bogus = servers.path("bogus.qcow2")
+    write_file(bogus, b"not a qcow2 file" * 100)
+    r = nbd_mc("inspect", bogus)
+    assert r.returncode == 1 and "INVALID" in r.stdout, describe(r)
