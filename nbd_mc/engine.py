@@ -361,7 +361,9 @@ class Group:
         report = {"committed": committed, "restored_clusters": 0, "stale_dropped": []}
         for d in self.disks:
             epoch = d.overlay.epoch
-            if epoch is None or epoch > committed:
+            # A crash between persisting commit N and dropping leaves undo data
+            # returning to N - 1; anything further apart is not ours to drop.
+            if epoch is None or epoch > committed or epoch < committed - 1:
                 raise StateError(
                     f"overlay {d.spec.overlay} returns to epoch {epoch}, but the state file says "
                     f"{committed} is committed: the overlay does not belong to this state")

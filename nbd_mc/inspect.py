@@ -87,10 +87,12 @@ def inspect_state_dir(state_dir: str) -> dict:
         if ov["valid"]:
             epoch = ov.get("epoch")
             info["undo"] = ("current" if epoch == state.committed else
-                            "stale (dropped on recovery)" if epoch is not None and epoch < state.committed
-                            else "from the future: does not belong to this state")
-            if epoch is None or epoch > state.committed:
+                            "stale (dropped on recovery)" if epoch == state.committed - 1
+                            else "from another epoch: does not belong to this state")
+            if epoch is None or not state.committed - 1 <= epoch <= state.committed:
                 ov["valid"] = False
+                ov["problem"] = (f"returns to epoch {epoch}, but the state file says "
+                                 f"{state.committed} is committed")
         valid = valid and ov["valid"] and info["image_size_ok"]
         disks.append(info)
     out["disks"] = disks
