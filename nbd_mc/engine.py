@@ -336,7 +336,11 @@ class Group:
         self._refresh_fast_path()
         self.stats = {"writes": 0, "zeroes": 0, "trims": 0, "bytes_written": 0,
                       "commits": 0, "rollbacks": 0, "refused_writes": 0, "errors": 0}
-        self.recovered = self._recover()
+        try:
+            self.recovered = self._recover()
+        except BaseException:  # a refused or failed recovery keeps no fd and no lock
+            self.close()
+            raise
 
     def _open_disks(self, state: GroupState) -> list[Disk]:
         disks = []
