@@ -14,10 +14,28 @@ from .errors import NbdMcError
 from .state import LOCK_FILE, load
 
 
+def _owner(path: str) -> tuple:
+    """(image, size) that the state file beside an overlay gives it, else (None, None)."""
+    try:
+        state = load(os.path.dirname(os.path.abspath(path)))
+    except NbdMcError:
+        return None, None
+    for d in state.disks if state else ():
+        if os.path.realpath(d.overlay) == os.path.realpath(path):
+            return d.image, d.size
+    return None, None
+
+
 def inspect_overlay(path: str, expected_image: str | None = None,
                     expected_size: int | None = None) -> dict:
-    """Summary of one overlay file, with ``valid`` and ``problem``."""
+    """Summary of one overlay file, with ``valid`` and ``problem``.
+
+    An overlay inside a state directory is checked against the disk the state
+    file gives it (image, size), as `serve` and `recover` would check it.
+    """
     out = {"path": path, "valid": False}
+    if expected_image is None and expected_size is None:
+        expected_image, expected_size = _owner(path)
     image_fd = -1
     try:
         probe = qcow2.UndoOverlay(path, -1, readonly=True)
@@ -32,7 +50,13 @@ def inspect_overlay(path: str, expected_image: str | None = None,
         out["backing_exists"] = image_fd >= 0
         ov.close()
         out["valid"] = True
-        if backing and image_fd < 0:
+        if ov.epoch is None:
+            out["valid"] = False
+            out["problem"] = "not an nbd-mc overlay (no epoch record)"
+        elif ov.backing_format not in (None, "raw"):
+            out["valid"] = False
+            out["problem"] = f"backing format is {ov.backing_format}, expected raw"
+        elif backing and image_fd < 0:
             out["valid"] = False
             out["problem"] = f"backing file {backing} does not exist"
     except NbdMcError as e:
@@ -76,9 +100,15 @@ def inspect_state_dir(state_dir: str) -> dict:
         info = {"name": d.name, "image": d.image, "size": d.size, "cluster_size": d.cluster_size}
         try:
             actual = os.stat(d.image).st_size
-            info["image_size_ok"] = actual == d.size
-            if actual != d.size:
-                info["problem"] = f"image is {actual} bytes, state says {d.size}"
+            info["image_size_ok"] = actual == d.size and os.path.isfile(d.image)
+            if not os.path.isfile(d.image):
+                info["problem"] = f"image {d.image} is not a regular file"
+            elif actual != d.size:
+                info["problem"] = (f"image is {actual} bytes, state says {d.size} "
+                                   f"(resized behind nbd-mc's back?)")
+        except FileNotFoundError:
+            info["image_size_ok"] = False
+            info["problem"] = f"image {d.image} does not exist"
         except OSError as e:
             info["image_size_ok"] = False
             info["problem"] = f"image {d.image}: {os.strerror(e.errno)}"
@@ -89,7 +119,7 @@ def inspect_state_dir(state_dir: str) -> dict:
             info["undo"] = ("current" if epoch == state.committed else
                             "stale (dropped on recovery)" if epoch == state.committed - 1
                             else "from another epoch: does not belong to this state")
-            if epoch is None or not state.committed - 1 <= epoch <= state.committed:
+            if epoch is not None and not state.committed - 1 <= epoch <= state.committed:
                 ov["valid"] = False
                 ov["problem"] = (f"returns to epoch {epoch}, but the state file says "
                                  f"{state.committed} is committed")
