@@ -715,6 +715,11 @@ class ControlServer:
             _send(sock, _with_id(_error(e.error_class, e.desc), e.request_id))
             return
         if name == "quit":
+            if arguments:  # as every command: a typo must not run it (and this one stops us)
+                _send(sock, _with_id(_error("BadRequest", "quit: unexpected arguments "
+                                                          f"{', '.join(sorted(arguments))}"),
+                                     request_id))
+                return
             _send(sock, _with_id({"return": {}}, request_id))
             threading.Thread(target=self._quit, name=f"nbd-mc-control quit {self.address}",
                              daemon=True).start()
