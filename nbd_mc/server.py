@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import engine
-from .control import ControlClient, TlsFiles, parse_address
+from .control import UNIX_PATH_MAX, ControlClient, TlsFiles, parse_address
 from .errors import NbdMcError, StateError
 from .state import DirLock
 
@@ -145,6 +145,10 @@ def preflight(opts: ServeOptions) -> tuple:
     if parse_address(opts.control)[0] == "tcp" and not opts.tls_certificates:
         raise StateError("a tcp:// control address needs --tls-certificates DIR "
                          "(clients must present a certificate)")
+    if opts.socket and len(os.fsencode(opts.socket)) > UNIX_PATH_MAX:
+        # else nbdkit refuses -U only after the plugin has created the state directory
+        raise StateError(f"NBD socket path {opts.socket} is longer than {UNIX_PATH_MAX} "
+                         "bytes, the limit of a unix socket (give a shorter --socket)")
     state, new = engine.plan_group(opts.state_dir, opts.disks or None, opts.cluster_size)
     if os.path.isdir(opts.state_dir):
         DirLock(opts.state_dir).release()  # raises if a server holds it
