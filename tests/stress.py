@@ -52,6 +52,7 @@ class Counts:
     retries: int = 0
     mismatches: int = 0
     committed_checks: int = 0
+    undo_checks: int = 0
     max_in_flight: int = 0
     undecided_resolved: dict = field(default_factory=lambda: {"before": 0, "after": 0})
 
@@ -71,6 +72,10 @@ class Stress:
         self.handles = {d: [server.connect(d) for _ in range(conns_per_disk)] for d in self.disks}
         self.committed_h = {d: server.connect(d + "@committed") for d in self.disks}
         self.inflight: dict[str, list[Op]] = {d: [] for d in self.disks}
+        # clusters written in the open epoch: exactly these must be preserved
+        self.touched: dict[str, set] = {d: set() for d in self.disks}
+        self.exact = True  # False when requests raced the checkpoint that opened the epoch
+        self.bits = cluster_size.bit_length() - 1
         self.counts = Counts(connections=conns_per_disk * len(self.disks) + len(self.disks))
 
     # --- request generation ---------------------------------------------------------
@@ -119,12 +124,13 @@ class Stress:
             if rng.random() < 0.05:
                 data = bytearray(n)  # zeros written as data
             buf = nbd.Buffer.from_bytearray(data)
-            cookie = h.aio_pwrite(buf, off)
+            cookie = h.aio_pwrite(buf, off, flags=nbd.CMD_FLAG_FUA if rng.random() < 0.1 else 0)
             self.model.write(d, off, bytes(data))
             self.counts.writes += 1
             self.counts.bytes += n
         elif kind == "zero":
-            cookie = h.aio_zero(n, off)
+            flags = rng.choice((0, 0, nbd.CMD_FLAG_FAST_ZERO, nbd.CMD_FLAG_NO_HOLE, nbd.CMD_FLAG_FUA))
+            cookie = h.aio_zero(n, off, flags=flags)
             self.model.zero(d, off, n)
             self.counts.zeroes += 1
         else:
@@ -134,6 +140,7 @@ class Stress:
             self.model.zero(d, off, n)
             self.counts.trims += 1
         op = Op(d, h, cookie, kind, off, n, old, bytes(live[off:off + n]), buf)
+        self.touched[d].update(range(off >> self.bits, ((off + n - 1) >> self.bits) + 1))
         self.inflight[d].append(op)
         self.counts.max_in_flight = max(self.counts.max_in_flight, self.in_flight())
         return op
@@ -179,11 +186,36 @@ class Stress:
             assert_bytes(read_all(h), self.model.live[d], f"{d} over NBD ({what})")
             assert_bytes(read_file(self.s.image(d)), self.model.live[d], f"{d} image file ({what})")
 
+    def check_undo(self) -> int:
+        """Drained, in an epoch no request raced into: each disk has preserved exactly
+        the clusters written since the last checkpoint, and keeps data only for those
+        whose committed contents are not all zeros (zero clusters cost no data)."""
+        if not self.exact or self.in_flight():
+            return -1
+        st = self.s.execute("query-status")
+        C = 1 << self.bits
+        total = 0
+        for disk in st["disks"]:
+            d = disk["name"]
+            committed = self.model.committed[d]
+            nonzero = sum(1 for c in self.touched[d] if any(committed[c * C:(c + 1) * C]))
+            assert disk["preserved_clusters"] == len(self.touched[d]), (
+                d, disk["preserved_clusters"], len(self.touched[d]))
+            assert disk["undo_bytes"] == nonzero * C, (d, disk["undo_bytes"], nonzero * C)
+            total += len(self.touched[d])
+        self.counts.undo_checks += 1
+        return total
+
+    def _new_epoch(self, undecided) -> None:
+        self.touched = {d: set() for d in self.disks}
+        self.exact = not undecided
+
     # --- checkpoints ----------------------------------------------------------------
     def commit(self, racing: bool) -> None:
         epoch = self.model.epoch + 1
         if not racing:
             self.drain()
+            self.check_undo()
         undecided = [op for ops in self.inflight.values() for op in ops]
         r = self.s.execute("commit", epoch=epoch)
         assert r["committed"] == epoch
@@ -202,22 +234,30 @@ class Stress:
                     f"{epoch}, is torn in {op.disk}@committed (neither before nor after the commit)")
         self.model.history[epoch] = {d: bytes(b) for d, b in committed.items()}
         self.model.epoch = epoch
+        self._new_epoch(undecided)
         self.counts.commits += 1
         self.counts.racing_commits += bool(racing)
         self.check_committed(f"after commit {epoch}")
         st = self.s.execute("query-status")
         assert st["committed"] == epoch and st["protected"] is True
+        if not undecided:  # else requests that landed after the commit preserved clusters
+            assert all(d["preserved_clusters"] == 0 and d["undo_bytes"] == 0
+                       for d in st["disks"]), st
         if self.rng.random() < 0.3:  # a retry of the committed epoch is harmless
             r = self.s.execute("commit", epoch=epoch)
             assert r["committed"] == epoch
             self.counts.retries += 1
 
     def rollback(self, racing: bool) -> None:
+        expected = -1
         if not racing:
             self.drain()
+            expected = self.check_undo()
         undecided = [op for ops in self.inflight.values() for op in ops]
         r = self.s.execute("rollback")
         assert r["committed"] == self.model.epoch
+        if expected >= 0:
+            assert r["restored_clusters"] == expected, (r, expected)
         self.drain()
         committed = self.model.committed
         live = {d: bytearray(b) for d, b in committed.items()}
@@ -233,6 +273,7 @@ class Stress:
                     f"{op.kind} of {op.n} bytes at {op.off} on {op.disk}, in flight during a "
                     f"rollback, is torn (neither rolled back nor applied after it)")
         self.model.live = live
+        self._new_epoch(undecided)
         self.counts.rollbacks += 1
         self.counts.racing_rollbacks += bool(racing)
         self.check_live(f"after rollback to {self.model.epoch}")
@@ -257,6 +298,9 @@ class Stress:
             self.issue()
             if i % 7 == 0:
                 self.reap()
+            if i % 97 == 0:  # a flush on some connection (it has no place in the model)
+                h = rng.choice(rng.choice(list(self.handles.values())))
+                h.flush()
             if i == next_checkpoint:
                 next_checkpoint = i + rng.randint(5, 50)
                 r = rng.random()

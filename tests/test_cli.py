@@ -54,6 +54,33 @@ def test_serve_refuses_missing_image(servers):
     assert not os.path.exists(servers.path("st", "state.json"))
 
 
+def test_serve_refuses_bad_disk_lists(servers):
+    a, b = servers.path("a.raw"), servers.path("b.raw")
+    make_image(a, MiB)
+    make_image(b, MiB)
+    st = servers.path("st")
+    refused(nbd_mc("serve", f"x={a}", f"x={b}", "--state-dir", st), "unique")
+    refused(nbd_mc("serve", f"x@y={a}", "--state-dir", st), "@")
+    refused(nbd_mc("serve", servers.root, "--state-dir", st), "not a regular file")
+    refused(nbd_mc("serve", a, "--state-dir", st, "--cluster-size", "3K"))
+    assert not os.path.exists(os.path.join(st, "state.json"))
+
+
+def test_serve_refuses_socket_paths_too_long(servers):
+    img = servers.path("a.raw")
+    make_image(img, MiB)
+    deep = servers.path("d" * 100)
+    os.makedirs(deep)
+    st = servers.path("st")
+    refused(nbd_mc("serve", img, "--state-dir", st, "--socket", os.path.join(deep, "n.sock")),
+            "longer than 107 bytes")
+    refused(nbd_mc("serve", img, "--state-dir", st, "--control", os.path.join(deep, "c.sock")),
+            "longer than 107 bytes")
+    refused(nbd_mc("serve", img, "--state-dir", deep), "longer than 107 bytes")
+    assert not os.path.exists(os.path.join(st, "state.json"))
+    assert not os.path.exists(os.path.join(deep, "state.json"))
+
+
 def test_serve_refuses_size_not_multiple_of_512(servers):
     for size in (1000, 512 * 3 + 1, 0):
         img = servers.path(f"odd{size}.raw")
@@ -146,12 +173,16 @@ def test_commit_rules(servers):
     s.start()
     st = json.loads(ok(s.cli("status", "--json")).stdout)
     assert st["committed"] == 0 and st["protected"] is False and st["open_epoch"] == 1
+    early = s.connect("vda@committed")
+    with pytest.raises(nbd.Error):  # no committed state exists yet
+        early.pread(512, 0)
     refused(s.cli("rollback"), "NotProtected")
     refused(s.cli("failover"), "NotProtected")
     refused(s.cli("commit", "2"), "EpochMismatch", "epoch 0 is committed")
     r = json.loads(ok(s.cli("commit", "1", "--json")).stdout)
     assert r["committed"] == 1
     model.commit(1)
+    assert_bytes(read_all(early), model.committed["vda"], "vda@committed after commit 1")
     ok(s.cli("commit", "1"))  # a retry of the committed epoch
     assert "committed epoch 1" in ok(s.cli("commit", "1")).stdout
     refused(s.cli("commit", "0"), "EpochMismatch")
@@ -345,3 +376,26 @@ def test_recover_and_inspect_cli(servers):
     write_file(bogus, b"not a qcow2 file" * 100)
     r = nbd_mc("inspect", bogus)
     assert r.returncode == 1 and "INVALID" in r.stdout, describe(r)
+
+
+def test_failover_without_a_server(servers):
+    """The primary died and so did the secondary's server: failover --state-dir works
+    on the files, and a server started afterwards serves the new primary."""
+    s, model = group(servers)
+    s.start()
+    ok(s.cli("commit", "1"))
+    model.commit(1)
+    h = s.connect("vdb")
+    h.pwrite(b"\x5a" * 300000, 4096)
+    s.kill9()
+    r = json.loads(ok(s.cli("failover", "--json")).stdout)
+    assert r["committed"] == 1 and r["disks"][1]["path"] == s.image("vdb")
+    for d in ("vda", "vdb"):
+        assert_bytes(read_file(s.image(d)), model.committed[d], f"{d} after offline failover")
+        assert_check(s.overlay(d), allowed=(0,))
+    assert s.state()["role"] == "primary"
+    s.start(with_disks=False)
+    st = s.execute("query-status")
+    assert st["role"] == "primary" and not st["fenced"]
+    s.connect("vdb").pwrite(b"new primary", 0)
+    refused(s.cli("commit", "2"), "Fenced")
