@@ -262,7 +262,7 @@ class Qmp:
         try:
             return self._run(self._client.execute(name, arguments or None), self.timeout)
         except ExecuteError as e:
-            raise QmpCommandError(name, e.error_class, e.error_desc or str(e)) from None
+            raise QmpCommandError(name, e.error_class, str(e)) from None
         except (QMPError, OSError, EOFError, asyncio.TimeoutError, TimeoutError,
                 asyncio.CancelledError) as e:
             with self._cond:
@@ -495,6 +495,7 @@ class Mirrors:
         self.cursor = qmp.cursor
         self.failure: str | None = None
         self.ready: set = set()
+        self.synced: dict[str, int] = {}  # bytes copied when each job became READY
 
     def scan(self) -> None:
         """Look at the new events: READY and failures (the first failure sticks)."""
@@ -503,6 +504,7 @@ class Mirrors:
             data = e.get("data") or {}
             if e.get("event") == "BLOCK_JOB_READY" and data.get("device") in self.ids:
                 self.ready.add(data["device"])
+                self.synced[data["device"]] = data.get("offset", 0)
             why = _job_failure(e, self.ids)
             if why and not self.failure:
                 self.failure = why
@@ -579,7 +581,9 @@ def cancel_mirrors(qmp: Qmp, mirrors: Mirrors, timeout: float = CANCEL_TIMEOUT) 
         try:
             qmp.cmd("block-job-cancel", device=j)
         except QmpCommandError as e:
-            problems.append(str(e))
+            if e.qmp_class != "DeviceNotActive":  # not: it ended meanwhile (a failed mirror)
+                problems.append(e.desc)
+            live.discard(j)
     pending = set(live)
     deadline = time.monotonic() + timeout
     cursor = start
@@ -612,7 +616,7 @@ def remove_nodes(qmp: Qmp, drives: list[DriveSpec]) -> list[str]:
             try:
                 qmp.cmd("blockdev-del", **{"node-name": d.node})
             except QmpCommandError as e:
-                problems.append(str(e))
+                problems.append(e.desc)
     return problems
 
 
@@ -630,6 +634,7 @@ class Checkpoint:
     committed: bool
     pause: float  # seconds the VM was stopped (stop sent .. cont answered)
     skipped: str | None = None
+    hook: float = 0.0  # seconds of that spent in the hook
 
 
 def vm_running(qmp: Qmp) -> bool:
@@ -656,9 +661,11 @@ def run_hook(command: str, epoch: int, timeout: float = HOOK_TIMEOUT) -> str | N
 
 
 def checkpoint(qmp: Qmp, ctl: ControlClient, mirrors: Mirrors, epoch: int,
-               hook: str | None = None) -> Checkpoint:
+               hook=None) -> Checkpoint:
     """stop -> drained -> hook -> commit epoch -> cont.
 
+    ``hook`` is a shell command (run_hook) or, for library users and tests, a
+    callable(epoch) returning None to go on or a reason to skip the commit.
     The VM is continued whatever happens (unless it was not running to begin with:
     then protect has no business starting it).  A hook failure skips the commit;
     a secondary failure raises SecondaryFailed after the cont.
@@ -669,16 +676,21 @@ def checkpoint(qmp: Qmp, ctl: ControlClient, mirrors: Mirrors, epoch: int,
     if was_running:
         qmp.cmd("stop")
     skipped = None
+    hook_time = 0.0
     try:
         mirrors.wait_drained()
-        if hook:
+        t_hook = time.perf_counter()
+        if callable(hook):
+            skipped = hook(epoch)
+        elif hook:
             skipped = run_hook(hook, epoch)
+        hook_time = time.perf_counter() - t_hook
         if not skipped:
             commit(ctl, epoch)
     finally:
         if was_running:
             resume(qmp)
-    return Checkpoint(epoch, skipped is None, time.perf_counter() - t0, skipped)
+    return Checkpoint(epoch, skipped is None, time.perf_counter() - t0, skipped, hook_time)
 
 
 def resume(qmp: Qmp) -> None:
@@ -714,21 +726,25 @@ class Report:
     commits: int = 0
     skipped: int = 0
     pauses: list = field(default_factory=list)
+    hook_times: list = field(default_factory=list)
     initial_sync_bytes: int = 0
     mirrored_bytes: int = 0
     seconds: float = 0.0
     outcome: str = ""  # "detached" | "failed"
     error: str | None = None
     primary_gone: bool = False  # the failure was QEMU itself going away
+    attached: bool = False  # we changed QEMU (added nodes / started mirrors)
     problems: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         p = sorted(self.pauses)
+        h = sorted(self.hook_times)
         return {"first_epoch": self.first_epoch, "committed": self.committed,
                 "commits": self.commits, "skipped": self.skipped,
                 "pause_ms": {"median": round(statistics.median(p) * 1000, 3) if p else None,
                              "worst": round(p[-1] * 1000, 3) if p else None,
-                             "count": len(p)},
+                             "count": len(p),
+                             "hook_median": round(statistics.median(h) * 1000, 3) if h else None},
                 "initial_sync_bytes": self.initial_sync_bytes,
                 "mirrored_bytes": self.mirrored_bytes, "seconds": round(self.seconds, 3),
                 "outcome": self.outcome, "error": self.error, "primary_gone": self.primary_gone,
@@ -857,13 +873,14 @@ def protect(opts: Options, console: Console | None = None, stop: StopFlag | None
                  f"until epoch {next_epoch} commits")
         console.say(f"nbd-mc protect: {', '.join(f'{d.drive} -> {d.export}' for d in opts.drives)}"
                     f" on {opts.target.describe()}; secondary {state}")
+        report.attached = True
         _attach_and_mirror(qmp, opts, mirrors)
         console.say(f"  mirroring {_mib(sum(sizes.values()))} (sync=full, write-blocking)")
         if not mirrors.wait_ready(console.sync_progress, stop):
             report.outcome = "detached"
             console.say("stopped before the initial sync finished: nothing was committed")
             return report
-        report.initial_sync_bytes = mirrors.progress()[0]
+        report.initial_sync_bytes = sum(mirrors.synced.values())
         console.say(f"  mirrors ready; checkpointing every {opts.interval * 1000:g} ms"
                     + (f" for {opts.epochs} epochs" if opts.epochs else "") + " (Ctrl-C detaches)")
         _checkpoint_loop(qmp, ctl, mirrors, opts, next_epoch, report, stop, console)
@@ -919,6 +936,8 @@ def _checkpoint_loop(qmp, ctl, mirrors, opts, epoch, report, stop, console) -> N
             break
         cp = checkpoint(qmp, ctl, mirrors, epoch, opts.hook)
         report.pauses.append(cp.pause)
+        if opts.hook:
+            report.hook_times.append(cp.hook)
         if cp.committed:
             report.committed = epoch
             report.commits += 1
@@ -950,8 +969,10 @@ def summary(report: Report) -> str:
     else:
         lines.append(f"no epoch committed by this run (secondary at epoch {report.committed})")
     if p["count"]:
+        hook = (f" (of which the hook: median {p['hook_median']:.2f} ms)"
+                if p["hook_median"] is not None else "")
         lines.append(f"VM pause per checkpoint: median {p['median']:.2f} ms, worst "
-                     f"{p['worst']:.2f} ms")
+                     f"{p['worst']:.2f} ms{hook}")
     lines.append(f"mirrored {_mib(report.mirrored_bytes)} (initial sync "
                  f"{_mib(report.initial_sync_bytes)}) in {report.seconds:.1f} s")
     for problem in report.problems:
@@ -963,6 +984,8 @@ def failure_advice(report: Report) -> str:
     """What a user should know after protection failed: what runs, what is safe where."""
     where = (f"the secondary holds epoch {report.committed}, the last one it acknowledged"
              if report.committed else "the secondary holds no committed epoch yet")
+    if not report.attached:
+        return report.error or "refused"
     if report.primary_gone:
         return (f"protection stopped: {report.error}\n"
                 f"The primary QEMU is gone; {where}. To continue on the secondary run "

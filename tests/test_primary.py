@@ -1,0 +1,677 @@
+"""The primary side with a real QEMU and the real secondary: protect, crash, fail over.
+
+QEMU runs with ``-machine none`` (no guest OS).  The test plays the guest with HMP
+``qemu-io`` on each drive's BlockBackend: write -P, aio_write, write -z, write -z -u
+and discard of varied sizes and alignments.  HMP qemu-io writes even while the VM is
+stopped, so the test never writes between ``stop`` and ``cont``: either it drives
+each checkpoint itself with primary.py's functions, or (for the real `nbd-mc protect`
+process) it writes only under a lock that the checkpoint hook takes.
+
+The oracle: at every checkpoint, while the VM is stopped and the mirrors drained,
+the primary's raw images are recorded.  After a crash (kill -9 of QEMU or nbdkit,
+or a stale primary), the secondary's disks must equal the record of the last epoch
+that the secondary acknowledged -- byte for byte, and by `qemu-img compare`.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from nbd_mc import primary
+from nbd_mc.control import ControlClient
+from servers import (Server, assert_bytes, describe, make_image, nbd_mc, nbd_mc_argv,  # noqa: F401
+                     read_all, read_file, run, servers, subprocess_env, wait_until, workdir)
+
+pytestmark = pytest.mark.qemu
+
+QEMU = "qemu-system-x86_64"
+MiB = 1 << 20
+SIZES = {"drive0": 8 * MiB, "drive1": 4 * MiB}
+EXPORTS = {"drive0": "vda", "drive1": "vdb"}
+DEADLINE = 60.0  # safety net for waits, never a synchronisation
+
+
+# --- the primary: QEMU without a guest ------------------------------------------------------
+class PrimaryVM:
+    """qemu-system-x86_64 -machine none with raw drives; one QMP socket for protect
+    (``qmp_path``) and one for the test (``qmp``, a primary.Qmp)."""
+
+    def __init__(self, root: str, images: dict[str, str], name: str = "primary",
+                 drive_args: dict[str, str] | None = None):
+        self.root = root
+        self.images = dict(images)
+        self.qmp_path = os.path.join(root, f"{name}.qmp")
+        self.test_qmp_path = os.path.join(root, f"{name}-test.qmp")
+        self.log = os.path.join(root, f"{name}.log")
+        argv = [QEMU, "-machine", "none", "-nodefaults", "-display", "none",
+                "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+                "-qmp", f"unix:{self.test_qmp_path},server=on,wait=off"]
+        for drive, path in images.items():
+            spec = (drive_args or {}).get(drive) or f"if=none,id={drive},file={path},format=raw"
+            argv += ["-drive", spec]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        self.qmp = wait_until(self._connect, "QEMU's QMP socket")
+
+    def _connect(self):
+        if self.proc.poll() is not None:
+            pytest.fail(f"QEMU exited: {read_file(self.log).decode(errors='replace')}")
+        if not os.path.exists(self.test_qmp_path):
+            return None
+        try:
+            return primary.Qmp(self.test_qmp_path, timeout=30)
+        except primary.PrimaryGone:
+            return None
+
+    def running(self) -> bool:
+        return self.qmp.cmd("query-status")["running"]
+
+    def record(self) -> dict[str, bytes]:
+        """The primary's disks now (call only with the VM stopped and drained)."""
+        return {d: read_file(p) for d, p in self.images.items()}
+
+    def jobs(self) -> list:
+        return self.qmp.cmd("query-block-jobs")
+
+    def nbd_nodes(self) -> list:
+        return [n["node-name"] for n in self.qmp.cmd("query-named-block-nodes")
+                if n.get("drv") == "nbd"]
+
+    def kill9(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self.qmp.close()
+
+    def quit(self) -> None:
+        """A clean QEMU exit (qcow2 metadata written out)."""
+        try:
+            self.qmp.cmd("quit")
+        except primary.PrimaryGone:  # QEMU closes the monitor as it quits
+            pass
+        self.proc.wait(30)
+        self.qmp.close()
+
+    def close(self) -> None:
+        self.qmp.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+
+
+@pytest.fixture
+def vms():
+    made = []
+    yield lambda *a, **kw: made.append(PrimaryVM(*a, **kw)) or made[-1]
+    for vm in made:
+        vm.close()
+
+
+@pytest.fixture
+def procs():
+    """Background `nbd-mc protect` processes; killed at teardown."""
+    made = []
+    yield made
+    for p in made:
+        if p.poll() is None:
+            p.kill()
+        p.wait(30)
+
+
+# --- the guest, played through HMP qemu-io ---------------------------------------------------
+class Guest:
+    """Random guest I/O of varied kinds, sizes and alignments on every drive."""
+
+    KINDS = ("write", "aio_write", "zero", "zero_unmap", "discard")
+    WEIGHTS = (5, 3, 1, 1, 1)
+
+    def __init__(self, qmp: primary.Qmp, sizes: dict[str, int], rng: random.Random):
+        self.qmp = qmp
+        self.sizes = sizes
+        self.rng = rng
+        self.counts = collections.Counter()
+        self.bytes = 0
+
+    def _extent(self, size: int) -> tuple[int, int]:
+        rng = self.rng
+        length = rng.choice([512, 4096, 65536, 65536 + 512, rng.randrange(1, 200_000),
+                             rng.randrange(1, 1 << 20)])
+        length = min(length, size)
+        offset = rng.randrange(0, size - length + 1)
+        if rng.random() < 0.6:  # mostly what a real guest sends: sector aligned
+            offset &= ~511
+            length = max(512, length & ~511)
+        return offset, length
+
+    def op(self, complete: bool = False) -> None:
+        """One guest request; ``complete`` waits for an aio_write to finish too."""
+        rng = self.rng
+        drive = rng.choice(sorted(self.sizes))
+        offset, length = self._extent(self.sizes[drive])
+        kind = rng.choices(self.KINDS, self.WEIGHTS)[0]
+        pattern = rng.randrange(1, 256)
+        cmd = {"write": f"write -P {pattern} {offset} {length}",
+               "aio_write": f"aio_write -P {pattern} {offset} {length}",
+               "zero": f"write -z {offset} {length}",
+               "zero_unmap": f"write -z -u {offset} {length}",
+               "discard": f"discard {offset} {length}"}[kind]
+        self.qmp.hmp(f'qemu-io {drive} "{cmd}"')
+        if kind == "aio_write" and complete:
+            self.qmp.hmp(f'qemu-io {drive} "aio_flush"')
+        self.counts[kind] += 1
+        self.bytes += length
+
+    def burst(self, n: int) -> None:
+        for _ in range(n):
+            self.op()
+
+
+# --- the secondary ---------------------------------------------------------------------------
+def make_pair(servers, vms, rng, drives=("drive0", "drive1")):
+    """Primary images with random data (the initial sync copies it), empty replica
+    images of the same sizes, the secondary serving them, QEMU on the primary's."""
+    images, replicas = {}, {}
+    for d in drives:
+        images[d] = servers.path(f"{d}.raw")
+        make_image(images[d], SIZES[d], rng, data_fraction=0.3)
+        replicas[EXPORTS[d]] = servers.path(f"{EXPORTS[d]}.raw")
+        with open(replicas[EXPORTS[d]], "wb") as f:
+            f.truncate(SIZES[d])
+    server = servers.new(replicas)
+    server.start()
+    vm = vms(servers.root, images)
+    return vm, server
+
+
+def drive_specs(drives=("drive0", "drive1")) -> list[primary.DriveSpec]:
+    return [primary.DriveSpec(d, EXPORTS[d]) for d in drives]
+
+
+class Protection:
+    """primary.py's steps driven by the test, on protect's own QMP connection."""
+
+    def __init__(self, vm: PrimaryVM, server: Server, drives=("drive0", "drive1"),
+                 legacy: bool = False):
+        self.vm = vm
+        self.server = server
+        self.drives = drive_specs(drives)
+        self.ctl = ControlClient(server.control_path, timeout=60)
+        self.epoch = primary.first_epoch(primary.secondary_status(self.ctl), self.drives)
+        self.qmp = primary.Qmp(vm.qmp_path)
+        self.mirrors = primary.Mirrors(self.qmp, self.drives)
+        target = primary.parse_nbd_uri(server.uri())
+        if legacy:
+            primary.start_drive_mirrors(self.qmp, target, self.drives)
+        else:
+            primary.attach(self.qmp, target, self.drives)
+            primary.start_mirrors(self.qmp, self.drives)
+        assert self.mirrors.wait_ready()
+        self.records: dict[int, dict[str, bytes]] = {}
+        self.acked = self.epoch - 1
+        self.pauses: list[float] = []
+
+    def checkpoint(self) -> None:
+        """A whole checkpoint through primary.checkpoint, recording the primary's disks
+        from its hook (the VM is stopped and the mirrors are drained then)."""
+        def record(epoch):
+            self.records[epoch] = self.vm.record()
+            self.records.pop(epoch - 3, None)
+        cp = primary.checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, hook=record)
+        assert cp.committed, cp
+        self.pauses.append(cp.pause)
+        self.acked = self.epoch
+        self.epoch += 1
+
+    def close(self) -> None:
+        self.qmp.close()
+        self.ctl.close()
+
+
+def assert_secondary_is(server: Server, expected: dict[str, bytes], paths: dict[str, str],
+                        what: str) -> None:
+    for drive, data in expected.items():
+        export = EXPORTS[drive]
+        assert_bytes(read_file(paths[export]), data, f"{what}: {export}")
+
+
+def assert_committed_view(server: Server, expected: dict[str, bytes], what: str) -> None:
+    """The NAME@committed exports (what failover would give) equal ``expected``."""
+    for drive, data in expected.items():
+        h = server.connect(EXPORTS[drive] + "@committed")
+        assert_bytes(read_all(h), data, f"{what}: {EXPORTS[drive]}@committed")
+
+
+def failover(server: Server, instant: bool = False) -> dict:
+    r = server.cli("failover", "--json", *(["--instant"] if instant else []))
+    assert r.returncode == 0, describe(r)
+    return json.loads(r.stdout)
+
+
+def qemu_img_compare(path: str, fmt: str, expected: bytes, scratch: str) -> None:
+    with open(scratch, "wb") as f:
+        f.write(expected)
+    r = run(["qemu-img", "compare", "-f", fmt, "-F", "raw", path, scratch])
+    assert r.returncode == 0, f"qemu-img compare: {describe(r)}"
+
+
+# --- 1. many checkpoints, then kill -9 of the primary at a chosen point -------------------
+KILL_POINTS = ["mid-epoch", "stopped", "drained", "committed"]
+
+
+@pytest.mark.parametrize("kill_point", KILL_POINTS)
+def test_kill_primary_then_failover(servers, vms, kill_point):
+    """Two drives, 15-30 checkpoints with random guest I/O, then kill -9 of QEMU:
+    mid-epoch (aio writes in flight), with the VM stopped, with the checkpoint half
+    done (recorded, not committed), or right after the commit (before cont).  After
+    failover both disks equal the primary's at the last acknowledged commit."""
+    rng = random.Random(f"kill-primary-{kill_point}")
+    vm, server = make_pair(servers, vms, rng)
+    p = Protection(vm, server)
+    assert p.epoch == 1  # a fresh secondary: epoch 0 is the initial sync
+    guest = Guest(vm.qmp, SIZES, rng)
+    for _ in range(rng.randrange(15, 31)):
+        guest.burst(rng.randrange(0, 12))
+        p.checkpoint()
+    guest.burst(rng.randrange(1, 12))
+    # the last, interrupted checkpoint, step by step
+    if kill_point == "mid-epoch":
+        for _ in range(4):  # in flight when QEMU dies
+            drive = rng.choice(sorted(SIZES))
+            offset = rng.randrange(SIZES[drive] // 65536 - 16) * 65536
+            vm.qmp.hmp(f'qemu-io {drive} "aio_write -P 7 {offset} 1M"')
+    else:
+        p.qmp.cmd("stop")
+        if kill_point != "stopped":
+            p.mirrors.wait_drained()
+            p.records[p.epoch] = vm.record()
+            if kill_point == "committed":
+                primary.commit(p.ctl, p.epoch)
+                p.acked = p.epoch
+    vm.kill9()
+    p.close()
+
+    st = server.execute("query-status")
+    assert st["committed"] == p.acked and st["protected"]
+    out = failover(server)
+    assert out["committed"] == p.acked
+    paths = {d["name"]: d["path"] for d in out["disks"]}
+    assert_secondary_is(server, p.records[p.acked], paths, f"after kill at {kill_point}")
+    qemu_img_compare(paths["vda"], "raw", p.records[p.acked]["drive0"], servers.path("exp.raw"))
+    assert sum(guest.counts.values()) > 20, guest.counts
+
+
+# --- 2. the real `nbd-mc protect`, with the test as a guest that respects checkpoints -------
+HOOK = r'''
+import fcntl, json, os, shutil, sys
+cfg = json.load(open(sys.argv[1]))
+epoch = int(os.environ["NBD_MC_EPOCH"])
+if cfg.get("fail_once_at") == epoch and not os.path.exists(cfg["failed_marker"]):
+    open(cfg["failed_marker"], "w").close()
+    sys.exit(3)
+with open(cfg["lock"], "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)   # a guest request in progress finishes first
+    with open(cfg["paused"], "w") as f:  # ... and no new one starts until cont
+        f.write(str(epoch))
+    final = os.path.join(cfg["records"], str(epoch))
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for drive, path in cfg["images"].items():
+        shutil.copyfile(path, os.path.join(tmp, drive))
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    shutil.rmtree(os.path.join(cfg["records"], str(epoch - 3)), ignore_errors=True)
+'''
+
+
+class Coordinated:
+    """The test as the guest of a VM that `nbd-mc protect` checkpoints on its own.
+
+    A guest request is issued and completed under a lock.  The checkpoint hook runs
+    while the VM is stopped: it takes the lock (so a request in progress completes
+    first), leaves a "paused" mark and records the disks.  A guest that finds the
+    mark waits until the VM runs again -- which is after that checkpoint's commit.
+    """
+
+    def __init__(self, root: str, vm: PrimaryVM, rng: random.Random, fail_once_at=None):
+        self.root = root
+        self.vm = vm
+        self.guest = Guest(vm.qmp, {d: SIZES[d] for d in vm.images}, rng)
+        self.lock = os.path.join(root, "guest.lock")
+        self.paused = os.path.join(root, "paused")
+        self.records = os.path.join(root, "records")
+        os.makedirs(self.records, exist_ok=True)
+        self.config = os.path.join(root, "hook.json")
+        with open(self.config, "w") as f:
+            json.dump({"lock": self.lock, "paused": self.paused, "records": self.records,
+                       "images": vm.images, "fail_once_at": fail_once_at,
+                       "failed_marker": os.path.join(root, "hook-failed")}, f)
+        self.script = os.path.join(root, "hook.py")
+        with open(self.script, "w") as f:
+            f.write(HOOK)
+
+    @property
+    def hook(self) -> str:
+        return f"{sys.executable} {self.script} {self.config}"
+
+    def record(self, epoch: int) -> dict[str, bytes]:
+        d = os.path.join(self.records, str(epoch))
+        return {drive: read_file(os.path.join(d, drive)) for drive in self.vm.images}
+
+    def _locked(self):
+        f = open(self.lock, "w")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        return f
+
+    def play(self, until, ops: int | None = None) -> None:
+        """Guest requests until until() (or ``ops`` of them), never during a checkpoint."""
+        done = 0
+        deadline_ops = ops if ops is not None else 1 << 30
+        while done < deadline_ops and not until():
+            with self._locked():
+                mark = read_file(self.paused) if os.path.exists(self.paused) else None
+                if mark is None:
+                    self.guest.op(complete=True)
+                    done += 1
+                    continue
+            wait_until(lambda: until() or self.vm.running(), "the VM to run again",
+                       timeout=DEADLINE)
+            with self._locked():
+                if os.path.exists(self.paused) and read_file(self.paused) == mark:
+                    os.unlink(self.paused)
+
+
+def start_protect(procs, vm: PrimaryVM, server: Server, root: str, *args,
+                  drives=("drive0", "drive1")) -> subprocess.Popen:
+    argv = nbd_mc_argv() + ["protect", "--qmp", vm.qmp_path, "--target", server.uri(),
+                            "--control", server.control_path]
+    for d in drives:
+        argv += ["--drive", f"{d}={EXPORTS[d]}"]
+    argv += [str(a) for a in args]
+    out = open(os.path.join(root, f"protect-{len(procs)}.out"), "w+")
+    err = open(os.path.join(root, f"protect-{len(procs)}.err"), "w+")
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                            env=subprocess_env(), text=True)
+    proc.out, proc.err = out, err
+    procs.append(proc)
+    return proc
+
+
+def finished(proc: subprocess.Popen, timeout: float = DEADLINE) -> tuple[int, str, str]:
+    rc = proc.wait(timeout)
+    proc.out.seek(0)
+    proc.err.seek(0)
+    return rc, proc.out.read(), proc.err.read()
+
+
+def committed(server: Server) -> int:
+    return server.execute("query-status")["committed"]
+
+
+def assert_detached(vm: PrimaryVM) -> None:
+    """protect left QEMU as it found it: running, no mirror, no NBD node."""
+    assert vm.running()
+    assert vm.jobs() == []
+    assert vm.nbd_nodes() == []
+
+
+def test_protect_epochs_then_sigterm_detach(servers, vms, procs):
+    """`protect --epochs N` commits N epochs (one hook failure skips a commit, which
+    is retried) and detaches; a second protect re-syncs the already protected group
+    and a SIGTERM detaches it after its current checkpoint.  Both exit 0, leave the
+    VM running with no mirror, and the committed state equals the recorded disks."""
+    rng = random.Random("detach")
+    vm, server = make_pair(servers, vms, rng)
+    co = Coordinated(servers.root, vm, rng, fail_once_at=4)
+    proc = start_protect(procs, vm, server, servers.root, "--interval", "20ms", "--epochs", 8,
+                         "--checkpoint-hook", co.hook)
+    co.play(lambda: proc.poll() is not None)
+    rc, out, err = finished(proc)
+    assert rc == 0, (out, err)
+    assert "committed epochs 1..8 (8 checkpoints, 1 skipped)" in out
+    assert "epoch 4 not committed: the checkpoint hook exited with status 3" in out
+    assert "VM pause per checkpoint: median" in out and "detached" in out
+    assert_detached(vm)
+    assert committed(server) == 8
+    # the guest went on writing until the mirrors were removed: an open epoch 9
+    assert_committed_view(server, co.record(8), "after --epochs 8")
+
+    # the group is protected at 8: a new full sync is undo until epoch 9 commits
+    proc = start_protect(procs, vm, server, servers.root, "--interval", "20ms",
+                         "--checkpoint-hook", co.hook, "--json")
+    co.play(lambda: committed(server) >= 14 or proc.poll() is not None)
+    proc.send_signal(signal.SIGTERM)
+    co.play(lambda: proc.poll() is not None)
+    rc, out, err = finished(proc)
+    assert rc == 0, (out, err)
+    report = json.loads(out)
+    assert report["outcome"] == "detached" and report["first_epoch"] == 9
+    assert report["committed"] == committed(server) >= 14
+    assert report["pause_ms"]["count"] >= report["commits"] >= 6
+    assert report["mirrored_bytes"] >= report["initial_sync_bytes"] >= sum(SIZES.values())
+    assert_detached(vm)
+    out = failover(server)
+    assert_secondary_is(server, co.record(report["committed"]), server.disks, "after SIGTERM")
+
+
+def test_protect_kill_primary_random_point(servers, vms, procs):
+    """The real protect process; QEMU is killed at a random point (mid-epoch or
+    during a checkpoint).  protect says the primary is gone and which epoch the
+    secondary holds; failover gives exactly the disks recorded at that epoch."""
+    seed = random.randrange(1 << 32)
+    print(f"seed {seed}")  # shown with a failure
+    rng = random.Random(seed)
+    vm, server = make_pair(servers, vms, rng)
+    co = Coordinated(servers.root, vm, rng)
+    proc = start_protect(procs, vm, server, servers.root, "--interval", "10ms",
+                         "--checkpoint-hook", co.hook)
+    target = rng.randrange(5, 20)
+    co.play(lambda: committed(server) >= target or proc.poll() is not None)
+    co.play(lambda: proc.poll() is not None, ops=rng.randrange(0, 30))
+    vm.kill9()
+    rc, out, err = finished(proc)
+    assert rc == 1, (out, err)
+    last = committed(server)
+    assert last >= target
+    assert "The primary QEMU is gone" in err and f"the secondary holds epoch {last}," in err, err
+    out = failover(server)
+    assert out["committed"] == last
+    assert_secondary_is(server, co.record(last), server.disks, "after QEMU was killed")
+
+
+# --- 3. the secondary's nbdkit killed mid-epoch -------------------------------------------------
+@pytest.mark.parametrize("after", ["restart", "recover"])
+def test_secondary_killed_mid_epoch(servers, vms, procs, after):
+    """kill -9 of nbdkit while the guest writes: protect reports the failure (exit 1,
+    what happened, the VM runs on with the mirrors removed).  After a restart of the
+    server (and failover) or an offline `nbd-mc recover`, the disks equal the
+    recorded disks of the last commit."""
+    rng = random.Random(f"secondary-{after}")
+    vm, server = make_pair(servers, vms, rng)
+    co = Coordinated(servers.root, vm, rng)
+    proc = start_protect(procs, vm, server, servers.root, "--interval", "20ms",
+                         "--checkpoint-hook", co.hook)
+    co.play(lambda: committed(server) >= 6 or proc.poll() is not None)
+    co.play(lambda: proc.poll() is not None, ops=rng.randrange(1, 10))
+    last = committed(server)
+    server.kill9()
+    if after == "restart":
+        server.start()
+    co.play(lambda: proc.poll() is not None)
+    rc, out, err = finished(proc)
+    assert rc == 1, (out, err)
+    assert "protection stopped:" in err and "secondary" in err.split("\n")[0], err
+    assert "The VM keeps running UNPROTECTED (mirrors removed)" in err, err
+    assert f"the secondary holds epoch {last}," in err, err
+    assert_detached(vm)
+    co.play(lambda: False, ops=5)  # the guest still works
+    if after == "restart":
+        assert committed(server) == last
+        failover(server)
+    else:
+        r = server.cli("recover")
+        assert r.returncode == 0, describe(r)
+        assert f"committed epoch {last}" in r.stdout
+    assert_secondary_is(server, co.record(last), server.disks, f"after kill -9 and {after}")
+
+
+# --- 4. a stale primary after failover ------------------------------------------------------------
+def test_stale_primary_is_fenced(servers, vms):
+    """Failover while the old primary still runs (a partition, not a crash): its
+    writes no longer reach the secondary, its mirrors report errors, and protect's
+    next checkpoint refuses to go on."""
+    rng = random.Random("stale")
+    vm, server = make_pair(servers, vms, rng)
+    p = Protection(vm, server)
+    guest = Guest(vm.qmp, SIZES, rng)
+    for _ in range(10):
+        guest.burst(rng.randrange(1, 8))
+        p.checkpoint()
+    guest.burst(5)
+    out = failover(server)
+    expected = p.records[p.acked]
+    assert out["committed"] == p.acked
+    assert_secondary_is(server, expected, server.disks, "right after failover")
+
+    cursor = p.qmp.cursor
+    for drive in SIZES:  # the stale primary writes everywhere
+        vm.qmp.hmp(f'qemu-io {drive} "write -P 0xee 0 {SIZES[drive]}"')
+    for job in ("nbd-mc-drive0", "nbd-mc-drive1"):  # each mirror reports its error
+        ended, _ = p.qmp.wait_event(lambda e: e["event"] in primary.JOB_END_EVENTS
+                                    and e["data"]["device"] == job, cursor, DEADLINE)
+        assert ended and ended["data"].get("error"), ended
+    errors = [e for _, e in p.qmp.events_after(cursor) if e["event"] == "BLOCK_JOB_ERROR"]
+    assert {e["data"]["device"] for e in errors} == {"nbd-mc-drive0", "nbd-mc-drive1"}, errors
+    with pytest.raises(primary.SecondaryFailed):
+        p.checkpoint()
+    assert vm.running()
+    assert_secondary_is(server, expected, server.disks, "after the stale primary wrote")
+    assert read_file(vm.images["drive0"])[:4] == b"\xee" * 4  # its own disk took the writes
+    problems = primary.detach(p.qmp, p.mirrors)
+    assert problems == [] and vm.jobs() == [] and vm.nbd_nodes() == []
+    p.close()
+    # a promoted secondary takes no more checkpoints
+    r = nbd_mc("protect", "--qmp", vm.qmp_path, "--drive", "drive0=vda", "--drive",
+               "drive1=vdb", "--target", server.uri(), "--control", server.control_path)
+    assert r.returncode == 1 and "promoted to primary" in r.stderr, describe(r)
+
+
+# --- 5. instant failover: QEMU opens the handed-out overlays -------------------------------------
+def test_instant_failover_overlay_boots(servers, vms):
+    rng = random.Random("instant")
+    vm, server = make_pair(servers, vms, rng)
+    p = Protection(vm, server)
+    guest = Guest(vm.qmp, SIZES, rng)
+    for _ in range(12):
+        guest.burst(rng.randrange(1, 10))
+        p.checkpoint()
+    guest.burst(10)
+    vm.kill9()
+    p.close()
+    out = failover(server, instant=True)
+    assert out["committed"] == p.acked
+    expected = p.records[p.acked]
+    by_name = {d["name"]: d for d in out["disks"]}
+    for drive, export in EXPORTS.items():
+        d = by_name[export]
+        assert d["format"] == "qcow2" and d["path"] == server.overlay(export)
+        qemu_img_compare(d["path"], "qcow2", expected[drive], servers.path(f"{export}.exp"))
+    # the new primary boots on exactly what failover printed
+    new = vms(servers.root, {d: by_name[EXPORTS[d]]["path"] for d in EXPORTS}, name="new",
+              drive_args={d: by_name[EXPORTS[d]]["drive"] for d in EXPORTS})
+    names = {b["device"]: b["inserted"]["image"]["format"] for b in new.qmp.cmd("query-block")}
+    assert names == {"vda": "qcow2", "vdb": "qcow2"}
+    new.qmp.hmp('qemu-io vda "write -P 0x42 0 65536"')
+    new.quit()
+    r = run(["qemu-img", "check", "-f", "qcow2", server.overlay("vda")])
+    assert r.returncode == 0, describe(r)
+    data = bytearray(expected["drive0"])
+    data[:65536] = b"\x42" * 65536
+    qemu_img_compare(server.overlay("vda"), "qcow2", bytes(data), servers.path("vda.exp2"))
+
+
+# --- 6. the older drive-mirror command ------------------------------------------------------------
+def test_drive_mirror_into_the_server(servers, vms, procs):
+    """drive-mirror mode=existing format=raw with an nbd+unix URI per export mirrors
+    just like blockdev-mirror; `protect --drive-mirror` uses it end to end."""
+    rng = random.Random("drive-mirror")
+    vm, server = make_pair(servers, vms, rng)
+    p = Protection(vm, server, legacy=True)
+    info = {j["device"]: j for j in vm.jobs()}
+    assert set(info) == {"nbd-mc-drive0", "nbd-mc-drive1"}
+    guest = Guest(vm.qmp, SIZES, rng)
+    for _ in range(10):
+        guest.burst(rng.randrange(1, 10))
+        p.checkpoint()
+    assert primary.detach(p.qmp, p.mirrors) == []
+    p.close()
+    assert_detached(vm)
+    st = server.execute("query-status")
+    assert st["committed"] == p.acked == 10
+    for drive, export in EXPORTS.items():
+        assert_bytes(read_file(server.image(export)), p.records[10][drive], export)
+    proc = start_protect(procs, vm, server, servers.root, "--drive-mirror", "--epochs", 3,
+                         "--interval", "10ms")
+    rc, out, err = finished(proc)
+    assert rc == 0 and "committed epochs 11..13" in out, (out, err)
+    assert_detached(vm)
+    for drive, export in EXPORTS.items():
+        assert_bytes(read_file(server.image(export)), read_file(vm.images[drive]), export)
+
+
+# --- 7. refusals: one clear line, nothing attached ------------------------------------------------
+def test_protect_refusals(servers, vms):
+    rng = random.Random("refusals")
+    vm, server = make_pair(servers, vms, rng)
+    base = ["protect", "--qmp", vm.qmp_path, "--target", server.uri(), "--control",
+            server.control_path]
+    cases = [
+        (["--drive", "drive0=vda"], 1, "also holds vdb, which no --drive mirrors"),
+        (["--drive", "drive0=vda", "--drive", "drive9=vdb"], 1, "QEMU has no drive drive9"),
+        (["--drive", "drive0=vda", "--drive", "drive1=vdx"], 1, "the secondary has no disk vdx"),
+        (["--drive", "drive0=vda", "--drive", "drive1=vda"], 2, "export vda given twice"),
+        (["--drive", "drive0=vda", "--drive", "drive1=vdb", "--interval", "soon"], 2,
+         "not a duration"),
+    ]
+    with pytest.raises(primary.QmpCommandError) as e:  # QEMU's refusals come through
+        vm.qmp.cmd("block-job-cancel", device="no-such-job")
+    assert e.value.qmp_class == "DeviceNotActive" and "no-such-job" in e.value.desc
+    for args, code, text in cases:
+        r = nbd_mc(*base, *args)
+        assert r.returncode == code and text in r.stderr, describe(r)
+        assert vm.jobs() == [] and vm.nbd_nodes() == []
+    r = nbd_mc("protect", "--qmp", servers.path("nothing.qmp"), "--drive", "drive0=vda",
+               "--drive", "drive1=vdb", "--target", server.uri(), "--control",
+               server.control_path)
+    assert r.returncode == 1 and "cannot connect to QEMU's QMP socket" in r.stderr, describe(r)
+    r = nbd_mc(*base[:-1], servers.path("no-control.sock"), "--drive", "drive0=vda",
+               "--drive", "drive1=vdb")
+    assert r.returncode == 1 and "cannot reach the secondary's control channel" in r.stderr
+
+
+def test_parsing():
+    assert primary.parse_drive("drive0") == primary.DriveSpec("drive0", "drive0")
+    assert primary.parse_drive("d=vda").node == "nbd-mc-d"
+    assert primary.parse_interval("100ms") == pytest.approx(0.1)
+    assert primary.parse_interval("2s") == 2.0 and primary.parse_interval("0.5") == 0.5
+    t = primary.parse_nbd_uri("nbd+unix:///vda?socket=/run/s.sock")
+    assert t.server == {"type": "unix", "path": "/run/s.sock"} and t.export == "vda"
+    t = primary.parse_nbd_uri("nbds://backup.example:10810/")
+    assert t.server == {"type": "inet", "host": "backup.example", "port": "10810"} and t.tls
+    assert primary.parse_nbd_uri("nbd://h/").server["port"] == "10809"
+    for bad in ("http://x/", "nbd+unix:///vda"):
+        with pytest.raises(ValueError):
+            primary.parse_nbd_uri(bad)
+    for bad in ("", "=vda", "d=", "d=vda@committed"):
+        with pytest.raises(ValueError):
+            primary.parse_drive(bad)
