@@ -251,27 +251,37 @@ def failover(instant, target, as_json):
     Works through the running server; with --state-dir and no server running it
     operates on the files directly.
     """
+    online = True
     try:
         r = target.execute("failover", instant=instant)
     except Failure:
         if not target.state_dir or not os.path.isdir(target.state_dir):
             raise
+        online = False
         group = _offline_group(target.state_dir)
         try:
             r = group.failover(instant=instant)
         finally:
             group.close()
     lines = [f"failover done in {r['seconds'] * 1000:.1f} ms: the disks show committed epoch "
-             f"{r['committed']}."]
+             f"{r['committed']} (the last checkpoint); the old primary is fenced.",
+             "Boot the new primary on these disks (same device model as the old primary; "
+             "virtio-blk shown):"]
     for d in r["disks"]:
         lines.append(f"  {d['name']}: {d['path']} ({d['format']})")
-        lines.append(f"      qemu-system-x86_64 ... -drive {d.get('drive') or ''}")
+        lines.append(f"      qemu-system-x86_64 ... -drive {d.get('drive') or ''} "
+                     f"-device virtio-blk-pci,drive={d['name']}")
     if instant:
-        lines.append("The overlays (backing file = the image) belong to the new primary now; "
-                     "nbd-mc no longer writes them.")
+        lines.append("Each overlay shows the last checkpoint over its image (the backing file: "
+                     "keep it); nbd-mc no longer writes either.")
     else:
-        lines.append("The images are served read-write with no undo kept; connect the new "
-                     "primary to the same NBD exports or open the images directly.")
+        lines.append("The images hold the last checkpoint; no undo is kept any more.")
+    if online:
+        where = (f"--state-dir {target.state_dir}" if target.state_dir
+                 else f"--control {target.control}")
+        lines.append(f"Stop the server first so nothing else writes them: nbd-mc stop {where}"
+                     + ("" if instant else "\n(or keep it serving and connect the new primary "
+                                           "to the NBD exports: new connections may write)"))
     emit(r, as_json, "\n".join(lines))
 
 
