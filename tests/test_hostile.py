@@ -190,7 +190,8 @@ line_kinds = st.one_of(
 
 
 @settings(max_examples=int(os.environ.get("NBD_MC_FUZZ_EXAMPLES") or 300),
-          deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+          deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(lines=st.lists(line_kinds, min_size=1, max_size=6), seed=st.integers(0, 2**32 - 1),
        trailing_newline=st.booleans())
 def test_fuzz_control_channel(target, lines, seed, trailing_newline):
