@@ -129,7 +129,9 @@ def _unix_socket_answers(path: str) -> bool:
 def _claim_unix_socket(path: str, what: str) -> None:
     """Refuse a socket another server answers on; remove one left by a dead server."""
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # 0700 like the state directory it usually is: it holds the overlays, whose
+        # undo data is guest data (this runs before Group creates the directory)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         return
     if _unix_socket_answers(path):
         raise StateError(f"{what} socket {path} is in use by another server")
