@@ -391,6 +391,9 @@ def test_more_clients_than_allowed(target):
     assert not errors, errors[:3]
 
 
-def test_socket_mode_is_0600(target):
+def test_socket_and_state_directory_modes(target):
+    """The control socket is 0600, the state directory (overlays = guest data) 0700."""
     mode = os.stat(target.srv.control_path).st_mode & 0o777
     assert mode == 0o600, oct(mode)
+    mode = os.stat(target.srv.state_dir).st_mode & 0o777
+    assert mode == 0o700, oct(mode)
