@@ -23,6 +23,7 @@ durability modes) and by `make soak` (every point at every hit count).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -84,6 +85,9 @@ class Result:
         return not self.failures
 
 
+_trial_numbers = itertools.count(1)  # a directory per trial (next() is atomic)
+
+
 class TrialFailure(Exception):
     pass
 
@@ -137,7 +141,7 @@ class _Crashed(Exception):
 def run_trial(root: str, trial: Trial) -> Result:
     """One trial in a fresh directory under ``root``; never leaves nbdkit running."""
     res = Result(trial)
-    tdir = os.path.join(root, f"t{abs(hash(str(trial))) % 10**8}")
+    tdir = os.path.join(root, f"t{next(_trial_numbers)}")
     shutil.rmtree(tdir, ignore_errors=True)
     os.makedirs(tdir)
     rng = random.Random(trial.seed)
