@@ -44,6 +44,8 @@ from .errors import NbdMcError
 #: QMP commands normally answer in milliseconds; ``stop`` drains all I/O and a
 #: ``blockdev-add`` connects over the network, so allow for a slow host.
 QMP_TIMEOUT = 60.0
+#: QEMU greets at once; no greeting means another client holds the socket.
+CONNECT_TIMEOUT = 10.0
 #: After ``stop`` the mirror's counters may lag its last write by an iteration.
 DRAIN_TIMEOUT = 10.0
 DRAIN_POLL = 0.001
@@ -215,7 +217,12 @@ class Qmp:
         self._thread.start()
         try:
             self._client = self._run(self._make_client(), 10)
-            self._run(self._client.connect(path), timeout)
+            self._run(self._client.connect(path), min(timeout, CONNECT_TIMEOUT))
+        except (TimeoutError, asyncio.TimeoutError):
+            self._stop_loop()
+            raise PrimaryGone(f"QEMU's QMP socket {path} did not greet within "
+                              f"{min(timeout, CONNECT_TIMEOUT):.0f} s: is another client "
+                              "connected? (QEMU serves one client per -qmp socket)") from None
         except BaseException as e:
             self._stop_loop()
             raise PrimaryGone(f"cannot connect to QEMU's QMP socket {path}: {_why(e)}") from None
@@ -411,6 +418,16 @@ def check_drives(qmp: Qmp, drives: list[DriveSpec]) -> dict[str, int]:
         raise PrimaryError(f"QEMU has no drive {', '.join(missing)} "
                            f"(its drives: {', '.join(known) or 'none'})")
     return {d.drive: sizes[d.drive] for d in drives}
+
+
+def check_sizes(sizes: dict[str, int], status: dict, drives: list[DriveSpec]) -> None:
+    """A replica must have exactly its drive's size (QEMU's own message is vaguer)."""
+    theirs = {d["name"]: d["size"] for d in status.get("disks", [])}
+    wrong = [f"{d.drive} is {sizes[d.drive]} bytes but {d.export} is {theirs[d.export]}"
+             for d in drives if theirs.get(d.export) not in (None, sizes[d.drive])]
+    if wrong:
+        raise PrimaryError("the secondary's disks must have the sizes of the drives: "
+                           + "; ".join(wrong))
 
 
 def add_tls_creds(qmp: Qmp, directory: str) -> str:
@@ -618,6 +635,32 @@ def remove_nodes(qmp: Qmp, drives: list[DriveSpec]) -> list[str]:
             except QmpCommandError as e:
                 problems.append(e.desc)
     return problems
+
+
+def remove_leftovers(qmp: Qmp, drives: list[DriveSpec]) -> str | None:
+    """Clean up after an earlier protect that died without detaching (kill -9).
+
+    Its mirror jobs and NBD nodes are still in QEMU and would make ours fail with
+    "duplicate id"; if it died mid-checkpoint it also left the VM paused.  Only one
+    client can use a QMP socket at a time, so nobody else is driving them now.
+    Returns what was done, or None if there was nothing to do.
+    """
+    present = {n.get("node-name") for n in qmp.cmd("query-named-block-nodes")}
+    stale_jobs = [d.job for d in drives if d.job in jobs(qmp)]
+    stale_nodes = [d.node for d in drives if d.node in present]
+    if not stale_jobs and not stale_nodes:
+        return None
+    paused = qmp.cmd("query-status").get("status") == "paused"
+    problems = detach(qmp, Mirrors(qmp, drives))
+    if problems:
+        raise PrimaryError("cannot remove the mirrors an earlier protect left behind: "
+                           + "; ".join(problems))
+    done = f"removed {len(stale_jobs)} mirror(s) and {len(stale_nodes)} node(s) left by an " \
+           "earlier protect that did not detach"
+    if paused:
+        qmp.cmd("cont")
+        done += "; resumed the VM it had left paused"
+    return done
 
 
 def detach(qmp: Qmp, mirrors: Mirrors) -> list[str]:
@@ -861,11 +904,16 @@ def protect(opts: Options, console: Console | None = None, stop: StopFlag | None
     ctl = qmp = mirrors = None
     try:
         ctl = _control(opts)
-        next_epoch = first_epoch(secondary_status(ctl), opts.drives)
+        status = secondary_status(ctl)
+        next_epoch = first_epoch(status, opts.drives)
         report.first_epoch = next_epoch
         report.committed = next_epoch - 1
         qmp = Qmp(opts.qmp)
         sizes = check_drives(qmp, opts.drives)
+        check_sizes(sizes, status, opts.drives)
+        leftover = remove_leftovers(qmp, opts.drives)
+        if leftover:
+            console.say(f"nbd-mc protect: {leftover}")
         mirrors = Mirrors(qmp, opts.drives)
         state = ("not protected yet: epoch 0, the first commit after the sync makes it "
                  "protected" if next_epoch == 1 else

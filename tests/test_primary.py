@@ -27,7 +27,7 @@ import sys
 import pytest
 
 from nbd_mc import primary
-from nbd_mc.control import ControlClient
+from nbd_mc.control import ControlClient, TlsFiles
 from servers import (Server, assert_bytes, describe, make_image, nbd_mc, nbd_mc_argv,  # noqa: F401
                      read_all, read_file, run, servers, subprocess_env, wait_until, workdir)
 
@@ -489,6 +489,33 @@ def test_protect_kill_primary_random_point(servers, vms, procs):
     assert_secondary_is(server, co.record(last), server.disks, "after QEMU was killed")
 
 
+def test_protect_killed_then_protect_again(servers, vms, procs):
+    """protect itself dies (kill -9), here with the VM paused as if mid-checkpoint: the
+    next protect removes the mirrors and nodes it left, resumes the VM, syncs again
+    and commits on from the secondary's epoch."""
+    rng = random.Random("protect-killed")
+    vm, server = make_pair(servers, vms, rng)
+    guest = Guest(vm.qmp, SIZES, rng)
+    proc = start_protect(procs, vm, server, servers.root, "--interval", "10ms")
+    wait_until(lambda: committed(server) >= 3 or proc.poll() is not None, "three commits")
+    guest.burst(10)
+    proc.kill()
+    proc.wait(30)
+    vm.qmp.cmd("stop")
+    assert len(vm.jobs()) == 2 and len(vm.nbd_nodes()) == 2  # what it left behind
+    guest.burst(10)
+    last = committed(server)
+    r = nbd_mc("protect", "--qmp", vm.qmp_path, "--drive", "drive0=vda", "--drive",
+               "drive1=vdb", "--target", server.uri(), "--control", server.control_path,
+               "--epochs", 2, "--interval", "10ms")
+    assert r.returncode == 0, describe(r)
+    assert "left by an earlier protect" in r.stdout and "resumed the VM" in r.stdout, r.stdout
+    assert f"committed epochs {last + 1}..{last + 2}" in r.stdout, r.stdout
+    assert_detached(vm)
+    for drive, export in EXPORTS.items():
+        assert_bytes(read_file(server.image(export)), read_file(vm.images[drive]), export)
+
+
 # --- 3. the secondary's nbdkit killed mid-epoch -------------------------------------------------
 @pytest.mark.parametrize("after", ["restart", "recover"])
 def test_secondary_killed_mid_epoch(servers, vms, procs, after):
@@ -640,6 +667,8 @@ def test_protect_refusals(servers, vms):
         (["--drive", "drive0=vda", "--drive", "drive9=vdb"], 1, "QEMU has no drive drive9"),
         (["--drive", "drive0=vda", "--drive", "drive1=vdx"], 1, "the secondary has no disk vdx"),
         (["--drive", "drive0=vda", "--drive", "drive1=vda"], 2, "export vda given twice"),
+        (["--drive", "drive0=vdb", "--drive", "drive1=vda"], 1,
+         "drive0 is 8388608 bytes but vdb is 4194304"),
         (["--drive", "drive0=vda", "--drive", "drive1=vdb", "--interval", "soon"], 2,
          "not a duration"),
     ]
@@ -675,3 +704,45 @@ def test_parsing():
     for bad in ("", "=vda", "d=", "d=vda@committed"):
         with pytest.raises(ValueError):
             primary.parse_drive(bad)
+
+
+# --- 8. over TCP with TLS: nbds:// target and a tcp:// control channel -------------------------
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_protect_over_tls(servers, vms, procs):
+    """QEMU's NBD client with a tls-creds-x509 object made from --tls-certificates, and
+    the control channel over TCP with client certificates, from the same directory."""
+    certs = servers.path("certs")
+    r = run(["sh", os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools",
+                                "make-certs.sh"), certs])
+    assert r.returncode == 0, describe(r)
+    rng = random.Random("tls")
+    images = {"drive0": servers.path("drive0.raw")}
+    make_image(images["drive0"], SIZES["drive0"], rng, data_fraction=0.3)
+    replica = servers.path("vda.raw")
+    with open(replica, "wb") as f:
+        f.truncate(SIZES["drive0"])
+    nbd_port, ctl_port = _free_port(), _free_port()
+    control = f"tcp://127.0.0.1:{ctl_port}"
+    server = servers.new({"vda": replica}, args=[
+        "--port", nbd_port, "--bind", "127.0.0.1", "--tls", "require",
+        "--tls-certificates", certs, "--control", control])
+    server.start()
+    vm = vms(servers.root, images)
+    Guest(vm.qmp, {"drive0": SIZES["drive0"]}, rng).burst(20)
+    r = nbd_mc("protect", "--qmp", vm.qmp_path, "--drive", "drive0=vda",
+               "--target", f"nbds://127.0.0.1:{nbd_port}/", "--control", control,
+               "--tls-certificates", certs, "--epochs", 3, "--interval", "10ms")
+    assert r.returncode == 0 and "committed epochs 1..3" in r.stdout, describe(r)
+    assert_detached(vm)
+    assert_bytes(read_file(replica), read_file(images["drive0"]), "vda over TLS")
+    with ControlClient(control, tls=TlsFiles(certs)) as c:
+        assert c.execute("query-status")["committed"] == 3
+        c.execute("quit")
+    wait_until(lambda: not server.running(), "the TLS server to stop")
+    server.pid = None
