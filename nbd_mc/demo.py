@@ -82,7 +82,7 @@ class Story:
     """The demo's steps; ``say`` prints for a newcomer, ``run`` does the work."""
 
     def __init__(self, workdir: Path, seconds: float, say=print):
-        self.dir = workdir
+        self.dir = Path(workdir).resolve()
         self.seconds = seconds
         self.say = say
         self.primary_img = workdir / "primary.raw"
@@ -316,6 +316,7 @@ class Story:
         self.step("Proof 2: boot a fresh guest on the secondary's disk and let it check itself",
                   "mount (replaying the ext4 journal, as after any crash), e2fsck -fn, then "
                   "verify every record's checksum, header, length and that none is missing")
+        self.sh([_bin("nbd-mc"), "stop", "--state-dir", str(self.state)])  # as failover advised
         self.detail("qemu-system-x86_64 ... -drive if=none,id=drive0,file=secondary.raw,"
                     "format=raw -device virtio-blk-pci,drive=drive0")
         res = guest.run_check(files, self.secondary_img, "raw",
@@ -378,9 +379,11 @@ class Story:
         pidfile = self.state / "nbdkit.pid"
         try:
             pid = int(pidfile.read_text().strip())
-            os.kill(pid, signal.SIGKILL)
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
-            pass
+            return  # no pid, or that process is gone
+        if f"state_dir={self.state}".encode() in cmdline:  # ours, not a reused pid
+            os.kill(pid, signal.SIGKILL)
 
 
 def run(workdir: str | os.PathLike, seconds: float = 8.0, say=print) -> DemoResult:
