@@ -87,21 +87,17 @@ def _rows(results):
             continue
         lab, m = _best_mc(results, key, higher)
         ref = f if anchor == FILE else q
-        if not_measured:
-            out.append([title, unit, _fmt(f, unit), _fmt(q, unit), not_measured, "–", tgt,
-                        "not measured"])
-            continue
-        if m is None:
-            out.append([title, unit, _fmt(f, unit), _fmt(q, unit), "error (see below)", "–",
-                        tgt, "not measured"])
+        qcell = _fmt(q, unit) + ("" if qlabel == "qsd" else " ¹")
+        if not_measured or m is None:
+            out.append([title, unit, _fmt(f, unit), qcell,
+                        not_measured or "error (see below)", "–", tgt, "not measured"])
             continue
         ratio = None
         if ref:
             ratio = (m / ref) if higher else (ref / m)
         res = _verdict(ratio is not None and ratio >= factor) if ratio is not None else "–"
-        out.append([title, unit, _fmt(f, unit), _fmt(q, unit) + ("" if qlabel == "qsd" else " ¹"),
-                    f"{_fmt(m, unit)} ({lab[7:-1]})", f"{ratio:.2f}x" if ratio else "–",
-                    tgt, res])
+        out.append([title, unit, _fmt(f, unit), qcell, f"{_fmt(m, unit)} ({lab[7:-1]})",
+                    f"{ratio:.2f}x" if ratio else "–", tgt, res])
 
     # 5. commit latency
     lat = w.get("w5_latency", {})
@@ -269,9 +265,10 @@ def markdown(results):
                              _fmt(util.median(s["lat"]) * 1e3, "ms"),
                              _fmt(util.percentile(s["lat"], 99) * 1e3, "ms"),
                              _fmt(max(s["lat"]) * 1e3, "ms"),
-                             _fmt(util.median(ss) * 1e3, "ms") if ss else "–"])
+                             _fmt(util.median(ss) * 1e3, "ms") if ss else "–",
+                             _fmt(util.percentile(ss, 99) * 1e3, "ms") if ss else "–"])
         out.append(_table(["server", "preserved clusters", "commits", "median ms", "p99 ms",
-                           "max ms", "server median ms"], body))
+                           "max ms", "server median ms", "server p99 ms"], body))
         out.append(f"\nCluster size {util.human_size(cfg['commit_cluster'])} for this series "
                    "(so 100k preserved clusters fit the image); the clusters of each "
                    "commit are one contiguous run written with 1 MiB writes.\n")
@@ -286,7 +283,7 @@ def markdown(results):
                              _fmt((p["lat_p50"] or 0) * 1e3, "ms"),
                              _fmt((p["lat_p99"] or 0) * 1e3, "ms"), p["errors"]])
         out.append("\n## Commits during random 4 KiB writes\n\n")
-        out.append(_table(["server", "commits", "baseline IOPS", "IOPS", "loss", "commits",
+        out.append(_table(["server", "mode", "baseline IOPS", "IOPS", "loss", "commits",
                            "commits/s", "commit p50 ms", "commit p99 ms", "errors"], body))
         out.append("\nBaseline: the same time-based fio job (random 4 KiB writes over the "
                    "whole image) with no commit, started in a fresh epoch: first touches, "
@@ -295,13 +292,13 @@ def markdown(results):
                    "workload 2's first-touch IOPS in the main table isolates the commits.\n")
     det = meta.get("w8_detail")
     if det:
-        body = [[lab, f"{d['rss_after_start_mib']:.1f}", f"{d['rss_end_mib']:.1f}",
-                 f"{d['peak_mib']:.1f}"] for lab, d in det.items()]
+        names = list(next(iter(det.values()))["phases"])
+        body = [[lab] + [f"{d['phases'][n]['rss_mib']:.1f} / {d['phases'][n]['peak_mib']:.1f}"
+                         for n in names] for lab, d in det.items()]
         out.append(f"\n## Memory serving a 1 TiB sparse image "
                    f"({cfg.get('tib_touches'):,} first-touch 4 KiB writes spread over it, "
                    f"random reads, 256 MiB sequential read)\n\n")
-        out.append(_table(["server", "RSS after start MiB", "RSS at end MiB", "peak MiB"],
-                          body))
+        out.append(_table(["server"] + [f"after {n}: RSS / peak MiB" for n in names], body))
     checks = meta.get("preserved_check")
     if checks:
         bad = {k: v for k, v in checks.items() if v["expected"] != v["preserved_clusters"]}
@@ -325,6 +322,7 @@ def plots(results, outdir):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker  # noqa: F401 - used as matplotlib.ticker
     except ImportError:
         return []
     outdir = Path(outdir)
@@ -377,6 +375,9 @@ def plots(results, outdir):
         ax.axhline(1.0, color="k", ls=":", lw=1, label="1 ms target")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("preserved clusters at commit")
         ax.set_ylabel("commit latency (ms)")
         ax.legend(fontsize=7)
@@ -401,6 +402,7 @@ def plots(results, outdir):
         ax.set_xlabel("undo data (MiB)")
         ax.set_ylabel("failover time (ms)")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.legend(fontsize=7)
         ax.set_title("6. failover time against undo data")
         fig.tight_layout()

@@ -418,12 +418,15 @@ class Bench:
         try:
             while not stop.is_set():
                 if rate:
+                    # a fixed grid of ticks, like a checkpoint timer; a commit
+                    # that overran starts the next one at once, but ticks
+                    # missed by more than a period are dropped, not made up
                     nxt += 1.0 / rate
                     delay = nxt - time.perf_counter()
                     if delay > 0:
                         time.sleep(delay)
-                    else:
-                        nxt = time.perf_counter()  # late: don't burst to catch up
+                    elif -delay > 1.0 / rate:
+                        nxt = time.perf_counter()
                 a = time.perf_counter()
                 try:
                     r = ctl.execute("commit", epoch=committed + 1)
@@ -506,18 +509,22 @@ class Bench:
             def go():
                 util.sparse_file(big, cfg.tib_size)
                 self.start(srv, big, undo=True)
-                rss0, _ = srv.rss_kib()
+                phases = {"start": srv.rss_kib()}
                 fio.run(srv.workdir, srv.uri, "randwrite", "4k", **touches)
+                phases["first touches"] = srv.rss_kib()
                 fio.run(srv.workdir, srv.uri, "randread", "4k", runtime=cfg.runtime,
                         time_based=True)
+                phases["random reads"] = srv.rss_kib()
                 fio.run(srv.workdir, srv.uri, "read", "1M", size=256 * MiB,
                         offset=cfg.tib_size // 2)
                 if isinstance(srv, NbdMc):
                     srv.status()
-                rss, hwm = srv.rss_kib()
+                phases["seq read"] = srv.rss_kib()
+                rss, hwm = phases["seq read"]
                 self.record("w8", label, hwm / 1024)
                 self.results["meta"].setdefault("w8_detail", {})[label] = {
-                    "rss_after_start_mib": rss0 / 1024, "rss_end_mib": rss / 1024,
+                    "phases": {k: {"rss_mib": v[0] / 1024, "peak_mib": v[1] / 1024}
+                               for k, v in phases.items()},
                     "peak_mib": hwm / 1024, "first_touches": cfg.tib_touches}
                 self.stop(srv)
             self.guarded("workload 8", label, go, srv)
@@ -541,7 +548,7 @@ class Bench:
                                   for k, v in cfg.__dict__.items()}
         loads = []
         steps = [((1, 2, 3, 4), self.w1234, True), ((7,), self.w7, True),
-                 ((5,), self.w5, False), ((6,), self.w6, False), ((8,), self.w8, True)]
+                 ((5,), self.w5, False), ((6,), self.w6, True), ((8,), self.w8, True)]
         try:
             for nums, fn, anchors_too in steps:
                 if not any(self.want(n) for n in nums):
@@ -569,6 +576,19 @@ def versions():
     return out
 
 
+def write_report(results, out):
+    """results.md (also printed) and the PNG plots, into directory `out`."""
+    from . import report
+    out.mkdir(parents=True, exist_ok=True)
+    md = report.markdown(results)
+    plots = report.plots(results, out)
+    if plots:
+        md += "\n## Plots\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
+    (out / "results.md").write_text(md)
+    print(md)
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="longer runs, bigger images, repetitions")
@@ -579,7 +599,11 @@ def main(argv=None):
     ap.add_argument("--variant", action="append",
                     help="only these nbd-mc variants (by name, e.g. serialize)")
     ap.add_argument("--keep-work", action="store_true", help="leave the images in --work")
+    ap.add_argument("--report", metavar="RESULTS_JSON",
+                    help="only rebuild the table and plots from a results.json into --out")
     a = ap.parse_args(argv)
+    if a.report:
+        return write_report(json.loads(Path(a.report).read_text()), Path(a.out))
     only = {int(x) for x in a.only.split(",")} if a.only else None
     cfg = Config.make(a.full)
 
@@ -604,16 +628,9 @@ def main(argv=None):
         results["meta"]["nbd_mc_reason"] = (
             "server unavailable" if not a.no_nbd_mc else "skipped (--no-nbd-mc)")
 
-    from . import report
     out = Path(a.out)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    md = report.markdown(results)
-    (out / "results.md").write_text(md)
-    plots = report.plots(results, out)
-    if plots:
-        with open(out / "results.md", "a") as f:
-            f.write("\n## Plots\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots))
-    print(md)
+    write_report(results, out)
     log(f"done in {results['meta']['seconds']:.0f} s; results in {out}")
     if not a.keep_work:
         for p in Path(a.work).glob("*.raw"):
