@@ -17,8 +17,6 @@ Crash safety comes from ordering, never from luck:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import threading
@@ -26,6 +24,7 @@ import time
 from contextlib import contextmanager
 
 from . import crashpoints, qcow2
+from .fileio import pread_into, punch_hole, pwrite_all, runs
 from .errors import (BadRequest, EpochMismatch, Fenced, IOFailure, NbdMcError,
                      NotProtected, StateError)
 from .state import DirLock, DiskState, GroupState, StateFile, load, save
@@ -114,31 +113,6 @@ class GroupSync:
         self.wait_durable(self.note_write())
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def write_zeros(fd: int, offset: int, length: int, chunk: int = 1 << 20) -> None:
-    zeros = bytes(min(length, chunk))
-    end = offset + length
-    while offset < end:
-        n = min(len(zeros), end - offset)
-        qcow2.pwrite_all(fd, [memoryview(zeros)[:n]], offset)
-        offset += n
-
-
-def _runs(clusters):
-    return qcow2._runs(clusters)
-
-
 class Disk:
     """One replica image and its undo overlay."""
 
@@ -184,7 +158,7 @@ class Disk:
                 return
         with self._lock:
             todo = [c for c in range(first, last + 1) if not ov.is_preserved(c)]
-            for start, n in _runs(todo):
+            for start, n in runs(todo):
                 ov.preserve(start, n)
             if todo:
                 self.overlay_sync.note_write()
@@ -457,7 +431,7 @@ class Group:
             if crashpoints.ARMED:
                 crashpoints.reached("write.before-image")
             try:
-                qcow2.pwrite_all(disk.fd, [buf], offset)
+                pwrite_all(disk.fd, [buf], offset)
                 if crashpoints.ARMED:
                     crashpoints.reached("write.after-image")
                 if fua:
@@ -481,11 +455,10 @@ class Group:
                 crashpoints.reached("zero.before-image")
             try:
                 try:
-                    punch_hole(disk.fd, offset, count)
+                    punch_hole(disk.fd, offset, count, fallback=not (fast or trim))
                 except OSError as e:
-                    if fast or trim or e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                        raise
-                    write_zeros(disk.fd, offset, count)
+                    if not (trim and e.errno in (errno.EOPNOTSUPP, errno.ENOSYS)):
+                        raise  # a trim the file system can't do is simply not done
                 if fua:
                     os.fdatasync(disk.fd)
             except OSError as e:
@@ -494,7 +467,7 @@ class Group:
 
     def read(self, disk: Disk, view, offset: int) -> None:
         try:
-            qcow2.pread_into(disk.fd, view, offset)
+            pread_into(disk.fd, view, offset)
         except OSError as e:
             raise IOFailure(f"reading image {disk.spec.image}: {os.strerror(e.errno)}", e.errno)
 

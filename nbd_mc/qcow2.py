@@ -15,8 +15,12 @@ instant -- is a small subset of the format (QCOW2.md):
 * dropping all undo data zeroes the L1 entries first (from then on all that is left
   is leaks), then rewrites the few refcount blocks that were touched; its cost does
   not grow with the amount of undo data, and the freed clusters are reused;
-* in memory we keep the L1 table and the L2 tables that exist (raw entries, so
-  "preserved" is one array lookup), plus a cursor for allocation.
+* in memory we keep one bit per guest cluster ("preserved in this epoch": the hot
+  path's only question), the L1 table, and a cursor for allocation.  L2 entries
+  stay in the file (the page cache has them) and are read when the committed
+  view or a rollback needs them.  Memory is thus one bit per cluster (2 MiB for
+  1 TiB at 64 KiB), whatever was preserved, and dropping frees no Python objects
+  per cluster (freeing 100 k dict entries alone would take milliseconds).
 
 Our own header extension (type ``EXT_NBD_MC``) records which committed epoch the
 undo data returns to, so a crash between "persist committed = N" and "drop the undo
@@ -26,12 +30,14 @@ keeps them when it rewrites the header.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 from array import array
 from dataclasses import dataclass
 
 from . import crashpoints
+from .fileio import pread_into, punch_hole, pwrite_all, runs as _runs
 from .errors import CorruptOverlay, IOFailure
 
 MAGIC = b"QFI\xfb"
@@ -71,41 +77,6 @@ def cluster_bits_of(cluster_size: int) -> int:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def pread_into(fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view`` from ``fd``; bytes past end of file read as zeros."""
-    done = 0
-    total = len(view)
-    while done < total:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            view[done:] = bytes(total - done)
-            return
-        done += n
-
-
-IOV_MAX = os.sysconf("SC_IOV_MAX")  # 1024 on Linux: pwritev refuses more (EINVAL)
-
-
-def pwrite_all(fd: int, buffers, offset: int) -> None:
-    """Write a list of buffers contiguously at ``offset`` (one syscall normally)."""
-    if len(buffers) > IOV_MAX:  # e.g. preserving > 1024 clusters of 4 KiB at once
-        for i in range(0, len(buffers), IOV_MAX):
-            group = buffers[i:i + IOV_MAX]
-            pwrite_all(fd, group, offset)
-            offset += sum(len(b) for b in group)
-        return
-    if len(buffers) == 1:
-        view = memoryview(buffers[0]).cast("B")
-        n = os.pwrite(fd, view, offset)
-        while n < len(view):  # rare: a partial write
-            n += os.pwrite(fd, view[n:], offset + n)
-        return
-    total = sum(len(b) for b in buffers)
-    n = os.pwritev(fd, buffers, offset)
-    if n < total:
-        pwrite_all(fd, [b"".join(bytes(b) for b in buffers)[n:]], offset + n)
 
 
 def _io_error(what: str, e: OSError) -> IOFailure:
@@ -433,7 +404,8 @@ class UndoOverlay:
         l1.byteswap()
         self.l1_offset = h.l1_table_offset
         self.l1 = l1
-        self.l2 = {}  # L1 index -> array of raw L2 entries (native order)
+        self.tables = set()  # L1 indices that have an L2 table
+        self.bitmap = bytearray((self.geo.clusters + 7) // 8)  # preserved clusters
         self.preserved = 0
         self.data_clusters = 0
         cache: dict = {}
@@ -450,7 +422,7 @@ class UndoOverlay:
             self._check_reference(off, file_size, cache, referenced, f"L2 table {i}")
             table = array("Q", os.pread(self.fd, C, off))
             table.byteswap()
-            self.l2[i] = table
+            self.tables.add(i)
             top = max(top, off // C)
             for j, entry in enumerate(table):
                 if not entry:
@@ -471,8 +443,8 @@ class UndoOverlay:
                     top = max(top, data // C)
                     self.data_clusters += 1
                 elif not entry & OFLAG_ZERO:
-                    table[j] = 0  # unallocated (e.g. a stray COPIED bit): not preserved
-                    continue  # reads from the backing file
+                    continue  # unallocated (e.g. a stray COPIED bit): reads the backing file
+                self.bitmap[guest >> 3] |= 1 << (guest & 7)
                 self.preserved += 1
         self.cursor = max(top + 1, max(self.permanent) + 1)
         # refcount blocks holding anything but metadata: rewritten by the next drop
@@ -492,29 +464,63 @@ class UndoOverlay:
         referenced.add(cluster)
 
     # --- queries -----------------------------------------------------------------
+    def is_preserved(self, cluster: int) -> bool:
+        return (self.bitmap[cluster >> 3] >> (cluster & 7)) & 1 == 1
+
     def entry(self, cluster: int) -> int:
         """Raw L2 entry of a guest cluster: 0 = not preserved."""
-        table = self.l2.get(cluster >> self.geo.l2_bits)
-        if table is None:
-            return 0
-        return table[cluster & ((1 << self.geo.l2_bits) - 1)]
+        return self.entries(cluster, 1)[0]
 
-    def is_preserved(self, cluster: int) -> bool:
-        return self.entry(cluster) != 0
+    def entries(self, first: int, count: int) -> list[int]:
+        """Raw L2 entries of clusters [first, first+count), 0 where not preserved.
+
+        Read from the file (one pread per L2 table touched), only where a bit says
+        the cluster is preserved -- a bit is set only after its entry is written.
+        """
+        bm = self.bitmap
+        out = [0] * count
+        bits = self.geo.l2_bits
+        mask = (1 << bits) - 1
+        c = first
+        end = first + count
+        while c < end:
+            t = c >> bits
+            stop = min(end, (t + 1) << bits)
+            if any((bm[x >> 3] >> (x & 7)) & 1 for x in range(c, stop)):
+                lo = c & mask
+                raw = array("Q", os.pread(self.fd, (stop - c) * 8,
+                                          (self.l1[t] & OFFSET_MASK) + lo * 8))
+                raw.byteswap()
+                for x in range(c, stop):
+                    if (bm[x >> 3] >> (x & 7)) & 1:
+                        out[x - first] = raw[x - c]
+            c = stop
+        return out
 
     @property
     def undo_bytes(self) -> int:
         return self.data_clusters * self.cluster_size
 
     def preserved_clusters(self):
-        """(guest cluster, raw entry) for every preserved cluster, in guest order."""
+        """(guest cluster, raw entry) for every preserved cluster, in guest order.
+
+        One pread per L2 table; the bitmap is scanned a byte at a time so that a
+        rollback of a big epoch does not test 8192 bits per table one by one.
+        """
         bits = self.geo.l2_bits
-        for i in sorted(self.l2):
-            table = self.l2[i]
-            base = i << bits
-            for j, entry in enumerate(table):
-                if entry:
-                    yield base + j, entry
+        C = self.cluster_size
+        for t in sorted(self.tables):
+            base = t << bits  # a multiple of 512: byte aligned in the bitmap
+            marks = self.bitmap[base >> 3:(base + (1 << bits)) >> 3]
+            if marks.count(0) == len(marks):
+                continue
+            raw = array("Q", os.pread(self.fd, C, self.l1[t] & OFFSET_MASK))
+            raw.byteswap()
+            for i, byte in enumerate(marks):
+                if byte:
+                    for k in range(8):
+                        if (byte >> k) & 1:
+                            yield base + i * 8 + k, raw[i * 8 + k]
 
     # --- allocation -----------------------------------------------------------
     def _allocate(self, count: int) -> list[int]:
@@ -607,7 +613,7 @@ class UndoOverlay:
     def _tables_needed(self, first: int, count: int) -> list[int]:
         bits = self.geo.l2_bits
         return [i for i in range(first >> bits, ((first + count - 1) >> bits) + 1)
-                if i not in self.l2]
+                if i not in self.tables]
 
     def _publish(self, entries: dict, table_hosts: dict) -> None:
         """Write L2 entries (whole new tables, or the touched span), then L1 entries."""
@@ -617,18 +623,17 @@ class UndoOverlay:
         by_table: dict = {}
         for guest, e in entries.items():
             by_table.setdefault(guest >> bits, []).append((guest & mask, e))
-        staged = {}
         for t, items in by_table.items():
-            table = array("Q", self.l2[t]) if t in self.l2 else array("Q", bytes(C))
-            for j, e in items:
-                table[j] = e
-            staged[t] = table
+            # the entries of one preserve are a contiguous run within each table
             if t in table_hosts:
-                offset, lo, hi = table_hosts[t] * C, 0, len(table)
+                offset, lo, hi = table_hosts[t] * C, 0, C // 8
             else:
                 offset = self.l1[t] & OFFSET_MASK
                 lo, hi = min(j for j, _ in items), max(j for j, _ in items) + 1
-            pwrite_all(self.fd, [_be64(table[lo:hi])], offset + lo * 8)
+            span = array("Q", bytes((hi - lo) * 8))
+            for j, e in items:
+                span[j - lo] = e
+            pwrite_all(self.fd, [_be64(span)], offset + lo * 8)
         if table_hosts:
             self.barrier()
             if crashpoints.ARMED:
@@ -637,7 +642,10 @@ class UndoOverlay:
                 entry = (h * C) | OFLAG_COPIED
                 pwrite_all(self.fd, [struct.pack(">Q", entry)], self.l1_offset + t * 8)
                 self.l1[t] = entry
-        self.l2.update(staged)
+                self.tables.add(t)
+        bm = self.bitmap
+        for guest in entries:  # published: from now on readers look at the entries
+            bm[guest >> 3] |= 1 << (guest & 7)
 
     # --- reading the committed view -----------------------------------------------
     def read_committed(self, view: memoryview, offset: int) -> None:
@@ -650,12 +658,14 @@ class UndoOverlay:
         bits = self.geo.cluster_bits
         pos = 0
         total = len(view)
+        base = offset >> bits
+        table = self.entries(base, ((offset + total - 1) >> bits) - base + 1)
         while pos < total:
             cluster = (offset + pos) >> bits
-            first = last = self.entry(cluster)
+            first = last = table[cluster - base]
             n = min(total - pos, ((cluster + 1) << bits) - (offset + pos))
             while pos + n < total:
-                following = self.entry(cluster + 1)
+                following = table[cluster + 1 - base]
                 if not self._same_run(last, following, C):
                     break
                 cluster += 1
@@ -698,16 +708,37 @@ class UndoOverlay:
             self.set_epoch(epoch)
         except OSError as e:
             raise _io_error(f"dropping undo data of {self.path}", e) from None
-        self.l2 = {}
+        self._clear_bits()
+        self.tables = set()
         self.preserved = 0
         self.data_clusters = 0
         self.cursor = 0
 
+    def _table_spans(self, limit: int):
+        """Runs of used L1 indices to clear: one span from the first to the last if
+        clearing that costs at most ``limit`` entries (a few big writes beat
+        thousands of small ones), else each run on its own."""
+        if not self.tables:
+            return []
+        lo, hi = min(self.tables), max(self.tables) + 1
+        if hi - lo <= limit:
+            return [(lo, hi - lo)]
+        return list(_runs(sorted(self.tables)))
+
+    def _clear_bits(self) -> None:
+        """Zero the bitmap where tables exist: cost per table, not per cluster."""
+        per_table_bytes = (1 << self.geo.l2_bits) // 8
+        whole = (ctypes.c_char * len(self.bitmap)).from_buffer(self.bitmap)
+        for start, n in self._table_spans((4 << 20) // per_table_bytes):
+            lo = start * per_table_bytes
+            hi = min(len(self.bitmap), (start + n) * per_table_bytes)
+            ctypes.memset(ctypes.addressof(whole) + lo, 0, hi - lo)  # a real memset
+        del whole  # release the export: the bytearray may not be resized while held
+
     def _zero_l1(self) -> None:
-        for start, n in _runs(sorted(self.l2)):
-            pwrite_all(self.fd, [bytes(n * 8)], self.l1_offset + start * 8)
-            for i in range(start, start + n):
-                self.l1[i] = 0
+        for start, n in self._table_spans(1 << 17):
+            pwrite_all(self.fd, [_zeros(n * 8)], self.l1_offset + start * 8)
+            self.l1[start:start + n] = array("Q", bytes(n * 8))
 
     def _clean_refblocks(self) -> None:
         for block in sorted(self.dirty_blocks):
@@ -727,7 +758,7 @@ class UndoOverlay:
     def is_clean(self) -> bool:
         """No undo data and no leaked clusters (what a crash in the middle of a
         preserve leaves: allocated, never referenced): nothing for drop() to do."""
-        if self.l2 or self.preserved:
+        if self.tables or self.preserved:
             return False
         for block, off in self.refblocks.items():
             if os.pread(self.fd, self.cluster_size, off) != self._clean_refblock(block):
@@ -773,9 +804,9 @@ class UndoOverlay:
             if host:
                 buf = bytearray(length)
                 pread_into(self.fd, memoryview(buf), host)
+                pwrite_all(fd, [buf], start)
             else:
-                buf = bytes(length)
-            pwrite_all(fd, [buf], start)
+                punch_hole(fd, start, length)  # reads as zeros, and stays sparse
         except OSError as e:
             raise _io_error(f"restoring clusters into the image at {start}", e) from None
 
@@ -797,7 +828,7 @@ class UndoOverlay:
             "epoch": self.epoch,
             "preserved_clusters": self.preserved,
             "undo_bytes": self.undo_bytes,
-            "l2_tables": len(self.l2),
+            "l2_tables": len(self.tables),
         }
 
 
@@ -813,35 +844,22 @@ def _is_zero(buf: bytearray, start: int, length: int) -> bool:
     return buf.startswith(_zeros(length), start)
 
 
-_ZEROS: dict = {}
+_ZERO_BUF = bytes(4 << 20)
 
 
-def _zeros(n: int) -> bytes:
-    z = _ZEROS.get(n)
-    if z is None:
-        z = _ZEROS[n] = bytes(n)
-    return z
+def _zeros(n: int):
+    """n zero bytes without allocating: a view of one shared zero buffer (never
+    written, so its pages are the kernel's zero page, not our memory)."""
+    global _ZERO_BUF
+    if n > len(_ZERO_BUF):
+        _ZERO_BUF = bytes(n)
+    return memoryview(_ZERO_BUF)[:n]
 
 
 def _be64(values: array) -> bytes:
     out = array("Q", values)
     out.byteswap()
     return out.tobytes()
-
-
-def _runs(sorted_ints):
-    """(start, length) of each run of consecutive integers."""
-    start = prev = None
-    for x in sorted_ints:
-        if start is None:
-            start = prev = x
-        elif x == prev + 1:
-            prev = x
-        else:
-            yield start, prev - start + 1
-            start = prev = x
-    if start is not None:
-        yield start, prev - start + 1
 
 
 def _host_runs(hosts: list[int], segs: list[int]):
