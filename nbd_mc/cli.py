@@ -139,8 +139,9 @@ def main(as_json):
               help="NBD over TLS (x509).")
 @click.option("--tls-certificates", metavar="DIR", type=click.Path(file_okay=False),
               help="x509 directory (ca-cert.pem, server-cert.pem, server-key.pem, ...).")
-@click.option("--thread-model", type=click.Choice(["parallel", "serialize"]), default="parallel",
-              show_default=True, help="nbdkit thread model for the plugin.")
+@click.option("--thread-model", type=click.Choice(["parallel", "serialize"]), default="serialize",
+              show_default=True, help="nbdkit thread model for the plugin: on few cores one "
+              "request at a time beats threads fighting over Python's GIL (see README, Benchmarks).")
 @click.option("--threads", type=click.IntRange(1, 256), help="nbdkit worker threads per connection.")
 @click.option("--foreground", is_flag=True, help="Stay in the foreground (for supervisors).")
 @click.option("--pidfile", metavar="PATH", help="Write nbdkit's pid here (default DIR/nbdkit.pid).")

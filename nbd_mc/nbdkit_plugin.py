@@ -23,7 +23,7 @@ COMMITTED_SUFFIX = "@committed"
 MAX_REQUEST = 32 << 20
 
 _config = {"disks": [], "state_dir": None, "cluster_size": None, "durability": "process",
-           "control": None, "control_tls": None, "threads": "parallel"}
+           "control": None, "control_tls": None, "threads": "serialize"}
 _group: Group | None = None
 _control: ControlServer | None = None
 

@@ -43,7 +43,7 @@ class ServeOptions:
     control: str | None = None
     foreground: bool = False
     pidfile: str | None = None
-    thread_model: str = "parallel"
+    thread_model: str = "serialize"
     threads: int | None = None
 
     def resolve(self) -> None:
