@@ -345,17 +345,18 @@ class Group:
                 raise StateError(
                     f"overlay {d.spec.overlay} returns to epoch {epoch}, but the state file says "
                     f"{committed} is committed: the overlay does not belong to this state")
+        # Also with nothing preserved when a crash in the middle of a preserve left
+        # allocated but unreferenced clusters: dropping rewrites the refcounts, so a
+        # recovered group's overlays are clean (qemu-img check exit 0, not 3 for leaks).
+        to_drop = [d for d in self.disks
+                   if d.overlay.epoch != committed or not d.overlay.is_clean()]
         for d in self.disks:
             if d.overlay.epoch == committed:
                 report["restored_clusters"] += self._checked_apply(d)
-        if crashpoints.ARMED:
+        if to_drop and crashpoints.ARMED:  # (a clean start has nothing in between)
             crashpoints.reached("recover.after-apply")
         for d in self.disks:
-            # Also with nothing preserved when a crash in the middle of a preserve
-            # left allocated but unreferenced clusters: dropping rewrites the
-            # refcounts, so a recovered group's overlays are clean (qemu-img check
-            # exit 0, not 3 for leaks).
-            if d.overlay.epoch != committed or not d.overlay.is_clean():
+            if d in to_drop:
                 if d.overlay.epoch != committed:
                     report["stale_dropped"].append(d.name)
                 # Recovery is rare and may run offline (`nbd-mc recover` is not told
