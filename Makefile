@@ -15,7 +15,8 @@ debs:
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	@set -o pipefail; $(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]' 2>&1 \
+		| { grep -v "^WARNING: Location .* is ignored" || true; }
 	@touch $(STAMP)
 
 test: setup
