@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import socket
 import struct
 import threading
@@ -91,6 +92,7 @@ class Target:
             self.srv.kill_all()
         leaked = plugin_pids(self.root + "/")
         assert not leaked, f"nbdkit left running: {leaked}"
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
