@@ -378,6 +378,7 @@ class UndoOverlay:
         l1_first = h.l1_table_offset // C
         self.permanent.update(range(l1_first, l1_first + _ceil_div(h.l1_size * 8, C)))
         self.permanent.update(off // C for off in self.refblocks.values())
+        self._metadata_index = None
         needed = self.geo.max_host_clusters(len(self.permanent))
         self.refcount_capacity = self.refcount_table_entries * self.geo.refblock_entries
         if not self.readonly and self.refcount_capacity < needed:
@@ -745,15 +746,29 @@ class UndoOverlay:
             pwrite_all(self.fd, [self._clean_refblock(block)], self.refblocks[block])
         self.dirty_blocks = set()
 
-    def _clean_refblock(self, block: int) -> bytearray:
-        """A refcount block as it is with no undo data: only metadata counted."""
-        E = self.geo.refblock_entries
+    def _clean_refblock(self, block: int):
+        """A refcount block as it is with no undo data: only metadata counted.
+
+        Most blocks count no metadata at all: they are all zeros, no allocation.
+        """
+        counted = self._metadata_by_block().get(block)
+        if not counted:
+            return _zeros(self.cluster_size)
         content = bytearray(self.cluster_size)
-        base = block * E
-        for c in self.permanent:
-            if base <= c < base + E:
-                content[(c - base) * 2:(c - base) * 2 + 2] = REFCOUNT_ONE
+        for i in counted:
+            content[i * 2:i * 2 + 2] = REFCOUNT_ONE
         return content
+
+    def _metadata_by_block(self) -> dict:
+        """Refcount block -> indices of the metadata clusters it counts (cached; the
+        metadata set changes only when a refcount block is added)."""
+        if self._metadata_index is None or self._metadata_index[0] != len(self.permanent):
+            E = self.geo.refblock_entries
+            by_block: dict = {}
+            for c in self.permanent:
+                by_block.setdefault(c // E, []).append(c % E)
+            self._metadata_index = (len(self.permanent), by_block)
+        return self._metadata_index[1]
 
     def is_clean(self) -> bool:
         """No undo data and no leaked clusters (what a crash in the middle of a
