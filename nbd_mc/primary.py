@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
-from .control import ControlClient, ControlError, TlsFiles
+from .control import ControlClient, ControlError, TlsFiles, parse_address
 from .errors import NbdMcError
 
 #: QMP commands normally answer in milliseconds; ``stop`` drains all I/O and a
@@ -450,6 +450,9 @@ def attach(qmp: Qmp, target: NbdTarget, drives: list[DriveSpec],
                 "export": d.export}
         if tls_creds:
             args["tls-creds"] = tls_creds
+            if target.server["type"] == "unix":
+                # a unix socket has no host name to check the certificate against
+                args["tls-hostname"] = "localhost"
         try:
             qmp.cmd("blockdev-add", **args)
         except QmpCommandError as e:
@@ -882,7 +885,9 @@ def _mib(n: int) -> str:
 
 
 def _control(opts: Options) -> ControlClient:
-    tls = TlsFiles(opts.tls_certificates) if opts.tls_certificates else None
+    # TLS protects the control channel over TCP only; a unix socket is plain (0600).
+    tcp = parse_address(opts.control)[0] == "tcp"
+    tls = TlsFiles(opts.tls_certificates) if opts.tls_certificates and tcp else None
     try:
         return ControlClient(opts.control, tls=tls)
     except (OSError, ValueError, NbdMcError) as e:

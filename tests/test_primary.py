@@ -746,3 +746,28 @@ def test_protect_over_tls(servers, vms, procs):
         c.execute("quit")
     wait_until(lambda: not server.running(), "the TLS server to stop")
     server.pid = None
+
+
+def test_protect_over_tls_unix_socket(servers, vms, procs):
+    """nbds+unix: QEMU checks the server certificate against "localhost", and the
+    control channel stays a plain unix socket (TLS is for tcp:// only)."""
+    certs = servers.path("certs")
+    r = run(["sh", os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools",
+                                "make-certs.sh"), certs])
+    assert r.returncode == 0, describe(r)
+    rng = random.Random("tls-unix")
+    images = {"drive0": servers.path("drive0.raw")}
+    make_image(images["drive0"], SIZES["drive0"], rng, data_fraction=0.3)
+    replica = servers.path("vda.raw")
+    with open(replica, "wb") as f:
+        f.truncate(SIZES["drive0"])
+    server = servers.new({"vda": replica}, args=["--tls", "require", "--tls-certificates", certs])
+    server.start()
+    vm = vms(servers.root, images)
+    Guest(vm.qmp, {"drive0": SIZES["drive0"]}, rng).burst(20)
+    r = nbd_mc("protect", "--qmp", vm.qmp_path, "--drive", "drive0=vda",
+               "--target", f"nbds+unix:///?socket={server.sock}", "--control", server.control_path,
+               "--tls-certificates", certs, "--epochs", 2, "--interval", "10ms")
+    assert r.returncode == 0 and "committed epochs 1..2" in r.stdout, describe(r)
+    assert_detached(vm)
+    assert_bytes(read_file(replica), read_file(images["drive0"]), "vda over TLS (unix)")
