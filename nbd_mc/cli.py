@@ -133,8 +133,9 @@ def main(as_json):
               "tcp://HOST:PORT needs --tls-certificates).")
 @click.option("--cluster-size", metavar="SIZE", default=None,
               help="Undo granularity, 4K..2M (default 64K; fixed when the group is created).")
-@click.option("--durability", type=click.Choice(engine.DURABILITY_MODES), default="process",
-              show_default=True, help="process: survive kill -9; power: also power loss (slower).")
+@click.option("--durability", type=click.Choice(engine.DURABILITY_MODES), default=None,
+              help="process: survive kill -9; power: also power loss (slower).  Default: "
+                   "process for a new group, else the mode it was last served with.")
 @click.option("--tls", type=click.Choice(["off", "on", "require"]), default="off", show_default=True,
               help="NBD over TLS (x509).")
 @click.option("--tls-certificates", metavar="DIR", type=click.Path(file_okay=False),

@@ -276,13 +276,17 @@ class Group:
     """A consistency group: one epoch for all of its disks."""
 
     def __init__(self, state_dir: str, disks: list[tuple[str, str]] | None = None, *,
-                 cluster_size: int | None = None, durability: str = "process",
+                 cluster_size: int | None = None, durability: str | None = None,
                  lock: bool = True):
-        if durability not in DURABILITY_MODES:
+        """``durability`` None keeps the mode the group was last served with (a
+        restart must not silently weaken a power-safe group)."""
+        if durability not in DURABILITY_MODES + (None,):
             raise BadRequest(f"durability must be one of {', '.join(DURABILITY_MODES)}")
         self.state_dir = os.path.abspath(state_dir)
-        self.durability = durability
         state, new = plan_group(self.state_dir, disks, cluster_size)
+        self.durability = durability or state.durability
+        changed = state.durability != self.durability
+        state.durability = self.durability
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.lock = DirLock(self.state_dir) if lock else None
         try:
@@ -292,6 +296,8 @@ class Group:
                 for d in state.disks:  # overlays first: the state file makes the group exist
                     qcow2.create(d.overlay, d.image, d.size, d.cluster_size, epoch=0)
                 save(self.state_dir, state)
+            elif changed and lock:
+                save(self.state_dir, state)  # an explicit new mode is remembered
             self.state = state
             self.state_file = StateFile(self.state_dir)
             if state.handoff:

@@ -22,7 +22,7 @@ from .errors import BadRequest, CommandNotFound, NbdMcError
 COMMITTED_SUFFIX = "@committed"
 MAX_REQUEST = 32 << 20
 
-_config = {"disks": [], "state_dir": None, "cluster_size": None, "durability": "process",
+_config = {"disks": [], "state_dir": None, "cluster_size": None, "durability": None,
            "control": None, "control_tls": None, "threads": "serialize"}
 _group: Group | None = None
 _control: ControlServer | None = None

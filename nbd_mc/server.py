@@ -37,7 +37,7 @@ class ServeOptions:
     port: int | None = None
     bind: str | None = None
     cluster_size: int | None = None
-    durability: str = "process"
+    durability: str | None = None
     tls: str = "off"  # off | on | require
     tls_certificates: str | None = None
     control: str | None = None
@@ -97,7 +97,9 @@ def nbdkit_command(opts: ServeOptions) -> list[str]:
     if opts.threads:
         cmd += ["-t", str(opts.threads)]
     cmd += ["python", plugin_path(), f"state_dir={opts.state_dir}", f"control={opts.control}",
-            f"durability={opts.durability}", f"threads={opts.thread_model}"]
+            f"threads={opts.thread_model}"]
+    if opts.durability:
+        cmd.append(f"durability={opts.durability}")
     cmd += [f"disk={name}={path}" for name, path in opts.disks]
     if opts.cluster_size:
         cmd.append(f"cluster_size={opts.cluster_size}")

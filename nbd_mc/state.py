@@ -46,12 +46,14 @@ class GroupState:
     fenced: bool = False
     role: str = "secondary"
     handoff: str | None = None  # "instant": overlays were handed to a new primary
+    durability: str = "process"  # the mode the group was last served with
     disks: list[DiskState] = field(default_factory=list)
 
     def to_json(self) -> str:
         body = {"format": FORMAT, "version": VERSION, "committed": self.committed,
                 "generation": self.generation, "fenced": self.fenced, "role": self.role,
-                "handoff": self.handoff, "disks": [d.__dict__ for d in self.disks]}
+                "handoff": self.handoff, "durability": self.durability,
+                "disks": [d.__dict__ for d in self.disks]}
         return json.dumps(body, indent=2) + "\n"
 
     @classmethod
@@ -63,10 +65,12 @@ class GroupState:
             disks = [DiskState(**d) for d in body["disks"]]
             state = cls(committed=int(body["committed"]), generation=int(body["generation"]),
                         fenced=bool(body["fenced"]), role=body["role"],
-                        handoff=body.get("handoff"), disks=disks)
+                        handoff=body.get("handoff"), disks=disks,
+                        durability=body.get("durability", "process"))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise StateError(f"{where}: unreadable state file ({e})") from None
-        if state.role not in ROLES or state.committed < 0 or not state.disks:
+        if (state.role not in ROLES or state.committed < 0 or not state.disks
+                or state.durability not in ("process", "power")):
             raise StateError(f"{where}: inconsistent state file")
         return state
 

@@ -160,6 +160,23 @@ def test_serve_after_kill9_reuses_stale_sockets(servers):
     assert s.execute("query-status")["committed"] == 0
 
 
+def test_durability_is_remembered_across_restarts(servers):
+    """A restart without --durability keeps the group's mode; an explicit one changes it."""
+    s, _ = group(servers, durability="power")
+    s.start()
+    assert s.execute("query-status")["durability"] == "power"
+    s.stop()
+    s.args = []  # serve again without --durability
+    s.start(with_disks=False)
+    assert s.execute("query-status")["durability"] == "power"
+    assert s.state()["durability"] == "power"
+    s.stop()
+    s.args = ["--durability", "process"]
+    s.start(with_disks=False)
+    assert s.execute("query-status")["durability"] == "process"
+    assert s.state()["durability"] == "process"
+
+
 def test_serve_refuses_unknown_state_dir_without_disks(servers):
     r = nbd_mc("serve", "--state-dir", servers.path("empty"))
     refused(r, "no nbd-mc state")
