@@ -714,19 +714,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_protect_over_tls(servers, vms, procs):
-    """QEMU's NBD client with a tls-creds-x509 object made from --tls-certificates, and
-    the control channel over TCP with client certificates, from the same directory."""
+def _tls_primary(servers, seed: str):
+    """Certificates, a primary image with data and an empty replica of its size."""
     certs = servers.path("certs")
     r = run(["sh", os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools",
                                 "make-certs.sh"), certs])
     assert r.returncode == 0, describe(r)
-    rng = random.Random("tls")
+    rng = random.Random(seed)
     images = {"drive0": servers.path("drive0.raw")}
     make_image(images["drive0"], SIZES["drive0"], rng, data_fraction=0.3)
     replica = servers.path("vda.raw")
     with open(replica, "wb") as f:
         f.truncate(SIZES["drive0"])
+    return certs, rng, images, replica
+
+
+def test_protect_over_tls(servers, vms, procs):
+    """QEMU's NBD client with a tls-creds-x509 object made from --tls-certificates, and
+    the control channel over TCP with client certificates, from the same directory."""
+    certs, rng, images, replica = _tls_primary(servers, "tls")
     nbd_port, ctl_port = _free_port(), _free_port()
     control = f"tcp://127.0.0.1:{ctl_port}"
     server = servers.new({"vda": replica}, args=[
@@ -751,16 +757,7 @@ def test_protect_over_tls(servers, vms, procs):
 def test_protect_over_tls_unix_socket(servers, vms, procs):
     """nbds+unix: QEMU checks the server certificate against "localhost", and the
     control channel stays a plain unix socket (TLS is for tcp:// only)."""
-    certs = servers.path("certs")
-    r = run(["sh", os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools",
-                                "make-certs.sh"), certs])
-    assert r.returncode == 0, describe(r)
-    rng = random.Random("tls-unix")
-    images = {"drive0": servers.path("drive0.raw")}
-    make_image(images["drive0"], SIZES["drive0"], rng, data_fraction=0.3)
-    replica = servers.path("vda.raw")
-    with open(replica, "wb") as f:
-        f.truncate(SIZES["drive0"])
+    certs, rng, images, replica = _tls_primary(servers, "tls-unix")
     server = servers.new({"vda": replica}, args=["--tls", "require", "--tls-certificates", certs])
     server.start()
     vm = vms(servers.root, images)
