@@ -215,16 +215,17 @@ class Qmp:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="qmp", daemon=True)
         self._thread.start()
+        self._client = None
         try:
             self._client = self._run(self._make_client(), 10)
             self._run(self._client.connect(path), min(timeout, CONNECT_TIMEOUT))
         except (TimeoutError, asyncio.TimeoutError):
-            self._stop_loop()
+            self._abandon()
             raise PrimaryGone(f"QEMU's QMP socket {path} did not greet within "
                               f"{min(timeout, CONNECT_TIMEOUT):.0f} s: is another client "
                               "connected? (QEMU serves one client per -qmp socket)") from None
         except BaseException as e:
-            self._stop_loop()
+            self._abandon()
             raise PrimaryGone(f"cannot connect to QEMU's QMP socket {path}: {_why(e)}") from None
         self._run(self._start_watch(), 10)
         atexit.register(self.close)  # a forgotten session must not spew asyncio warnings
@@ -317,6 +318,17 @@ class Qmp:
             self._run(self._client.disconnect(), 10)
         except BaseException:  # a broken connection: nothing left to close politely
             pass
+        self._stop_loop()
+
+    def _abandon(self) -> None:
+        """A failed connect must close its socket: QEMU serves one client per QMP
+        socket, and a half-open attempt left behind would keep every later one
+        waiting for a greeting that never comes."""
+        if self._client is not None:
+            try:
+                self._run(self._client.disconnect(), 5)
+            except BaseException:
+                pass
         self._stop_loop()
 
     def _stop_loop(self) -> None:

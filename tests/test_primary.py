@@ -768,3 +768,35 @@ def test_protect_over_tls_unix_socket(servers, vms, procs):
     assert r.returncode == 0 and "committed epochs 1..2" in r.stdout, describe(r)
     assert_detached(vm)
     assert_bytes(read_file(replica), read_file(images["drive0"]), "vda over TLS (unix)")
+
+
+def test_qmp_connect_that_timed_out_does_not_block_the_next(servers, monkeypatch):
+    """QEMU serves one client per QMP socket: a connect attempt that gave up must
+    close its socket, or QEMU would hand the slot to that dead attempt and the next
+    connect would wait for a greeting forever (seen as a flaky test under load)."""
+    import socket as sockets
+    path = servers.path("one.qmp")
+    proc = subprocess.Popen([QEMU, "-machine", "none", "-nodefaults", "-display", "none",
+                             "-qmp", f"unix:{path},server=on,wait=off"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        def holder():
+            s = sockets.socket(sockets.AF_UNIX)
+            try:
+                s.connect(path)
+            except OSError:
+                s.close()
+                return None
+            return s
+        hog = wait_until(holder, "QEMU's QMP socket")
+        assert hog.recv(7) == b'{"QMP":'  # QEMU serves the hog: the slot is taken
+        monkeypatch.setattr(primary, "CONNECT_TIMEOUT", 1.0)
+        with pytest.raises(primary.PrimaryGone, match="did not greet"):
+            primary.Qmp(path, timeout=1.0)
+        hog.close()
+        q = primary.Qmp(path, timeout=10.0)
+        assert q.cmd("query-status")["running"] is True
+        q.close()
+    finally:
+        proc.kill()
+        proc.wait(30)
