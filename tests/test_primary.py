@@ -61,7 +61,12 @@ class PrimaryVM:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT)
-        self.qmp = wait_until(self._connect, "QEMU's QMP socket")
+        try:
+            self.qmp = wait_until(self._connect, "QEMU's QMP socket")
+        except BaseException:  # not yet known to the fixture: don't leak the process
+            self.proc.kill()
+            self.proc.wait(30)
+            raise
 
     def _connect(self):
         if self.proc.poll() is not None:
