@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from nbd_mc.server import pid_alive  # noqa: F401  (re-exported for callers of this module)
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -65,21 +66,6 @@ def read_pid(pidfile):
         return None
 
 
-def pid_alive(pid):
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours still answers kill(0); look at its state.
-    try:
-        st = Path(f"/proc/{pid}/stat").read_text()
-        return st[st.rindex(")") + 2] != "Z"
-    except (OSError, ValueError):
-        return False
 
 
 def kill_pid(pid, timeout=10.0):

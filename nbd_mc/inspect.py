@@ -6,12 +6,11 @@ so it is safe to run beside a live server (what it shows may then be a moment ol
 
 from __future__ import annotations
 
-import fcntl
 import os
 
 from . import qcow2
 from .errors import NbdMcError
-from .state import LOCK_FILE, load
+from .state import load, lock_held
 
 
 def _owner(path: str) -> tuple:
@@ -67,20 +66,6 @@ def inspect_overlay(path: str, expected_image: str | None = None,
     return out
 
 
-def _server_running(state_dir: str) -> bool:
-    path = os.path.join(state_dir, LOCK_FILE)
-    if not os.path.exists(path):
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def inspect_state_dir(state_dir: str) -> dict:
     out = {"kind": "state-dir", "path": os.path.abspath(state_dir), "valid": False}
     try:
@@ -93,7 +78,7 @@ def inspect_state_dir(state_dir: str) -> dict:
         return out
     out.update(committed=state.committed, role=state.role, fenced=state.fenced,
                generation=state.generation, handoff=state.handoff,
-               server_running=_server_running(state_dir))
+               server_running=lock_held(state_dir))
     disks = []
     valid = True
     for d in state.disks:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from . import engine
 from .control import UNIX_PATH_MAX, ControlClient, TlsFiles, parse_address
 from .errors import NbdMcError, StateError
-from .state import DirLock
+from .state import DirLock, lock_held
 
 READY_TIMEOUT = 60.0
 POLL = 0.01
@@ -191,7 +191,7 @@ def wait_ready(opts: ServeOptions, proc: subprocess.Popen | None, log_offset: in
         if proc is not None and proc.poll() is not None:
             raise StateError(f"nbdkit failed: {_nbdkit_failure(_read_new(opts.log_path, log_offset))}")
         pid = _read_pid(opts.pidfile)
-        if pid and not _alive(pid):
+        if pid and not pid_alive(pid):
             raise StateError(f"nbdkit died: {_nbdkit_failure(_read_new(opts.log_path, log_offset))}")
         if pid:
             try:
@@ -213,14 +213,22 @@ def _read_pid(path: str) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process runs; a zombie counts as gone (with --foreground nbdkit
+    is our child, and a dead child answers kill(0) until it is reaped)."""
+    if not pid:
+        return False
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def start(opts: ServeOptions, on_ready=None) -> int:
@@ -267,7 +275,7 @@ def stop_pid(pid: int, timeout: float = 30.0) -> bool:
     except ProcessLookupError:
         return True
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(POLL)
@@ -275,18 +283,13 @@ def stop_pid(pid: int, timeout: float = 30.0) -> bool:
 
 
 def wait_gone(control: str, state_dir: str | None, timeout: float = 30.0) -> None:
-    """After quit: wait until the server no longer answers and its lock is free."""
+    """After quit: wait until the server no longer answers and its lock is free
+    (it closes the control socket before it has let go of the state directory)."""
     deadline = time.monotonic() + timeout
+    unix = parse_address(control)
     while time.monotonic() < deadline:
-        busy = False
-        if parse_address(control)[0] == "unix" and _unix_socket_answers(parse_address(control)[1]):
-            busy = True
-        elif state_dir and os.path.isdir(state_dir):
-            try:
-                DirLock(state_dir).release()
-            except StateError:
-                busy = True
-        if not busy:
+        answers = unix[0] == "unix" and _unix_socket_answers(unix[1])
+        if not answers and not (state_dir and lock_held(state_dir)):
             return
         time.sleep(POLL)  # polling for the process to go, bounded by the deadline
     raise StateError(f"server at {control} did not stop within {timeout:.0f} s")

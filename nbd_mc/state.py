@@ -177,6 +177,22 @@ class StateFile:
             self.fd = -1
 
 
+def lock_held(state_dir: str) -> bool:
+    """Whether a server (or recover) holds the directory's lock; takes nothing
+    (a shared probe, so two probes never disturb each other)."""
+    try:
+        fd = os.open(os.path.join(state_dir, LOCK_FILE), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 class DirLock:
     """An exclusive flock on DIR/lock: one server (or recover) per state directory.
 

@@ -34,6 +34,7 @@ import nbd
 import pytest
 
 from nbd_mc import crashpoints, qcow2
+from nbd_mc.state import lock_held
 from servers import (GroupModel, Server, describe, make_image, nbd_mc, pid_alive, qemu_img_check,
                      read_all, read_file, run, wait_until, write_file)
 
@@ -312,7 +313,7 @@ def _check_after_crash(srv: Server, trial: Trial, res: Result, model: GroupModel
                 srv.stop()
             else:
                 res.second_killed = True
-                wait_until(lambda: not _locked(srv.state_dir), "the killed restart to let go")
+                wait_until(lambda: not lock_held(srv.state_dir), "the killed restart to let go")
                 _check_overlays(srv, tdir, {d: dict(allowed[d]) for d in DISKS}, clean=False,
                                 when="after the second kill")
         if not res.second_killed:
@@ -339,16 +340,6 @@ def _check_after_crash(srv: Server, trial: Trial, res: Result, model: GroupModel
         _fail("a second recover changed an image")
 
 
-def _locked(state_dir: str) -> bool:
-    import fcntl
-    fd = os.open(os.path.join(state_dir, "lock"), os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def _check_images(srv: Server, expected: dict, when: str) -> None:

@@ -25,6 +25,7 @@ import nbd
 import pytest
 
 from nbd_mc.control import ControlClient
+from nbd_mc.server import pid_alive  # noqa: F401  (re-exported for callers of this module)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
@@ -209,19 +210,6 @@ def short_tmpdir(prefix: str = "nbdmc-") -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes (it is not our child: nbdkit daemonises).
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_until(cond, what: str, timeout: float = DEADLINE, poll: float = 0.005):
