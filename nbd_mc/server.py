@@ -268,20 +268,6 @@ def start(opts: ServeOptions, on_ready=None) -> int:
     return pid
 
 
-def stop_pid(pid: int, timeout: float = 30.0) -> bool:
-    """SIGTERM and wait for the process to go away."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return True
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(POLL)
-    return True
-
-
 def wait_gone(control: str, state_dir: str | None, timeout: float = 30.0) -> None:
     """After quit: wait until the server no longer answers and its lock is free
     (it closes the control socket before it has let go of the state directory)."""

@@ -74,9 +74,6 @@ class GroupState:
             raise StateError(f"{where}: inconsistent state file")
         return state
 
-    def disk_names(self) -> list[str]:
-        return [d.name for d in self.disks]
-
 
 def state_path(state_dir: str) -> str:
     return os.path.join(state_dir, STATE_FILE)
