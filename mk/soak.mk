@@ -17,5 +17,5 @@ soak: setup
 	  NBD_MC_CRASH_SWEEP=1 NBD_MC_FUZZ_EXAMPLES=3000 \
 	  NBD_MC_REPORT=$(CURDIR)/$(SOAK_DIR)/report.jsonl \
 	  $(PY) -m pytest -q -s -p no:cacheprovider --timeout=0 $(SOAK_TESTS); status=$$?; \
-	  $(PY) tests/reliability.py $(SOAK_DIR)/report.jsonl | tee $(SOAK_DIR)/report.md; \
+	  $(PY) tests/support/reliability.py $(SOAK_DIR)/report.jsonl | tee $(SOAK_DIR)/report.md; \
 	  exit $$status

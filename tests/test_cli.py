@@ -12,7 +12,7 @@ import random
 import nbd
 import pytest
 
-from servers import (GroupModel, assert_bytes, assert_check, assert_compare, describe,
+from support.servers import (GroupModel, assert_bytes, assert_check, assert_compare, describe,
                      make_image, nbd_mc, pid_alive, read_all, read_file, servers,
                      workdir, write_file)
 

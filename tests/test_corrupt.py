@@ -19,13 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from click.testing import CliRunner
 
-from faulty import file_hashes
+from support.faulty import file_hashes
 from nbd_mc import cli, qcow2
 from nbd_mc.engine import Group
 from nbd_mc.errors import NbdMcError
-from reliability import record
-from servers import describe, make_image, nbd_mc, plugin_pids, read_file, run, servers, workdir
-from servers import write_file
+from support.reliability import record
+from support.servers import describe, make_image, nbd_mc, plugin_pids, read_file, run, servers, workdir
+from support.servers import write_file
 
 __all__ = ["servers", "workdir"]  # fixtures
 

@@ -22,10 +22,10 @@ import pytest
 from nbd_mc import crashpoints
 from nbd_mc.control import ControlClient
 from nbd_mc.engine import Group
-from servers import (GroupModel, RawControl, assert_bytes, assert_check, assert_compare,
+from support.servers import (GroupModel, RawControl, assert_bytes, assert_check, assert_compare,
                      describe, is_connection_loss, make_image, nbd_mc, read_all, read_file,
                      servers, subprocess_env, workdir, write_file)
-from stress import Stress
+from support.stress import Stress
 
 __all__ = ["servers", "workdir"]  # fixtures
 

@@ -4,7 +4,7 @@ modes, and check that recovery always lands on exactly one committed epoch.
 The short version here covers every point of nbd_mc.crashpoints in each mode at
 least once (hit counts and the recovery path -- offline `recover` or restarting
 `serve` -- vary), a few "any point" kills, and restarts that crash again inside
-their own recovery.  `make soak` runs tests/crash_driver.full_plan and the
+their own recovery.  `make soak` runs tests/support/crash_driver.full_plan and the
 open-ended "*" sweep.  Power loss itself is not simulated (see the report).
 """
 
@@ -14,11 +14,11 @@ import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-import crash_driver
-from crash_driver import Trial, run_trial
+from support import crash_driver
+from support.crash_driver import Trial, run_trial
 from nbd_mc import crashpoints
-from servers import plugin_pids, workdir  # noqa: F401 (fixture)
-from reliability import record
+from support.servers import plugin_pids, workdir  # noqa: F401 (fixture)
+from support.reliability import record
 
 PARALLEL = 2  # trials at once: most of a trial is waiting for subprocesses
 

@@ -14,7 +14,7 @@ import shutil
 import pytest
 
 from nbd_mc import demo
-from servers import short_tmpdir
+from support.servers import short_tmpdir
 
 pytestmark = pytest.mark.qemu
 

@@ -6,7 +6,7 @@
   soon as space returns (or a commit frees the overlay's clusters for reuse);
 * the image returns EIO while its old data is being preserved, and the overlay
   returns EIO while undo data is written or dropped (a FUSE file backed by
-  nbdkit's error filter, see tests/faulty.py);
+  nbdkit's error filter, see tests/support/faulty.py);
 
 in both durability modes.  Corrupt and foreign files are in test_corrupt.py.
 """
@@ -19,10 +19,10 @@ import random
 import nbd
 import pytest
 
-from faulty import FaultyFile, Tmpfs
+from support.faulty import FaultyFile, Tmpfs
 from nbd_mc.control import ControlError
-from reliability import record
-from servers import (GroupModel, assert_bytes, assert_check, assert_compare, make_image, read_all,
+from support.reliability import record
+from support.servers import (GroupModel, assert_bytes, assert_check, assert_compare, make_image, read_all,
                      read_file, servers, workdir, write_file)
 
 __all__ = ["servers", "workdir"]  # fixtures

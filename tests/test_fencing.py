@@ -18,8 +18,8 @@ import nbd
 import pytest
 
 from nbd_mc.control import ControlError
-from reliability import record
-from servers import (GroupModel, make_image, read_all, read_file, servers, wait_until,
+from support.reliability import record
+from support.servers import (GroupModel, make_image, read_all, read_file, servers, wait_until,
                      workdir)
 
 __all__ = ["servers", "workdir"]  # fixtures

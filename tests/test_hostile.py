@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from nbd_mc.control import MAX_CLIENTS, MAX_LINE
-from reliability import record
-from servers import (DEADLINE, Server, make_image, pid_alive, plugin_pids, read_file,
+from support.reliability import record
+from support.servers import (DEADLINE, Server, make_image, pid_alive, plugin_pids, read_file,
                      short_tmpdir, wait_until)
 
 SIZE = 1 << 20

@@ -1,5 +1,5 @@
 """Load under checkpoints: 8 connections of mixed I/O with a commit every 50 ms,
-quiesced commit/rollback cycles checked byte for byte (tests/load.py).
+quiesced commit/rollback cycles checked byte for byte (tests/support/load.py).
 
 ~20 s here; `make soak` runs it for SOAK_SECONDS in both durability modes.
 """
@@ -10,9 +10,9 @@ import os
 
 import pytest
 
-from load import Load
-from reliability import record
-from servers import plugin_pids, workdir  # noqa: F401 (fixture)
+from support.load import Load
+from support.reliability import record
+from support.servers import plugin_pids, workdir  # noqa: F401 (fixture)
 
 SOAK = float(os.environ.get("NBD_MC_SOAK_SECONDS") or 0)
 MODES = ["process", "power"] if SOAK else ["process"]

@@ -20,7 +20,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 
 from nbd_mc import qcow2
 from nbd_mc.errors import CorruptOverlay
-from qcow2_helpers import (assert_check, assert_compare, assert_pattern, copy_pair,
+from support.qcow2_helpers import (assert_check, assert_compare, assert_pattern, copy_pair,
                            header_fields, l2_entry_offset, punch_hole, qemu_check,
                            qemu_info, qemu_io, random_image, read_file,
                            read_u64, run, run_child, sha256, write_file, write_sparse,

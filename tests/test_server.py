@@ -15,10 +15,10 @@ import random
 import nbd
 import pytest
 
-from servers import (GroupModel, RawControl, assert_bytes, assert_check, assert_compare,
+from support.servers import (GroupModel, RawControl, assert_bytes, assert_check, assert_compare,
                      describe, make_image, nbd_mc, read_all, read_file, run, servers, workdir,
                      write_file)
-from stress import Stress
+from support.stress import Stress
 
 __all__ = ["servers", "workdir"]  # fixtures
 

@@ -20,8 +20,8 @@ import nbd
 import pytest
 
 from nbd_mc.control import ControlClient, TlsFiles
-from reliability import record
-from servers import (REPO, GroupModel, Server, describe, make_image, nbd_mc, plugin_pids, read_all,
+from support.reliability import record
+from support.servers import (REPO, GroupModel, Server, describe, make_image, nbd_mc, plugin_pids, read_all,
                      read_file, run, short_tmpdir)
 
 MiB = 1 << 20

@@ -1,7 +1,7 @@
 """Figures for the reliability report: each test records (class, cases, failures).
 
 With NBD_MC_REPORT=FILE set (make soak sets it), every record is appended to FILE
-as one JSON line; `python tests/reliability.py FILE` prints them as a table.
+as one JSON line; `python tests/support/reliability.py FILE` prints them as a table.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ import pytest
 
 from nbd_mc import crashpoints, qcow2
 from nbd_mc.state import lock_held
-from servers import (GroupModel, Server, describe, make_image, nbd_mc, pid_alive, qemu_img_check,
+from support.servers import (GroupModel, Server, describe, make_image, nbd_mc, pid_alive, qemu_img_check,
                      read_all, read_file, run, wait_until, write_file)
 
 DISKS = ("a", "b")

@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 
-from servers import pid_alive, read_file, wait_until
+from support.servers import pid_alive, read_file, wait_until
 
 #: Files a run may rewrite without changing any data: the lock holder's pid, the
 #: server's log and pid file.  Everything else must be byte-identical after a refusal.

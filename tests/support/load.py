@@ -9,7 +9,7 @@ them, and every couple of seconds a quiesced checkpoint that is checked exactly:
 Each connection owns one quarter of one disk, so its byte model is exact even with
 the other seven writing at the same time: every read it does is checked.  Racing
 commits are not checked byte-wise here (which side of a commit an in-flight
-request lands on is timing); tests/stress.py does that in one thread.
+request lands on is timing); tests/support/stress.py does that in one thread.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import nbd
 
 from nbd_mc.control import ControlClient
-from servers import DEADLINE, Server, assert_bytes, make_image, read_all, read_file
+from support.servers import DEADLINE, Server, assert_bytes, make_image, read_all, read_file
 
 MiB = 1 << 20
 DISK_SIZE = 16 * MiB

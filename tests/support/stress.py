@@ -1,6 +1,6 @@
 """The model-checked stress driver: several libnbd connections with asynchronous
 writes, zeroes and trims against the real server, commits and rollbacks through
-the control socket, every result checked against a byte model (tests/servers.py).
+the control socket, every result checked against a byte model (tests/support/servers.py).
 
 Requests in flight at the same time never overlap on one disk (an overlapping
 request first waits for the ones it overlaps): NBD gives concurrent overlapping
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import nbd
 
-from servers import GroupModel, Server, assert_bytes, read_all, read_file
+from support.servers import GroupModel, Server, assert_bytes, read_all, read_file
 
 MAX_IN_FLIGHT = 16
 

@@ -2,7 +2,7 @@
 manipulation, and a child process that runs overlay operations and can kill
 itself with SIGKILL right before its Nth write syscall.
 
-This file is also the child's program: ``python tests/qcow2_helpers.py JSON``
+This file is also the child's program: ``python tests/support/qcow2_helpers.py JSON``
 (kept free of pytest imports so the child starts quickly).
 """
 

@@ -27,7 +27,7 @@ import pytest
 from nbd_mc.control import ControlClient
 from nbd_mc.server import pid_alive  # noqa: F401  (re-exported for callers of this module)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VENV_BIN = os.path.dirname(sys.executable)
 PLUGIN_MARK = "plugins/nbd_mc.py"
 DEADLINE = 30.0  # a safety net for polling loops, never a synchronisation

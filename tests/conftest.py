@@ -1,0 +1,7 @@
+"""pytest's shared fixtures for every test module.
+
+The fixtures live with the helpers they drive (tests/support/); importing them
+here registers them for the whole suite, so a test module asks for ``servers``
+or ``workdir`` by argument and imports nothing for it."""
+
+from support.servers import servers, workdir  # noqa: F401  (fixtures)
