@@ -23,7 +23,7 @@ test: setup
 	PATH=$(CURDIR)/$(VENV)/bin:/usr/bin:$$PATH $(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 demo: setup
-	PATH=$(CURDIR)/$(VENV)/bin:/usr/bin:$$PATH $(PY) -m nbd_mc.demo
+	PATH=$(CURDIR)/$(VENV)/bin:/usr/bin:$$PATH $(PY) -m demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

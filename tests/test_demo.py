@@ -1,4 +1,4 @@
-"""The demo's story with the real Linux guest, as a test (nbd_mc/demo.py).
+"""The demo's story with the real Linux guest, as a test (demo/story.py).
 
 A work guest writes fsync'd, checksummed records on ext4 while `nbd-mc protect`
 checkpoints it every 100 ms into `nbd-mc serve`; its QEMU is killed with SIGKILL
@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from nbd_mc import demo
+from demo import story as demo
 from support.servers import short_tmpdir
 
 pytestmark = pytest.mark.qemu

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nbd_mc import guest
+from demo import guest
 
 pytestmark = pytest.mark.qemu
 

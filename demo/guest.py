@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .errors import NbdMcError
+from nbd_mc.errors import NbdMcError
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO / "guest" / "build.sh"

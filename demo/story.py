@@ -1,6 +1,6 @@
 """`make demo`: the whole story with a real Linux guest, in well under two minutes.
 
-A tiny Linux guest (nbd_mc.guest) runs on a raw ext4 disk as the primary and
+A tiny Linux guest (demo/guest.py) runs on a raw ext4 disk as the primary and
 writes checksummed records, fsync'ing each.  `nbd-mc serve` is the secondary,
 `nbd-mc protect` mirrors the disk into it and commits a checkpoint every 100 ms.
 Then the primary's QEMU is killed with SIGKILL in the middle of an epoch, and:
@@ -14,7 +14,7 @@ Then the primary's QEMU is killed with SIGKILL in the middle of an epoch, and:
     every record: the disk is what the primary would have had, had it crashed
     at the checkpoint -- not older, not newer.
 
-Run: ``python -m nbd_mc.demo [--keep] [--workdir DIR] [--seconds N]``.
+Run: ``python -m demo [--keep] [--workdir DIR] [--seconds N]``.
 Exit status 0 when every proof holds.
 """
 
@@ -34,8 +34,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import guest
-from .control import ControlClient
+from nbd_mc.control import ControlClient
+
+from demo import guest
 
 DISK_SIZE = 64 * 1024 * 1024
 INTERVAL = "100ms"
@@ -396,7 +397,7 @@ def run(workdir: str | os.PathLike, seconds: float = 8.0, say=print) -> DemoResu
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m nbd_mc.demo", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", help="directory for the demo's files (default: a new one in /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the files afterwards")
     ap.add_argument("--seconds", type=float, default=8.0, help="how long the guest works")
@@ -423,6 +424,3 @@ def main(argv=None) -> int:
     print("\nDEMO OK")
     return 0 if result.ok else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())
