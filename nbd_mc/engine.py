@@ -24,97 +24,49 @@ import time
 from contextlib import contextmanager
 
 from . import crashpoints, qcow2
+from .errors import (BadRequest, EpochMismatch, Fenced, IOFailure, NbdMcError, NotProtected,
+                     StateError, io_failure)
 from .fileio import pread_into, punch_hole, pwrite_all, runs
-from .errors import (BadRequest, EpochMismatch, Fenced, IOFailure, NbdMcError,
-                     NotProtected, StateError)
 from .state import DirLock, DiskState, GroupState, StateFile, load, save
+from .sync import Gate, GroupSync
 
 DURABILITY_MODES = ("process", "power")
 SECTOR = 512
+#: The read-only export of a disk as of the last commit is NAME + this suffix
+#: (which is why a disk name may not contain '@').
+COMMITTED_SUFFIX = "@committed"
 
 
-class Gate:
-    """Many requests pass at once; a checkpoint closes it and waits for them."""
+def undo_status(overlay_epoch: int | None, committed: int) -> str:
+    """What the undo data of an overlay returning to ``overlay_epoch`` is, when
+    ``committed`` is the committed epoch.  The one statement of the rule that
+    recovery, rollback and `nbd-mc inspect` follow:
 
-    def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
-        self._active = 0
-        self._closed = False
-
-    def enter(self) -> None:
-        with self._cond:
-            while self._closed:
-                self._cond.wait()
-            self._active += 1
-
-    def leave(self) -> None:
-        with self._cond:
-            self._active -= 1
-            if self._closed and not self._active:
-                self._cond.notify_all()
-
-    @contextmanager
-    def closed(self):
-        with self._cond:
-            while self._closed:  # another checkpoint holds it
-                self._cond.wait()
-            self._closed = True
-            while self._active:
-                self._cond.wait()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._closed = False
-                self._cond.notify_all()
-
-
-class GroupSync:
-    """fdatasync of one file, shared by every request waiting at the same time.
-
-    Writers count their writes (``note_write``); ``wait_durable(n)`` returns once a
-    sync that started after write n has finished -- one fdatasync serves everyone
-    who arrived while the previous one ran.
+    ``current``  it returns to the committed epoch: undo data of the open epoch,
+                 applied by a rollback or a recovery;
+    ``stale``    it returns to the epoch before: a crash (or a failed drop) fell
+                 between persisting a commit and dropping; it belongs to an epoch
+                 that is committed, so it is dropped, never applied;
+    ``foreign``  anything else (no epoch record, a future or far older epoch):
+                 not ours to apply or drop, the group refuses to open.
     """
-
-    def __init__(self, fd_getter):
-        self._fd = fd_getter
-        self._cond = threading.Condition()
-        self.written = 0
-        self._synced = 0
-        self._running = False
-
-    def note_write(self) -> int:
-        with self._cond:
-            self.written += 1
-            return self.written
-
-    def wait_durable(self, upto: int) -> None:
-        with self._cond:
-            while self._synced < upto:
-                if not self._running:
-                    self._running = True
-                    target = self.written
-                    break
-                self._cond.wait()
-            else:
-                return
-        try:
-            os.fdatasync(self._fd())
-        finally:
-            with self._cond:
-                self._running = False
-                if target > self._synced:
-                    self._synced = target
-                self._cond.notify_all()
-
-    def __call__(self) -> None:
-        """A barrier: everything written so far is durable when this returns."""
-        self.wait_durable(self.note_write())
+    if overlay_epoch is not None and overlay_epoch == committed:
+        return "current"
+    if overlay_epoch is not None and overlay_epoch == committed - 1:
+        return "stale"
+    return "foreign"
 
 
 class Disk:
-    """One replica image and its undo overlay."""
+    """One replica image and its undo overlay.
+
+    State: ``spec``, ``name``, ``size``, ``cluster_size``, ``bits``, ``fd``,
+    ``overlay`` and ``power`` are set once here and never rebound.  ``_lock``
+    serialises preserves of this disk (the overlay's allocation and tables);
+    reads of ``overlay.is_preserved`` take no lock (a cluster, once published as
+    preserved, stays so until a drop, and drops run with the group's gate
+    closed).  ``overlay_sync`` has its own condition.
+    """
 
     def __init__(self, spec: DiskState, durability: str):
         self.spec = spec
@@ -123,7 +75,7 @@ class Disk:
         self.cluster_size = spec.cluster_size
         self.bits = spec.cluster_size.bit_length() - 1
         self.fd = qcow2.open_image(spec.image)
-        self._lock = threading.Lock()  # serialises preserves of this disk
+        self._lock = threading.Lock()
         power = durability == "power"
         self.overlay_sync = GroupSync(lambda: self.overlay.fd)
         try:
@@ -135,8 +87,9 @@ class Disk:
             raise
         self.power = power
 
-    def protect(self, offset: int, length: int) -> None:
-        """Preserve every not-yet-preserved cluster of [offset, offset+length).
+    def preserve(self, offset: int, length: int) -> None:
+        """Copy-before-write: preserve every not-yet-preserved cluster of
+        [offset, offset+length) before a request overwrites it.
 
         Exactly one request preserves a cluster: the disk lock makes a concurrent
         request touching the same cluster wait until it is in the overlay, and
@@ -210,7 +163,8 @@ def parse_disk_spec(spec: str) -> tuple[str, str]:
     return name, os.path.abspath(path)
 
 
-def _image_size(path: str) -> int:
+def image_size(path: str) -> int:
+    """The size of a replica image; StateError saying why it is not usable."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -222,14 +176,19 @@ def _image_size(path: str) -> int:
     return st.st_size
 
 
+def check_disk(d: DiskState) -> None:
+    """The image exists and still has the size the group was created with."""
+    size = image_size(d.image)
+    if size != d.size:
+        raise StateError(
+            f"image {d.image} of disk {d.name} is {size} bytes, but the group was created "
+            f"with {d.size} bytes (resized behind nbd-mc's back?)")
+
+
 def check_disks(state: GroupState) -> None:
-    """Each image exists and still has the size the group was created with."""
+    """Every image of the group exists with its size (check_disk)."""
     for d in state.disks:
-        size = _image_size(d.image)
-        if size != d.size:
-            raise StateError(
-                f"image {d.image} of disk {d.name} is {size} bytes, but the group was created "
-                f"with {d.size} bytes (resized behind nbd-mc's back?)")
+        check_disk(d)
 
 
 def plan_group(state_dir: str, disks: list[tuple[str, str]] | None,
@@ -263,7 +222,7 @@ def plan_group(state_dir: str, disks: list[tuple[str, str]] | None,
     qcow2.cluster_bits_of(cs)
     specs = []
     for name, path in disks:
-        size = _image_size(path)
+        size = image_size(path)
         if size == 0 or size % SECTOR:
             raise StateError(f"image {path} is {size} bytes; the size must be a non-zero "
                              f"multiple of {SECTOR} (QEMU's sector size)")
@@ -273,7 +232,26 @@ def plan_group(state_dir: str, disks: list[tuple[str, str]] | None,
 
 
 class Group:
-    """A consistency group: one epoch for all of its disks."""
+    """A consistency group: one epoch for all of its disks.
+
+    State, and what guards it:
+
+    ``state`` (GroupState: committed, generation, fenced, role, handoff)
+        changed only by ``_persist``, which runs under ``_control`` (one
+        checkpoint operation at a time) and, for every change the I/O path
+        depends on, with ``gate`` closed.  Requests read it only through
+        ``_write_generation`` and ``_undo``, recomputed by
+        ``_refresh_fast_path`` under the same protection.
+    ``broken``
+        set (never cleared) under ``_control`` with the gate closed.
+    ``disks``, ``by_name``, ``durability``, ``state_dir``, ``lock``
+        set in the constructor, then read-only.
+    ``stats``
+        counters, updated under ``_stats_lock``: with nbdkit's parallel thread
+        model several requests update them at once.
+    ``recovered``
+        the report of the recovery the constructor ran; read-only after.
+    """
 
     def __init__(self, state_dir: str, disks: list[tuple[str, str]] | None = None, *,
                  cluster_size: int | None = None, durability: str | None = None,
@@ -312,6 +290,7 @@ class Group:
         self.by_name = {d.name: d for d in self.disks}
         self.gate = Gate()
         self._control = threading.Lock()  # one checkpoint operation at a time
+        self._stats_lock = threading.Lock()
         self.broken: str | None = None
         self._refresh_fast_path()
         self.stats = {"writes": 0, "zeroes": 0, "trims": 0, "bytes_written": 0,
@@ -344,26 +323,23 @@ class Group:
         committed = self.state.committed
         report = {"committed": committed, "restored_clusters": 0, "stale_dropped": []}
         for d in self.disks:
-            epoch = d.overlay.epoch
-            # A crash between persisting commit N and dropping leaves undo data
-            # returning to N - 1; anything further apart is not ours to drop.
-            if epoch is None or epoch > committed or epoch < committed - 1:
+            if undo_status(d.overlay.epoch, committed) == "foreign":
                 raise StateError(
-                    f"overlay {d.spec.overlay} returns to epoch {epoch}, but the state file says "
-                    f"{committed} is committed: the overlay does not belong to this state")
+                    f"overlay {d.spec.overlay} returns to epoch {d.overlay.epoch}, but the state "
+                    f"file says {committed} is committed: the overlay does not belong to this state")
         # Also with nothing preserved when a crash in the middle of a preserve left
         # allocated but unreferenced clusters: dropping rewrites the refcounts, so a
         # recovered group's overlays are clean (qemu-img check exit 0, not 3 for leaks).
         to_drop = [d for d in self.disks
-                   if d.overlay.epoch != committed or not d.overlay.is_clean()]
+                   if undo_status(d.overlay.epoch, committed) == "stale" or not d.overlay.is_clean()]
         for d in self.disks:
-            if d.overlay.epoch == committed:
+            if undo_status(d.overlay.epoch, committed) == "current":
                 report["restored_clusters"] += self._checked_apply(d)
         if to_drop and crashpoints.ARMED:  # (a clean start has nothing in between)
             crashpoints.reached("recover.after-apply")
         for d in self.disks:
             if d in to_drop:
-                if d.overlay.epoch != committed:
+                if undo_status(d.overlay.epoch, committed) == "stale":
                     report["stale_dropped"].append(d.name)
                 # Recovery is rare and may run offline (`nbd-mc recover` is not told
                 # the durability mode): always order the drop for power loss, or a
@@ -381,7 +357,7 @@ class Group:
             try:
                 os.fdatasync(d.fd)
             except OSError as e:
-                raise IOFailure(f"syncing image {d.spec.image}: {os.strerror(e.errno)}", e.errno)
+                raise io_failure(f"syncing image {d.spec.image}", e) from None
         return n
 
     # --- properties ---------------------------------------------------------------
@@ -390,7 +366,9 @@ class Group:
         return self.state.committed
 
     @property
-    def protected(self) -> bool:
+    def keeps_undo(self) -> bool:
+        """Whether writes preserve old data first (the status field ``protected``):
+        from the first commit on, while this node is a secondary."""
         return self.state.committed > 0 and self.state.role == "secondary"
 
     @property
@@ -412,7 +390,7 @@ class Group:
         elif generation != self.state.generation:
             refusal = "this connection was opened before the last fence"
         if refusal:
-            self.stats["refused_writes"] += 1
+            self._count("refused_writes")
             raise Fenced(f"write refused: {refusal}")
         if self.broken:
             raise IOFailure(f"group is unusable until restart: {self.broken}")
@@ -434,7 +412,7 @@ class Group:
             if generation != self._write_generation:
                 self._check_writable(generation)
             if self._undo:
-                disk.protect(offset, len(buf))
+                disk.preserve(offset, len(buf))
             if crashpoints.ARMED:
                 crashpoints.reached("write.before-image")
             try:
@@ -444,9 +422,10 @@ class Group:
                 if fua:
                     os.fdatasync(disk.fd)
             except OSError as e:
-                raise IOFailure(f"writing image {disk.spec.image}: {os.strerror(e.errno)}", e.errno)
-            self.stats["writes"] += 1
-            self.stats["bytes_written"] += len(buf)
+                raise io_failure(f"writing image {disk.spec.image}", e) from None
+            with self._stats_lock:
+                self.stats["writes"] += 1
+                self.stats["bytes_written"] += len(buf)
         finally:
             gate.leave()
 
@@ -457,7 +436,7 @@ class Group:
             if generation != self._write_generation:
                 self._check_writable(generation)
             if self._undo:
-                disk.protect(offset, count)
+                disk.preserve(offset, count)
             if crashpoints.ARMED:
                 crashpoints.reached("zero.before-image")
             try:
@@ -469,34 +448,39 @@ class Group:
                 if fua:
                     os.fdatasync(disk.fd)
             except OSError as e:
-                raise IOFailure(f"zeroing image {disk.spec.image}: {os.strerror(e.errno)}", e.errno)
-            self.stats["trims" if trim else "zeroes"] += 1
+                raise io_failure(f"zeroing image {disk.spec.image}", e) from None
+            self._count("trims" if trim else "zeroes")
+
+    def _count(self, counter: str) -> None:
+        with self._stats_lock:
+            self.stats[counter] += 1
 
     def read(self, disk: Disk, view, offset: int) -> None:
         try:
             pread_into(disk.fd, view, offset)
         except OSError as e:
-            raise IOFailure(f"reading image {disk.spec.image}: {os.strerror(e.errno)}", e.errno)
+            raise io_failure(f"reading image {disk.spec.image}", e) from None
 
     def read_committed(self, disk: Disk, view, offset: int) -> None:
+        """The disk as of the last commit; refused while nothing was ever committed
+        (epoch 0 is the initial synchronisation: no consistent state to show)."""
+        if not self.state.committed:
+            raise IOFailure(f"{disk.name}{COMMITTED_SUFFIX}: no epoch committed yet")
         with self.io():
             try:
                 disk.read_committed(view, offset)
             except OSError as e:
-                raise IOFailure(f"reading committed view of {disk.name}: {os.strerror(e.errno)}",
-                                e.errno)
+                raise io_failure(f"reading committed view of {disk.name}", e) from None
 
     def flush(self, disk: Disk) -> None:
         try:
             os.fdatasync(disk.fd)
         except OSError as e:
-            raise IOFailure(f"flushing image {disk.spec.image}: {os.strerror(e.errno)}", e.errno)
+            raise io_failure(f"flushing image {disk.spec.image}", e) from None
 
     # --- checkpoint operations --------------------------------------------------------
     def commit(self, epoch: int) -> dict:
         with self._control:
-            if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-                raise BadRequest("commit: 'epoch' must be a non-negative integer")
             self._refuse_if_fenced("commit")
             if epoch == self.state.committed:
                 return {"committed": epoch, "seconds": 0.0, "retry": True}
@@ -519,7 +503,7 @@ class Group:
                 if crashpoints.ARMED:
                     crashpoints.reached("commit.after-state")
                 self._drop_all(epoch)
-            self.stats["commits"] += 1
+            self._count("commits")
             return {"committed": epoch, "seconds": time.perf_counter() - t0}
 
     def _refuse_if_fenced(self, what: str) -> None:
@@ -537,7 +521,7 @@ class Group:
         except OSError as e:
             for k, v in old.items():
                 setattr(self.state, k, v)
-            raise IOFailure(f"writing the state file: {os.strerror(e.errno)}", e.errno) from None
+            raise io_failure("writing the state file", e) from None
         finally:
             self._refresh_fast_path()
 
@@ -547,7 +531,7 @@ class Group:
         s = self.state
         usable = not (s.handoff or s.fenced or self.broken)
         self._write_generation = s.generation if usable else -1
-        self._undo = self.protected
+        self._undo = self.keeps_undo
 
     def _drop_all(self, epoch: int) -> None:
         for i, d in enumerate(self.disks):
@@ -572,7 +556,7 @@ class Group:
             t0 = time.perf_counter()
             with self.gate.closed():
                 restored = self._rollback_locked()
-            self.stats["rollbacks"] += 1
+            self._count("rollbacks")
             return {"committed": self.state.committed, "restored_clusters": restored,
                     "seconds": time.perf_counter() - t0}
 
@@ -585,7 +569,7 @@ class Group:
             # that is committed (a commit's drop of it failed): as in recovery, it is
             # dropped below, never applied -- applying it would take this disk back
             # one epoch further than the others.
-            if d.overlay.epoch == self.state.committed:
+            if undo_status(d.overlay.epoch, self.state.committed) == "current":
                 restored += self._checked_apply(d)
         if crashpoints.ARMED:
             crashpoints.reached("rollback.after-apply")
@@ -601,8 +585,6 @@ class Group:
     def failover(self, instant: bool = False) -> dict:
         """Fence, return to the last commit, promote.  Idempotent."""
         with self._control:
-            if not isinstance(instant, bool):
-                raise BadRequest("failover: 'instant' must be a boolean")
             t0 = time.perf_counter()
             if self.state.role != "primary":
                 if not self.state.committed:
@@ -623,15 +605,29 @@ class Group:
                     "seconds": time.perf_counter() - t0}
 
     def handover(self) -> list[dict]:
+        """Which file in which format the new primary opens for each disk
+        (nbd_mc/boot.py says how QEMU opens it)."""
         out = []
         for d in self.disks:
             if self.state.handoff == "instant":
                 path, fmt = d.spec.overlay, "qcow2"
             else:
                 path, fmt = d.spec.image, "raw"
-            out.append({"name": d.name, "path": path, "format": fmt,
-                        "drive": f"file={path},format={fmt},if=none,id={d.name}"})
+            out.append({"name": d.name, "path": path, "format": fmt})
         return out
+
+    @contextmanager
+    def quiesced(self):
+        """No checkpoint operation and no request runs while the block runs, and
+        the images are synced first: for a process that ends inside the block
+        (``quit`` with clients still connected)."""
+        with self._control, self.gate.closed():
+            for d in self.disks:
+                try:
+                    os.fdatasync(d.fd)
+                except OSError:
+                    pass  # best effort: the process is leaving either way
+            yield
 
     @property
     def read_only(self) -> bool:
@@ -643,7 +639,7 @@ class Group:
         return {
             "committed": self.state.committed,
             "open_epoch": self.state.committed + 1,
-            "protected": self.protected,
+            "protected": self.keeps_undo,
             "role": self.state.role,
             "fenced": self.state.fenced,
             "generation": self.state.generation,
@@ -651,8 +647,12 @@ class Group:
             "handoff": self.state.handoff,
             "broken": self.broken,
             "disks": [d.status() for d in self.disks],
-            "stats": dict(self.stats),
+            "stats": self._stats_copy(),
         }
+
+    def _stats_copy(self) -> dict:
+        with self._stats_lock:
+            return dict(self.stats)
 
     def close(self) -> None:
         for d in self.disks:

@@ -1,11 +1,12 @@
 """Errors with a class name that travels unchanged over the control channel.
 
 Every refusal the user can see is an ``NbdMcError``; its ``error_class`` is the
-``class`` field of a control-protocol error reply (INTERFACE.md), so the CLI, the
+``class`` field of a control-protocol error reply (docs/control-protocol.md), so the CLI, the
 plugin and the control server never translate between vocabularies.
 """
 
 import errno
+import os
 
 
 class NbdMcError(Exception):
@@ -52,6 +53,13 @@ class IOFailure(NbdMcError):
     def __init__(self, desc: str, err: int = errno.EIO):
         super().__init__(desc)
         self.errno = err
+
+
+def io_failure(what: str, e: OSError) -> IOFailure:
+    """The IOFailure for an OSError while doing ``what`` ("writing image X"):
+    the one place that turns a system error into a refusal with its errno."""
+    err = e.errno or errno.EIO
+    return IOFailure(f"{what}: {os.strerror(e.errno) if e.errno else e}", err)
 
 
 class CorruptOverlay(NbdMcError):

@@ -1,13 +1,15 @@
-"""File I/O primitives shared by the overlay and the engine.
+"""File I/O primitives shared by the overlay, the engine and the adapter.
 
 Whole reads and writes with memoryviews (zero-copy: nbdkit's buffers go straight
-to the kernel), and hole punching, which Python's os module does not offer.
+to the kernel), hole punching, which Python's os module does not offer, and the
+map of data and holes (SEEK_DATA/SEEK_HOLE).
 """
 
 import ctypes
 import ctypes.util
 import errno
 import os
+
 
 def pread_into(fd: int, view: memoryview, offset: int) -> None:
     """Fill ``view`` from ``fd``; bytes past end of file read as zeros."""
@@ -84,3 +86,33 @@ def runs(sorted_ints):
             start = prev = x
     if start is not None:
         yield start, prev - start + 1
+
+
+def data_extents(fd: int, offset: int, end: int, first_only: bool = False):
+    """[(start, length, is_data)] covering [offset, end), from SEEK_DATA/SEEK_HOLE.
+
+    With ``first_only`` only the first extent.  If the file system cannot tell,
+    the whole range is reported as data (never claim a hole that is not one).
+    """
+    out = []
+    pos = offset
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no data after pos
+                return [(offset, end - offset, True)]
+            data = end
+        data = min(data, end)
+        if data > pos:
+            out.append((pos, data - pos, False))
+        else:
+            try:
+                data = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+            except OSError:
+                data = end
+            out.append((pos, data - pos, True))
+        pos = data
+        if first_only:
+            break
+    return out

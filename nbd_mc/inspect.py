@@ -9,8 +9,13 @@ from __future__ import annotations
 import os
 
 from . import qcow2
-from .errors import NbdMcError
+from .engine import check_disk, undo_status
+from .errors import NbdMcError, StateError
 from .state import load, lock_held
+
+#: The ``undo`` field of a disk in the --json report, for each undo_status.
+_UNDO_TEXT = {"current": "current", "stale": "stale (dropped on recovery)",
+              "foreign": "from another epoch: does not belong to this state"}
 
 
 def _owner(path: str) -> tuple:
@@ -84,29 +89,19 @@ def inspect_state_dir(state_dir: str) -> dict:
     for d in state.disks:
         info = {"name": d.name, "image": d.image, "size": d.size, "cluster_size": d.cluster_size}
         try:
-            actual = os.stat(d.image).st_size
-            info["image_size_ok"] = actual == d.size and os.path.isfile(d.image)
-            if not os.path.isfile(d.image):
-                info["problem"] = f"image {d.image} is not a regular file"
-            elif actual != d.size:
-                info["problem"] = (f"image is {actual} bytes, state says {d.size} "
-                                   f"(resized behind nbd-mc's back?)")
-        except FileNotFoundError:
+            check_disk(d)  # the check `serve` and `recover` make, with their words
+            info["image_size_ok"] = True
+        except StateError as e:
             info["image_size_ok"] = False
-            info["problem"] = f"image {d.image} does not exist"
-        except OSError as e:
-            info["image_size_ok"] = False
-            info["problem"] = f"image {d.image}: {os.strerror(e.errno)}"
+            info["problem"] = e.desc
         ov = inspect_overlay(d.overlay, expected_image=d.image, expected_size=d.size)
         info["overlay"] = ov
         if ov["valid"]:
-            epoch = ov.get("epoch")
-            info["undo"] = ("current" if epoch == state.committed else
-                            "stale (dropped on recovery)" if epoch == state.committed - 1
-                            else "from another epoch: does not belong to this state")
-            if epoch is not None and not state.committed - 1 <= epoch <= state.committed:
+            status = undo_status(ov.get("epoch"), state.committed)
+            info["undo"] = _UNDO_TEXT[status]
+            if status == "foreign":
                 ov["valid"] = False
-                ov["problem"] = (f"returns to epoch {epoch}, but the state file says "
+                ov["problem"] = (f"returns to epoch {ov.get('epoch')}, but the state file says "
                                  f"{state.committed} is committed")
         valid = valid and ov["valid"] and info["image_size_ok"]
         disks.append(info)

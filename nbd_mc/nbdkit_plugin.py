@@ -1,8 +1,12 @@
 """nbdkit callbacks (python plugin API_VERSION 2), adapted to the engine.
 
-plugins/nbd_mc.py re-exports these names; nothing here knows about epochs, it only
-translates between nbdkit's vocabulary and the Group's.  Imported only inside
-nbdkit, where the ``nbdkit`` module exists.
+plugins/nbd_mc.py re-exports these names.  A thin adapter: it translates
+between nbdkit's vocabulary (exports, handles, flags, errno) and the Group's,
+and binds the control server to the command table.  Every rule -- what may be
+written, what the committed view refuses, what a command accepts -- lives in
+the engine or in nbd_mc/commands.py.  Imported only inside nbdkit, where the
+``nbdkit`` module exists.  The callbacks run on nbdkit's worker threads; the
+Group does its own locking.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import threading
 
 import nbdkit
 
-from . import __version__
-from .control import ControlServer, TlsFiles
-from .engine import Group, parse_disk_spec
-from .errors import BadRequest, CommandNotFound, NbdMcError
+from . import commands
+from .address import default_control
+from .control import ControlServer
+from .engine import COMMITTED_SUFFIX, Group, parse_disk_spec
+from .errors import NbdMcError
+from .fileio import data_extents
+from .tls import TlsFiles
 
-COMMITTED_SUFFIX = "@committed"
 MAX_REQUEST = 32 << 20
 
 _config = {"disks": [], "state_dir": None, "cluster_size": None, "durability": None,
@@ -48,7 +54,7 @@ def config_complete() -> None:
     if _config["threads"] not in ("parallel", "serialize"):
         raise RuntimeError("threads must be parallel or serialize")
     if not _config["control"]:
-        _config["control"] = os.path.join(_config["state_dir"], "control.sock")
+        _config["control"] = default_control(_config["state_dir"])
 
 
 def thread_model():
@@ -80,8 +86,9 @@ def after_fork() -> None:
     global _control
     _group.lock.record_pid()
     tls = TlsFiles(_config["control_tls"]) if _config["control_tls"] else None
-    _control = ControlServer(_config["control"], handle_control, greeting, tls=tls,
-                             on_quit=_quit)
+    session = commands.Session(_group, on_quit=_quit)
+    _control = ControlServer(_config["control"], commands.handler(session),
+                             lambda: commands.greeting(_group), tls=tls)
     _control.start()
 
 
@@ -90,7 +97,7 @@ _connections_lock = threading.Lock()
 
 
 def _quit() -> None:
-    """Control command quit (runs in its own thread).
+    """Control command quit (runs in its own thread, after the reply).
 
     nbdkit 1.32 exits only once every client has disconnected (nbdkit.disconnect
     arrived in 1.34), and the primary's mirror connection never does: with clients
@@ -100,12 +107,7 @@ def _quit() -> None:
     with _connections_lock:
         if not _connections:
             return  # nbdkit exits by itself and runs cleanup()
-    with _group._control, _group.gate.closed():
-        for d in _group.disks:
-            try:
-                os.fdatasync(d.fd)
-            except OSError:
-                pass
+    with _group.quiesced():
         os._exit(0)
 
 
@@ -114,34 +116,6 @@ def cleanup() -> None:
         _control.close()
     if _group is not None:
         _group.close()
-
-
-# --- control channel ------------------------------------------------------------
-def greeting() -> dict:
-    return {"version": __version__, "committed": _group.committed,
-            "disks": [d.name for d in _group.disks]}
-
-
-_COMMANDS = {
-    "query-status": ((), lambda g, a: g.status()),
-    "commit": (("epoch",), lambda g, a: g.commit(a["epoch"])),
-    "rollback": ((), lambda g, a: g.rollback()),
-    "fence": ((), lambda g, a: g.fence()),
-    "failover": (("instant",), lambda g, a: g.failover(a.get("instant", False))),
-}
-
-
-def handle_control(name: str, arguments: dict) -> dict:
-    entry = _COMMANDS.get(name)
-    if entry is None:
-        raise CommandNotFound(f"unknown command {name!r}; known: {', '.join(sorted(_COMMANDS))}, quit")
-    allowed, run = entry
-    extra = set(arguments) - set(allowed)
-    if extra:
-        raise BadRequest(f"{name}: unexpected arguments {', '.join(sorted(extra))}")
-    if name == "commit" and "epoch" not in arguments:
-        raise BadRequest("commit: missing argument 'epoch'")
-    return run(_group, arguments)
 
 
 # --- exports --------------------------------------------------------------------
@@ -221,7 +195,7 @@ def can_fua(h):
 
 
 def can_cache(h):
-    return nbdkit.CACHE_EMULATE
+    return nbdkit.CACHE_EMULATE  # nbdkit reads ahead through pread; no cache() callback
 
 
 # --- data path --------------------------------------------------------------------
@@ -233,9 +207,6 @@ def _fail(e: NbdMcError):
 def pread(h, buf, offset, flags):
     try:
         if h.committed:
-            if not _group.committed:
-                nbdkit.set_error(errno.EIO)
-                raise RuntimeError(f"{h.disk.name}{COMMITTED_SUFFIX}: no epoch committed yet")
             _group.read_committed(h.disk, buf, offset)
         else:
             _group.read(h.disk, buf, offset)
@@ -273,50 +244,16 @@ def zero(h, count, offset, flags):
         _fail(e)
 
 
-SEEK_DATA = getattr(os, "SEEK_DATA", 3)
-SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
-
-
 def extents(h, count, offset, flags):
-    """Holes of the image, found with SEEK_DATA/SEEK_HOLE (nbdinfo --map)."""
-    fd = h.disk.fd
-    end = min(offset + count, h.disk.size)
-    out = []
-    pos = offset
+    """Holes of the live image (nbdinfo --map), in nbdkit's extent vocabulary."""
     hole = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, SEEK_DATA)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                return [(offset, end - offset, 0)]
-            data = end
-        data = min(data, end)
-        if data > pos:
-            out.append((pos, data - pos, hole))
-            pos = data
-            if flags & nbdkit.FLAG_REQ_ONE:
-                break
-            continue
-        try:
-            nxt = min(os.lseek(fd, pos, SEEK_HOLE), end)
-        except OSError:
-            nxt = end
-        out.append((pos, nxt - pos, 0))
-        pos = nxt
-        if flags & nbdkit.FLAG_REQ_ONE:
-            break
-    return out
-
-
-def cache(h, count, offset, flags):
-    pass
+    end = min(offset + count, h.disk.size)
+    return [(start, length, 0 if data else hole)
+            for start, length, data in data_extents(h.disk.fd, offset, end,
+                                                    first_only=bool(flags & nbdkit.FLAG_REQ_ONE))]
 
 
 def close(h):
     global _connections
     with _connections_lock:
         _connections -= 1
-
-
-_ = threading  # the callbacks run on nbdkit's worker threads; the Group locks

@@ -38,8 +38,10 @@ from dataclasses import dataclass, field
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
-from .control import ControlClient, ControlError, TlsFiles, parse_address
+from .address import parse_address
+from .control import ControlClient, ControlError
 from .errors import NbdMcError
+from .tls import TlsFiles
 
 #: QMP commands normally answer in milliseconds; ``stop`` drains all I/O and a
 #: ``blockdev-add`` connects over the network, so allow for a slow host.

@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nbd_mc.nbdkit_plugin import (  # noqa: E402,F401
-    after_fork, block_size, cache, can_cache, can_extents, can_fast_zero, can_flush, can_fua,
+    after_fork, block_size, can_cache, can_extents, can_fast_zero, can_flush, can_fua,
     can_multi_conn, can_trim, can_write, can_zero, cleanup, close, config, config_complete,
     default_export, export_description, extents, flush, get_ready, get_size, is_rotational,
     list_exports, open, pread, pwrite, thread_model, trim, zero)

@@ -27,7 +27,8 @@ import sys
 import pytest
 
 from nbd_mc import primary
-from nbd_mc.control import ControlClient, TlsFiles
+from nbd_mc.control import ControlClient
+from nbd_mc.tls import TlsFiles
 from support.servers import (Server, assert_bytes, describe, make_image, nbd_mc, nbd_mc_argv,  # noqa: F401
                      read_all, read_file, run, servers, subprocess_env, wait_until, workdir)
 

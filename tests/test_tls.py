@@ -19,7 +19,8 @@ import ssl
 import nbd
 import pytest
 
-from nbd_mc.control import ControlClient, TlsFiles
+from nbd_mc.control import ControlClient
+from nbd_mc.tls import TlsFiles
 from support.reliability import record
 from support.servers import (REPO, GroupModel, Server, describe, make_image, nbd_mc, plugin_pids, read_all,
                      read_file, run, short_tmpdir)

@@ -16,9 +16,11 @@ import time
 from dataclasses import dataclass, field
 
 from . import engine
-from .control import UNIX_PATH_MAX, ControlClient, TlsFiles, parse_address
+from .address import UNIX_PATH_MAX, default_control, parse_address
+from .control import ControlClient
 from .errors import NbdMcError, StateError
 from .state import DirLock, lock_held
+from .tls import TlsFiles
 
 READY_TIMEOUT = 60.0
 POLL = 0.01
@@ -53,7 +55,7 @@ class ServeOptions:
         if self.socket:
             self.socket = os.path.abspath(self.socket)
         if not self.control:
-            self.control = os.path.join(self.state_dir, "control.sock")
+            self.control = default_control(self.state_dir)
         if parse_address(self.control)[0] == "unix":
             self.control = os.path.abspath(parse_address(self.control)[1])
         if not self.pidfile:

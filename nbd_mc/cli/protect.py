@@ -1,0 +1,76 @@
+"""`nbd-mc protect`, the primary side: its options and output.
+
+The work is done by nbd_mc/primary.py; this file only parses the command line,
+prints, and maps the outcome to the exit status.  Kept apart from the
+secondary's commands because the primary side grows its own options.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .. import primary
+from ..address import parse_address
+from .common import Failure, json_wanted, main
+
+
+@main.command()
+@click.option("--qmp", "qmp_path", required=True, metavar="PATH",
+              help="The primary QEMU's QMP unix socket (-qmp unix:PATH,server=on,wait=off).")
+@click.option("--drive", "drives", required=True, multiple=True, metavar="ID[=EXPORT]",
+              help="A QEMU drive to protect and the secondary's export for it (default: ID). "
+                   "Repeat for every disk of the consistency group.")
+@click.option("--target", required=True, metavar="NBD_URI",
+              help="The secondary's NBD server: nbd+unix:///?socket=PATH or nbd://HOST:PORT/ "
+                   "(nbds... for TLS).")
+@click.option("--control", required=True, metavar="ADDR", envvar="NBD_MC_CONTROL",
+              help="The secondary's control address (socket path or tcp://HOST:PORT).")
+@click.option("--interval", default="100ms", show_default=True, metavar="DURATION",
+              help="Time the VM runs between checkpoints (e.g. 100ms, 2s).")
+@click.option("--epochs", type=click.IntRange(1), metavar="N",
+              help="Stop and detach after N commits.")
+@click.option("--checkpoint-hook", "hook", metavar="CMD",
+              help="Shell command run at each checkpoint while the VM is stopped and the "
+                   "mirrors are drained, before the commit; NBD_MC_EPOCH is the epoch about to "
+                   "be committed; a non-zero exit skips that commit.")
+@click.option("--tls-certificates", "tls_dir", metavar="DIR", type=click.Path(file_okay=False),
+              help="x509 client certificates (ca-cert.pem, client-cert.pem, client-key.pem) for "
+                   "an nbds:// target and a tcp:// control address.")
+@click.option("--drive-mirror", "legacy", is_flag=True,
+              help="Use the older drive-mirror command (QEMU opens the NBD URI itself).")
+@click.option("--quiet", "-q", is_flag=True, help="Only the closing summary and errors.")
+@click.option("--json", "as_json", is_flag=True, help="Print the closing report as JSON.")
+def protect(qmp_path, drives, target, control, interval, epochs, hook, tls_dir, legacy, quiet,
+            as_json):
+    """Mirror a running QEMU's drives into the secondary and checkpoint them.
+
+    Attaches the secondary's exports to QEMU, runs blockdev-mirror (sync=full,
+    write-blocking) for every drive, waits for the initial sync, then every
+    interval pauses the VM, checks the mirrors are drained, commits the next
+    epoch on the secondary and resumes the VM.  Ctrl-C or SIGTERM finishes the
+    current checkpoint, removes the mirrors and leaves the VM running (exit 0).
+    If the secondary fails, protection stops, the VM keeps running and the exit
+    status is 1.
+    """
+    try:
+        opts = primary.Options(
+            qmp=qmp_path, drives=primary.parse_drives(drives),
+            target=primary.parse_nbd_uri(target), control=control,
+            interval=primary.parse_interval(interval), epochs=epochs, hook=hook,
+            tls_certificates=tls_dir, legacy_drive_mirror=legacy)
+        parse_address(control)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    as_json = json_wanted(as_json)
+    console = primary.Console(quiet=quiet or as_json)
+    report = primary.protect(opts, console)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+    else:
+        click.echo(primary.summary(report))
+    if report.outcome != "detached":
+        raise Failure(primary.failure_advice(report))
+    if not as_json:
+        click.echo("detached: the mirrors are removed and the VM runs on without protection")

@@ -1,0 +1,225 @@
+"""The secondary's commands: serve, status, commit, rollback, fence, failover,
+stop, recover and inspect.  Each one is a request to the running server (see
+nbd_mc/commands.py) or, for recover, inspect and an offline failover, work on
+the files of a state directory with no server running."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .. import boot, engine, launch
+from ..control import ControlClient
+from ..engine import COMMITTED_SUFFIX
+from ..errors import StateError
+from ..units import human_size
+from .common import (Failure, control_options, emit, json_wanted, main, refusals,
+                     size_option)
+
+
+@main.command()
+@click.argument("disks", nargs=-1, metavar="DISK...")
+@click.option("--state-dir", required=True, metavar="DIR", type=click.Path(file_okay=False),
+              help="Where the group's state and undo overlays live (created if missing).")
+@click.option("--socket", "socket_path", metavar="PATH", help="NBD unix socket (default DIR/nbd.sock).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Serve NBD on TCP instead.")
+@click.option("--bind", metavar="ADDR", help="Address to bind with --port.")
+@click.option("--control", metavar="ADDR", help="Control address (default DIR/control.sock; "
+              "tcp://HOST:PORT needs --tls-certificates).")
+@click.option("--cluster-size", metavar="SIZE", default=None,
+              help="Undo granularity, 4K..2M (default 64K; fixed when the group is created).")
+@click.option("--durability", type=click.Choice(engine.DURABILITY_MODES), default=None,
+              help="process: survive kill -9; power: also power loss (slower).  Default: "
+                   "process for a new group, else the mode it was last served with.")
+@click.option("--tls", type=click.Choice(["off", "on", "require"]), default="off", show_default=True,
+              help="NBD over TLS (x509).")
+@click.option("--tls-certificates", metavar="DIR", type=click.Path(file_okay=False),
+              help="x509 directory (ca-cert.pem, server-cert.pem, server-key.pem, ...).")
+@click.option("--thread-model", type=click.Choice(["parallel", "serialize"]), default="serialize",
+              show_default=True, help="nbdkit thread model for the plugin: on few cores one "
+              "request at a time beats threads fighting over Python's GIL (see README, Benchmarks).")
+@click.option("--threads", type=click.IntRange(1, 256), help="nbdkit worker threads per connection.")
+@click.option("--foreground", is_flag=True, help="Stay in the foreground (for supervisors).")
+@click.option("--pidfile", metavar="PATH", help="Write nbdkit's pid here (default DIR/nbdkit.pid).")
+@click.option("--json", "as_json", is_flag=True, help="Print addresses as JSON.")
+@refusals
+def serve(disks, state_dir, socket_path, port, bind, control, cluster_size, durability, tls,
+          tls_certificates, thread_model, threads, foreground, pidfile, as_json):
+    """Serve DISK... (PATH or NAME=PATH) as one consistency group.
+
+    Creates the state directory, or reopens it (then the DISK list, if given,
+    must match) and recovers it to the last commit.  Runs nbdkit in the
+    background and returns once the NBD and control sockets answer.
+    """
+    if socket_path and port is not None:
+        raise click.UsageError("give --socket or --port, not both")
+    opts = launch.ServeOptions(
+        state_dir=state_dir, disks=[engine.parse_disk_spec(d) for d in disks], socket=socket_path,
+        port=port, bind=bind, cluster_size=size_option(cluster_size),
+        durability=durability, tls=tls, tls_certificates=tls_certificates, control=control,
+        foreground=foreground, pidfile=pidfile, thread_model=thread_model, threads=threads)
+    as_json = json_wanted(as_json)
+
+    def announce(pid: int) -> None:
+        with ControlClient(opts.control, tls=launch.control_tls(opts)) as c:
+            st = c.execute("query-status")
+        names = [d["name"] for d in st["disks"]]
+        info = {"pid": pid, "nbd": launch.nbd_uri(opts), "control": opts.control,
+                "exports": [e for n in names for e in (n, n + COMMITTED_SUFFIX)],
+                "uris": {n: launch.nbd_uri(opts, n) for n in names},
+                "committed": st["committed"], "protected": st["protected"], "role": st["role"],
+                "log": opts.log_path}
+        protected = "protected" if st["protected"] else "not protected yet (epoch 0: initial sync)"
+        text = [f"nbd-mc: serving {', '.join(names)} (pid {pid}); committed epoch "
+                f"{st['committed']}, {protected}, role {st['role']}"]
+        for n in names:
+            text.append(f"  {n}: {launch.nbd_uri(opts, n)}   (last commit: {n}{COMMITTED_SUFFIX})")
+        text.append(f"  control: {opts.control}")
+        emit(info, as_json, "\n".join(text))
+        sys.stdout.flush()
+
+    pid = launch.start(opts, on_ready=announce if foreground else None)
+    if not foreground:
+        announce(pid)
+
+
+@main.command()
+@control_options
+@refusals
+def status(target, as_json):
+    """Show the group: committed epoch, protection, role, fencing, per-disk undo."""
+    st = target.execute("query-status")
+    prot = "protected" if st["protected"] else "NOT protected"
+    lines = [f"committed epoch {st['committed']} (open epoch {st['open_epoch']}), {prot}, "
+             f"role {st['role']}, generation {st['generation']}"
+             f"{', FENCED' if st['fenced'] else ''}, durability {st.get('durability', '?')}"]
+    lines.append(f"{'disk':<12} {'size':>10} {'cluster':>8} {'preserved':>10} {'undo':>10}  image")
+    for d in st["disks"]:
+        lines.append(f"{d['name']:<12} {human_size(d['size']):>10} {human_size(d['cluster_size']):>8} "
+                     f"{d['preserved_clusters']:>10} {human_size(d['undo_bytes']):>10}  {d['image']}")
+    emit(st, as_json, "\n".join(lines))
+
+
+@main.command()
+@click.argument("epoch", type=click.IntRange(0))
+@control_options
+@refusals
+def commit(epoch, target, as_json):
+    """Commit EPOCH (the open epoch; the committed one again is a harmless retry)."""
+    r = target.execute("commit", epoch=epoch)
+    emit(r, as_json, f"committed epoch {r['committed']} in {r['seconds'] * 1000:.2f} ms")
+
+
+@main.command()
+@control_options
+@refusals
+def rollback(target, as_json):
+    """Return every disk to the last commit and keep serving."""
+    r = target.execute("rollback")
+    emit(r, as_json, f"rolled back to epoch {r['committed']}: {r['restored_clusters']} clusters "
+                     f"restored in {r['seconds'] * 1000:.2f} ms")
+
+
+@main.command()
+@control_options
+@refusals
+def fence(target, as_json):
+    """Refuse writes from every connection opened before now (split brain guard)."""
+    r = target.execute("fence")
+    emit(r, as_json, f"fenced: generation {r['generation']}; earlier connections can no longer write")
+
+
+def _offline_group(state_dir: str) -> engine.Group:
+    try:
+        return engine.Group(state_dir)
+    except StateError as e:
+        raise Failure(str(e.desc)) from None
+
+
+@main.command()
+@click.option("--instant", is_flag=True,
+              help="Skip the rollback: hand out the qcow2 overlay that already shows the last "
+                   "commit (faster for big undo data; see README).")
+@control_options
+@refusals
+def failover(instant, target, as_json):
+    """Fence, roll back to the last commit and promote: print what the new primary opens.
+
+    Works through the running server; with --state-dir and no server running it
+    operates on the files directly.
+    """
+    online = True
+    try:
+        r = target.execute("failover", instant=instant)
+    except Failure:
+        if not target.state_dir or not os.path.isdir(target.state_dir):
+            raise
+        online = False
+        group = _offline_group(target.state_dir)
+        try:
+            r = group.failover(instant=instant)
+        finally:
+            group.close()
+        r["disks"] = boot.with_drive_options(r["disks"])  # as the server's reply has it
+    lines = [f"failover done in {r['seconds'] * 1000:.1f} ms: the disks show committed epoch "
+             f"{r['committed']} (the last checkpoint); the old primary is fenced."]
+    lines += boot.advice(r["disks"])
+    if instant:
+        lines.append("Each overlay shows the last checkpoint over its image (the backing file: "
+                     "keep it); nbd-mc no longer writes either.")
+    else:
+        lines.append("The images hold the last checkpoint; no undo is kept any more.")
+    if online:
+        where = (f"--state-dir {target.state_dir}" if target.state_dir
+                 else f"--control {target.control}")
+        lines.append(f"Stop the server first so nothing else writes them: nbd-mc stop {where}"
+                     + ("" if instant else "\n(or keep it serving and connect the new primary "
+                                           "to the NBD exports: new connections may write)"))
+    emit(r, as_json, "\n".join(lines))
+
+
+@main.command()
+@control_options
+@refusals
+def stop(target, as_json):
+    """Shut the server down cleanly (control command quit)."""
+    r = target.execute("quit")
+    launch.wait_gone(target.control, target.state_dir)
+    emit(r, as_json, "server stopped")
+
+
+@main.command()
+@click.option("--state-dir", required=True, metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@refusals
+def recover(state_dir, as_json):
+    """With no server running: bring the files to the last committed state."""
+    if not os.path.isfile(os.path.join(state_dir, "state.json")):
+        raise Failure(f"no nbd-mc state in {state_dir}")
+    group = _offline_group(state_dir)
+    try:
+        rep = dict(group.recovered)
+        rep["role"] = group.state.role
+    finally:
+        group.close()
+    as_json = json_wanted(as_json)
+    stale = f"; stale undo dropped for {', '.join(rep['stale_dropped'])}" if rep["stale_dropped"] else ""
+    emit(rep, as_json, f"recovered: every disk is at committed epoch {rep['committed']} "
+                       f"({rep['restored_clusters']} clusters restored{stale})")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@refusals
+def inspect(path, as_json):
+    """Offline: what an overlay or a state directory holds, and whether it is valid."""
+    from ..inspect import inspect_path
+    report = inspect_path(path)
+    as_json = json_wanted(as_json)
+    text = report.pop("text", "")
+    emit(report, as_json, text)
+    if not report["valid"]:
+        sys.exit(1)

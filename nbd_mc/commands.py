@@ -1,0 +1,120 @@
+"""The control vocabulary: every command, its argument schema and what it runs.
+
+One table, so that the names a client may send, the arguments each takes and
+their types are stated once; the control server (nbd_mc/control/server.py)
+knows nothing of them, and the nbdkit adapter only binds the table to its
+group.  docs/control-protocol.md lists the same commands for people.
+
+Standard library only: this runs inside nbdkit's embedded Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from . import __version__, boot
+from .control.server import AfterReply
+from .errors import BadRequest, CommandNotFound
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument: its name, JSON type and whether it must be given.
+
+    ``kind`` is "epoch" (an integer >= 0) or "boolean".
+    """
+
+    name: str
+    kind: str
+    required: bool = False
+    default: object = None
+
+    def check(self, command: str, value) -> None:
+        if self.kind == "epoch":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise BadRequest(f"{command}: '{self.name}' must be a non-negative integer")
+        elif self.kind == "boolean":
+            if not isinstance(value, bool):
+                raise BadRequest(f"{command}: '{self.name}' must be a boolean")
+        else:  # a mistake in the table, not in the request
+            raise AssertionError(f"unknown argument kind {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command: ``run(session, arguments)`` gets arguments already checked,
+    with defaults filled in."""
+
+    name: str
+    summary: str
+    run: Callable
+    arguments: tuple = ()
+
+
+class Session:
+    """What the commands act on: the group, and how to stop the server."""
+
+    def __init__(self, group, on_quit: Callable[[], None]):
+        self.group = group
+        self.on_quit = on_quit
+
+
+def _failover(s: Session, a: dict) -> dict:
+    reply = s.group.failover(a["instant"])
+    reply["disks"] = boot.with_drive_options(reply["disks"])
+    return reply
+
+
+COMMANDS = {c.name: c for c in (
+    Command("query-status", "the group: epochs, role, fencing, per-disk undo, counters",
+            lambda s, a: s.group.status()),
+    Command("commit", "commit the open epoch (the committed one again is a harmless retry)",
+            lambda s, a: s.group.commit(a["epoch"]), (Arg("epoch", "epoch", required=True),)),
+    Command("rollback", "return every disk to the last commit and keep serving",
+            lambda s, a: s.group.rollback()),
+    Command("fence", "refuse writes from every connection opened before now",
+            lambda s, a: s.group.fence()),
+    Command("failover", "fence, return to the last commit (or hand out the overlays) and promote",
+            _failover, (Arg("instant", "boolean", default=False),)),
+    Command("quit", "reply, then stop serving (requests in flight finish first)",
+            lambda s, a: AfterReply({}, s.on_quit)),
+)}
+
+
+def check_arguments(command: Command, arguments: dict) -> dict:
+    """The arguments with defaults filled in; BadRequest for anything the schema refuses.
+
+    Strict on purpose: a typo such as "epoc" must not run the command without it
+    (and ``quit`` with an unexpected argument must not stop the server).
+    """
+    known = {a.name: a for a in command.arguments}
+    extra = sorted(set(arguments) - set(known))
+    if extra:
+        raise BadRequest(f"{command.name}: unexpected arguments {', '.join(extra)}")
+    out = {}
+    for arg in command.arguments:
+        if arg.name in arguments:
+            arg.check(command.name, arguments[arg.name])
+            out[arg.name] = arguments[arg.name]
+        elif arg.required:
+            raise BadRequest(f"{command.name}: missing argument '{arg.name}'")
+        else:
+            out[arg.name] = arg.default
+    return out
+
+
+def handler(session: Session):
+    """The ControlServer handler for ``session``: look up, check, run."""
+    def handle(name: str, arguments: dict):
+        command = COMMANDS.get(name)
+        if command is None:
+            raise CommandNotFound(f"unknown command {name!r}; known: {', '.join(sorted(COMMANDS))}")
+        return command.run(session, check_arguments(command, arguments))
+    return handle
+
+
+def greeting(group) -> dict:
+    """The first line a client reads: who we are and where the group stands."""
+    return {"version": __version__, "committed": group.committed,
+            "disks": [d.name for d in group.disks]}

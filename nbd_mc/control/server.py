@@ -1,0 +1,450 @@
+"""The control server: accepts connections, answers requests, never raises into nbdkit.
+
+It runs in a process whose job is serving a disk: whatever a peer sends, the
+server answers or drops that one connection.  It knows nothing of commands: a
+handler (nbd_mc.commands in the plugin) gives the meaning of each request.
+"""
+
+import errno
+import logging
+import os
+import selectors
+import socket
+import ssl
+import stat
+import threading
+
+from nbd_mc.address import check_unix_path, format_address, parse_address
+from nbd_mc.errors import NbdMcError
+from nbd_mc.tls import TlsFiles
+
+from .wire import (MAX_LINE, LineReader, LineTooLong, Malformed, encode, error_reply,
+                   json_type, parse_request, reply_line, send, shutdown)
+
+log = logging.getLogger("nbd_mc.control")
+
+#: Concurrent connections; each costs a thread.
+MAX_CLIENTS = 64
+#: An unauthenticated TCP peer may hold a slot only this long.
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class AfterReply:
+    """A handler's result whose ``action`` runs once the reply is sent.
+
+    The action runs in a fresh thread, so it may close the server (or end the
+    process) without cutting off the reply that announced it.
+    """
+
+    __slots__ = ("result", "action")
+
+    def __init__(self, result: dict, action):
+        self.result = result
+        self.action = action
+
+
+class _Client:
+    """One connection's socket, swapped for its TLS wrapper after accept."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.thread = None
+
+
+class ControlServer:
+    """Serves the control protocol on a unix socket or TLS over TCP.
+
+    handler(name, arguments) -> dict runs in the connection's thread; calls
+    from different connections overlap, so the handler does its own locking.
+    A handler that must act only once its reply is on its way (``quit``: stop
+    the server that sends the reply) returns an AfterReply.
+
+    State: ``_lock`` (a Condition) guards ``_clients``, ``_closing``,
+    ``_started``, ``_accept_thread`` and each client's ``sock`` swap; the
+    listener and the wake pipe belong to the accept thread once it runs.
+    """
+
+    def __init__(self, address: str, handler, greeting, tls: "TlsFiles | None" = None,
+                 *, max_clients: int = MAX_CLIENTS, max_line: int = MAX_LINE,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT):
+        parsed = parse_address(address)
+        if parsed[0] == "unix":
+            # Absolute now: the plugin builds us before nbdkit chdirs to /.
+            parsed = ("unix", check_unix_path(os.path.abspath(parsed[1]), address))
+        elif tls is None:
+            raise ValueError(f"control address {address}: TCP needs TLS with client "
+                             "certificates (give a TLS certificate directory), "
+                             "or use a unix socket")
+        self._parsed = parsed
+        self.address = format_address(parsed)
+        self._handler = handler
+        self._greeting = greeting
+        # Built now so bad certificates fail at startup, not at first connection.
+        self._ssl = tls.server_context() if tls is not None else None
+        self._max_clients = max_clients
+        self._max_line = max_line
+        self._handshake_timeout = handshake_timeout
+        self._lock = threading.Condition()
+        self._clients = set()
+        self._closing = False
+        self._started = False
+        self._listener = None
+        self._socket_id = None          # (st_dev, st_ino) of the socket file we made
+        self._wake_r = self._wake_w = None
+        self._accept_thread = None
+
+    def __repr__(self):
+        return f"ControlServer({self.address!r})"
+
+    # lifecycle
+
+    def start(self) -> None:
+        """Bind and listen now (errors raise here), then accept in a daemon thread.
+
+        Called from the plugin's after_fork: a thread started before nbdkit
+        forks would not exist in the daemon.
+        """
+        with self._lock:
+            if self._started:
+                raise RuntimeError("control server already started")
+            self._started = True
+        listener = self._listen_unix() if self._parsed[0] == "unix" else self._listen_tcp()
+        listener.setblocking(False)
+        self._listener = listener
+        thread = threading.Thread(target=self._accept_loop,
+                                  name=f"nbd-mc-control-accept {self.address}", daemon=True)
+        with self._lock:
+            if self._closing:           # close() raced with start()
+                listener.close()
+                self._unlink_own_socket()
+                return
+            self._wake_r, self._wake_w = os.pipe()
+            self._accept_thread = thread
+            thread.start()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop accepting, drop every connection, remove the socket file.
+
+        Idempotent, and safe from a handler or on_quit thread. Threads stuck in
+        a handler call cannot be interrupted; they are daemons, so they are
+        joined only briefly.
+        """
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            clients = list(self._clients)
+            thread = self._accept_thread
+        if thread is not None:
+            os.write(self._wake_w, b"x")
+            self._join(thread, timeout)
+            if not thread.is_alive():
+                # Only now: a closed fd number could be reused by anyone.
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = None
+        for client in clients:
+            shutdown(client.sock)
+        for client in clients:
+            self._join(client.thread, timeout)
+
+    @staticmethod
+    def _join(thread, timeout):
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def client_count(self) -> int:
+        with self._lock:
+            return len(self._clients)
+
+    def wait_clients(self, count: int, timeout: "float | None" = None) -> bool:
+        """Wait until exactly `count` connections are open; False on timeout.
+
+        Lets a caller (a test, a shutdown path) know that the server has seen
+        a disconnect, without polling.
+        """
+        with self._lock:
+            return self._lock.wait_for(lambda: len(self._clients) == count, timeout)
+
+    # listening
+
+    def _listen_unix(self) -> socket.socket:
+        path = self._parsed[1]
+        self._remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                sock.bind(path)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot create control socket {path}: {e.strerror}") from e
+            # Nobody can connect before listen(), so chmod-then-listen leaves no
+            # window in which the socket is open to other users; umask would,
+            # being process-wide while other threads create files.
+            os.chmod(path, 0o600)
+            st = os.stat(path)
+            self._socket_id = (st.st_dev, st.st_ino)
+            sock.listen(min(self._max_clients, socket.SOMAXCONN))
+        except BaseException:
+            sock.close()
+            self._unlink_own_socket()
+            raise
+        return sock
+
+    @staticmethod
+    def _remove_stale_socket(path: str) -> None:
+        """Replace the socket file of a dead server, never a live one.
+
+        nbdkit killed with -9 leaves its socket file behind; refusing to start
+        then would make every crash need manual cleanup.
+        """
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(errno.EEXIST,
+                                  f"control socket path {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass
+        except OSError as e:
+            raise OSError(e.errno, f"control socket {path}: cannot tell whether it is in use: "
+                          f"{e.strerror}") from e
+        else:
+            raise OSError(errno.EADDRINUSE,
+                          f"control socket {path} is in use by another server")
+        finally:
+            probe.close()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def _listen_tcp(self) -> socket.socket:
+        _, host, port = self._parsed
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except socket.gaierror as e:
+            raise OSError(errno.EADDRNOTAVAIL, f"control address {self.address}: {e}") from e
+        family, kind, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot listen on {self.address}: {e.strerror}") from e
+            sock.listen(min(self._max_clients, socket.SOMAXCONN))
+        except BaseException:
+            sock.close()
+            raise
+        self.address = format_address(("tcp", host, sock.getsockname()[1]))
+        return sock
+
+    def _unlink_own_socket(self) -> None:
+        """Remove the socket file only if it is still the one we created."""
+        if self._parsed[0] != "unix" or self._socket_id is None:
+            return
+        path = self._parsed[1]
+        try:
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == self._socket_id:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self._socket_id = None
+
+    # accepting
+
+    def _accept_loop(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ)
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            while not self._closing:
+                events = selector.select()
+                if self._closing:
+                    break
+                if events:
+                    self._accept_one(selector)
+        except Exception:
+            log.exception("control server accept loop failed")
+        finally:
+            selector.close()
+            self._listener.close()
+            self._unlink_own_socket()
+
+    def _accept_one(self, selector) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as e:
+            # Out of fds or memory: the listener stays readable, so back off
+            # instead of spinning; the wake pipe still ends the wait at close().
+            log.warning("control server cannot accept: %s", e)
+            selector.unregister(self._listener)
+            selector.select(0.1)
+            selector.register(self._listener, selectors.EVENT_READ)
+            return
+        sock.setblocking(True)
+        self._admit(sock)
+
+    def _admit(self, sock) -> None:
+        client = _Client(sock)
+        with self._lock:
+            full = self._closing or len(self._clients) >= self._max_clients
+            if not full:
+                self._clients.add(client)
+                self._lock.notify_all()
+        if full:
+            self._refuse(sock)
+            return
+        client.thread = threading.Thread(target=self._serve, args=(client,),
+                                         name=f"nbd-mc-control {self.address}", daemon=True)
+        try:
+            client.thread.start()
+        except RuntimeError as e:       # can't start new thread
+            log.warning("control server: %s", e)
+            self._forget(client)
+            sock.close()
+
+    def _refuse(self, sock) -> None:
+        """Tell a connection over the limit why it is dropped, without blocking.
+
+        Over TLS the reason cannot be sent without a handshake, which could
+        block the accept thread, so those peers just see the connection close.
+        """
+        log.warning("control server: refusing a connection, %d already open", self._max_clients)
+        if self._ssl is None and not self._closing:
+            try:
+                sock.setblocking(False)
+                sock.send(encode(error_reply("GenericError",
+                                         f"too many control connections ({self._max_clients}); "
+                                         "close one and retry")), socket.MSG_NOSIGNAL)
+            except OSError:
+                pass
+        sock.close()
+
+    def _forget(self, client) -> None:
+        with self._lock:
+            self._clients.discard(client)
+            self._lock.notify_all()
+
+    # one connection
+
+    def _serve(self, client) -> None:
+        try:
+            if self._ssl is not None and not self._handshake(client):
+                return
+            if self._closing or not self._greet(client.sock):
+                return
+            self._converse(client.sock)
+        except OSError as e:
+            log.debug("control connection ended: %s", e)
+        except Exception:
+            log.exception("control connection failed")
+        finally:
+            try:
+                client.sock.close()
+            finally:
+                self._forget(client)
+
+    def _handshake(self, client) -> bool:
+        # A peer that already reset is turned away here: wrap_socket would
+        # raise for it after taking over the fd, leaving the fd to the
+        # garbage collector.
+        client.sock.getpeername()
+        tls_sock = self._ssl.wrap_socket(client.sock, server_side=True,
+                                         do_handshake_on_connect=False)
+        with self._lock:
+            client.sock = tls_sock      # from now on close() must shut this one down
+        if self._closing:
+            return False
+        tls_sock.settimeout(self._handshake_timeout)
+        try:
+            tls_sock.do_handshake()
+        except (ssl.SSLError, OSError) as e:
+            log.warning("control server: TLS handshake refused: %s", e)
+            return False
+        tls_sock.settimeout(None)       # a control connection may idle for hours
+        return True
+
+    def _greet(self, sock) -> bool:
+        try:
+            greeting = self._greeting()
+            data = encode({"nbd-mc": greeting})
+        except Exception as e:
+            log.exception("control server: greeting failed")
+            send(sock, encode(error_reply(getattr(e, "error_class", "GenericError"),
+                                       f"cannot greet: {e}")))
+            return False
+        send(sock, data)
+        return True
+
+    def _converse(self, sock) -> None:
+        reader = LineReader(sock, self._max_line)
+        # No check of _closing here: close() ends this loop by shutting the
+        # socket down, after the listener is gone, so a client that sees EOF
+        # knows the socket file is gone too.
+        while True:
+            try:
+                line = reader.readline()
+            except LineTooLong:
+                send(sock, encode(error_reply("BadRequest", f"request line longer than "
+                                                         f"{self._max_line} bytes")))
+                return
+            if line is None:
+                return
+            if line.strip():
+                self._answer(sock, line)
+
+    def _answer(self, sock, line: bytes) -> None:
+        try:
+            name, arguments, request_id = parse_request(line)
+        except Malformed as e:
+            send(sock, reply_line(error_reply(e.error_class, e.desc), e.request_id))
+            return
+        reply, then = self._call(name, arguments)
+        send(sock, reply_line(reply, request_id))
+        if then is not None:
+            threading.Thread(target=self._after_reply, args=(name, then),
+                             name=f"nbd-mc-control {name} {self.address}", daemon=True).start()
+
+    def _call(self, name: str, arguments: dict) -> tuple:
+        """(reply body, action to run after the reply or None); never raises."""
+        then = None
+        try:
+            result = self._handler(name, arguments)
+        except NbdMcError as e:
+            return error_reply(e.error_class, e.desc), None
+        except Exception as e:
+            log.exception("control command %r failed", name)
+            return error_reply("GenericError", str(e) or type(e).__name__), None
+        if isinstance(result, AfterReply):
+            result, then = result.result, result.action
+        if result is None:
+            result = {}
+        if not isinstance(result, dict):
+            log.error("control command %r returned %s, not a dict", name, type(result).__name__)
+            return error_reply("GenericError", f"command {name} did not return an object "
+                                               f"(it returned {json_type(result)})"), None
+        return {"return": result}, then
+
+    @staticmethod
+    def _after_reply(name: str, action) -> None:
+        try:
+            action()
+        except Exception:
+            log.exception("control server: %s failed after its reply", name)
