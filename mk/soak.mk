@@ -8,8 +8,8 @@
 # The table of fault classes, cases and failures: build/soak/report.md (also printed).
 SOAK_SECONDS ?= 600
 SOAK_DIR := build/soak
-SOAK_TESTS := tests/test_load.py tests/test_crash_matrix.py tests/test_faults.py \
-	tests/test_corrupt.py tests/test_hostile.py tests/test_tls.py tests/test_fencing.py
+SOAK_TESTS := $(addprefix tests/system/,test_load.py test_crash_matrix.py test_faults.py \
+	test_corrupt.py test_hostile.py test_tls.py test_fencing.py)
 
 soak: setup
 	@mkdir -p $(SOAK_DIR) && rm -f $(SOAK_DIR)/report.jsonl

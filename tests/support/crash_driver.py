@@ -17,7 +17,7 @@ N-th time it reaches POINT, then:
   every overlay is clean (`qemu-img check` exit 0) and shows E; a restarted
   server serves E on both exports and still rolls back correctly.
 
-Used by tests/test_crash_matrix.py (a sample covering every point in both
+Used by tests/system/test_crash_matrix.py (a sample covering every point in both
 durability modes) and by `make soak` (every point at every hit count).
 """
 

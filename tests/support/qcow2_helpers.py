@@ -1,4 +1,4 @@
-"""Helpers for tests/test_qcow2.py: the qemu-img / qemu-io oracles, raw-file
+"""Helpers for tests/unit/test_qcow2.py: the qemu-img / qemu-io oracles, raw-file
 manipulation, and a child process that runs overlay operations and can kill
 itself with SIGKILL right before its Nth write syscall.
 

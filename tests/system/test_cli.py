@@ -13,10 +13,8 @@ import nbd
 import pytest
 
 from support.servers import (GroupModel, assert_bytes, assert_check, assert_compare, describe,
-                     make_image, nbd_mc, pid_alive, read_all, read_file, servers,
-                     workdir, write_file)
+                             make_image, nbd_mc, pid_alive, read_all, read_file, write_file)
 
-__all__ = ["servers", "workdir"]  # fixtures
 
 MiB = 1 << 20
 

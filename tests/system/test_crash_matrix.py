@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from support import crash_driver
 from support.crash_driver import Trial, run_trial
 from nbd_mc import crashpoints
-from support.servers import plugin_pids, workdir  # noqa: F401 (fixture)
+from support.servers import plugin_pids
 from support.reliability import record
 
 PARALLEL = 2  # trials at once: most of a trial is waiting for subprocesses

@@ -22,10 +22,9 @@ import pytest
 from support.faulty import FaultyFile, Tmpfs
 from nbd_mc.control import ControlError
 from support.reliability import record
-from support.servers import (GroupModel, assert_bytes, assert_check, assert_compare, make_image, read_all,
-                     read_file, servers, workdir, write_file)
+from support.servers import (GroupModel, assert_bytes, assert_check, assert_compare, make_image,
+                             read_all, read_file, write_file)
 
-__all__ = ["servers", "workdir"]  # fixtures
 
 C = 65536
 MiB = 1 << 20

@@ -19,10 +19,8 @@ import pytest
 
 from nbd_mc.control import ControlError
 from support.reliability import record
-from support.servers import (GroupModel, make_image, read_all, read_file, servers, wait_until,
-                     workdir)
+from support.servers import GroupModel, make_image, read_all, read_file, wait_until
 
-__all__ = ["servers", "workdir"]  # fixtures
 
 MiB = 1 << 20
 C = 65536

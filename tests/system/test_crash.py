@@ -23,11 +23,10 @@ from nbd_mc import crashpoints
 from nbd_mc.control import ControlClient
 from nbd_mc.engine import Group
 from support.servers import (GroupModel, RawControl, assert_bytes, assert_check, assert_compare,
-                     describe, is_connection_loss, make_image, nbd_mc, read_all, read_file,
-                     servers, subprocess_env, workdir, write_file)
+                             describe, is_connection_loss, make_image, nbd_mc, read_all, read_file,
+                             subprocess_env, write_file)
 from support.stress import Stress
 
-__all__ = ["servers", "workdir"]  # fixtures
 
 MiB = 1 << 20
 SIZES = {"vda": 2 * MiB, "vdb": 1 * MiB + 3 * 512}

@@ -12,7 +12,7 @@ import pytest
 
 from support.load import Load
 from support.reliability import record
-from support.servers import plugin_pids, workdir  # noqa: F401 (fixture)
+from support.servers import plugin_pids
 
 SOAK = float(os.environ.get("NBD_MC_SOAK_SECONDS") or 0)
 MODES = ["process", "power"] if SOAK else ["process"]

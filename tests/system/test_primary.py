@@ -29,8 +29,8 @@ import pytest
 from nbd_mc import primary
 from nbd_mc.control import ControlClient
 from nbd_mc.tls import TlsFiles
-from support.servers import (Server, assert_bytes, describe, make_image, nbd_mc, nbd_mc_argv,  # noqa: F401
-                     read_all, read_file, run, servers, subprocess_env, wait_until, workdir)
+from support.servers import (REPO, Server, assert_bytes, describe, make_image, nbd_mc, nbd_mc_argv,
+                             read_all, read_file, run, subprocess_env, wait_until)
 
 pytestmark = pytest.mark.qemu
 
@@ -723,8 +723,7 @@ def _free_port() -> int:
 def _tls_primary(servers, seed: str):
     """Certificates, a primary image with data and an empty replica of its size."""
     certs = servers.path("certs")
-    r = run(["sh", os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools",
-                                "make-certs.sh"), certs])
+    r = run(["sh", os.path.join(REPO, "tools", "make-certs.sh"), certs])
     assert r.returncode == 0, describe(r)
     rng = random.Random(seed)
     images = {"drive0": servers.path("drive0.raw")}

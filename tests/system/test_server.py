@@ -16,11 +16,9 @@ import nbd
 import pytest
 
 from support.servers import (GroupModel, RawControl, assert_bytes, assert_check, assert_compare,
-                     describe, make_image, nbd_mc, read_all, read_file, run, servers, workdir,
-                     write_file)
+                             describe, make_image, nbd_mc, read_all, read_file, run, write_file)
 from support.stress import Stress
 
-__all__ = ["servers", "workdir"]  # fixtures
 
 MiB = 1 << 20
 
@@ -319,10 +317,6 @@ def test_fence_races_writes_in_flight(servers):
     """A fence sent while writes are in flight: each write either completed before
     the fence (its data is on disk) or failed with EPERM (no byte of it is); none
     is torn, and nothing changes after the fence returns."""
-    import errno
-
-    import nbd
-
     rng = random.Random(9)
     img = servers.path("vda.raw")
     model = GroupModel({"vda": make_image(img, 16 * MiB, rng)})

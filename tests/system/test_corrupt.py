@@ -24,10 +24,9 @@ from nbd_mc import cli, qcow2
 from nbd_mc.engine import Group
 from nbd_mc.errors import NbdMcError
 from support.reliability import record
-from support.servers import describe, make_image, nbd_mc, plugin_pids, read_file, run, servers, workdir
+from support.servers import describe, make_image, nbd_mc, plugin_pids, read_file, run
 from support.servers import write_file
 
-__all__ = ["servers", "workdir"]  # fixtures
 
 C = 65536
 SIZES = {"a": 1 << 20, "b": (1 << 20) + C}

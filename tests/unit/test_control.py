@@ -26,7 +26,7 @@ from nbd_mc.control import (AfterReply, ControlClient, ControlError, ControlProt
 from nbd_mc.tls import TlsFiles
 from nbd_mc.errors import CommandNotFound, EpochMismatch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MAKE_CERTS = REPO / "tools" / "make-certs.sh"
 WIRE_TIMEOUT = 10           # a safety net against hangs, never a synchronisation
 FUZZ = settings(max_examples=150, deadline=None,

@@ -1,0 +1,87 @@
+"""The command table (nbd_mc/commands.py) in-process: one schema per command,
+checked before anything runs, bound to a real Group without nbdkit."""
+
+from __future__ import annotations
+
+import pytest
+
+from nbd_mc import commands
+from nbd_mc.control import AfterReply
+from nbd_mc.engine import Group
+from nbd_mc.errors import BadRequest, CommandNotFound
+
+EXPECTED = {"query-status", "commit", "rollback", "fence", "failover", "quit"}
+
+
+@pytest.fixture
+def group(tmp_path):
+    image = tmp_path / "vda.raw"
+    image.write_bytes(b"\x01" * 4 * 65536)
+    g = Group(str(tmp_path / "state"), [("vda", str(image))])
+    yield g
+    g.close()
+
+
+@pytest.fixture
+def session(group):
+    quits = []
+    return commands.Session(group, on_quit=lambda: quits.append(1)), quits
+
+
+def test_the_table_is_the_whole_vocabulary():
+    assert set(commands.COMMANDS) == EXPECTED
+    for c in commands.COMMANDS.values():
+        assert c.summary and all(a.kind in ("epoch", "boolean") for a in c.arguments)
+
+
+def test_unknown_commands_name_every_known_one(session):
+    handle = commands.handler(session[0])
+    with pytest.raises(CommandNotFound) as e:
+        handle("comit", {})
+    assert all(name in e.value.desc for name in EXPECTED)
+
+
+@pytest.mark.parametrize("name, arguments, words", [
+    ("commit", {}, "commit: missing argument 'epoch'"),
+    ("commit", {"epoch": -1}, "'epoch' must be a non-negative integer"),
+    ("commit", {"epoch": True}, "'epoch' must be a non-negative integer"),
+    ("commit", {"epoch": 1.0}, "'epoch' must be a non-negative integer"),
+    ("commit", {"epoch": 1, "force": True}, "commit: unexpected arguments force"),
+    ("failover", {"instant": "yes"}, "'instant' must be a boolean"),
+    ("failover", {"instant": None}, "'instant' must be a boolean"),
+    ("query-status", {"verbose": 1}, "query-status: unexpected arguments verbose"),
+    ("quit", {"now": True}, "quit: unexpected arguments now"),
+])
+def test_the_schema_refuses_before_anything_runs(session, group, name, arguments, words):
+    s, quits = session
+    before = group.status()
+    with pytest.raises(BadRequest, match=words):
+        commands.handler(s)(name, arguments)
+    assert group.status() == before and not quits
+
+
+def test_commands_run_on_the_group(session, group):
+    handle = commands.handler(session[0])
+    assert handle("query-status", {})["committed"] == 0
+    assert handle("commit", {"epoch": 1})["committed"] == 1
+    assert handle("rollback", {})["restored_clusters"] == 0
+    assert handle("fence", {}) == {"generation": 1}
+    assert commands.greeting(group) == {"version": commands.__version__, "committed": 1,
+                                        "disks": ["vda"]}
+
+
+def test_failover_replies_with_the_drive_option_qemu_needs(session, group):
+    group.commit(1)
+    r = commands.handler(session[0])("failover", {})  # instant defaults to False
+    (d,) = r["disks"]
+    assert d["format"] == "raw"
+    assert d["drive"] == f"file={d['path']},format=raw,if=none,id=vda"
+
+
+def test_quit_replies_first_and_stops_only_after(session):
+    s, quits = session
+    result = commands.handler(s)("quit", {})
+    assert isinstance(result, AfterReply) and result.result == {}
+    assert not quits, "the server runs the action once the reply is sent"
+    result.action()
+    assert quits == [1]
