@@ -7,7 +7,7 @@ qcow2 reader (QEMU, qemu-img) therefore shows the disk as of the last commit, an
 
 Why our own writer: no maintained Python library writes qcow2, and the one thing we
 need -- ordered, crash-safe metadata updates on a file that stays valid qcow2 at every
-instant -- is a small subset of the format (QCOW2.md):
+instant -- is a small subset of the format (docs/qcow2-undo-format.md):
 
 * metadata is written in the order refcount -> data -> L2 entry -> L1 entry, so a
   crash can leave only leaks (allocated, unreferenced clusters), never a referenced
@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from . import crashpoints
 from .fileio import pread_into, punch_hole, pwrite_all, runs as _runs
 from .errors import CorruptOverlay, IOFailure
+from .errors import io_failure as _io_error
 
 MAGIC = b"QFI\xfb"
 HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQII")  # the 104 bytes of a v3 header
@@ -77,10 +78,6 @@ def cluster_bits_of(cluster_size: int) -> int:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _io_error(what: str, e: OSError) -> IOFailure:
-    return IOFailure(f"{what}: {os.strerror(e.errno) if e.errno else e}", e.errno or 5)
 
 
 @dataclass

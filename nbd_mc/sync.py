@@ -12,7 +12,11 @@ from contextlib import contextmanager
 
 
 class Gate:
-    """Many requests pass at once; a checkpoint closes it and waits for them."""
+    """Many requests pass at once; a checkpoint closes it and waits for them.
+
+    State: ``_active`` (requests inside) and ``_closed`` (a checkpoint holds the
+    gate), both guarded by ``_cond``.
+    """
 
     def __init__(self):
         self._cond = threading.Condition(threading.Lock())
@@ -53,6 +57,10 @@ class GroupSync:
     Writers count their writes (``note_write``); ``wait_durable(n)`` returns once a
     sync that started after write n has finished -- one fdatasync serves everyone
     who arrived while the previous one ran.
+
+    State: ``written`` (writes noted), ``_synced`` (writes known durable) and
+    ``_running`` (a sync is in progress), all guarded by ``_cond``; the fdatasync
+    itself runs outside it.
     """
 
     def __init__(self, fd_getter):

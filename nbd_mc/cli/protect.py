@@ -11,7 +11,6 @@ import json
 
 import click
 
-from .. import primary
 from ..address import parse_address
 from .common import Failure, json_wanted, main
 
@@ -54,6 +53,7 @@ def protect(qmp_path, drives, target, control, interval, epochs, hook, tls_dir, 
     If the secondary fails, protection stops, the VM keeps running and the exit
     status is 1.
     """
+    from .. import primary  # here: qemu.qmp and asyncio would slow every other command's start
     try:
         opts = primary.Options(
             qmp=qmp_path, drives=primary.parse_drives(drives),
