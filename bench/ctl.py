@@ -1,4 +1,4 @@
-"""A minimal client of the nbd-mc control protocol (INTERFACE.md).
+"""A minimal client of the nbd-mc control protocol (docs/control-protocol.md).
 
 Newline-delimited JSON over a unix socket: the server greets first, then each
 request line gets one reply line. Kept here, small and synchronous, so that the

@@ -2,7 +2,7 @@
 
 * ``NbdkitFile``: nbdkit's own file plugin, no undo at all: the speed limit.
 * ``Qsd``: qemu-storage-daemon with a copy-before-write node whose target is a
-  qcow2 overlay backed by the image (ENVIRONMENT.md): the same job as nbd-mc,
+  qcow2 overlay backed by the image (``Qsd.start`` below): the same job as nbd-mc,
   done in C. A fresh, empty overlay is an open epoch where every cluster is a
   first touch; "a new epoch" is a restart on a re-created overlay. With
   ``undo=False`` it exports the raw node, no copy-before-write (the epoch-0 case).
