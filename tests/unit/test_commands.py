@@ -85,3 +85,14 @@ def test_quit_replies_first_and_stops_only_after(session):
     assert not quits, "the server runs the action once the reply is sent"
     result.action()
     assert quits == [1]
+
+
+def test_the_boot_advice_names_each_disk_and_its_drive():
+    from nbd_mc import boot
+
+    disks = boot.with_drive_options([{"name": "vda", "path": "/srv/vda.raw", "format": "raw"}])
+    lines = boot.advice(disks)
+    assert "same device model as the old primary" in lines[0]
+    assert lines[1] == "  vda: /srv/vda.raw (raw)"
+    assert lines[2].endswith("-drive file=/srv/vda.raw,format=raw,if=none,id=vda "
+                             "-device virtio-blk-pci,drive=vda")
