@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -162,20 +163,26 @@ def nbd_mc(*args: str, timeout: float = 120.0) -> tuple[int, dict | None, str]:
     cmd = [nbd_mc_binary(), *args, "--json"]
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}:/usr/bin:/usr/sbin:/bin:/sbin:" + env.get("PATH", "")
-    try:
-        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                           timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return 124, None, f"{' '.join(cmd)}: no answer within {timeout:.0f} s"
-    except OSError as e:
-        return 127, None, f"{cmd[0]}: {e}"
-    data = None
-    if p.stdout.strip():
+    # Files, not pipes: `serve` leaves nbdkit running in the background, and a
+    # daemon that inherited a pipe would hold it open (run() would wait forever).
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         try:
-            data = json.loads(p.stdout)
+            p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                               timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return 124, None, f"{' '.join(cmd)}: no answer within {timeout:.0f} s"
+        except OSError as e:
+            return 127, None, f"{cmd[0]}: {e}"
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    data = None
+    if stdout.strip():
+        try:
+            data = json.loads(stdout)
         except ValueError:
             data = None
-    return p.returncode, data, p.stderr.strip()
+    return p.returncode, data, stderr.strip()
 
 
 def crm(*args: str, timeout: float = 30.0) -> tuple[int, str]:

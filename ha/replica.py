@@ -55,11 +55,14 @@ PARAMS = [
     Param("nbd_port", "NBD TCP port",
           "Serve NBD on this TCP port (for a peer on another host).  Empty: a unix "
           "socket STATE_DIR/nbd.sock (single host, tests).", default=""),
-    Param("nbd_bind", "NBD bind address",
-          "Address to bind the NBD port to (empty: every address).", default=""),
-    Param("control", "Control address",
-          "The control channel: a unix socket path or tcp://HOST:PORT (TCP needs "
-          "tls_certificates).  Empty: STATE_DIR/control.sock.", default=""),
+    Param("addresses", "NODE=ADDRESS ...",
+          "The pair's nodes and the address each one's replica serves on, e.g. "
+          "\"node1=10.0.0.1 node2=10.0.0.2\" (the same value as ocf:nbd-mc:protect's): this "
+          "node's replica binds NBD and the control channel (tcp://ADDRESS:control_port, "
+          "TLS) to its own address.  Empty: unix sockets in STATE_DIR (single host, tests).",
+          default=""),
+    Param("control_port", "control channel TCP port",
+          "With addresses: the control channel's port.", default="10810"),
     Param("tls_certificates", "x509 directory",
           "Certificates for TLS (tools/make-certs.sh): with nbd_port the NBD exports "
           "require TLS, and a tcp:// control channel always uses it.", default=""),
@@ -86,9 +89,14 @@ class Config:
         self.disks = shlex.split(p["disks"])
         self.state_dir = os.path.abspath(p["state_dir"]) if p["state_dir"] else ""
         self.nbd_port = p["nbd_port"]
-        self.nbd_bind = p["nbd_bind"]
-        self.control = p["control"] or (os.path.join(self.state_dir, "control.sock")
-                                        if self.state_dir else "")
+        self.addresses = dict(w.split("=", 1) for w in shlex.split(p["addresses"]) if "=" in w)
+        self.control_port = p["control_port"]
+        self.nbd_bind = ""
+        if self.addresses:
+            self.nbd_bind = self.addresses.get(local_node(), "")
+            self.control = f"tcp://{self.nbd_bind}:{self.control_port}"
+        else:
+            self.control = os.path.join(self.state_dir, "control.sock") if self.state_dir else ""
         self.tls = p["tls_certificates"]
         self.durability = p["durability"]
         self.marker = ocf.Marker("replica")
@@ -105,6 +113,11 @@ class Config:
                 raise ocf.AgentError(ocf.ERR_CONFIGURED, f"bad disk {d!r}: use NAME=PATH")
             if not os.path.isfile(path):
                 raise ocf.AgentError(ocf.ERR_INSTALLED, f"disk image {path} does not exist here")
+        if self.addresses and not self.nbd_bind:
+            raise ocf.AgentError(ocf.ERR_CONFIGURED, f"this node ({local_node()}) has no "
+                                                     f"address in addresses")
+        if self.addresses and not (self.nbd_port.isdigit() and self.control_port.isdigit()):
+            raise ocf.AgentError(ocf.ERR_CONFIGURED, "addresses needs nbd_port and control_port")
         if self.nbd_port and not self.nbd_port.isdigit():
             raise ocf.AgentError(ocf.ERR_CONFIGURED, f"nbd_port {self.nbd_port!r} is not a port")
         if self.control.startswith("tcp://") and not self.tls:
@@ -119,12 +132,8 @@ class Config:
 
     # --- talking to nbd-mc -------------------------------------------------------
     def client_args(self) -> list[str]:
-        """Where this node's own server answers (0.0.0.0 is dialled as 127.0.0.1,
-        the name the test certificates carry)."""
-        control = self.control
-        if control.startswith("tcp://0.0.0.0:"):
-            control = "tcp://127.0.0.1:" + control.rsplit(":", 1)[1]
-        args = ["--control", control]
+        """Where this node's own server answers."""
+        args = ["--control", self.control]
         if self.tls:
             args += ["--tls-certificates", self.tls]
         return args
@@ -207,6 +216,14 @@ def _terminate(pid: int, timeout: float = 20.0) -> None:
 
 
 # --- Pacemaker ------------------------------------------------------------------------
+def local_node() -> str:
+    node = os.environ.get("OCF_RESKEY_CRM_meta_on_node")
+    if node:
+        return node
+    rc, out = ocf.crm("crm_node", "-n")
+    return out.strip() if rc == 0 and out.strip() else os.uname().nodename
+
+
 def primitive_id() -> str:
     return ocf.instance().split(":", 1)[0]
 
