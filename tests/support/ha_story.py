@@ -236,6 +236,27 @@ class Story:
         self.say(f"   {returning} is a secondary again; {primary} protects into it "
                  f"(full sync, committed epoch {e})")
 
+    def node_returns(self, name: str, primary: str) -> None:
+        """A killed node boots again: it starts unpromoted, gives up its diverged image
+        and the primary protects into it (full sync)."""
+        self.say(f"5. {name} returns (corosync + pacemaker again, empty /run)")
+        t0 = time.monotonic()
+        self.cluster.restart(name)
+        e = self.wait_protected(primary, name, 120)
+        self.figures["return_to_protected_s"] = round(time.monotonic() - t0, 2)
+        self.say(f"   {name} is a secondary again {time.monotonic() - t0:.1f} s later; {primary} "
+                 f"protects into it (full sync, committed epoch {e})")
+
+    def run(self) -> dict:
+        """The whole story; returns the figures."""
+        self.setup()
+        self.first_start()
+        self.kill_qemu("node1", "node2")
+        self.failback("node1", "node2")
+        self.kill_node("node2", "node1")
+        self.node_returns("node2", "node1")
+        return self.figures
+
     def agents_log(self) -> str:
         p = self.root / "agents.log"
         return p.read_text(errors="replace") if p.exists() else ""
