@@ -30,6 +30,7 @@ read only through ``nbd-mc status/inspect --json``.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -398,6 +399,8 @@ def action_promote() -> int:
         if info.get("stale"):
             raise ocf.AgentError(ocf.ERR_GENERIC, "refusing to promote a stale group")
         t0 = time.monotonic()
+        if serving is not None:
+            record_rollback(cfg, serving)
         args = ["failover", "--state-dir", cfg.state_dir]
         if serving is not None:
             args += cfg.client_args()
@@ -414,6 +417,36 @@ def action_promote() -> int:
     cfg.marker.set("promoted")
     set_score(PRIMARY_SCORE, "promoted: the VM's live disks are here")
     return ocf.SUCCESS
+
+
+def record_rollback(cfg: Config, serving: dict) -> None:
+    """Keep what the failover is about to roll back, for a later incremental resync.
+
+    After a fence nobody can add undo data; each disk's undo overlay then holds
+    exactly the clusters the rollback will restore (their allocated clusters) and
+    the old primary's data for them.  Copies go to STATE_DIR.rolled-back/ with a
+    summary; a failure here is logged and never stops the promotion.
+    """
+    out = cfg.state_dir.rstrip("/") + ".rolled-back"
+    try:
+        rc, _, err = ocf.nbd_mc("fence", *cfg.client_args(), timeout=30)
+        if rc != 0:
+            raise OSError(err)
+        serving = cfg.status() or serving  # what the fence let in before it closed
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        summary = {"committed": serving.get("committed"), "time": time.time(), "disks": []}
+        for d in serving.get("disks", []):
+            shutil.copyfile(d["overlay"], os.path.join(out, f"{d['name']}.undo.qcow2"))
+            summary["disks"].append({k: d.get(k) for k in ("name", "image", "cluster_size",
+                                                           "preserved_clusters", "undo_bytes")})
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        ocf.log("info", "rolling back " + ", ".join(
+            f"{d['name']}: {d['preserved_clusters']} clusters" for d in summary["disks"])
+            + f" (recorded in {out})")
+    except OSError as e:
+        ocf.log("warning", f"could not record the clusters to roll back: {e}")
 
 
 def action_demote() -> int:

@@ -9,4 +9,4 @@ ha-agents: $(STAMP)
 	@tools/setup-ha.sh $(CURDIR)/$(PY) $(CURDIR)
 
 demo-ha: setup guest
-	PATH=$(CURDIR)/$(VENV)/bin:/usr/bin:$$PATH $(PY) -m ha.demo $(DEMO_HA_ARGS)
+	PATH=$(CURDIR)/$(VENV)/bin:/usr/bin:$$PATH $(PY) ha/demo.py $(DEMO_HA_ARGS)
