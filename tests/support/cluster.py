@@ -281,6 +281,10 @@ class Status:
         return "\n".join(lines)
 
 
+FENCE_AGENT = Path(__file__).resolve().parent / "fence_nbdmc_netns"
+FENCE_INSTALLED = Path("/usr/sbin/fence_nbdmc_netns")  # where pacemaker-fenced looks
+
+
 class Cluster:
     """Two nodes, node1 and node2, on a veth pair; stop() removes everything."""
 
@@ -302,6 +306,25 @@ class Cluster:
             run(ns + ["addr", "add", f"{node.addr}/24", "dev", veth])
             run(ns + ["link", "set", veth, "up"])
             run(ns + ["link", "set", "lo", "up"])
+
+    def install_fence_agent(self) -> str:
+        """Install the test fence agent; returns its netns_map parameter."""
+        tmp = FENCE_INSTALLED.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(FENCE_AGENT)
+        tmp.rename(FENCE_INSTALLED)
+        return " ".join(f"{n.name}={os.stat(f'/run/netns/{n.ns}').st_ino}"
+                        for n in self.nodes.values())
+
+    def fence_history(self, via: str) -> list[dict]:
+        """Pacemaker's fencing history as a node sees it: [{target, action, status}]."""
+        st = self.nodes[via].sh(["crm_mon", "-1", "--output-as=xml", "--fence-history=3"],
+                                check=False)
+        try:
+            xml = ET.fromstring(st.stdout)
+        except ET.ParseError:
+            return []
+        return [dict(e.attrib) for e in xml.iter("fence_event")]
 
     def teardown_network(self) -> None:
         for node in self.nodes.values():
@@ -328,6 +351,8 @@ class Cluster:
             if os.path.exists(f"/run/netns/{node.ns}"):
                 node.kill()
         self.teardown_network()
+        if FENCE_INSTALLED.is_symlink() and FENCE_INSTALLED.resolve() == FENCE_AGENT:
+            FENCE_INSTALLED.unlink()
 
     def restart(self, name: str, timeout: float = 90) -> None:
         """Bring a killed node back: fresh /run (nothing running), same disks and CIB dir."""

@@ -41,9 +41,16 @@ NBD_PORT = 10809
 CONTROL_PORT = 10810
 
 
-def render_config(tls_dir: Path, files: guest.GuestFiles) -> str:
-    """ha/cluster.crm with this machine's paths: the guest's QEMU arguments, the TLS dir."""
+def render_config(tls_dir: Path, files: guest.GuestFiles, netns_map: str | None = None) -> str:
+    """ha/cluster.crm with this machine's paths: the guest's QEMU arguments, the TLS dir;
+    with netns_map, STONITH by the test fence agent (tests/support/fence_nbdmc_netns)."""
     text = CRM_TEMPLATE.read_text()
+    if netns_map:
+        text = text.replace("property stonith-enabled=false", f"""\
+property stonith-enabled=true
+primitive fence-nodes stonith:fence_nbdmc_netns \\
+    params netns_map="{netns_map}" pcmk_host_list="node1 node2" pcmk_reboot_action=off \\
+    op monitor interval=60s""")
     args = guest.qemu_args(files, "service", guest.disk_drive_args(f"{DATA}/vda.raw"),
                            serial="stdio")[1:]
     i = args.index("-serial")  # the console goes to the node's data dir, kept across boots
@@ -105,8 +112,10 @@ class Story:
         self.say(f"   {name}: its image is made the first primary (serve, commit 1, failover, stop)")
 
     def configure(self) -> None:
-        self.say("2. crm configure load update (ha/cluster.crm): replica clone, VM, protect")
-        self.cluster.configure(render_config(self.tls, self.files))
+        self.say("2. crm configure load update (ha/cluster.crm): replica clone, VM, protect; "
+                 "STONITH by a test fence agent that kills a node's namespace")
+        netns_map = self.cluster.install_fence_agent()
+        self.cluster.configure(render_config(self.tls, self.files, netns_map))
 
     # --- looking -----------------------------------------------------------------------
     def replica(self, name: str) -> dict | None:
@@ -160,8 +169,11 @@ class Story:
                 return None
             seen.setdefault("first", st["committed"])
             return st["committed"] if st["committed"] >= seen["first"] + 2 else None
-        return wait_for(committed, f"{primary} protecting into {secondary}", timeout,
-                        self.cluster.describe)
+        e = wait_for(committed, f"{primary} protecting into {secondary}", timeout,
+                     self.cluster.describe)
+        st = self.replica(secondary)
+        self.figures.setdefault("resync_bytes", {})[secondary] = st["stats"]["bytes_written"]
+        return e
 
     def guest_progress(self, name: str, secondary: str, records: int = 5,
                        timeout: float = 90) -> int:
@@ -215,6 +227,13 @@ class Story:
         t0 = time.monotonic()
         self.cluster.nodes[primary].kill()
         self.after_kill(t0, secondary, seq, "node_kill")
+        fenced = [e for e in self.cluster.fence_history(secondary)
+                  if e.get("target") == primary and e.get("status") == "success"]
+        if not fenced:
+            raise ClusterError(f"{primary} was not fenced: {self.cluster.fence_history(secondary)}")
+        self.figures["node_kill"]["fenced"] = f"{primary} {fenced[-1].get('action')} by {fenced[-1].get('delegate')}"
+        self.say(f"   {primary} was fenced first (STONITH '{fenced[-1].get('action')}' "
+                 f"by {fenced[-1].get('delegate')})")
 
     def after_kill(self, t0: float, new_primary: str, seq: int, key: str) -> None:
         self.cluster.wait(lambda st: new_primary in st.where("vm"), f"vm started on {new_primary}",
@@ -234,7 +253,8 @@ class Story:
     def failback(self, returning: str, primary: str) -> None:
         e = self.wait_protected(primary, returning, 120)
         self.say(f"   {returning} is a secondary again; {primary} protects into it "
-                 f"(full sync, committed epoch {e})")
+                 f"(full sync: {self.figures['resync_bytes'][returning] / 2**20:.1f} MiB written "
+                 f"into it so far; committed epoch {e})")
 
     def node_returns(self, name: str, primary: str) -> None:
         """A killed node boots again: it starts unpromoted, gives up its diverged image
