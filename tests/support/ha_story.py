@@ -253,8 +253,8 @@ class Story:
     def failback(self, returning: str, primary: str) -> None:
         e = self.wait_protected(primary, returning, 120)
         self.say(f"   {returning} is a secondary again; {primary} protects into it "
-                 f"(full sync: {self.figures['resync_bytes'][returning] / 2**20:.1f} MiB written "
-                 f"into it so far; committed epoch {e})")
+                 f"(full sync: {self.figures['resync_bytes'][returning] / 2**20:.1f} MiB of data "
+                 f"written into it so far, the rest as zeroes; committed epoch {e})")
 
     def node_returns(self, name: str, primary: str) -> None:
         """A killed node boots again: it starts unpromoted, gives up its diverged image
