@@ -146,3 +146,31 @@ def test_pacemaker_fails_the_vm_over_and_back(tmp, capsys):
     report = os.environ.get("NBD_MC_HA_REPORT")
     if report:
         Path(report).write_text(json.dumps(figures, indent=2))
+
+
+def test_promotion_fails_over_records_the_rollback_and_monitor_sees_8_then_9(tmp):
+    disks, st = committed_replica(tmp, epochs=2)
+    params = {"disks": disks, "state_dir": st, "_rsctmp": str(tmp / "run")}
+    try:
+        assert agent("replica", "start", dict(params)).returncode == 0
+        promote = agent("replica", "promote", dict(params))
+        assert promote.returncode == 0, promote.stderr
+        assert "failover: the disks hold committed epoch 2" in promote.stderr
+        summary = json.loads((tmp / "st.rolled-back" / "summary.json").read_text())
+        assert summary["committed"] == 2 and summary["disks"][0]["name"] == "vda"
+        assert agent("replica", "monitor", dict(params)).returncode == 8  # running promoted
+        # Something serves the live disks behind Pacemaker's back: failed promoted.
+        nbd_mc("serve", "--state-dir", st)
+        try:
+            mon = agent("replica", "monitor", dict(params))
+            assert mon.returncode == 9, mon.stderr
+            assert "an nbd-mc server serves the live disks" in mon.stderr
+        finally:
+            nbd_mc("stop", "--state-dir", st)
+        demote = agent("replica", "demote", dict(params))
+        assert demote.returncode == 0
+        assert "promotion score 1000: this node holds the live disks" in demote.stderr
+        assert agent("replica", "monitor", dict(params)).returncode == 0
+    finally:
+        assert agent("replica", "stop", dict(params)).returncode == 0
+    assert agent("replica", "monitor", dict(params)).returncode == 7
