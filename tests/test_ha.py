@@ -174,3 +174,17 @@ def test_promotion_fails_over_records_the_rollback_and_monitor_sees_8_then_9(tmp
     finally:
         assert agent("replica", "stop", dict(params)).returncode == 0
     assert agent("replica", "monitor", dict(params)).returncode == 7
+
+
+def test_a_fenced_replica_gets_no_promotion_score(tmp):
+    disks, st = committed_replica(tmp)
+    params = {"disks": disks, "state_dir": st, "_rsctmp": str(tmp / "run")}
+    try:
+        start = agent("replica", "start", dict(params))
+        assert start.returncode == 0 and "promotion score 100: protected replica" in start.stderr
+        nbd_mc("fence", "--state-dir", st)
+        mon = agent("replica", "monitor", dict(params))
+        assert mon.returncode == 0
+        assert "no promotion score: the group is fenced (generation 1)" in mon.stderr
+    finally:
+        assert agent("replica", "stop", dict(params)).returncode == 0
