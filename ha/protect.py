@@ -36,8 +36,10 @@ import ocf  # noqa: E402
 from ocf import Param  # noqa: E402
 
 PARAMS = [
-    Param("qmp", "QMP socket of the VM", "The VM's QMP unix socket (as ocf:nbd-mc:qemu qmp).",
-          required=True, unique=True),
+    Param("qmp", "QMP socket of the VM",
+          "The VM's QMP unix socket (as ocf:nbd-mc:qemu qmp).  Leave it empty for a libvirt "
+          "domain (ocf:heartbeat:VirtualDomain) and give options=\"--libvirt DOMAIN\" "
+          "(needs an nbd-mc protect with --libvirt).", default="", unique=True),
     Param("drives", "ID[=EXPORT] ...",
           "The VM's drives to protect, space-separated ID[=EXPORT] words (`nbd-mc protect "
           "--drive`): every disk of the replica's group.", required=True),
@@ -81,8 +83,10 @@ class Config:
         self.log_file = base + ".log"
 
     def validate(self) -> None:
-        if not self.qmp or not self.drives:
-            raise ocf.AgentError(ocf.ERR_CONFIGURED, "qmp and drives are required")
+        self.libvirt = "--libvirt" in shlex.split(self.p["options"])
+        if not self.drives or not (self.qmp or self.libvirt):
+            raise ocf.AgentError(ocf.ERR_CONFIGURED, "drives and qmp (or options=--libvirt "
+                                                     "DOMAIN) are required")
         if len(self.peers) < 2:
             raise ocf.AgentError(ocf.ERR_CONFIGURED, "addresses needs NODE=ADDRESS for both nodes")
         for k in ("nbd_port", "control_port"):
@@ -158,7 +162,7 @@ def supervise() -> int:
                 why = f"the replica on {name} does not answer ({err.splitlines()[-1] if err else rc})"
             elif st.get("role") != "secondary" or st.get("fenced"):
                 why = f"the replica on {name} is {st.get('role')}{' and fenced' if st.get('fenced') else ''}"
-            elif not os.path.exists(cfg.qmp):
+            elif cfg.qmp and not os.path.exists(cfg.qmp):
                 why = f"no QMP socket {cfg.qmp} (is the VM running?)"
             else:
                 why = None
@@ -171,7 +175,7 @@ def supervise() -> int:
             stopping.wait(retry)
             continue
         last_wait = None
-        cmd = [ocf.nbd_mc_binary(), "protect", "--qmp", cfg.qmp,
+        cmd = [ocf.nbd_mc_binary(), "protect", *(["--qmp", cfg.qmp] if cfg.qmp else []),
                *[a for d in cfg.drives for a in ("--drive", d)],
                "--target", f"nbds://{addr}:{cfg.p['nbd_port']}/", "--control", control,
                "--tls-certificates", cfg.tls, "--interval", cfg.p["interval"] or "100ms",

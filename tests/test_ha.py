@@ -188,3 +188,18 @@ def test_a_fenced_replica_gets_no_promotion_score(tmp):
         assert "no promotion score: the group is fenced (generation 1)" in mon.stderr
     finally:
         assert agent("replica", "stop", dict(params)).returncode == 0
+
+
+def test_ocf_tester_passes_on_the_protect_agent(tmp):
+    """Start, monitor, stop of the supervisor (its peer does not exist: it waits)."""
+    tls = tmp / "tls"
+    subprocess.run([str(REPO / "tools" / "make-certs.sh"), str(tls)], check=True,
+                   capture_output=True)
+    me = os.uname().nodename  # no cluster: the agent falls back to the host name
+    p = subprocess.run(["ocf-tester", "-n", "nbdmc-protect",
+                        "-o", f"qmp={tmp}/vm.qmp", "-o", "drives=drive0=vda",
+                        "-o", f"addresses={me}=127.0.0.1 other=127.0.0.2",
+                        "-o", f"tls_certificates={tls}", "-o", "retry=0.2",
+                        str(OCF_DIR / "protect")],
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
