@@ -124,6 +124,7 @@ def test_a_replica_without_a_commit_is_never_promoted(tmp):
     assert agent("replica", "monitor", dict(params)).returncode == 7
 
 
+@pytest.mark.timeout(600)  # about 100 s; its own waits have deadlines
 def test_pacemaker_fails_the_vm_over_and_back(tmp, capsys):
     """The story of tests/support/ha_story.py: both kinds of kill, both directions."""
     from support.ha_story import Story
