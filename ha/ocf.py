@@ -71,7 +71,9 @@ def log(level: str, message: str) -> None:
     if logfile:
         try:
             with open(logfile, "a") as f:
-                f.write(f"{time.strftime('%H:%M:%S')} {os.environ.get('HA_NODE', '')}"
+                now = time.time()
+                f.write(f"{time.strftime('%H:%M:%S', time.localtime(now))}.{int(now % 1 * 1000):03d}"
+                        f" {os.environ.get('OCF_RESKEY_CRM_meta_on_node', '')}"
                         f" {instance()} {level}: {message}\n")
         except OSError:
             pass

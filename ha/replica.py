@@ -387,12 +387,12 @@ def action_promote() -> int:
     role = cfg.marker.get()
     if role is None:
         raise ocf.AgentError(ocf.ERR_GENERIC, "promote of a stopped instance")
-    st = cfg.offline()
+    serving = cfg.status()  # answers on a replica; the live disks are never served
+    st = serving if serving is not None else cfg.offline()
     if st is None:
         raise ocf.AgentError(ocf.ERR_GENERIC, "refusing to promote: no group state")
     if st.get("role") != "primary":
-        serving = cfg.status()
-        info = serving or st
+        info = st
         if not info.get("committed"):
             raise ocf.AgentError(ocf.ERR_GENERIC, "refusing to promote garbage: no epoch was "
                                                   "ever committed (initial sync unfinished)")
@@ -425,14 +425,15 @@ def record_rollback(cfg: Config, serving: dict) -> None:
     After a fence nobody can add undo data; each disk's undo overlay then holds
     exactly the clusters the rollback will restore (their allocated clusters) and
     the old primary's data for them.  Copies go to STATE_DIR.rolled-back/ with a
-    summary; a failure here is logged and never stops the promotion.
+    summary (its counts are from the status read just before the fence: the
+    copies are the exact record); a failure here is logged and never stops the
+    promotion.
     """
     out = cfg.state_dir.rstrip("/") + ".rolled-back"
     try:
         rc, _, err = ocf.nbd_mc("fence", *cfg.client_args(), timeout=30)
         if rc != 0:
             raise OSError(err)
-        serving = cfg.status() or serving  # what the fence let in before it closed
         shutil.rmtree(out, ignore_errors=True)
         os.makedirs(out)
         summary = {"committed": serving.get("committed"), "time": time.time(), "disks": []}
@@ -455,10 +456,12 @@ def action_demote() -> int:
     if cfg.marker.get() is None:
         raise ocf.AgentError(ocf.ERR_GENERIC, "demote of a stopped instance")
     # The VM is stopped (it is ordered after the promotion).  The images stay the
-    # newest copy until another node is promoted; then notify/start make this
-    # node a fresh secondary.
+    # newest copy until another node is promoted; then monitor/start make this
+    # node a fresh secondary.  Nothing else here: a demotion is on the failover's
+    # critical path (the peer's promotion waits for it).
     cfg.marker.set("unpromoted")
-    return action_monitor()
+    set_score(PRIMARY_SCORE, "this node holds the live disks (role primary)")
+    return ocf.SUCCESS
 
 
 def action_notify() -> int:
