@@ -72,6 +72,14 @@ primitive fence-nodes stonith:fence_nbdmc_netns \\
 
 @dataclass
 class Story:
+    """The story's steps (see the module docstring), each waiting by polling.
+
+    State, all used from one thread: ``cluster`` and ``files`` are set by
+    ``setup``; ``figures`` (measured times, resync bytes) grows as steps finish;
+    ``logs`` holds, per node, the console log offset where the current VM's boot
+    begins (set by ``mark_console`` just before a kill).
+    """
+
     root: Path
     say: callable = print
     cluster: Cluster | None = None
