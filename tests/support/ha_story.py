@@ -179,7 +179,7 @@ class Story:
             return st["committed"] if st["committed"] >= seen["first"] + 2 else None
         e = wait_for(committed, f"{primary} protecting into {secondary}", timeout,
                      self.cluster.describe)
-        st = self.replica(secondary)
+        st = wait_for(lambda: self.replica(secondary), f"status of {secondary}", 30)
         self.figures.setdefault("resync_bytes", {})[secondary] = st["stats"]["bytes_written"]
         return e
 
@@ -192,7 +192,8 @@ class Story:
         start = log.last_seq
         log.wait_seq(start + records, timeout)
         seq = log.last_seq
-        base = self.replica(secondary)["committed"]
+        base = wait_for(lambda: (self.replica(secondary) or {}).get("committed"),
+                        f"the committed epoch of {secondary}", 30)
         wait_for(lambda: (self.replica(secondary) or {}).get("committed", 0) >= base + 2,
                  f"two commits on {secondary} after MC-SEQ {seq}", 30)
         return seq
