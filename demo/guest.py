@@ -18,6 +18,9 @@ modules and e2fsck, built by guest/build.sh.  Its /init (guest/init) reads
     from the oldest kept record).  Prints
     ``MC-CHECK fsck=RC recovered=0|1 records=N minseq=A maxseq=M bad=K gaps=G inflight=0|1``
     and then ``MC-CHECK-OK`` or ``MC-CHECK-FAIL why``.
+``service``
+    ``check``, then (only when the check passed) ``work``: a VM that verifies its
+    disk at every boot and then carries on, as the HA scenario's VM does.
 ``mkfs``
     formats /dev/vda as ext4 inside the guest (for a disk the host cannot reach
     as a file), then prints ``MC-MKFS-OK``.
@@ -47,7 +50,7 @@ BUILD_SCRIPT = REPO / "guest" / "build.sh"
 DEFAULT_OUTDIR = REPO / "guest" / "build"
 QEMU = "qemu-system-x86_64"
 DEFAULT_DISK_SIZE = 128 * 1024 * 1024
-MODES = ("work", "check", "mkfs")
+MODES = ("work", "check", "mkfs", "service")
 
 _POLL = 0.05  # seconds between looks at a serial log file
 

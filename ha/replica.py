@@ -1,0 +1,494 @@
+"""ocf:nbd-mc:replica -- one node's copy of a VM's disks, as a promotable clone.
+
+Modelled on DRBD's ocf:linbit:drbd: the clone runs on both nodes of a pair; the
+VM runs where it is promoted.
+
+* **Unpromoted, secondary**: the images are a replica served by `nbd-mc serve`
+  (NBD + control channel); the primary's `nbd-mc protect` mirrors into them and
+  commits an epoch at every checkpoint.
+* **Unpromoted, holding the live disk**: the group's role is ``primary`` (this
+  node's image was the live disk when the node stopped).  Nothing is served;
+  the image is newer than any replica, so it gets the highest promotion score --
+  unless another node is promoted already: then our image has diverged from the
+  live one (writes after the last checkpoint) and start or the next monitor
+  makes us a fresh secondary (the old state directory is kept as
+  ``STATE_DIR.discarded``), which the new primary protects with a full sync.
+* **Promoted**: this node's images are the live disks the VM runs on.  Promote =
+  ``nbd-mc failover`` (fence the old primary's connections, return every disk to
+  the last commit, promote) then ``nbd-mc stop``: nothing serves the exports any
+  more, nobody but the local VM writes them.
+
+Never promote garbage: a replica with no committed epoch (the initial sync never
+finished), a fenced, stale or broken group gets no promotion score, and the
+reason is logged (DRBD does the same for Inconsistent data).
+
+Runtime state: ``$HA_RSCTMP/nbd-mc-replica-<instance>.state`` holds ``unpromoted``
+or ``promoted`` while the instance is started (absent: stopped).  The group's
+own state (committed epoch, role, fenced) lives in the state directory and is
+read only through ``nbd-mc status/inspect --json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ocf  # noqa: E402
+from ocf import Param  # noqa: E402
+
+PRIMARY_SCORE = 1000  # holds the live disk: newer than any replica
+REPLICA_SCORE = 100  # a protected replica: the last checkpoint
+
+PARAMS = [
+    Param("disks", "Disks of the group: NAME=PATH ...",
+          "The consistency group's disks, space-separated NAME=PATH (or PATH) words, "
+          "exactly as given to `nbd-mc serve`.  The same paths on every node.",
+          required=True),
+    Param("state_dir", "nbd-mc state directory",
+          "Where the group's state and undo overlays live (`nbd-mc serve --state-dir`).",
+          required=True, unique=True),
+    Param("nbd_port", "NBD TCP port",
+          "Serve NBD on this TCP port (for a peer on another host).  Empty: a unix "
+          "socket STATE_DIR/nbd.sock (single host, tests).", default=""),
+    Param("addresses", "NODE=ADDRESS ...",
+          "The pair's nodes and the address each one's replica serves on, e.g. "
+          "\"node1=10.0.0.1 node2=10.0.0.2\" (the same value as ocf:nbd-mc:protect's): this "
+          "node's replica binds NBD and the control channel (tcp://ADDRESS:control_port, "
+          "TLS) to its own address.  Empty: unix sockets in STATE_DIR (single host, tests).",
+          default=""),
+    Param("control_port", "control channel TCP port",
+          "With addresses: the control channel's port.", default="10810"),
+    Param("tls_certificates", "x509 directory",
+          "Certificates for TLS (tools/make-certs.sh): with nbd_port the NBD exports "
+          "require TLS, and a tcp:// control channel always uses it.", default=""),
+    Param("durability", "process or power",
+          "`nbd-mc serve --durability` (empty: keep the group's mode).", default=""),
+]
+
+ACTIONS = [("start", "60s", ""), ("stop", "60s", ""), ("promote", "90s", ""),
+           ("demote", "60s", ""),
+           ("monitor", "20s", 'interval="10s" depth="0" role="Promoted"'),
+           ("monitor", "20s", 'interval="11s" depth="0" role="Unpromoted"'),
+           ("notify", "20s", ""), ("validate-all", "20s", ""), ("meta-data", "5s", "")]
+
+META = ocf.meta_data(
+    "replica", "1.0",
+    __doc__.split("\n\n", 1)[1], "nbd-mc replica of a VM's disks (promotable clone)",
+    PARAMS, ACTIONS)
+
+
+# --- configuration -------------------------------------------------------------------
+class Config:
+    def __init__(self):
+        p = ocf.params(PARAMS)
+        self.disks = shlex.split(p["disks"])
+        self.state_dir = os.path.abspath(p["state_dir"]) if p["state_dir"] else ""
+        self.nbd_port = p["nbd_port"]
+        self.addresses = dict(w.split("=", 1) for w in shlex.split(p["addresses"]) if "=" in w)
+        self.control_port = p["control_port"]
+        self.nbd_bind = ""
+        if self.addresses:
+            self.nbd_bind = self.addresses.get(local_node(), "")
+            self.control = f"tcp://{self.nbd_bind}:{self.control_port}"
+        else:
+            self.control = os.path.join(self.state_dir, "control.sock") if self.state_dir else ""
+        self.tls = p["tls_certificates"]
+        self.durability = p["durability"]
+        self.marker = ocf.Marker("replica")
+
+    def validate(self) -> None:
+        """Raises AgentError with the OCF code for what is wrong."""
+        if not self.disks:
+            raise ocf.AgentError(ocf.ERR_CONFIGURED, "parameter disks is empty")
+        if not self.state_dir:
+            raise ocf.AgentError(ocf.ERR_CONFIGURED, "parameter state_dir is empty")
+        for d in self.disks:
+            path = d.split("=", 1)[1] if "=" in d else d
+            if not path or (d.startswith("=")):
+                raise ocf.AgentError(ocf.ERR_CONFIGURED, f"bad disk {d!r}: use NAME=PATH")
+            if not os.path.isfile(path):
+                raise ocf.AgentError(ocf.ERR_INSTALLED, f"disk image {path} does not exist here")
+        if self.addresses and not self.nbd_bind:
+            raise ocf.AgentError(ocf.ERR_CONFIGURED, f"this node ({local_node()}) has no "
+                                                     f"address in addresses")
+        if self.addresses and not (self.nbd_port.isdigit() and self.control_port.isdigit()):
+            raise ocf.AgentError(ocf.ERR_CONFIGURED, "addresses needs nbd_port and control_port")
+        if self.nbd_port and not self.nbd_port.isdigit():
+            raise ocf.AgentError(ocf.ERR_CONFIGURED, f"nbd_port {self.nbd_port!r} is not a port")
+        if self.control.startswith("tcp://") and not self.tls:
+            raise ocf.AgentError(ocf.ERR_CONFIGURED, "a tcp:// control address needs "
+                                                     "tls_certificates")
+        if self.tls and not os.path.isfile(os.path.join(self.tls, "ca-cert.pem")):
+            raise ocf.AgentError(ocf.ERR_INSTALLED, f"no ca-cert.pem in {self.tls}")
+        if self.durability not in ("", "process", "power"):
+            raise ocf.AgentError(ocf.ERR_CONFIGURED, "durability must be process or power")
+        if not os.access(ocf.nbd_mc_binary(), os.X_OK):
+            raise ocf.AgentError(ocf.ERR_INSTALLED, f"{ocf.nbd_mc_binary()} not found")
+
+    # --- talking to nbd-mc -------------------------------------------------------
+    def client_args(self) -> list[str]:
+        """Where this node's own server answers."""
+        args = ["--control", self.control]
+        if self.tls:
+            args += ["--tls-certificates", self.tls]
+        return args
+
+    def status(self) -> dict | None:
+        """The running server's query-status, or None when it does not answer."""
+        rc, data, _ = ocf.nbd_mc("status", *self.client_args(), timeout=15)
+        return data if rc == 0 and isinstance(data, dict) else None
+
+    def offline(self) -> dict | None:
+        """The state directory as `nbd-mc inspect` sees it; None if no group exists."""
+        if not os.path.isfile(os.path.join(self.state_dir, "state.json")):
+            return None
+        rc, data, err = ocf.nbd_mc("inspect", self.state_dir, timeout=30)
+        if not isinstance(data, dict) or "role" not in data:
+            raise ocf.AgentError(ocf.ERR_GENERIC, f"cannot read {self.state_dir}: {err}")
+        return data
+
+    def serve(self) -> None:
+        args = ["serve", *self.disks, "--state-dir", self.state_dir]
+        if self.nbd_port:
+            args += ["--port", self.nbd_port]
+            if self.nbd_bind:
+                args += ["--bind", self.nbd_bind]
+            if self.tls:
+                args += ["--tls", "require", "--tls-certificates", self.tls]
+        elif self.tls:
+            args += ["--tls-certificates", self.tls]
+        if self.control:
+            args += ["--control", self.control]
+        if self.durability:
+            args += ["--durability", self.durability]
+        rc, data, err = ocf.nbd_mc(*args, timeout=60)
+        if rc != 0:
+            raise ocf.AgentError(ocf.ERR_GENERIC, f"nbd-mc serve failed: {err}")
+        ocf.log("info", f"serving {', '.join(self.disks)} as a replica: committed epoch "
+                        f"{data.get('committed') if data else '?'}")
+
+    def stop_server(self) -> None:
+        """Stop the local server (cleanly if it answers, else by its pid)."""
+        rc, _, err = ocf.nbd_mc("stop", *self.client_args(), timeout=60)
+        if rc == 0:
+            return
+        pid = _server_pid(self.state_dir)
+        if pid is None:
+            return
+        ocf.log("warning", f"nbd-mc stop failed ({err}); terminating nbdkit pid {pid}")
+        _terminate(pid)
+
+    def discard(self, why: str) -> None:
+        """Make this node a fresh secondary: its image will be overwritten by a full sync."""
+        old = self.state_dir.rstrip("/") + ".discarded"
+        ocf.log("warning", f"{why}: this node's images are no longer the live disks; the "
+                           f"group state moves to {old} and the replica starts empty "
+                           f"(a full sync from the promoted node follows)")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(self.state_dir, old)
+
+
+def _server_pid(state_dir: str) -> int | None:
+    try:
+        with open(os.path.join(state_dir, "nbdkit.pid")) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def _terminate(pid: int, timeout: float = 20.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# --- Pacemaker ------------------------------------------------------------------------
+def local_node() -> str:
+    node = os.environ.get("OCF_RESKEY_CRM_meta_on_node")
+    if node:
+        return node
+    rc, out = ocf.crm("crm_node", "-n")
+    return out.strip() if rc == 0 and out.strip() else os.uname().nodename
+
+
+def primitive_id() -> str:
+    return ocf.instance().split(":", 1)[0]
+
+
+def promoted_elsewhere() -> str | None:
+    """The node where another instance of this clone is promoted, if any."""
+    if not ocf.in_cluster():
+        return None
+    me = os.environ.get("OCF_RESKEY_CRM_meta_on_node") or ""
+    rc, out = ocf.crm("crm_resource", "--resource", primitive_id(), "--locate")
+    if rc != 0:
+        return None
+    for line in out.splitlines():
+        # "resource replica is running on: node2 Promoted" (older: "Master")
+        words = line.replace(":", " ").split()
+        if words and words[-1] in ("Promoted", "Master"):
+            node = words[-2]
+            if node != me:
+                return node
+    return None
+
+
+_REASON_FILE_KIND = "replica-score"
+
+
+def set_score(score: int | None, why: str) -> None:
+    """Publish (or withdraw) this node's promotion score; log when it changes."""
+    note = ocf.Marker(_REASON_FILE_KIND)
+    text = f"{score}: {why}"
+    if note.get() != text:
+        if score is None:
+            ocf.log("info", f"no promotion score: {why}")
+        else:
+            ocf.log("info", f"promotion score {score}: {why}")
+        note.set(text)
+    if not ocf.in_cluster():
+        return  # ocf-tester or a person: there is no CIB to write to
+    if score is None:
+        ocf.crm("crm_attribute", "--promotion", "--lifetime", "reboot", "--delete", "--quiet")
+    else:
+        ocf.crm("crm_attribute", "--promotion", "--lifetime", "reboot", "--update", str(score),
+                "--quiet")
+
+
+def score_for(cfg: Config, st: dict | None, serving: dict | None) -> tuple[int | None, str]:
+    """The promotion score a group deserves, and why (never garbage)."""
+    if st is None:
+        return None, "no group state yet"
+    if st.get("role") == "primary":
+        other = promoted_elsewhere()
+        if other:
+            return None, f"our image diverged: {other} is promoted"
+        return PRIMARY_SCORE, "this node holds the live disks (role primary)"
+    if serving is None:
+        return None, "the replica server does not answer"
+    if not serving.get("committed"):
+        return None, "no epoch committed yet: the initial sync has not finished"
+    if serving.get("fenced"):
+        return None, f"the group is fenced (generation {serving.get('generation')})"
+    if serving.get("stale"):
+        return None, "the group is marked stale"
+    if serving.get("broken"):
+        return None, f"the group is broken: {serving.get('broken')}"
+    if serving.get("handoff"):
+        return None, "the disks were handed out by an instant failover"
+    return REPLICA_SCORE, f"protected replica at committed epoch {serving['committed']}"
+
+
+# --- actions --------------------------------------------------------------------------
+def action_validate() -> int:
+    Config().validate()
+    return ocf.SUCCESS
+
+
+def action_monitor() -> int:
+    cfg = Config()
+    try:
+        cfg.validate()
+    except ocf.AgentError:
+        if ocf.is_probe() or cfg.marker.get() is None:
+            return ocf.NOT_RUNNING
+        raise
+    role = cfg.marker.get()
+    if role is None:
+        return ocf.NOT_RUNNING
+    st = cfg.offline()
+    if role == "promoted":
+        if st is None or st.get("role") != "primary":
+            ocf.log("error", "promoted, but the group is not primary any more")
+            return ocf.FAILED_PROMOTED
+        if st.get("server_running"):
+            ocf.log("error", "promoted, but an nbd-mc server serves the live disks")
+            return ocf.FAILED_PROMOTED
+        set_score(PRIMARY_SCORE, "promoted: the VM's live disks are here")
+        return ocf.RUNNING_PROMOTED
+    if st is not None and st.get("role") == "primary":
+        other = promoted_elsewhere()
+        if other is None:
+            set_score(PRIMARY_SCORE, "this node holds the live disks (role primary)")
+            return ocf.SUCCESS
+        cfg.discard(f"{other} is promoted")
+        cfg.serve()
+        st = cfg.offline()
+    serving = cfg.status()
+    if serving is None:
+        set_score(None, "the replica server does not answer")
+        ocf.log("error", f"the nbd-mc server of {cfg.state_dir} does not answer")
+        return ocf.ERR_GENERIC
+    set_score(*score_for(cfg, st, serving))
+    return ocf.SUCCESS
+
+
+def action_start() -> int:
+    cfg = Config()
+    cfg.validate()
+    role = cfg.marker.get()
+    if role == "promoted":
+        cfg.marker.set("unpromoted")  # a start never promotes; stale marker of a crash
+    st = cfg.offline()
+    if st is not None and st.get("handoff"):
+        raise ocf.AgentError(ocf.ERR_CONFIGURED, f"{cfg.state_dir} was handed out by an "
+                                                 "instant failover: the overlays are the live "
+                                                 "disks; resolve by hand")
+    if st is not None and st.get("role") == "primary":
+        other = promoted_elsewhere()
+        if other is None:
+            cfg.marker.set("unpromoted")
+            ocf.log("info", "holding the live disks (role primary): not serving, waiting "
+                            "for promotion")
+            set_score(PRIMARY_SCORE, "this node holds the live disks (role primary)")
+            return ocf.SUCCESS
+        cfg.discard(f"{other} is promoted")
+        st = None
+    if cfg.status() is None:
+        cfg.serve()
+    cfg.marker.set("unpromoted")
+    return action_monitor()
+
+
+def action_stop() -> int:
+    cfg = Config()
+    try:
+        cfg.validate()
+    except ocf.AgentError as e:
+        if e.rc in (ocf.ERR_INSTALLED, ocf.ERR_CONFIGURED):
+            cfg.marker.clear()
+            return ocf.SUCCESS  # nothing of ours can be running
+        raise
+    if os.path.isdir(cfg.state_dir) and (cfg.status() is not None
+                                        or _server_pid(cfg.state_dir) is not None):
+        cfg.stop_server()
+    set_score(None, "stopped")
+    cfg.marker.clear()
+    return ocf.SUCCESS
+
+
+def action_promote() -> int:
+    cfg = Config()
+    cfg.validate()
+    role = cfg.marker.get()
+    if role is None:
+        raise ocf.AgentError(ocf.ERR_GENERIC, "promote of a stopped instance")
+    serving = cfg.status()  # answers on a replica; the live disks are never served
+    st = serving if serving is not None else cfg.offline()
+    if st is None:
+        raise ocf.AgentError(ocf.ERR_GENERIC, "refusing to promote: no group state")
+    if st.get("role") != "primary":
+        info = st
+        if not info.get("committed"):
+            raise ocf.AgentError(ocf.ERR_GENERIC, "refusing to promote garbage: no epoch was "
+                                                  "ever committed (initial sync unfinished)")
+        if info.get("stale"):
+            raise ocf.AgentError(ocf.ERR_GENERIC, "refusing to promote a stale group")
+        t0 = time.monotonic()
+        if serving is not None:
+            record_rollback(cfg, serving)
+        args = ["failover", "--state-dir", cfg.state_dir]
+        if serving is not None:
+            args += cfg.client_args()
+        rc, data, err = ocf.nbd_mc(*args, timeout=80)
+        if rc != 0:
+            raise ocf.AgentError(ocf.ERR_GENERIC, f"nbd-mc failover failed: {err}")
+        ocf.log("info", f"failover: the disks hold committed epoch {data.get('committed')} "
+                        f"(fenced the old primary, rolled back in "
+                        f"{data.get('seconds', 0) * 1000:.1f} ms)")
+        if serving is not None or _server_pid(cfg.state_dir) is not None:
+            cfg.stop_server()  # nobody but the local VM may write the live disks
+        ocf.log("info", f"promoted in {time.monotonic() - t0:.2f} s: the images are the live "
+                        "disks")
+    cfg.marker.set("promoted")
+    set_score(PRIMARY_SCORE, "promoted: the VM's live disks are here")
+    return ocf.SUCCESS
+
+
+def record_rollback(cfg: Config, serving: dict) -> None:
+    """Keep what the failover is about to roll back, for a later incremental resync.
+
+    After a fence nobody can add undo data; each disk's undo overlay then holds
+    exactly the clusters the rollback will restore (their allocated clusters) and
+    the old primary's data for them.  Copies go to STATE_DIR.rolled-back/ with a
+    summary (its counts are from the status read just before the fence: the
+    copies are the exact record); a failure here is logged and never stops the
+    promotion.
+    """
+    out = cfg.state_dir.rstrip("/") + ".rolled-back"
+    try:
+        rc, _, err = ocf.nbd_mc("fence", *cfg.client_args(), timeout=30)
+        if rc != 0:
+            raise OSError(err)
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        summary = {"committed": serving.get("committed"), "time": time.time(), "disks": []}
+        for d in serving.get("disks", []):
+            shutil.copyfile(d["overlay"], os.path.join(out, f"{d['name']}.undo.qcow2"))
+            summary["disks"].append({k: d.get(k) for k in ("name", "image", "cluster_size",
+                                                           "preserved_clusters", "undo_bytes")})
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        ocf.log("info", "rolling back " + ", ".join(
+            f"{d['name']}: {d['preserved_clusters']} clusters" for d in summary["disks"])
+            + f" (recorded in {out})")
+    except OSError as e:
+        ocf.log("warning", f"could not record the clusters to roll back: {e}")
+
+
+def action_demote() -> int:
+    cfg = Config()
+    cfg.validate()
+    if cfg.marker.get() is None:
+        raise ocf.AgentError(ocf.ERR_GENERIC, "demote of a stopped instance")
+    # The VM is stopped (it is ordered after the promotion).  The images stay the
+    # newest copy until another node is promoted; then monitor/start make this
+    # node a fresh secondary.  Nothing else here: a demotion is on the failover's
+    # critical path (the peer's promotion waits for it).
+    cfg.marker.set("unpromoted")
+    set_score(PRIMARY_SCORE, "this node holds the live disks (role primary)")
+    return ocf.SUCCESS
+
+
+def action_notify() -> int:
+    """Log promotions of other nodes; nothing slow here.
+
+    Pacemaker runs the VM's start only after every post-promote notification has
+    returned, so the work a promotion elsewhere causes on this node -- giving up a
+    diverged live disk and serving as a fresh secondary -- is left to the next
+    monitor (and to start), which see the promoted peer through crm_resource.
+    """
+    env = os.environ
+    kind = env.get("OCF_RESKEY_CRM_meta_notify_type", "")
+    op = env.get("OCF_RESKEY_CRM_meta_notify_operation", "")
+    if (kind, op) == ("post", "promote"):
+        me = env.get("OCF_RESKEY_CRM_meta_on_node", "")
+        others = [n for n in env.get("OCF_RESKEY_CRM_meta_notify_promote_uname", "").split()
+                  if n != me]
+        if others and Config().marker.get() == "unpromoted":
+            ocf.log("info", f"{others[0]} was promoted")
+    return ocf.SUCCESS
+
+
+def main() -> int:
+    return ocf.main({"start": action_start, "stop": action_stop, "monitor": action_monitor,
+                     "promote": action_promote, "demote": action_demote,
+                     "notify": action_notify, "validate-all": action_validate}, META)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

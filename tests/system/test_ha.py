@@ -1,0 +1,206 @@
+"""High availability on Pacemaker: the OCF agents (ha/) and the two-node story.
+
+* meta-data of every agent is valid OCF (xmllint against resource-agents' DTD);
+* ocf-tester (resource-agents) passes on ocf:nbd-mc:replica for a replica that has
+  committed an epoch, given just ``disks`` and ``state_dir``, and on the qemu agent;
+* a replica that never committed an epoch is never promoted;
+* the story (tests/support/ha_story.py) on two real Pacemaker nodes: QEMU killed
+  -9 and later a whole node killed; each time Pacemaker promotes the other replica,
+  the VM boots there and its own check (fsck, every committed record) passes; the
+  nodes come back as secondaries and are protected again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from support.servers import short_tmpdir
+
+pytestmark = pytest.mark.qemu
+
+REPO = Path(__file__).resolve().parents[2]
+AGENTS = ("replica", "protect", "qemu")
+OCF_DIR = Path("/usr/lib/ocf/resource.d/nbd-mc")
+VENV_BIN = Path(os.path.dirname(os.path.abspath(os.sys.executable)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def installed_agents():
+    """The agents of this checkout are the installed ones (what make setup does)."""
+    subprocess.run([str(REPO / "tools" / "setup-ha.sh"), str(VENV_BIN / "python"), str(REPO)],
+                   check=True, capture_output=True)
+
+
+@pytest.fixture
+def tmp():
+    d = short_tmpdir("nbdmc-ha-")
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def nbd_mc(*args, check=True):
+    env = dict(os.environ, PATH=f"{VENV_BIN}:/usr/bin:{os.environ.get('PATH', '')}")
+    return subprocess.run([str(VENV_BIN / "nbd-mc"), *args], check=check, capture_output=True,
+                          text=True, env=env)
+
+
+def agent(name, action, params: dict, check=False):
+    env = {"PATH": f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin",
+           "OCF_ROOT": "/usr/lib/ocf", "OCF_RESOURCE_INSTANCE": "t-" + name,
+           "HA_RSCTMP": params.pop("_rsctmp", "/run/resource-agents"),
+           **{f"OCF_RESKEY_{k}": v for k, v in params.items()}}
+    return subprocess.run([str(OCF_DIR / name), action], capture_output=True, text=True, env=env,
+                          check=check)
+
+
+@pytest.mark.parametrize("name", AGENTS)
+def test_meta_data_is_valid_ocf(name):
+    meta = subprocess.run([str(OCF_DIR / name), "meta-data"], capture_output=True, text=True,
+                          check=True).stdout
+    lint = subprocess.run(["xmllint", "--noout", "--valid", "-"], input=meta, text=True,
+                          capture_output=True, cwd="/usr/share/resource-agents")
+    assert lint.returncode == 0, lint.stderr
+    assert f'<resource-agent name="{name}"' in meta
+
+
+def committed_replica(tmp: Path, epochs: int = 1) -> tuple[str, str]:
+    img = tmp / "vda.raw"
+    with open(img, "wb") as f:
+        f.truncate(8 << 20)
+    st = tmp / "st"
+    nbd_mc("serve", f"vda={img}", "--state-dir", str(st))
+    try:
+        for e in range(1, epochs + 1):
+            nbd_mc("commit", str(e), "--state-dir", str(st))
+    finally:
+        nbd_mc("stop", "--state-dir", str(st))
+    return f"vda={img}", str(st)
+
+
+def test_ocf_tester_passes_on_a_committed_replica(tmp):
+    disks, st = committed_replica(tmp)
+    p = subprocess.run(["ocf-tester", "-n", "nbdmc-replica", "-o", f"disks={disks}",
+                        "-o", f"state_dir={st}", str(OCF_DIR / "replica")],
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "passed all tests" in p.stdout
+    # ocf-tester promoted it (failover to epoch 1) and stopped it: nothing runs.
+    info = json.loads(nbd_mc("inspect", st, "--json").stdout)
+    assert info["role"] == "primary" and info["committed"] == 1 and info["valid"]
+    assert not info["server_running"]
+
+
+def test_ocf_tester_passes_on_the_qemu_agent(tmp):
+    p = subprocess.run(["ocf-tester", "-n", "nbdmc-qemu",
+                        "-o", "args=-machine none -nodefaults -display none",
+                        "-o", f"qmp={tmp}/vm.qmp", str(OCF_DIR / "qemu")],
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_a_replica_without_a_commit_is_never_promoted(tmp):
+    img = tmp / "vda.raw"
+    with open(img, "wb") as f:
+        f.truncate(8 << 20)
+    params = {"disks": f"vda={img}", "state_dir": str(tmp / "st"), "_rsctmp": str(tmp / "run")}
+    try:
+        start = agent("replica", "start", dict(params))
+        assert start.returncode == 0, start.stderr
+        assert "no promotion score: no epoch committed yet" in start.stderr
+        promote = agent("replica", "promote", dict(params))
+        assert promote.returncode == 1
+        assert "refusing to promote garbage" in promote.stderr
+        assert agent("replica", "monitor", dict(params)).returncode == 0  # still unpromoted
+        st = json.loads(nbd_mc("status", "--state-dir", str(tmp / "st"), "--json").stdout)
+        assert st["role"] == "secondary" and st["committed"] == 0
+    finally:
+        assert agent("replica", "stop", dict(params)).returncode == 0
+    assert agent("replica", "monitor", dict(params)).returncode == 7
+
+
+@pytest.mark.timeout(600)  # about 100 s; its own waits have deadlines
+def test_pacemaker_fails_the_vm_over_and_back(tmp, capsys):
+    """The story of tests/support/ha_story.py: both kinds of kill, both directions."""
+    from support.ha_story import Story
+    lines = []
+    story = Story(tmp / "story", say=lines.append)
+    try:
+        figures = story.run()
+    except BaseException:
+        print("\n".join(lines))
+        print(story.cluster.describe() if story.cluster else "")
+        print(story.agents_log()[-6000:])
+        raise
+    finally:
+        story.stop()
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+    for kind in ("qemu_kill", "node_kill"):
+        f = figures[kind]
+        assert f["fsck"] == 0 and f["records_checked"] >= f["committed_seq"] > 0
+    report = os.environ.get("NBD_MC_HA_REPORT")
+    if report:
+        Path(report).write_text(json.dumps(figures, indent=2))
+
+
+def test_promotion_fails_over_records_the_rollback_and_monitor_sees_8_then_9(tmp):
+    disks, st = committed_replica(tmp, epochs=2)
+    params = {"disks": disks, "state_dir": st, "_rsctmp": str(tmp / "run")}
+    try:
+        assert agent("replica", "start", dict(params)).returncode == 0
+        promote = agent("replica", "promote", dict(params))
+        assert promote.returncode == 0, promote.stderr
+        assert "failover: the disks hold committed epoch 2" in promote.stderr
+        summary = json.loads((tmp / "st.rolled-back" / "summary.json").read_text())
+        assert summary["committed"] == 2 and summary["disks"][0]["name"] == "vda"
+        assert agent("replica", "monitor", dict(params)).returncode == 8  # running promoted
+        # Something serves the live disks behind Pacemaker's back: failed promoted.
+        nbd_mc("serve", "--state-dir", st)
+        try:
+            mon = agent("replica", "monitor", dict(params))
+            assert mon.returncode == 9, mon.stderr
+            assert "an nbd-mc server serves the live disks" in mon.stderr
+        finally:
+            nbd_mc("stop", "--state-dir", st)
+        demote = agent("replica", "demote", dict(params))
+        assert demote.returncode == 0
+        assert "promotion score 1000: this node holds the live disks" in demote.stderr
+        assert agent("replica", "monitor", dict(params)).returncode == 0
+    finally:
+        assert agent("replica", "stop", dict(params)).returncode == 0
+    assert agent("replica", "monitor", dict(params)).returncode == 7
+
+
+def test_a_fenced_replica_gets_no_promotion_score(tmp):
+    disks, st = committed_replica(tmp)
+    params = {"disks": disks, "state_dir": st, "_rsctmp": str(tmp / "run")}
+    try:
+        start = agent("replica", "start", dict(params))
+        assert start.returncode == 0 and "promotion score 100: protected replica" in start.stderr
+        nbd_mc("fence", "--state-dir", st)
+        mon = agent("replica", "monitor", dict(params))
+        assert mon.returncode == 0
+        assert "no promotion score: the group is fenced (generation 1)" in mon.stderr
+    finally:
+        assert agent("replica", "stop", dict(params)).returncode == 0
+
+
+def test_ocf_tester_passes_on_the_protect_agent(tmp):
+    """Start, monitor, stop of the supervisor (its peer does not exist: it waits)."""
+    tls = tmp / "tls"
+    subprocess.run([str(REPO / "tools" / "make-certs.sh"), str(tls)], check=True,
+                   capture_output=True)
+    me = os.uname().nodename  # no cluster: the agent falls back to the host name
+    p = subprocess.run(["ocf-tester", "-n", "nbdmc-protect",
+                        "-o", f"qmp={tmp}/vm.qmp", "-o", "drives=drive0=vda",
+                        "-o", f"addresses={me}=127.0.0.1 other=127.0.0.2",
+                        "-o", f"tls_certificates={tls}", "-o", "retry=0.2",
+                        str(OCF_DIR / "protect")],
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
