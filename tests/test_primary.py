@@ -156,6 +156,7 @@ class Guest:
             0 if k == "aio_write" else w for k, w in zip(self.KINDS, self.WEIGHTS))
         self.counts = collections.Counter()
         self.bytes = 0
+        self.log: list[tuple[str, int, int]] = []  # (drive, offset, length) of every request
 
     def _extent(self, size: int) -> tuple[int, int]:
         rng = self.rng
@@ -185,6 +186,7 @@ class Guest:
             self.qmp.hmp(f'qemu-io {drive} "aio_flush"')
         self.counts[kind] += 1
         self.bytes += length
+        self.log.append((drive, offset, length))
 
     def burst(self, n: int) -> None:
         for _ in range(n):

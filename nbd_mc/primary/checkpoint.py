@@ -32,8 +32,8 @@ class Checkpoint:
     hook: float = 0.0  # seconds of that spent in the hook
 
 
-def vm_running(qmp: Qmp) -> bool:
-    return bool(qmp.cmd("query-status").get("running"))
+def vm_running(qmp: Qmp, timeout: float | None = None) -> bool:
+    return bool(qmp.execute("query-status", timeout=timeout).get("running"))
 
 
 def run_hook(command: str, epoch: int, timeout: float = HOOK_TIMEOUT) -> str | None:
@@ -74,7 +74,14 @@ def checkpoint(qmp: Qmp, ctl: ControlClient, mirrors: Mirrors, epoch: int,
     so that a protect killed in between does not leave it paused.
     """
     mirrors.check()
-    was_running = vm_running(qmp)
+    try:
+        was_running = vm_running(qmp, stall_timeout)
+    except QmpTimeout:
+        # QEMU's monitor itself waits, for a write to the secondary that does not
+        # come back (a synchronous one holds the main loop): the same stall
+        yank(qmp, mirrors.drives)
+        raise SecondaryStalled(f"the secondary stalled: QEMU's monitor waited more than "
+                               f"{stall_timeout:g} s; connections dropped") from None
     t0 = time.perf_counter()
     skipped = None
     hook_time = 0.0
@@ -96,7 +103,7 @@ def checkpoint(qmp: Qmp, ctl: ControlClient, mirrors: Mirrors, epoch: int,
             commit(ctl, epoch)
     finally:
         if was_running:
-            resume(qmp)
+            resume(qmp, stall_timeout, mirrors.drives)
             if watchdog:
                 watchdog.resumed()
     return Checkpoint(epoch, skipped is None, time.perf_counter() - t0, skipped, hook_time)
@@ -111,14 +118,22 @@ def _stop(qmp: Qmp, mirrors: Mirrors, stall_timeout: float | None) -> None:
                                f"{stall_timeout:g} s for its writes; connections dropped") from None
 
 
-def resume(qmp: Qmp) -> None:
+def resume(qmp: Qmp, stall_timeout: float | None = None, drives=None) -> None:
     """cont, unless QEMU is gone (then there is nothing to resume).
 
     After a stalled ``stop`` QEMU answers once the stop is over; the cont waits
-    behind it (QEMU runs monitor commands in order)."""
+    behind it (QEMU runs monitor commands in order).  If the cont itself waits
+    longer than ``stall_timeout`` (the monitor is held by I/O to a hung
+    secondary), ``drives``' NBD connections are yanked and the cont waits on."""
     if qmp.gone:
         return
     try:
-        qmp.cmd("cont")
+        try:
+            qmp.execute("cont", timeout=stall_timeout)
+        except QmpTimeout:
+            if not drives:
+                raise
+            yank(qmp, drives)
+            qmp.cmd("query-status")  # answered after the cont that is still queued
     except PrimaryGone:
         pass

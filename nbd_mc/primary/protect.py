@@ -252,6 +252,7 @@ class Protector:
         if self.ctl.timeout != opts.stall_timeout:
             self.ctl.close()
             self.ctl = self._connect()
+        previous = bitmaps.group
         bitmaps.group = group
         bitmaps.prune_foreign()
         new_session(self.ctl, opts.stale_after)
@@ -260,8 +261,12 @@ class Protector:
         self._attach()
         if opts.legacy_drive_mirror:
             why = "--drive-mirror copies whole disks"
+        elif previous and group != previous:
+            why = f"a different secondary (group {group}, was {previous})"
         elif group is None:
             why = "the secondary has no group id"
+        elif committed == 0:
+            why = "the secondary holds no committed epoch yet"
         elif not bitmaps.covers(committed):
             have = sorted(bitmaps.epochs())
             why = (f"no dirty bitmap of group {group} covers its committed epoch {committed}"
