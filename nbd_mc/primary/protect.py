@@ -34,9 +34,11 @@ from .resync import Resync, incremental
 from .secondary import connect, first_epoch, new_session, secondary_status
 from .watchdog import Watchdog
 
-#: Retry delays after losing the secondary: doubling from the first to the last.
+#: Retry delays after losing the secondary: doubling from the first to the last (a
+#: probe is one connect and one query-status: cheap; a secondary back in the same second
+#: is resynced at once).
 BACKOFF_FIRST = 0.2
-BACKOFF_MAX = 5.0
+BACKOFF_MAX = 0.5
 #: A probe of a secondary that may be hung must not hang protect.
 PROBE_TIMEOUT = 5.0
 

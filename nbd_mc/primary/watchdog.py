@@ -76,9 +76,12 @@ def _resume(qmp_path: str) -> str:
             q = Qmp(qmp_path, timeout=10)
             break
         except PrimaryError as e:
-            if time.monotonic() > deadline:
-                return f"could not reach QEMU to resume the VM: {e.desc}"
-            time.sleep(0.1)  # the dead protect's connection is closing
+            # no greeting: QEMU still serves the dead protect's connection; anything
+            # else (refused, no socket): QEMU is gone, nothing to resume
+            if "did not greet" not in e.desc or time.monotonic() > deadline:
+                return "" if "did not greet" not in e.desc else \
+                    f"could not reach QEMU to resume the VM: {e.desc}"
+            time.sleep(0.1)  # polling for the socket to become free, with a deadline
     try:
         if q.cmd("query-status").get("status") == "paused":
             q.cmd("cont")
