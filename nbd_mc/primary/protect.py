@@ -39,6 +39,8 @@ from .watchdog import Watchdog
 #: is resynced at once).
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 0.5
+#: QMP commands wait at least this long (a blockdev-add connects over the network).
+MIN_QMP_TIMEOUT = 2.0
 #: A probe of a secondary that may be hung must not hang protect.
 PROBE_TIMEOUT = 5.0
 
@@ -88,7 +90,9 @@ class Protector:
             next_epoch = first_epoch(status, opts.drives)
             report.first_epoch = next_epoch
             report.committed = next_epoch - 1
-            self.qmp = Qmp(opts.qmp)
+            # Every QMP command is bounded by the stall timeout: with I/O stuck on a hung
+            # secondary QEMU may not answer anything, and protect must get to the yank
+            self.qmp = Qmp(opts.qmp, timeout=max(opts.stall_timeout, MIN_QMP_TIMEOUT))
             sizes = check_drives(self.qmp, opts.drives)
             check_sizes(sizes, status, opts.drives)
             self.sizes = sizes
@@ -181,8 +185,11 @@ class Protector:
             raise e
         if self.opts.retry_for == 0:
             raise e  # --retry-for 0: the first outage ends protect, as before
-        self.report.outages += 1
         self.in_step = False
+        if self.stop():  # a stop request interrupted a resync: not an outage
+            self._drop()
+            return
+        self.report.outages += 1
         self.lost_since = self.lost_since or time.monotonic()
         self.lost_reason = e.desc
         self.console.progress_end()
@@ -279,9 +286,13 @@ class Protector:
             dirty = bitmaps.dirty_bytes(epoch_name(group, committed))
             console.say(f"  resyncing {_mib(dirty)} changed since epoch {committed} "
                         f"(incremental)")
-            r, self.mirrors = incremental(
-                qmp, opts.drives, bitmaps, committed,
-                lambda done, total: console.progress("resync", done, total), self.stop)
+            try:
+                r, self.mirrors = incremental(
+                    qmp, opts.drives, bitmaps, committed,
+                    lambda done, total: console.progress("resync", done, total), self.stop,
+                    opts.stall_timeout, self.watchdog)
+            except QmpCommandError as e:  # a refused copy job or mirror: the target's fault
+                raise SecondaryFailed(f"the resync failed: {e.desc}") from None
         else:
             total = sum(self.sizes.values())
             console.say(f"  full sync of {_mib(total)}: {why}")
