@@ -306,6 +306,7 @@ class Protector:
             r = Resync(full=True, reason="", bytes=sum(self.mirrors.synced.values()))
             r.seconds = time.monotonic() - t0
         console.progress_end()
+        r.from_epoch = committed
         r.reason = self.lost_reason + ("" if why is None else f"; full: {why}")
         self.report.resyncs.append(r)
         if len(self.report.resyncs) == 1:

@@ -60,9 +60,11 @@ class Resync:
     seconds: float = 0.0
     paused: float = 0.0  # seconds the VM was paused for the final round
     rounds: int = 0
+    from_epoch: int = 0  # the secondary's committed epoch when it started
 
     def as_dict(self) -> dict:
         return {"full": self.full, "reason": self.reason, "bytes": self.bytes,
+                "from_epoch": self.from_epoch,
                 "dirty_bytes": self.dirty, "seconds": round(self.seconds, 3),
                 "pause_ms": round(self.paused * 1000, 3), "rounds": self.rounds}
 
