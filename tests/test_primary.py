@@ -729,6 +729,9 @@ def test_parsing():
     assert primary.parse_drive("d=vda").node == "nbd-mc-d"
     assert primary.parse_interval("100ms") == pytest.approx(0.1)
     assert primary.parse_interval("2s") == 2.0 and primary.parse_interval("0.5") == 0.5
+    assert primary.parse_interval("5m") == 300.0 and primary.parse_interval("0", zero=True) == 0
+    with pytest.raises(ValueError):
+        primary.parse_interval("0")
     t = primary.parse_nbd_uri("nbd+unix:///vda?socket=/run/s.sock")
     assert t.server == {"type": "unix", "path": "/run/s.sock"} and t.export == "vda"
     t = primary.parse_nbd_uri("nbds://backup.example:10810/")

@@ -301,3 +301,32 @@ def test_status_shows_commit_age_and_stale(servers, vms, procs):
     r = nbd_mc("status", "--state-dir", server.state_dir, "--json")
     assert r.returncode == 0, describe(r)
     assert json.loads(r.stdout)["stale"] is True
+
+
+# --- 7. when protect stops trying ----------------------------------------------------------------
+def test_retry_bound_and_permanent_refusal(servers, vms, procs):
+    """--retry-for bounds the retries (exit 1, saying so, VM running unprotected); a
+    secondary promoted by a failover is a permanent refusal: protect stops at once
+    instead of retrying, and gives no failover advice (the primary is alive)."""
+    rng = random.Random("resync-giveup")
+    vm, server = make_pair(servers, vms, rng)
+    co = Tracked(servers.root, vm, rng)
+    proc = protect_json(procs, vm, server, servers.root, co, "--retry-for", "1s")
+    progress(co, server, proc, 2)
+    server.kill9()
+    co.play(lambda: proc.poll() is not None)
+    rc, out, err = finished(proc)
+    assert rc == 1 and "did not come back within 1 s (--retry-for)" in err, (out, err)
+    assert "The VM keeps running UNPROTECTED" in err and "failover" not in err, err
+    assert json.loads(out)["outages"] == 1 and vm.running()
+    assert vm.jobs() == [] and vm.nbd_nodes() == []
+
+    server.start()
+    proc = protect_json(procs, vm, server, servers.root, co)
+    progress(co, server, proc, 2)
+    result = failover(server)  # a partition: the secondary is promoted, the primary lives
+    co.play(lambda: proc.poll() is not None)
+    rc, out, err = finished(proc)
+    assert rc == 1 and "promoted" in err and "can take no more checkpoints" in err, (out, err)
+    assert "The primary QEMU is gone" not in err and vm.running()
+    assert json.loads(out)["committed"] == result["committed"]
