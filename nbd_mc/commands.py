@@ -22,7 +22,7 @@ from .errors import BadRequest, CommandNotFound
 class Arg:
     """One argument: its name, JSON type and whether it must be given.
 
-    ``kind`` is "epoch" (an integer >= 0) or "boolean".
+    ``kind`` is "epoch" (an integer >= 0), "boolean" or "seconds" (a positive number).
     """
 
     name: str
@@ -34,6 +34,9 @@ class Arg:
         if self.kind == "epoch":
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise BadRequest(f"{command}: '{self.name}' must be a non-negative integer")
+        elif self.kind == "seconds":
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise BadRequest(f"{command}: '{self.name}' must be a positive number of seconds")
         elif self.kind == "boolean":
             if not isinstance(value, bool):
                 raise BadRequest(f"{command}: '{self.name}' must be a boolean")
@@ -77,6 +80,9 @@ COMMANDS = {c.name: c for c in (
             lambda s, a: s.group.fence()),
     Command("failover", "fence, return to the last commit (or hand out the overlays) and promote",
             _failover, (Arg("instant", "boolean", default=False),)),
+    Command("new-session", "a primary (re)attaches: connections of earlier sessions can no "
+            "longer write; stale_after is how long without a commit makes protection stale",
+            lambda s, a: s.group.new_session(a["stale_after"]), (Arg("stale_after", "seconds"),)),
     Command("quit", "reply, then stop serving (requests in flight finish first)",
             lambda s, a: AfterReply({}, s.on_quit)),
 )}

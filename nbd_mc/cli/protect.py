@@ -1,6 +1,6 @@
 """`nbd-mc protect`, the primary side: its options and output.
 
-The work is done by nbd_mc/primary.py; this file only parses the command line,
+The work is done by the package nbd_mc/primary/; this file only parses the command line,
 prints, and maps the outcome to the exit status.  Kept apart from the
 secondary's commands because the primary side grows its own options.
 """
@@ -39,10 +39,17 @@ from .common import Failure, json_wanted, main
                    "an nbds:// target and a tcp:// control address.")
 @click.option("--drive-mirror", "legacy", is_flag=True,
               help="Use the older drive-mirror command (QEMU opens the NBD URI itself).")
+@click.option("--stall-timeout", default="10s", show_default=True, metavar="DURATION",
+              help="How long pausing the VM may wait for writes stuck on the secondary (and a "
+                   "control command for its answer) before the secondary counts as hung and "
+                   "is dropped; the guest waits at most the interval plus this.")
+@click.option("--retry-for", default="forever", show_default=True, metavar="DURATION",
+              help="How long to keep retrying a lost secondary before giving up "
+                   "(0: stop at the first outage).")
 @click.option("--quiet", "-q", is_flag=True, help="Only the closing summary and errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the closing report as JSON.")
-def protect(qmp_path, drives, target, control, interval, epochs, hook, tls_dir, legacy, quiet,
-            as_json):
+def protect(qmp_path, drives, target, control, interval, epochs, hook, tls_dir, legacy,
+            stall_timeout, retry_for, quiet, as_json):
     """Mirror a running QEMU's drives into the secondary and checkpoint them.
 
     Attaches the secondary's exports to QEMU, runs blockdev-mirror (sync=full,
@@ -50,8 +57,9 @@ def protect(qmp_path, drives, target, control, interval, epochs, hook, tls_dir, 
     interval pauses the VM, checks the mirrors are drained, commits the next
     epoch on the secondary and resumes the VM.  Ctrl-C or SIGTERM finishes the
     current checkpoint, removes the mirrors and leaves the VM running (exit 0).
-    If the secondary fails, protection stops, the VM keeps running and the exit
-    status is 1.
+    If the secondary is lost, protect drops the mirrors (the VM runs on), retries
+    until it answers and resyncs only what changed; it exits 1 when QEMU is gone,
+    the secondary refuses for good, or --retry-for runs out.
     """
     from .. import primary  # here: qemu.qmp and asyncio would slow every other command's start
     try:
@@ -59,7 +67,10 @@ def protect(qmp_path, drives, target, control, interval, epochs, hook, tls_dir, 
             qmp=qmp_path, drives=primary.parse_drives(drives),
             target=primary.parse_nbd_uri(target), control=control,
             interval=primary.parse_interval(interval), epochs=epochs, hook=hook,
-            tls_certificates=tls_dir, legacy_drive_mirror=legacy)
+            tls_certificates=tls_dir, legacy_drive_mirror=legacy,
+            stall_timeout=primary.parse_interval(stall_timeout),
+            retry_for=(None if retry_for == "forever"
+                       else primary.parse_interval(retry_for, zero=True)))
         parse_address(control)
     except ValueError as e:
         raise click.UsageError(str(e)) from None

@@ -95,6 +95,11 @@ def status(target, as_json):
     lines = [f"committed epoch {st['committed']} (open epoch {st['open_epoch']}), {prot}, "
              f"role {st['role']}, generation {st['generation']}"
              f"{', FENCED' if st['fenced'] else ''}, durability {st.get('durability', '?')}"]
+    if st.get("group_id"):
+        age = st.get("last_commit_age")
+        lines.append(f"group {st['group_id']}; last commit "
+                     + (f"{age:.1f} s ago" if age is not None else "never")
+                     + (": STALE, the primary stopped checkpointing" if st.get("stale") else ""))
     lines.append(f"{'disk':<12} {'size':>10} {'cluster':>8} {'preserved':>10} {'undo':>10}  image")
     for d in st["disks"]:
         lines.append(f"{d['name']:<12} {human_size(d['size']):>10} {human_size(d['cluster_size']):>8} "

@@ -10,7 +10,7 @@ from nbd_mc.control import AfterReply
 from nbd_mc.engine import Group
 from nbd_mc.errors import BadRequest, CommandNotFound
 
-EXPECTED = {"query-status", "commit", "rollback", "fence", "failover", "quit"}
+EXPECTED = {"query-status", "commit", "rollback", "fence", "failover", "new-session", "quit"}
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def session(group):
 def test_the_table_is_the_whole_vocabulary():
     assert set(commands.COMMANDS) == EXPECTED
     for c in commands.COMMANDS.values():
-        assert c.summary and all(a.kind in ("epoch", "boolean") for a in c.arguments)
+        assert c.summary and all(a.kind in ("epoch", "boolean", "seconds") for a in c.arguments)
 
 
 def test_unknown_commands_name_every_known_one(session):
@@ -96,3 +96,10 @@ def test_the_boot_advice_names_each_disk_and_its_drive():
     assert lines[1] == "  vda: /srv/vda.raw (raw)"
     assert lines[2].endswith("-drive file=/srv/vda.raw,format=raw,if=none,id=vda "
                              "-device virtio-blk-pci,drive=vda")
+
+
+@pytest.mark.parametrize("value", [0, -1, True, "5", None])
+def test_new_session_refuses_a_stale_after_that_is_not_a_positive_number(session, value):
+    handle = commands.handler(session[0])
+    with pytest.raises(BadRequest):
+        handle("new-session", {"stale_after": value})
