@@ -1,4 +1,4 @@
-"""Tests of the undo overlay (nbd_mc/qcow2.py) with QEMU's own tools as the oracle.
+"""Tests of the undo overlay (nbd_mc/qcow2/) with QEMU's own tools as the oracle.
 
 Every state the overlay can be in is checked with ``qemu-img check`` (a valid qcow2
 file: 0 = clean, 3 = leaked clusters only) and ``qemu-img compare -f qcow2 -F raw

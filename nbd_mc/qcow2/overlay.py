@@ -1,0 +1,654 @@
+"""The undo overlay at work: preserve, read the committed view, drop, apply.
+
+Before the image overwrites a preserve unit (a cluster, or with extended L2 entries
+a subcluster) for the first time in an epoch, the unit's old contents are copied
+into the overlay at the same guest offset.  Opening the overlay with any qcow2
+reader (QEMU, qemu-img) therefore shows the disk as of the last commit, and
+``qemu-img commit`` on it is the same operation as our ``apply``.
+
+Why our own writer: no maintained Python library writes qcow2, and the one thing
+we need -- ordered, crash-safe metadata updates on a file that stays valid qcow2
+at every instant -- is a small subset of the format (docs/qcow2-undo.md):
+
+* metadata is written in the order refcount -> data -> L2 entry -> L1 entry, so a
+  crash can leave only leaks (allocated, unreferenced clusters), never a
+  referenced cluster with refcount 0; a subcluster's "allocated" bit is set only
+  after its data is written;
+* dropping all undo data zeroes the L1 entries first (from then on all that is
+  left is leaks), then rewrites the few refcount blocks that were touched; its
+  cost does not grow with the amount of undo data, and the freed clusters are
+  reused -- those beyond what recent epochs used are given back to the file
+  system (holes punched, the file truncated);
+* in memory we keep one bit per preserve unit ("preserved in this epoch": the hot
+  path's only question), the L1 table, and a cursor for allocation.  L2 entries
+  stay in the file (the page cache has them) and are read when a preserve into
+  an allocated cluster, the committed view or a rollback needs them.
+
+Our own header extension records which committed epoch the undo data returns to,
+so a crash between "persist committed = N" and "drop the undo data" is recognised
+on restart.  qcow2 readers ignore unknown extensions, and QEMU keeps them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+
+from .. import crashpoints
+from ..errors import CorruptOverlay, IOFailure
+from ..fileio import pread_into, punch_hole, pwrite_all, runs as _runs
+from .format import (NBD_MC_EXT, NBD_MC_EXT_VERSION, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO,
+                     REFCOUNT_ONE, U64, ZERO_ENTRY, pack_u64s, read_layout, unpack_u64s)
+
+ZERO_SOURCE = 1  # unit source code "reads as zeros" (host offsets are multiples of 512)
+KEEP_EPOCHS = 8  # space used by any of the last KEEP_EPOCHS epochs stays allocated
+
+
+def io_error(what: str, e: OSError) -> IOFailure:
+    """The one conversion of an OSError from overlay I/O into our error type."""
+    return IOFailure(f"{what}: {os.strerror(e.errno) if e.errno else e}", e.errno or 5)
+
+
+class UndoOverlay:
+    """One disk's copy-before-write store.
+
+    Not thread-safe by itself: the engine serialises calls that change it (every
+    preserve under its disk lock, drop/apply/set_epoch with the group's gate
+    closed) and guarantees that no two preserves cover the same unit.  ``barrier``
+    is called where a power-loss-safe writer must make earlier writes durable
+    before later ones (a no-op for durability ``process``, a grouped fdatasync for
+    ``power``).
+    """
+
+    def __init__(self, path: str, image_fd: int, *, expected_size: int | None = None,
+                 expected_image: str | None = None, readonly: bool = False, barrier=None):
+        try:
+            fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
+        except OSError as e:
+            raise CorruptOverlay(f"cannot open overlay {path}: {os.strerror(e.errno)}") from None
+        try:
+            lay = read_layout(fd, path, expected_size=expected_size,
+                              expected_image=expected_image, readonly=readonly)
+        except BaseException:
+            os.close(fd)
+            raise
+        geo = lay.geo
+        # --- State ------------------------------------------------------------
+        # Fixed at open, never changed afterwards (read freely by anyone):
+        self.path = path                    # the overlay file
+        self.fd = fd                        # its descriptor; -1 once closed
+        self.image_fd = image_fd            # the replica image (the backing file)
+        self.readonly = readonly            # opened for reading only (inspect, probes)
+        self.geo = geo                      # sizes: cluster, L2 format, preserve unit
+        self.size = geo.size                # virtual size in bytes
+        self.cluster_size = geo.cluster_size
+        self.unit_bits = geo.unit_bits      # log2 of the preserve unit (engine's bit size)
+        self.unit_size = geo.unit_size
+        self.subclusters = geo.extended     # extended L2 entries: unit = cluster / 32
+        self.header = lay.header            # the header as read at open
+        self.backing = lay.backing          # backing file name as recorded
+        self.backing_format = lay.backing_format
+        self.l1_offset = lay.header.l1_table_offset
+        self.refcount_table_offset = lay.header.refcount_table_offset
+        self.refcount_capacity = lay.refcount_capacity  # clusters the table can count
+        self._epoch_offset = lay.epoch_offset  # where our epoch record lives (None: foreign)
+        # Swapped by recovery only, while nothing else runs:
+        self.barrier = barrier or (lambda: None)
+        # Changed by preserve (under the engine's disk lock) and reset by drop (gate
+        # closed).  The bitmap is read without a lock on the hot path: a bit is set
+        # only after the unit's L2 entry (and, before it, its data) is written, and
+        # cleared only by drop while no request is in flight.
+        self.bitmap = lay.bitmap            # 1 bit per preserve unit: preserved this epoch
+        self.preserved = lay.preserved      # number of bits set in bitmap
+        self.data_units = lay.data_units    # preserved units with data (others read as zero)
+        self.host_clusters = lay.host_clusters  # data clusters referenced by L2 entries
+        self.l1 = lay.l1                    # copy of the L1 table; file written first
+        self.tables = lay.tables            # L1 indices that have an L2 table
+        self.cursor = lay.top               # next host cluster allocation tries
+        self.top = lay.top                  # host clusters [top, ...) hold nothing
+        self.dirty_blocks = set(lay.refblocks)  # refcount blocks counting more than metadata
+        self.unmarked_hosts = lay.unmarked_hosts  # an L2 entry has a host but no unit marked
+        # Changed by preserve when it adds a refcount block (disk lock):
+        self.refblocks = lay.refblocks      # refcount block index -> file offset
+        self.permanent = lay.permanent      # metadata clusters: never allocated, never freed
+        self._metadata_index = None         # cache of permanent by refcount block
+        # Changed by drop / set_epoch (gate closed):
+        self.epoch = lay.epoch              # committed epoch the undo data returns to
+        self._recent_tops = [lay.top]       # allocation high-water of the last epochs
+
+    # --- queries -----------------------------------------------------------------
+    def is_preserved(self, unit: int) -> bool:
+        return (self.bitmap[unit >> 3] >> (unit & 7)) & 1 == 1
+
+    @property
+    def undo_bytes(self) -> int:
+        return self.data_units * self.unit_size
+
+    def _table_words(self, t: int, lo: int, hi: int) -> list[int]:
+        """The 64-bit words of entries [lo, hi) of L2 table ``t`` (read from the file)."""
+        w = self.geo.entry_words
+        raw = os.pread(self.fd, (hi - lo) * 8 * w, (self.l1[t] & OFFSET_MASK) + lo * 8 * w)
+        return unpack_u64s(raw)
+
+    def _cluster_marked(self, c: int) -> bool:
+        """Whether any unit of guest cluster ``c`` is preserved."""
+        b = self.geo.units_per_cluster_bits
+        if not b:
+            return self.is_preserved(c)
+        return any(self.bitmap[c << (b - 3):(c + 1) << (b - 3)])
+
+    def entry(self, cluster: int) -> int:
+        """Standard descriptor (first word) of a guest cluster's L2 entry; 0 if none
+        of its units is preserved."""
+        if not self._cluster_marked(cluster):
+            return 0
+        bits = self.geo.l2_bits
+        j = cluster & ((1 << bits) - 1)
+        return self._table_words(cluster >> bits, j, j + 1)[0]
+
+    def _source(self, unit: int, entry: int, sub: int) -> int:
+        """Where a preserved unit's old data is: a host offset, or ZERO_SOURCE.  For
+        standard entries the zero flag wins over an offset (QEMU's write-zeroes
+        without unmap keeps the host cluster and sets the flag, ZERO_ALLOC)."""
+        if not self.subclusters:
+            return ZERO_SOURCE if entry & OFLAG_ZERO or not entry & OFFSET_MASK \
+                else entry & OFFSET_MASK
+        x = unit & 31
+        if (sub >> x) & 1:
+            return (entry & OFFSET_MASK) + (x << self.unit_bits)
+        return ZERO_SOURCE
+
+    def unit_sources(self, first: int, count: int) -> list[int]:
+        """For units [first, first+count): 0 = not preserved (the image has it),
+        ZERO_SOURCE, or the host offset of the unit's old data.  L2 entries are read
+        (one pread per table touched) only where a bit says the unit is preserved --
+        a bit is set only after its entry is written."""
+        bm = self.bitmap
+        out = [0] * count
+        geo = self.geo
+        ub = geo.units_per_cluster_bits
+        tbits = geo.l2_bits + ub  # units per L2 table
+        w = geo.entry_words
+        u, end = first, first + count
+        while u < end:
+            t = u >> tbits
+            stop = min(end, (t + 1) << tbits)
+            marked = [x for x in range(u, stop) if (bm[x >> 3] >> (x & 7)) & 1]
+            if marked:
+                lo = (marked[0] >> ub) & ((1 << geo.l2_bits) - 1)
+                hi = ((marked[-1] >> ub) & ((1 << geo.l2_bits) - 1)) + 1
+                words = self._table_words(t, lo, hi)
+                for x in marked:
+                    j = ((x >> ub) & ((1 << geo.l2_bits) - 1)) - lo
+                    out[x - first] = self._source(x, words[j * w],
+                                                  words[j * w + 1] if w == 2 else 0)
+            u = stop
+        return out
+
+    def preserved_units(self):
+        """(unit, source) for every preserved unit, in guest order.
+
+        One pread per L2 table; the bitmap is scanned a byte at a time so that a
+        rollback of a big epoch does not test every bit one by one.
+        """
+        geo = self.geo
+        ub = geo.units_per_cluster_bits
+        tbits = geo.l2_bits + ub
+        w = geo.entry_words
+        for t in sorted(self.tables):
+            base = t << tbits  # a multiple of 512: byte aligned in the bitmap
+            marks = self.bitmap[base >> 3:(base + (1 << tbits)) >> 3]
+            if marks.count(0) == len(marks):
+                continue
+            words = self._table_words(t, 0, 1 << geo.l2_bits)
+            for i, byte in enumerate(marks):
+                if byte:
+                    for k in range(8):
+                        if (byte >> k) & 1:
+                            u = base + i * 8 + k
+                            j = (u - base) >> ub
+                            yield u, self._source(u, words[j * w],
+                                                  words[j * w + 1] if w == 2 else 0)
+
+    # --- allocation -----------------------------------------------------------
+    def _allocate(self, count: int) -> list[int]:
+        """Host cluster indices for ``count`` new clusters; refcounts written (=1).
+
+        Clusters come from a cursor that skips metadata; a missing refcount block is
+        placed at the first cluster it covers that we allocate, counting itself.
+        """
+        out = []
+        E = self.geo.refblock_entries
+        while len(out) < count:
+            c = self.cursor
+            if c in self.permanent:
+                self.cursor += 1
+                continue
+            if c >= self.refcount_capacity:
+                raise IOFailure("overlay is full (refcount table exhausted)", 28)
+            if c // E not in self.refblocks:
+                self._new_refblock(c // E, c)
+                continue
+            out.append(c)
+            self.cursor += 1
+        self._write_refcounts(out)
+        self.top = max(self.top, self.cursor)
+        return out
+
+    def _new_refblock(self, block: int, at: int) -> None:
+        C = self.cluster_size
+        content = bytearray(C)
+        i = (at % self.geo.refblock_entries) * 2
+        content[i:i + 2] = REFCOUNT_ONE
+        pwrite_all(self.fd, [content], at * C)
+        pwrite_all(self.fd, [U64.pack(at * C)], self.refcount_table_offset + block * 8)
+        self.refblocks[block] = at * C
+        self.permanent.add(at)
+        self.cursor = max(self.cursor, at + 1)
+        self.top = max(self.top, self.cursor)
+
+    def _write_refcounts(self, clusters: list[int]) -> None:
+        """Set refcount 1 for each cluster: one write per contiguous run."""
+        E = self.geo.refblock_entries
+        for start, n in _runs(clusters):
+            while n:
+                block, idx = divmod(start, E)
+                k = min(n, E - idx)
+                pwrite_all(self.fd, [REFCOUNT_ONE * k], self.refblocks[block] + idx * 2)
+                self.dirty_blocks.add(block)
+                start += k
+                n -= k
+
+    # --- preserve ----------------------------------------------------------------
+    def preserve(self, first: int, count: int) -> int:
+        """Copy the image's current units [first, first+count) into the overlay.
+
+        The caller guarantees none of them is preserved yet.  One read of the old
+        data; units that are all zeros are only marked "reads as zero"; the others
+        are written into host clusters (new ones allocated contiguously, or the
+        cluster a unit's neighbours already use); then the L2 entries and L1
+        entries.  Returns the number of units whose data was written.
+        """
+        U = self.unit_size
+        ub = self.unit_bits
+        old = bytearray(count * U)
+        view = memoryview(old)
+        start = first << ub
+        end = min((first + count) << ub, self.size)
+        try:
+            pread_into(self.image_fd, view[:end - start], start)
+        except OSError as e:
+            raise io_error(f"reading old data from the image at {start}", e) from None
+        zero = _zeros(U)
+        nonzero = [i for i in range(count) if not old.startswith(zero, i * U)]
+        try:
+            entries = self._current_entries(first, count)
+            new_tables = self._tables_needed(entries)
+            cb = self.geo.units_per_cluster_bits
+            needs_host = sorted({(first + i) >> cb for i in nonzero}
+                                - {c for c, (e, _s) in entries.items() if e & OFFSET_MASK})
+            hosts = self._allocate(len(new_tables) + len(needs_host))
+            table_hosts = dict(zip(new_tables, hosts))
+            for c, h in zip(needs_host, hosts[len(new_tables):]):
+                entries[c] = ((h << self.geo.cluster_bits) | OFLAG_COPIED, entries[c][1])
+            if crashpoints.ARMED:
+                crashpoints.reached("preserve.before-data")
+            self._write_data(first, view, nonzero, entries)
+            self.barrier()
+            if crashpoints.ARMED:
+                crashpoints.reached("preserve.before-l2")
+            self._mark_entries(first, count, nonzero, entries)
+            self._publish(entries, table_hosts)
+        except OSError as e:
+            raise io_error(f"writing undo data into {self.path}", e) from None
+        bm = self.bitmap
+        for u in range(first, first + count):  # published: readers look at the entries
+            bm[u >> 3] |= 1 << (u & 7)
+        self.host_clusters += len(needs_host)
+        self.data_units += len(nonzero)
+        self.preserved += count
+        return len(nonzero)
+
+    def _current_entries(self, first: int, count: int) -> dict:
+        """guest cluster -> (descriptor, subcluster bitmap) for the clusters the units
+        touch: what the L2 table holds now (read only where something can be there)."""
+        geo = self.geo
+        cb = geo.units_per_cluster_bits
+        c0, c1 = first >> cb, (first + count - 1) >> cb
+        out = {c: (0, 0) for c in range(c0, c1 + 1)}
+        if not cb:  # whole clusters: a unit not preserved has no entry worth keeping
+            return out
+        bits = geo.l2_bits
+        mask = (1 << bits) - 1
+        for t in range(c0 >> bits, (c1 >> bits) + 1):
+            if t not in self.tables:
+                continue
+            lo_c, hi_c = max(c0, t << bits), min(c1, ((t + 1) << bits) - 1)
+            if not self.unmarked_hosts and not any(
+                    self._cluster_marked(c) for c in range(lo_c, hi_c + 1)):
+                continue
+            words = self._table_words(t, lo_c & mask, (hi_c & mask) + 1)
+            for c in range(lo_c, hi_c + 1):
+                j = (c - lo_c) * 2
+                out[c] = (words[j], words[j + 1])
+        return out
+
+    def _tables_needed(self, entries: dict) -> list[int]:
+        bits = self.geo.l2_bits
+        return sorted({c >> bits for c in entries} - self.tables)
+
+    def _write_data(self, first: int, view: memoryview, nonzero: list, entries: dict) -> None:
+        """Write the non-zero units at their host offsets: one write per run of
+        units that are contiguous in the file."""
+        U = self.unit_size
+        cb = self.geo.units_per_cluster_bits
+        run_at, bufs = None, []
+        for i in nonzero:
+            u = first + i
+            host = (entries[u >> cb][0] & OFFSET_MASK) + ((u & ((1 << cb) - 1)) * U)
+            if bufs and host == run_at + len(bufs) * U:
+                bufs.append(view[i * U:(i + 1) * U])
+                continue
+            if bufs:
+                pwrite_all(self.fd, bufs, run_at)
+            run_at, bufs = host, [view[i * U:(i + 1) * U]]
+        if bufs:
+            pwrite_all(self.fd, bufs, run_at)
+
+    def _mark_entries(self, first: int, count: int, nonzero: list, entries: dict) -> None:
+        """The new entries: data units allocated, the others reading as zero."""
+        cb = self.geo.units_per_cluster_bits
+        if not cb:
+            for i in range(count):
+                c = first + i
+                if entries[c][0] == 0:
+                    entries[c] = (ZERO_ENTRY, 0)
+            return
+        data = set(nonzero)
+        for i in range(count):
+            u = first + i
+            c, x = u >> cb, u & 31
+            e, sub = entries[c]
+            sub |= (1 << x) if i in data else (1 << (32 + x))
+            entries[c] = (e, sub)
+
+    def _publish(self, entries: dict, table_hosts: dict) -> None:
+        """Write L2 entries (whole new tables, or the touched span), then L1 entries."""
+        geo = self.geo
+        bits = geo.l2_bits
+        mask = (1 << bits) - 1
+        w = geo.entry_words
+        C = self.cluster_size
+        by_table: dict = {}
+        for c in sorted(entries):
+            by_table.setdefault(c >> bits, []).append(c)
+        for t, clusters in by_table.items():
+            # the clusters of one preserve are a contiguous run within each table
+            if t in table_hosts:
+                offset, lo, hi = table_hosts[t] * C, 0, 1 << bits
+            else:
+                offset, lo, hi = self.l1[t] & OFFSET_MASK, clusters[0] & mask, (clusters[-1] & mask) + 1
+            span = [0] * ((hi - lo) * w)
+            for c in clusters:
+                e, sub = entries[c]
+                j = ((c & mask) - lo) * w
+                span[j] = e
+                if w == 2:
+                    span[j + 1] = sub
+            pwrite_all(self.fd, [pack_u64s(span)], offset + lo * 8 * w)
+        if table_hosts:
+            self.barrier()
+            if crashpoints.ARMED:
+                crashpoints.reached("preserve.before-l1")
+            for t, h in table_hosts.items():
+                entry = (h * C) | OFLAG_COPIED
+                pwrite_all(self.fd, [U64.pack(entry)], self.l1_offset + t * 8)
+                self.l1[t] = entry
+                self.tables.add(t)
+
+    # --- reading the committed view -----------------------------------------------
+    def read_committed(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` with the disk as of the last commit (overlay over image).
+
+        Runs of units of one kind (from the image, zero, or contiguous overlay
+        data) are read with one syscall each.
+        """
+        U = self.unit_size
+        bits = self.unit_bits
+        pos = 0
+        total = len(view)
+        base = offset >> bits
+        table = self.unit_sources(base, ((offset + total - 1) >> bits) - base + 1)
+        while pos < total:
+            unit = (offset + pos) >> bits
+            first = last = table[unit - base]
+            n = min(total - pos, ((unit + 1) << bits) - (offset + pos))
+            while pos + n < total:
+                following = table[unit + 1 - base]
+                if not _same_run(last, following, U):
+                    break
+                unit += 1
+                last = following
+                n += min(total - pos - n, U)
+            segment = view[pos:pos + n]
+            if not first:
+                pread_into(self.image_fd, segment, offset + pos)
+            elif first != ZERO_SOURCE:
+                pread_into(self.fd, segment, first + ((offset + pos) & (U - 1)))
+            else:
+                segment[:] = _zeros(n)
+            pos += n
+
+    # --- drop (commit) and apply (rollback) ----------------------------------------
+    def drop(self, epoch: int) -> None:
+        """Forget all undo data and record that the overlay now returns to ``epoch``.
+
+        Order: L1 entries to zero (afterwards everything is at worst a leak), barrier,
+        refcount blocks rewritten with only metadata counted, then the epoch record,
+        then space no recent epoch needed is given back.  The cost depends on the L1
+        size and the number of refcount blocks touched, not on how much was preserved.
+        """
+        try:
+            self._zero_l1()
+            if crashpoints.ARMED:
+                crashpoints.reached("drop.after-l1")
+            self.barrier()
+            self._clean_refblocks()
+            if crashpoints.ARMED:
+                crashpoints.reached("drop.before-epoch")
+            self.set_epoch(epoch)
+        except OSError as e:
+            raise io_error(f"dropping undo data of {self.path}", e) from None
+        self._clear_bits()
+        self.tables = set()
+        self.preserved = 0
+        self.data_units = 0
+        self.host_clusters = 0
+        self.unmarked_hosts = False
+        self.cursor = 0
+
+    def _return_space(self) -> None:
+        """Punch holes in (and cut off) the host clusters that none of the last
+        KEEP_EPOCHS epochs used: after a big epoch the overlay shrinks back.
+
+        Safe at any instant: those clusters have refcount 0 (the refcount blocks
+        were rewritten first; ``barrier`` orders that for power loss) and nothing
+        references them, so their contents do not matter to any reader.
+        """
+        self._recent_tops = (self._recent_tops + [self.cursor])[-KEEP_EPOCHS:]
+        keep = max(max(self._recent_tops), max(self.permanent) + 1)
+        if self.top <= keep:
+            return
+        self.barrier()
+        C = self.cluster_size
+        size = os.fstat(self.fd).st_size
+        last_meta = max(self.permanent) + 1
+        if last_meta <= keep:  # nothing of value past keep: cut the file there
+            if size > keep * C:
+                os.ftruncate(self.fd, keep * C)
+        else:  # refcount blocks live further out: punch around them
+            free = [c for c in range(keep, min(self.top, size // C)) if c not in self.permanent]
+            for start, n in _runs(free):
+                punch_hole(self.fd, start * C, n * C)
+        self.top = keep
+
+    def _table_spans(self, limit: int):
+        """Runs of used L1 indices to clear: one span from the first to the last if
+        clearing that costs at most ``limit`` entries (a few big writes beat
+        thousands of small ones), else each run on its own."""
+        if not self.tables:
+            return []
+        lo, hi = min(self.tables), max(self.tables) + 1
+        if hi - lo <= limit:
+            return [(lo, hi - lo)]
+        return list(_runs(sorted(self.tables)))
+
+    def _clear_bits(self) -> None:
+        """Zero the bitmap where tables exist: cost per table, not per unit."""
+        per_table_bytes = (1 << (self.geo.l2_bits + self.geo.units_per_cluster_bits)) // 8
+        whole = (ctypes.c_char * len(self.bitmap)).from_buffer(self.bitmap)
+        for start, n in self._table_spans((4 << 20) // per_table_bytes):
+            lo = start * per_table_bytes
+            hi = min(len(self.bitmap), (start + n) * per_table_bytes)
+            ctypes.memset(ctypes.addressof(whole) + lo, 0, hi - lo)  # a real memset
+        del whole  # release the export: the bytearray may not be resized while held
+
+    def _zero_l1(self) -> None:
+        for start, n in self._table_spans(1 << 17):
+            pwrite_all(self.fd, [_zeros(n * 8)], self.l1_offset + start * 8)
+            self.l1[start:start + n] = [0] * n
+
+    def _clean_refblocks(self) -> None:
+        for block in sorted(self.dirty_blocks):
+            pwrite_all(self.fd, [self._clean_refblock(block)], self.refblocks[block])
+        self.dirty_blocks = set()
+
+    def _clean_refblock(self, block: int):
+        """A refcount block as it is with no undo data: only metadata counted.
+
+        Most blocks count no metadata at all: they are all zeros, no allocation.
+        """
+        counted = self._metadata_by_block().get(block)
+        if not counted:
+            return _zeros(self.cluster_size)
+        content = bytearray(self.cluster_size)
+        for i in counted:
+            content[i * 2:i * 2 + 2] = REFCOUNT_ONE
+        return content
+
+    def _metadata_by_block(self) -> dict:
+        """Refcount block -> indices of the metadata clusters it counts (cached; the
+        metadata set changes only when a refcount block is added)."""
+        if self._metadata_index is None or self._metadata_index[0] != len(self.permanent):
+            E = self.geo.refblock_entries
+            by_block: dict = {}
+            for c in self.permanent:
+                by_block.setdefault(c // E, []).append(c % E)
+            self._metadata_index = (len(self.permanent), by_block)
+        return self._metadata_index[1]
+
+    def is_clean(self) -> bool:
+        """No undo data and no leaked clusters (what a crash in the middle of a
+        preserve leaves: allocated, never referenced): nothing for drop() to do."""
+        if self.tables or self.preserved:
+            return False
+        for block, off in self.refblocks.items():
+            if os.pread(self.fd, self.cluster_size, off) != self._clean_refblock(block):
+                return False
+        return True
+
+    def set_epoch(self, epoch: int) -> None:
+        if self._epoch_offset is None:
+            raise CorruptOverlay(f"{self.path}: not an nbd-mc overlay (no epoch record)")
+        pwrite_all(self.fd, [NBD_MC_EXT.pack(epoch, NBD_MC_EXT_VERSION)], self._epoch_offset)
+        self.epoch = epoch
+
+    def apply(self, chunk: int = 8 << 20) -> int:
+        """Write every preserved unit back into the image; returns how many.
+
+        Idempotent: the overlay is not changed, so an interrupted apply is simply
+        repeated.  Runs of units contiguous in both guest and host space are copied
+        with one read and one write (at most ``chunk`` bytes at a time); units that
+        were never preserved are not touched.
+        """
+        U = self.unit_size
+        restored = 0
+        run = []
+        for unit, src in self.preserved_units():
+            if run and (unit != run[-1][0] + 1 or not _same_run(run[-1][1], src, U)
+                        or len(run) * U >= chunk):
+                self._apply_run(run)
+                if crashpoints.ARMED:
+                    crashpoints.reached("apply.after-run")
+                run = []
+            run.append((unit, src))
+            restored += 1
+        if run:
+            self._apply_run(run)
+        return restored
+
+    def _apply_run(self, run: list) -> None:
+        U = self.unit_size
+        start = run[0][0] * U
+        length = min(len(run) * U, self.size - start)
+        src = run[0][1]
+        try:
+            if src != ZERO_SOURCE:
+                buf = bytearray(length)
+                pread_into(self.fd, memoryview(buf), src)
+                pwrite_all(self.image_fd, [buf], start)
+            else:
+                punch_hole(self.image_fd, start, length)  # reads as zeros, stays sparse
+        except OSError as e:
+            raise io_error(f"restoring units into the image at {start}", e) from None
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def summary(self) -> dict:
+        return {
+            "path": self.path,
+            "backing": self.backing,
+            "backing_format": self.backing_format,
+            "size": self.size,
+            "cluster_size": self.cluster_size,
+            "subclusters": self.subclusters,
+            "unit_size": self.unit_size,
+            "epoch": self.epoch,
+            "preserved_clusters": self.preserved,
+            "undo_bytes": self.undo_bytes,
+            "l2_tables": len(self.tables),
+        }
+
+
+# --- helpers ----------------------------------------------------------------------
+def _same_run(a: int, b: int, U: int) -> bool:
+    """Whether unit sources a, b (in guest order) can be read with one syscall."""
+    if not a or a == ZERO_SOURCE:
+        return b == a
+    return b == a + U
+
+
+_ZERO_BUF = bytes(4 << 20)
+
+
+def _zeros(n: int):
+    """n zero bytes without allocating: a view of one shared zero buffer (never
+    written, so its pages are the kernel's zero page, not our memory)."""
+    global _ZERO_BUF
+    if n > len(_ZERO_BUF):
+        _ZERO_BUF = bytes(n)
+    return memoryview(_ZERO_BUF)[:n]
+
+
+def open_image(path: str, writable: bool = True) -> int:
+    try:
+        return os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    except OSError as e:
+        raise IOFailure(f"cannot open image {path}: {os.strerror(e.errno)}", e.errno) from None
