@@ -21,6 +21,7 @@ the overlay needs to work on it; nothing is written while checking.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -85,6 +86,13 @@ def unpack_u64s(raw: bytes) -> list[int]:
 
 def pack_u64s(values) -> bytes:
     return struct.pack(f">{len(values)}Q", *values)
+
+
+def zeroed_bitmap(bits: int) -> mmap.mmap:
+    """A bitmap of ``bits`` zero bits in anonymous memory: pages are allocated only
+    where a bit is set (a bytearray would be written through once, so a 1 TiB disk
+    with 2 KiB subclusters would cost 64 MiB of memory up front)."""
+    return mmap.mmap(-1, max(1, (bits + 7) // 8))
 
 
 @dataclass
@@ -284,8 +292,9 @@ class Layout:
     permanent: set = field(default_factory=set)
     l1: list = field(default_factory=list)
     tables: set = field(default_factory=set)
-    bitmap: bytearray = field(default_factory=bytearray)
+    bitmap: mmap.mmap | bytearray = field(default_factory=bytearray)
     preserved: int = 0
+    clusters_touched: int = 0
     data_units: int = 0
     host_clusters: int = 0
     unmarked_hosts: bool = False
@@ -446,7 +455,7 @@ class _Reader:
         lay, geo = self.lay, self.lay.geo
         C = geo.cluster_size
         lay.l1 = unpack_u64s(os.pread(self.fd, h.l1_size * 8, h.l1_table_offset))
-        lay.bitmap = bytearray((geo.units + 7) // 8)
+        lay.bitmap = zeroed_bitmap(geo.units)
         top = 0
         for i, e in enumerate(lay.l1):
             off = e & OFFSET_MASK
@@ -491,13 +500,21 @@ class _Reader:
             if not entry & OFLAG_COPIED:  # as for L1: refcount 1 requires COPIED
                 raise CorruptOverlay(f"{self.path}: L2 entry for cluster {guest} lacks "
                                      f"the COPIED flag ({entry:#x})")
-            self._check_reference(data, f"cluster {guest}")
+            # QEMU writes only the subclusters it needs: with extended L2 entries a
+            # data cluster may end past the end of the file, but not where one of
+            # its allocated subclusters lies (that data would be lost)
+            self._check_reference(data, f"cluster {guest}", may_pass_eof=geo.extended)
+            if alloc and data + (alloc.bit_length() << geo.unit_bits) > self.file_size:
+                raise CorruptOverlay(f"{self.path}: truncated (cluster {guest} at {data:#x} "
+                                     f"is past end of file)")
             lay.host_clusters += 1
         if not geo.extended:
             if data or entry & OFLAG_ZERO:  # else unallocated: reads the backing file
                 self._mark(guest, 1, 1 if data else 0)
+                lay.clusters_touched += 1
         else:
             marks = alloc | zero
+            lay.clusters_touched += bool(marks)
             if data and not marks:
                 lay.unmarked_hosts = True  # a host cluster we must find before reusing
             base = guest << SUBCLUSTER_BITS
@@ -517,11 +534,11 @@ class _Reader:
         lay.preserved += n
         lay.data_units += data
 
-    def _check_reference(self, off: int, what: str) -> None:
+    def _check_reference(self, off: int, what: str, may_pass_eof: bool = False) -> None:
         C = self.lay.geo.cluster_size
         if off % C:
             raise CorruptOverlay(f"{self.path}: {what} at {off:#x} is not cluster aligned")
-        if off + C > self.file_size:
+        if off >= self.file_size or (off + C > self.file_size and not may_pass_eof):
             raise CorruptOverlay(f"{self.path}: truncated ({what} at {off:#x} is past end of file)")
         cluster = off // C
         if cluster in self.lay.permanent or cluster in self.referenced:

@@ -101,13 +101,22 @@ class UndoOverlay:
         # cleared only by drop while no request is in flight.
         self.bitmap = lay.bitmap            # 1 bit per preserve unit: preserved this epoch
         self.preserved = lay.preserved      # number of bits set in bitmap
+        self.clusters_touched = lay.clusters_touched  # guest clusters with a unit preserved
         self.data_units = lay.data_units    # preserved units with data (others read as zero)
         self.host_clusters = lay.host_clusters  # data clusters referenced by L2 entries
         self.l1 = lay.l1                    # copy of the L1 table; file written first
         self.tables = lay.tables            # L1 indices that have an L2 table
         self.cursor = lay.top               # next host cluster allocation tries
-        self.top = lay.top                  # host clusters [top, ...) hold nothing
-        self.dirty_blocks = set(lay.refblocks)  # refcount blocks counting more than metadata
+        # File length in clusters: grown (sparse) before a new host cluster is
+        # referenced, since a subcluster write may not reach the cluster's end and
+        # qcow2 readers refuse references past the end of the file.
+        self.file_clusters = -(-os.fstat(fd).st_size // geo.cluster_size)
+        # Host clusters [top, ...) hold nothing of value; [0, top) may hold space
+        # to give back (the whole file after open, e.g. after a crashed drop).
+        self.top = max(lay.top, self.file_clusters)
+        # refcount block -> [lo, hi) of its entries that may count more than metadata
+        # (after open: all of every block; drop rewrites only these spans)
+        self.dirty_blocks = {b: (0, geo.refblock_entries) for b in lay.refblocks}
         self.unmarked_hosts = lay.unmarked_hosts  # an L2 entry has a host but no unit marked
         # Changed by preserve when it adds a refcount block (disk lock):
         self.refblocks = lay.refblocks      # refcount block index -> file offset
@@ -115,7 +124,7 @@ class UndoOverlay:
         self._metadata_index = None         # cache of permanent by refcount block
         # Changed by drop / set_epoch (gate closed):
         self.epoch = lay.epoch              # committed epoch the undo data returns to
-        self._recent_tops = [lay.top]       # allocation high-water of the last epochs
+        self._recent_tops = []              # allocation high-water of the last epochs
 
     # --- queries -----------------------------------------------------------------
     def is_preserved(self, unit: int) -> bool:
@@ -234,6 +243,9 @@ class UndoOverlay:
             self.cursor += 1
         self._write_refcounts(out)
         self.top = max(self.top, self.cursor)
+        if self.cursor > self.file_clusters:
+            os.ftruncate(self.fd, self.cursor * self.cluster_size)
+            self.file_clusters = self.cursor
         return out
 
     def _new_refblock(self, block: int, at: int) -> None:
@@ -256,7 +268,8 @@ class UndoOverlay:
                 block, idx = divmod(start, E)
                 k = min(n, E - idx)
                 pwrite_all(self.fd, [REFCOUNT_ONE * k], self.refblocks[block] + idx * 2)
-                self.dirty_blocks.add(block)
+                lo, hi = self.dirty_blocks.get(block, (idx, idx + k))
+                self.dirty_blocks[block] = (min(lo, idx), max(hi, idx + k))
                 start += k
                 n -= k
 
@@ -282,10 +295,12 @@ class UndoOverlay:
             raise io_error(f"reading old data from the image at {start}", e) from None
         zero = _zeros(U)
         nonzero = [i for i in range(count) if not old.startswith(zero, i * U)]
+        cb = self.geo.units_per_cluster_bits
+        touched = sum(1 for c in range(first >> cb, ((first + count - 1) >> cb) + 1)
+                      if not self._cluster_marked(c)) if cb else count
         try:
             entries = self._current_entries(first, count)
             new_tables = self._tables_needed(entries)
-            cb = self.geo.units_per_cluster_bits
             needs_host = sorted({(first + i) >> cb for i in nonzero}
                                 - {c for c, (e, _s) in entries.items() if e & OFFSET_MASK})
             hosts = self._allocate(len(new_tables) + len(needs_host))
@@ -306,6 +321,7 @@ class UndoOverlay:
         for u in range(first, first + count):  # published: readers look at the entries
             bm[u >> 3] |= 1 << (u & 7)
         self.host_clusters += len(needs_host)
+        self.clusters_touched += touched
         self.data_units += len(nonzero)
         self.preserved += count
         return len(nonzero)
@@ -458,39 +474,60 @@ class UndoOverlay:
             if crashpoints.ARMED:
                 crashpoints.reached("drop.before-epoch")
             self.set_epoch(epoch)
+            self._return_space()
         except OSError as e:
             raise io_error(f"dropping undo data of {self.path}", e) from None
         self._clear_bits()
         self.tables = set()
         self.preserved = 0
+        self.clusters_touched = 0
         self.data_units = 0
         self.host_clusters = 0
         self.unmarked_hosts = False
         self.cursor = 0
 
     def _return_space(self) -> None:
-        """Punch holes in (and cut off) the host clusters that none of the last
+        """Give back to the file system the host clusters that none of the last
         KEEP_EPOCHS epochs used: after a big epoch the overlay shrinks back.
 
         Safe at any instant: those clusters have refcount 0 (the refcount blocks
         were rewritten first; ``barrier`` orders that for power loss) and nothing
-        references them, so their contents do not matter to any reader.
+        references them, so no reader looks at their contents.  Clusters past the
+        last metadata cluster are cut off (truncate); below it, holes are punched
+        around the refcount blocks.  The cost is one syscall per refcount block in
+        the range, not per cluster.  Best effort: the drop is complete before this
+        runs, so a file system that cannot punch holes (or any error) only means
+        the space stays allocated; nothing is ever written to free it.
         """
+        try:
+            self._give_back()
+        except OSError:
+            pass
+
+    def _give_back(self) -> None:
         self._recent_tops = (self._recent_tops + [self.cursor])[-KEEP_EPOCHS:]
-        keep = max(max(self._recent_tops), max(self.permanent) + 1)
+        keep = max(max(self._recent_tops), 1)
         if self.top <= keep:
             return
         self.barrier()
+        if crashpoints.ARMED:  # (not in crashpoints.POINTS: the engine's crash tests
+            crashpoints.reached("drop.return-space")  # don't produce big epochs)
         C = self.cluster_size
-        size = os.fstat(self.fd).st_size
         last_meta = max(self.permanent) + 1
-        if last_meta <= keep:  # nothing of value past keep: cut the file there
-            if size > keep * C:
-                os.ftruncate(self.fd, keep * C)
-        else:  # refcount blocks live further out: punch around them
-            free = [c for c in range(keep, min(self.top, size // C)) if c not in self.permanent]
-            for start, n in _runs(free):
-                punch_hole(self.fd, start * C, n * C)
+        start = keep
+        end = max(keep, last_meta)
+        try:
+            for m in sorted(c for c in self.permanent if keep <= c < self.top):
+                if m > start:
+                    punch_hole(self.fd, start * C, (m - start) * C, fallback=False)
+                start = m + 1
+            if self.top > start and start < end:
+                punch_hole(self.fd, start * C, (min(self.top, end) - start) * C, fallback=False)
+        except OSError:
+            pass  # no hole punching here: cutting the tail off still gives space back
+        if self.file_clusters > end:
+            os.ftruncate(self.fd, end * C)
+            self.file_clusters = end
         self.top = keep
 
     def _table_spans(self, limit: int):
@@ -520,9 +557,12 @@ class UndoOverlay:
             self.l1[start:start + n] = [0] * n
 
     def _clean_refblocks(self) -> None:
-        for block in sorted(self.dirty_blocks):
-            pwrite_all(self.fd, [self._clean_refblock(block)], self.refblocks[block])
-        self.dirty_blocks = set()
+        """Rewrite the entries of each refcount block that this epoch changed (a few
+        bytes per allocated cluster, not a whole block per epoch)."""
+        for block, (lo, hi) in sorted(self.dirty_blocks.items()):
+            clean = memoryview(self._clean_refblock(block))[lo * 2:hi * 2]
+            pwrite_all(self.fd, [clean], self.refblocks[block] + lo * 2)
+        self.dirty_blocks = {}
 
     def _clean_refblock(self, block: int):
         """A refcount block as it is with no undo data: only metadata counted.
@@ -621,7 +661,8 @@ class UndoOverlay:
             "subclusters": self.subclusters,
             "unit_size": self.unit_size,
             "epoch": self.epoch,
-            "preserved_clusters": self.preserved,
+            "preserved_clusters": self.clusters_touched,
+            "preserved_units": self.preserved,
             "undo_bytes": self.undo_bytes,
             "l2_tables": len(self.tables),
         }
