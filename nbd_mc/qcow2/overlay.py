@@ -32,13 +32,14 @@ on restart.  qcow2 readers ignore unknown extensions, and QEMU keeps them.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 
 from .. import crashpoints
 from ..errors import CorruptOverlay, IOFailure
 from ..fileio import pread_into, punch_hole, pwrite_all, runs as _runs
-from .format import (NBD_MC_EXT, NBD_MC_EXT_VERSION, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO,
+from .format import (ALL_SUBCLUSTERS, NBD_MC_EXT, NBD_MC_EXT_VERSION, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO,
                      REFCOUNT_ONE, U64, ZERO_ENTRY, pack_u64s, read_layout, unpack_u64s)
 
 ZERO_SOURCE = 1  # unit source code "reads as zeros" (host offsets are multiples of 512)
@@ -93,6 +94,8 @@ class UndoOverlay:
         self.refcount_table_offset = lay.header.refcount_table_offset
         self.refcount_capacity = lay.refcount_capacity  # clusters the table can count
         self._epoch_offset = lay.epoch_offset  # where our epoch record lives (None: foreign)
+        # Set once when the file system refuses to punch holes (disk lock / gate):
+        self.can_punch = True               # new L2 tables are holes, not written zeros
         # Swapped by recovery only, while nothing else runs:
         self.barrier = barrier or (lambda: None)
         # Changed by preserve (under the engine's disk lock) and reset by drop (gate
@@ -195,30 +198,56 @@ class UndoOverlay:
             u = stop
         return out
 
-    def preserved_units(self):
-        """(unit, source) for every preserved unit, in guest order.
-
-        One pread per L2 table; the bitmap is scanned a byte at a time so that a
-        rollback of a big epoch does not test every bit one by one.
-        """
+    def preserved_runs(self):
+        """(first unit, count, source of the first unit) for the preserved units in
+        guest order, grouped into runs whose data is contiguous in the file (or all
+        zeros).  One pread per L2 table; the bitmap is scanned a byte (whole
+        clusters) or a cluster (subclusters: one 32-bit word) at a time, and a fully
+        preserved cluster is one run, so a rollback of a big epoch does not walk
+        every unit one by one."""
         geo = self.geo
         ub = geo.units_per_cluster_bits
         tbits = geo.l2_bits + ub
-        w = geo.entry_words
         for t in sorted(self.tables):
             base = t << tbits  # a multiple of 512: byte aligned in the bitmap
             marks = self.bitmap[base >> 3:(base + (1 << tbits)) >> 3]
             if marks.count(0) == len(marks):
                 continue
             words = self._table_words(t, 0, 1 << geo.l2_bits)
+            if ub:
+                yield from self._runs_extended(base, marks, words)
+                continue
             for i, byte in enumerate(marks):
                 if byte:
                     for k in range(8):
                         if (byte >> k) & 1:
                             u = base + i * 8 + k
-                            j = (u - base) >> ub
-                            yield u, self._source(u, words[j * w],
-                                                  words[j * w + 1] if w == 2 else 0)
+                            yield u, 1, self._source(u, words[u - base], 0)
+
+    def _runs_extended(self, base: int, marks: bytes, words: list):
+        U = self.unit_size
+        for j in range(len(marks) // 4):
+            m = int.from_bytes(marks[j * 4:j * 4 + 4], "little")  # bit x = subcluster x
+            if not m:
+                continue
+            entry, sub = words[2 * j], words[2 * j + 1]
+            first = base + j * 32
+            host = entry & OFFSET_MASK
+            alloc = sub & m
+            if m == ALL_SUBCLUSTERS and (alloc == m or not alloc):
+                yield first, 32, (host if alloc else ZERO_SOURCE)
+                continue
+            x = 0
+            while x < 32:
+                if not (m >> x) & 1:
+                    x += 1
+                    continue
+                data = (alloc >> x) & 1
+                y = x + 1
+                while y < 32 and (m >> y) & 1 and (alloc >> y) & 1 == data:
+                    y += 1
+                yield first + x, y - x, (host + x * U if data else ZERO_SOURCE)
+                x = y
 
     # --- allocation -----------------------------------------------------------
     def _allocate(self, count: int) -> list[int]:
@@ -294,7 +323,10 @@ class UndoOverlay:
         except OSError as e:
             raise io_error(f"reading old data from the image at {start}", e) from None
         zero = _zeros(U)
-        nonzero = [i for i in range(count) if not old.startswith(zero, i * U)]
+        if old.find(zero) < 0:  # no run of U zero bytes anywhere: every unit has data
+            nonzero = list(range(count))
+        else:
+            nonzero = [i for i in range(count) if not old.startswith(zero, i * U)]
         cb = self.geo.units_per_cluster_bits
         touched = sum(1 for c in range(first >> cb, ((first + count - 1) >> cb) + 1)
                       if not self._cluster_marked(c)) if cb else count
@@ -317,14 +349,25 @@ class UndoOverlay:
             self._publish(entries, table_hosts)
         except OSError as e:
             raise io_error(f"writing undo data into {self.path}", e) from None
-        bm = self.bitmap
-        for u in range(first, first + count):  # published: readers look at the entries
-            bm[u >> 3] |= 1 << (u & 7)
+        self._set_bits(first, count)  # published: from now on readers use the entries
         self.host_clusters += len(needs_host)
         self.clusters_touched += touched
         self.data_units += len(nonzero)
         self.preserved += count
         return len(nonzero)
+
+    def _set_bits(self, first: int, count: int) -> None:
+        """Mark units [first, first+count) preserved: whole bytes at once."""
+        bm = self.bitmap
+        a, b = first, first + count
+        while a < b and a & 7:
+            bm[a >> 3] |= 1 << (a & 7)
+            a += 1
+        while b > a and b & 7:
+            b -= 1
+            bm[b >> 3] |= 1 << (b & 7)
+        if a < b:
+            bm[a >> 3:b >> 3] = b"\xff" * ((b - a) >> 3)
 
     def _current_entries(self, first: int, count: int) -> dict:
         """guest cluster -> (descriptor, subcluster bitmap) for the clusters the units
@@ -355,22 +398,34 @@ class UndoOverlay:
         return sorted({c >> bits for c in entries} - self.tables)
 
     def _write_data(self, first: int, view: memoryview, nonzero: list, entries: dict) -> None:
-        """Write the non-zero units at their host offsets: one write per run of
-        units that are contiguous in the file."""
+        """Write the non-zero units at their host offsets: one buffer per run of
+        units contiguous in both the old data and the file, one write per run of
+        buffers contiguous in the file (many small iovecs would cost far more
+        than the bytes)."""
         U = self.unit_size
         cb = self.geo.units_per_cluster_bits
-        run_at, bufs = None, []
+        mask = (1 << cb) - 1
+        at, bufs = None, []  # file offset of the current write, its buffers
+        lo = hi = None  # current buffer: units [lo, hi) of the old data
+        end = None  # file offset where the current write ends
         for i in nonzero:
             u = first + i
-            host = (entries[u >> cb][0] & OFFSET_MASK) + ((u & ((1 << cb) - 1)) * U)
-            if bufs and host == run_at + len(bufs) * U:
-                bufs.append(view[i * U:(i + 1) * U])
+            host = (entries[u >> cb][0] & OFFSET_MASK) + (u & mask) * U
+            if lo is not None and i == hi and host == end:
+                hi += 1
+                end += U
                 continue
-            if bufs:
-                pwrite_all(self.fd, bufs, run_at)
-            run_at, bufs = host, [view[i * U:(i + 1) * U]]
-        if bufs:
-            pwrite_all(self.fd, bufs, run_at)
+            if lo is not None:
+                bufs.append(view[lo * U:hi * U])
+                if host != end:
+                    pwrite_all(self.fd, bufs, at)
+                    at, bufs = host, []
+            else:
+                at = host
+            lo, hi, end = i, i + 1, host + U
+        if lo is not None:
+            bufs.append(view[lo * U:hi * U])
+            pwrite_all(self.fd, bufs, at)
 
     def _mark_entries(self, first: int, count: int, nonzero: list, entries: dict) -> None:
         """The new entries: data units allocated, the others reading as zero."""
@@ -381,16 +436,29 @@ class UndoOverlay:
                 if entries[c][0] == 0:
                     entries[c] = (ZERO_ENTRY, 0)
             return
-        data = set(nonzero)
-        for i in range(count):
-            u = first + i
-            c, x = u >> cb, u & 31
+        all_data = len(nonzero) == count
+        data = None if all_data or not nonzero else set(nonzero)
+        end = first + count
+        for c in range(first >> cb, ((end - 1) >> cb) + 1):
+            base = c << cb
+            x0, x1 = max(first, base) - base, min(end, base + 32) - base
             e, sub = entries[c]
-            sub |= (1 << x) if i in data else (1 << (32 + x))
+            if all_data:
+                sub |= ((1 << (x1 - x0)) - 1) << x0
+            elif data is None:
+                sub |= ((1 << (x1 - x0)) - 1) << (32 + x0)
+            else:
+                for x in range(x0, x1):
+                    sub |= (1 << x) if base + x - first in data else (1 << (32 + x))
             entries[c] = (e, sub)
 
     def _publish(self, entries: dict, table_hosts: dict) -> None:
-        """Write L2 entries (whole new tables, or the touched span), then L1 entries."""
+        """Write L2 entries (only the touched span of each table), then L1 entries.
+
+        A new table's cluster may hold an old epoch's bytes (clusters are reused
+        after a drop): a hole is punched there first so the rest of the table reads
+        as zeros without writing 64 KiB of them every epoch; where holes cannot be
+        punched the whole table is written."""
         geo = self.geo
         bits = geo.l2_bits
         mask = (1 << bits) - 1
@@ -401,10 +469,13 @@ class UndoOverlay:
             by_table.setdefault(c >> bits, []).append(c)
         for t, clusters in by_table.items():
             # the clusters of one preserve are a contiguous run within each table
+            lo, hi = clusters[0] & mask, (clusters[-1] & mask) + 1
             if t in table_hosts:
-                offset, lo, hi = table_hosts[t] * C, 0, 1 << bits
+                offset = table_hosts[t] * C
+                if not self._empty_table(offset):
+                    lo, hi = 0, 1 << bits
             else:
-                offset, lo, hi = self.l1[t] & OFFSET_MASK, clusters[0] & mask, (clusters[-1] & mask) + 1
+                offset = self.l1[t] & OFFSET_MASK
             span = [0] * ((hi - lo) * w)
             for c in clusters:
                 e, sub = entries[c]
@@ -422,6 +493,19 @@ class UndoOverlay:
                 pwrite_all(self.fd, [U64.pack(entry)], self.l1_offset + t * 8)
                 self.l1[t] = entry
                 self.tables.add(t)
+
+    def _empty_table(self, offset: int) -> bool:
+        """Make a new table's cluster read as zeros by punching a hole; False where
+        the file system cannot (then the caller writes the whole table)."""
+        if self.can_punch:
+            try:
+                punch_hole(self.fd, offset, self.cluster_size, fallback=False)
+                return True
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self.can_punch = False
+        return False
 
     # --- reading the committed view -----------------------------------------------
     def read_committed(self, view: memoryview, offset: int) -> None:
@@ -609,30 +693,33 @@ class UndoOverlay:
 
         Idempotent: the overlay is not changed, so an interrupted apply is simply
         repeated.  Runs of units contiguous in both guest and host space are copied
-        with one read and one write (at most ``chunk`` bytes at a time); units that
-        were never preserved are not touched.
+        with one read and one write (about ``chunk`` bytes at most at a time); units
+        that were never preserved are not touched.
         """
         U = self.unit_size
         restored = 0
-        run = []
-        for unit, src in self.preserved_units():
-            if run and (unit != run[-1][0] + 1 or not _same_run(run[-1][1], src, U)
-                        or len(run) * U >= chunk):
-                self._apply_run(run)
+        run = None  # [first unit, count, source]
+        for first, n, src in self.preserved_runs():
+            restored += n
+            if run and first == run[0] + run[1] and run[1] * U < chunk and (
+                    src == run[2] == ZERO_SOURCE
+                    or (src != ZERO_SOURCE and run[2] != ZERO_SOURCE
+                        and src == run[2] + run[1] * U)):
+                run[1] += n
+                continue
+            if run:
+                self._apply_run(*run)
                 if crashpoints.ARMED:
                     crashpoints.reached("apply.after-run")
-                run = []
-            run.append((unit, src))
-            restored += 1
+            run = [first, n, src]
         if run:
-            self._apply_run(run)
+            self._apply_run(*run)
         return restored
 
-    def _apply_run(self, run: list) -> None:
+    def _apply_run(self, first: int, n: int, src: int) -> None:
         U = self.unit_size
-        start = run[0][0] * U
-        length = min(len(run) * U, self.size - start)
-        src = run[0][1]
+        start = first * U
+        length = min(n * U, self.size - start)
         try:
             if src != ZERO_SOURCE:
                 buf = bytearray(length)
