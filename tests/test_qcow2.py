@@ -330,6 +330,28 @@ def test_lifecycle_is_valid_qcow2(tmp_path, C, size, sub):
     p.close()
 
 
+@pytest.mark.parametrize("sub", [False, True], ids=["clusters", "subclusters"])
+def test_apply_restores_everything_up_to_a_partial_last_unit(tmp_path, sub):
+    """Every preserved unit comes back, also in a last cluster whose units do not
+    fill a whole word of the bitmap (23 clusters + 1.5 KiB: 737 subclusters)."""
+    C = 64 * KiB
+    size = 23 * C + 512 * 3
+    rng = random.Random(23)
+    image = bytearray(rng.randbytes(size))
+    image[size - 1024:] = bytes(1024)  # a tail that is partly zero
+    p = Pair(tmp_path, size, C, bytes(image), subclusters=sub)
+    ov = p.open()
+    n = -(-size // p.U)
+    for first, count in ((0, 3), (n // 2, 2), (n - 1, 1)):
+        ov.preserve(first, count)
+        p.overwrite(first * p.U, rng.randbytes(min(count * p.U, size - first * p.U)))
+    p.compare_committed()
+    assert ov.apply() == ov.preserved == 6
+    assert p.image() == p.committed
+    ov.close()
+    p.close()
+
+
 def test_preserve_more_clusters_than_iov_max(tmp_path):
     """One preserve of 1100 non-zero 4 KiB clusters (a 4.3 MiB guest write): more
     data buffers than one pwritev accepts (IOV_MAX = 1024)."""

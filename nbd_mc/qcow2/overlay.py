@@ -226,7 +226,7 @@ class UndoOverlay:
 
     def _runs_extended(self, base: int, marks: bytes, words: list):
         U = self.unit_size
-        for j in range(len(marks) // 4):
+        for j in range(-(-len(marks) // 4)):  # the last cluster's word may be short
             m = int.from_bytes(marks[j * 4:j * 4 + 4], "little")  # bit x = subcluster x
             if not m:
                 continue
