@@ -8,10 +8,15 @@ client wrote, from /proc/PID/io of nbdkit:
 
 * ``wchar``: bytes handed to write syscalls (pwrite/pwritev) -- what the page
   cache receives;
-* ``write_bytes``: bytes of pages the process dirtied for the block device -- what
-  the disk must absorb (a page dirtied again before writeback counts once, so
-  with durability ``process`` and short runs this is a lower bound; with
-  ``power`` every preserve is synced and pages are written each time).
+* ``write_bytes``: what the kernel accounts when the process dirties page-cache
+  folios -- a whole (possibly large) folio per first dirtying, again after every
+  writeback by anyone's sync.  On this machine (Linux 6.18, ext4 with large
+  folios, other processes syncing) it swung from 0.75x to 60x for the same
+  workload, so it is reported but not used for verdicts.
+
+``--durability power`` makes the server fdatasync the overlay before every image
+write, so the bytes really go to the disk (/dev/vda here) inside the run.
+``--inprocess`` drives the engine directly (no nbdkit, no NBD): our own cost.
 
 Run from the repository root:  python -m bench.undo_granularity --help
 """
