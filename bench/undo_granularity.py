@@ -144,7 +144,7 @@ def run_mode(base_image: str, work: str, subclusters: str, args) -> dict:
     finally:
         try:
             h.shutdown()
-        except nbd.Error:
+        except Exception:  # noqa: BLE001 - whatever happened, stop the server below
             pass
         ctl.close()
         subprocess.run(NBD_MC + ["stop", "--state-dir", st], stdout=subprocess.DEVNULL)

@@ -1060,7 +1060,7 @@ def test_drop_returns_space_of_a_big_epoch(tmp_path, sub, monkeypatch):
     small epochs followed, the clusters only the big one used are given back
     (punched and cut off), the file stays valid qcow2 (check 0, compare) and usable.
     A kill -9 in the middle of giving space back loses nothing either."""
-    from nbd_mc.qcow2.overlay import KEEP_EPOCHS
+    from nbd_mc.qcow2.space import KEEP_EPOCHS
     C = 64 * KiB
     size = 256 * C
     rng = random.Random(17)

@@ -34,21 +34,20 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import struct
 
 from .. import crashpoints
 from ..errors import CorruptOverlay, IOFailure
 from ..fileio import pread_into, punch_hole, pwrite_all, runs as _runs
-from .format import (ALL_SUBCLUSTERS, NBD_MC_EXT, NBD_MC_EXT_VERSION, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO,
-                     REFCOUNT_ONE, U64, ZERO_ENTRY, pack_u64s, read_layout, unpack_u64s)
+from .format import (ALL_SUBCLUSTERS, NBD_MC_EXT, NBD_MC_EXT_VERSION, OFFSET_MASK, OFLAG_COPIED,
+                     OFLAG_ZERO, U64, ZERO_ENTRY, pack_u64s, read_layout, unpack_u64s)
+from .space import HostSpace, zeros as _zeros
 
 ZERO_SOURCE = 1  # unit source code "reads as zeros" (host offsets are multiples of 512)
-KEEP_EPOCHS = 8  # space used by any of the last KEEP_EPOCHS epochs stays allocated
 
 
 def io_error(what: str, e: OSError) -> IOFailure:
     """The one conversion of an OSError from overlay I/O into our error type."""
-    return IOFailure(f"{what}: {os.strerror(e.errno) if e.errno else e}", e.errno or 5)
+    return IOFailure(f"{what}: {os.strerror(e.errno) if e.errno else e}", e.errno or errno.EIO)
 
 
 class UndoOverlay:
@@ -91,8 +90,6 @@ class UndoOverlay:
         self.backing = lay.backing          # backing file name as recorded
         self.backing_format = lay.backing_format
         self.l1_offset = lay.header.l1_table_offset
-        self.refcount_table_offset = lay.header.refcount_table_offset
-        self.refcount_capacity = lay.refcount_capacity  # clusters the table can count
         self._epoch_offset = lay.epoch_offset  # where our epoch record lives (None: foreign)
         # Set once when the file system refuses to punch holes (disk lock / gate):
         self.can_punch = True               # new L2 tables are holes, not written zeros
@@ -109,25 +106,17 @@ class UndoOverlay:
         self.host_clusters = lay.host_clusters  # data clusters referenced by L2 entries
         self.l1 = lay.l1                    # copy of the L1 table; file written first
         self.tables = lay.tables            # L1 indices that have an L2 table
-        self.cursor = lay.top               # next host cluster allocation tries
-        # File length in clusters: grown (sparse) before a new host cluster is
-        # referenced, since a subcluster write may not reach the cluster's end and
-        # qcow2 readers refuse references past the end of the file.
-        self.file_clusters = -(-os.fstat(fd).st_size // geo.cluster_size)
-        # Host clusters [top, ...) hold nothing of value; [0, top) may hold space
-        # to give back (the whole file after open, e.g. after a crashed drop).
-        self.top = max(lay.top, self.file_clusters)
-        # refcount block -> [lo, hi) of its entries that may count more than metadata
-        # (after open: all of every block; drop rewrites only these spans)
-        self.dirty_blocks = {b: (0, geo.refblock_entries) for b in lay.refblocks}
         self.unmarked_hosts = lay.unmarked_hosts  # an L2 entry has a host but no unit marked
-        # Changed by preserve when it adds a refcount block (disk lock):
-        self.refblocks = lay.refblocks      # refcount block index -> file offset
-        self.permanent = lay.permanent      # metadata clusters: never allocated, never freed
-        self._metadata_index = None         # cache of permanent by refcount block
+        # Host clusters, their refcounts, the allocation cursor, space given back
+        # (same guard: preserve under the disk lock, drop with the gate closed):
+        self.space = HostSpace(fd, lay)
         # Changed by drop / set_epoch (gate closed):
         self.epoch = lay.epoch              # committed epoch the undo data returns to
-        self._recent_tops = []              # allocation high-water of the last epochs
+
+    @property
+    def refblocks(self) -> dict:
+        """Refcount block index -> file offset (for tests and inspection)."""
+        return self.space.refblocks
 
     # --- queries -----------------------------------------------------------------
     def is_preserved(self, unit: int) -> bool:
@@ -250,58 +239,6 @@ class UndoOverlay:
                 x = y
 
     # --- allocation -----------------------------------------------------------
-    def _allocate(self, count: int) -> list[int]:
-        """Host cluster indices for ``count`` new clusters; refcounts written (=1).
-
-        Clusters come from a cursor that skips metadata; a missing refcount block is
-        placed at the first cluster it covers that we allocate, counting itself.
-        """
-        out = []
-        E = self.geo.refblock_entries
-        while len(out) < count:
-            c = self.cursor
-            if c in self.permanent:
-                self.cursor += 1
-                continue
-            if c >= self.refcount_capacity:
-                raise IOFailure("overlay is full (refcount table exhausted)", 28)
-            if c // E not in self.refblocks:
-                self._new_refblock(c // E, c)
-                continue
-            out.append(c)
-            self.cursor += 1
-        self._write_refcounts(out)
-        self.top = max(self.top, self.cursor)
-        if self.cursor > self.file_clusters:
-            os.ftruncate(self.fd, self.cursor * self.cluster_size)
-            self.file_clusters = self.cursor
-        return out
-
-    def _new_refblock(self, block: int, at: int) -> None:
-        C = self.cluster_size
-        content = bytearray(C)
-        i = (at % self.geo.refblock_entries) * 2
-        content[i:i + 2] = REFCOUNT_ONE
-        pwrite_all(self.fd, [content], at * C)
-        pwrite_all(self.fd, [U64.pack(at * C)], self.refcount_table_offset + block * 8)
-        self.refblocks[block] = at * C
-        self.permanent.add(at)
-        self.cursor = max(self.cursor, at + 1)
-        self.top = max(self.top, self.cursor)
-
-    def _write_refcounts(self, clusters: list[int]) -> None:
-        """Set refcount 1 for each cluster: one write per contiguous run."""
-        E = self.geo.refblock_entries
-        for start, n in _runs(clusters):
-            while n:
-                block, idx = divmod(start, E)
-                k = min(n, E - idx)
-                pwrite_all(self.fd, [REFCOUNT_ONE * k], self.refblocks[block] + idx * 2)
-                lo, hi = self.dirty_blocks.get(block, (idx, idx + k))
-                self.dirty_blocks[block] = (min(lo, idx), max(hi, idx + k))
-                start += k
-                n -= k
-
     # --- preserve ----------------------------------------------------------------
     def preserve(self, first: int, count: int) -> int:
         """Copy the image's current units [first, first+count) into the overlay.
@@ -335,7 +272,7 @@ class UndoOverlay:
             new_tables = self._tables_needed(entries)
             needs_host = sorted({(first + i) >> cb for i in nonzero}
                                 - {c for c, (e, _s) in entries.items() if e & OFFSET_MASK})
-            hosts = self._allocate(len(new_tables) + len(needs_host))
+            hosts = self.space.allocate(len(new_tables) + len(needs_host))
             table_hosts = dict(zip(new_tables, hosts))
             for c, h in zip(needs_host, hosts[len(new_tables):]):
                 entries[c] = ((h << self.geo.cluster_bits) | OFLAG_COPIED, entries[c][1])
@@ -554,11 +491,11 @@ class UndoOverlay:
             if crashpoints.ARMED:
                 crashpoints.reached("drop.after-l1")
             self.barrier()
-            self._clean_refblocks()
+            self.space.clean()
             if crashpoints.ARMED:
                 crashpoints.reached("drop.before-epoch")
             self.set_epoch(epoch)
-            self._return_space()
+            self.space.give_back(self.barrier)
         except OSError as e:
             raise io_error(f"dropping undo data of {self.path}", e) from None
         self._clear_bits()
@@ -568,51 +505,7 @@ class UndoOverlay:
         self.data_units = 0
         self.host_clusters = 0
         self.unmarked_hosts = False
-        self.cursor = 0
-
-    def _return_space(self) -> None:
-        """Give back to the file system the host clusters that none of the last
-        KEEP_EPOCHS epochs used: after a big epoch the overlay shrinks back.
-
-        Safe at any instant: those clusters have refcount 0 (the refcount blocks
-        were rewritten first; ``barrier`` orders that for power loss) and nothing
-        references them, so no reader looks at their contents.  Clusters past the
-        last metadata cluster are cut off (truncate); below it, holes are punched
-        around the refcount blocks.  The cost is one syscall per refcount block in
-        the range, not per cluster.  Best effort: the drop is complete before this
-        runs, so a file system that cannot punch holes (or any error) only means
-        the space stays allocated; nothing is ever written to free it.
-        """
-        try:
-            self._give_back()
-        except OSError:
-            pass
-
-    def _give_back(self) -> None:
-        self._recent_tops = (self._recent_tops + [self.cursor])[-KEEP_EPOCHS:]
-        keep = max(max(self._recent_tops), 1)
-        if self.top <= keep:
-            return
-        self.barrier()
-        if crashpoints.ARMED:  # (not in crashpoints.POINTS: the engine's crash tests
-            crashpoints.reached("drop.return-space")  # don't produce big epochs)
-        C = self.cluster_size
-        last_meta = max(self.permanent) + 1
-        start = keep
-        end = max(keep, last_meta)
-        try:
-            for m in sorted(c for c in self.permanent if keep <= c < self.top):
-                if m > start:
-                    punch_hole(self.fd, start * C, (m - start) * C, fallback=False)
-                start = m + 1
-            if self.top > start and start < end:
-                punch_hole(self.fd, start * C, (min(self.top, end) - start) * C, fallback=False)
-        except OSError:
-            pass  # no hole punching here: cutting the tail off still gives space back
-        if self.file_clusters > end:
-            os.ftruncate(self.fd, end * C)
-            self.file_clusters = end
-        self.top = keep
+        self.space.restart()
 
     def _table_spans(self, limit: int):
         """Runs of used L1 indices to clear: one span from the first to the last if
@@ -640,47 +533,12 @@ class UndoOverlay:
             pwrite_all(self.fd, [_zeros(n * 8)], self.l1_offset + start * 8)
             self.l1[start:start + n] = [0] * n
 
-    def _clean_refblocks(self) -> None:
-        """Rewrite the entries of each refcount block that this epoch changed (a few
-        bytes per allocated cluster, not a whole block per epoch)."""
-        for block, (lo, hi) in sorted(self.dirty_blocks.items()):
-            clean = memoryview(self._clean_refblock(block))[lo * 2:hi * 2]
-            pwrite_all(self.fd, [clean], self.refblocks[block] + lo * 2)
-        self.dirty_blocks = {}
-
-    def _clean_refblock(self, block: int):
-        """A refcount block as it is with no undo data: only metadata counted.
-
-        Most blocks count no metadata at all: they are all zeros, no allocation.
-        """
-        counted = self._metadata_by_block().get(block)
-        if not counted:
-            return _zeros(self.cluster_size)
-        content = bytearray(self.cluster_size)
-        for i in counted:
-            content[i * 2:i * 2 + 2] = REFCOUNT_ONE
-        return content
-
-    def _metadata_by_block(self) -> dict:
-        """Refcount block -> indices of the metadata clusters it counts (cached; the
-        metadata set changes only when a refcount block is added)."""
-        if self._metadata_index is None or self._metadata_index[0] != len(self.permanent):
-            E = self.geo.refblock_entries
-            by_block: dict = {}
-            for c in self.permanent:
-                by_block.setdefault(c // E, []).append(c % E)
-            self._metadata_index = (len(self.permanent), by_block)
-        return self._metadata_index[1]
-
     def is_clean(self) -> bool:
         """No undo data and no leaked clusters (what a crash in the middle of a
         preserve leaves: allocated, never referenced): nothing for drop() to do."""
         if self.tables or self.preserved:
             return False
-        for block, off in self.refblocks.items():
-            if os.pread(self.fd, self.cluster_size, off) != self._clean_refblock(block):
-                return False
-        return True
+        return self.space.counts_only_metadata()
 
     def set_epoch(self, epoch: int) -> None:
         if self._epoch_offset is None:
@@ -761,18 +619,6 @@ def _same_run(a: int, b: int, U: int) -> bool:
     if not a or a == ZERO_SOURCE:
         return b == a
     return b == a + U
-
-
-_ZERO_BUF = bytes(4 << 20)
-
-
-def _zeros(n: int):
-    """n zero bytes without allocating: a view of one shared zero buffer (never
-    written, so its pages are the kernel's zero page, not our memory)."""
-    global _ZERO_BUF
-    if n > len(_ZERO_BUF):
-        _ZERO_BUF = bytes(n)
-    return memoryview(_ZERO_BUF)[:n]
 
 
 def open_image(path: str, writable: bool = True) -> int:
