@@ -1096,3 +1096,31 @@ def test_drop_returns_space_of_a_big_epoch(tmp_path, sub, monkeypatch):
     p.compare_committed()
     ov.close()
     p.close()
+
+
+# --- 10. the undo granularity of a group ------------------------------------------------
+def test_group_subclusters_default_and_fixed_at_creation(tmp_path):
+    """In-process engine: subclusters by default where the cluster size allows (64K),
+    whole clusters below 16K; the choice is fixed when the group is created, and
+    `serve --subclusters on` with small clusters is refused before anything exists."""
+    from nbd_mc.engine import Group
+    from nbd_mc.errors import StateError
+    img = str(tmp_path / IMG)
+    write_sparse(img, bytes(1 * MiB))
+    g = Group(str(tmp_path / "st64"), [("d", img)])
+    assert g.disk("d").overlay.subclusters and g.disk("d").bits == 11
+    assert g.status()["disks"][0]["unit_size"] == 2 * KiB
+    g.close()
+    with pytest.raises(StateError, match="created with --subclusters on"):
+        Group(str(tmp_path / "st64"), subclusters=False)
+    Group(str(tmp_path / "st64"), subclusters=True).close()  # the same choice is fine
+    g = Group(str(tmp_path / "st4k"), [("d", img)], cluster_size=4 * KiB)
+    assert not g.disk("d").overlay.subclusters and g.disk("d").bits == 12
+    g.close()
+    g = Group(str(tmp_path / "stoff"), [("d", img)], subclusters=False)
+    assert not g.disk("d").overlay.subclusters and g.disk("d").bits == 16
+    g.close()
+    r = run("nbd-mc", "serve", img, "--state-dir", str(tmp_path / "bad"), "--cluster-size", "4K",
+            "--subclusters", "on")
+    assert r.returncode == 1 and "needs a cluster size of at least 16K" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "bad")
