@@ -41,6 +41,17 @@ COMMITTED_SUFFIX = "@committed"
 DEFAULT_STALE_AFTER = 30.0
 
 
+def subclusters_for(cluster_size: int, subclusters: bool | None) -> bool:
+    """The undo granularity of a new overlay: subclusters (1/32 cluster, extended L2
+    entries) unless turned off or the cluster is smaller than qcow2 allows for them."""
+    if subclusters is None:
+        return qcow2.subclusters_possible(cluster_size)
+    if subclusters and not qcow2.subclusters_possible(cluster_size):
+        raise StateError(f"--subclusters on needs a cluster size of at least 16K "
+                         f"(got {cluster_size})")
+    return subclusters
+
+
 def undo_status(overlay_epoch: int | None, committed: int) -> str:
     """What the undo data of an overlay returning to ``overlay_epoch`` is, when
     ``committed`` is the committed epoch.  The one statement of the rule that
@@ -77,7 +88,6 @@ class Disk:
         self.name = spec.name
         self.size = spec.size
         self.cluster_size = spec.cluster_size
-        self.bits = spec.cluster_size.bit_length() - 1
         self.fd = qcow2.open_image(spec.image)
         self._lock = threading.Lock()
         power = durability == "power"
@@ -90,13 +100,16 @@ class Disk:
             os.close(self.fd)
             raise
         self.power = power
+        # Bookkeeping is per preserve unit (the overlay's): a subcluster or a cluster.
+        self.bits = self.overlay.unit_bits
 
     def preserve(self, offset: int, length: int) -> None:
-        """Copy-before-write: preserve every not-yet-preserved cluster of
+        """Copy-before-write: preserve every not-yet-preserved unit of
         [offset, offset+length) before a request overwrites it.
 
-        Exactly one request preserves a cluster: the disk lock makes a concurrent
-        request touching the same cluster wait until it is in the overlay, and
+        A unit is the overlay's preserve unit (a subcluster, or a whole cluster).
+        Exactly one request preserves a unit: the disk lock makes a concurrent
+        request touching the same unit wait until it is in the overlay, and
         re-checking under the lock finds it preserved.  With durability ``power``
         the overlay must also be on disk before the image is overwritten, even
         when another request did the preserving: the sync is shared among all
@@ -146,8 +159,11 @@ class Disk:
             "overlay": self.spec.overlay,
             "size": self.size,
             "cluster_size": self.cluster_size,
-            "preserved_clusters": self.overlay.preserved,
+            "preserved_clusters": self.overlay.clusters_touched,
             "undo_bytes": self.overlay.undo_bytes,
+            "subclusters": self.overlay.subclusters,
+            "unit_size": self.overlay.unit_size,
+            "preserved_units": self.overlay.preserved,
         }
 
     def close(self) -> None:
@@ -259,9 +275,10 @@ class Group:
 
     def __init__(self, state_dir: str, disks: list[tuple[str, str]] | None = None, *,
                  cluster_size: int | None = None, durability: str | None = None,
-                 lock: bool = True):
+                 lock: bool = True, subclusters: bool | None = None):
         """``durability`` None keeps the mode the group was last served with (a
-        restart must not silently weaken a power-safe group)."""
+        restart must not silently weaken a power-safe group).  ``subclusters`` is
+        fixed when the group is created (None: on where the cluster size allows)."""
         if durability not in DURABILITY_MODES + (None,):
             raise BadRequest(f"durability must be one of {', '.join(DURABILITY_MODES)}")
         self.state_dir = os.path.abspath(state_dir)
@@ -279,7 +296,8 @@ class Group:
                 self.lock.record_pid()
             if new:
                 for d in state.disks:  # overlays first: the state file makes the group exist
-                    qcow2.create(d.overlay, d.image, d.size, d.cluster_size, epoch=0)
+                    qcow2.create(d.overlay, d.image, d.size, d.cluster_size, epoch=0,
+                                 subclusters=subclusters_for(d.cluster_size, subclusters))
                 save(self.state_dir, state)
             elif changed and lock:
                 save(self.state_dir, state)  # an explicit new mode (or a new id) is remembered
@@ -290,6 +308,8 @@ class Group:
                     f"the disks of {self.state_dir} were handed out by an instant failover; the new "
                     f"primary owns the overlays ({', '.join(d.overlay for d in state.disks)})")
             self.disks = self._open_disks(state)
+            if subclusters is not None and not new:
+                self._check_subclusters(subclusters)
         except BaseException:
             if self.lock:
                 self.lock.release()
@@ -310,6 +330,17 @@ class Group:
         except BaseException:  # a refused or failed recovery keeps no fd and no lock
             self.close()
             raise
+
+    def _check_subclusters(self, subclusters: bool) -> None:
+        for d in self.disks:
+            if d.overlay.subclusters != subclusters:
+                for x in self.disks:
+                    x.close()
+                self.disks = []
+                raise StateError(
+                    f"state directory {self.state_dir} was created with --subclusters "
+                    f"{'on' if d.overlay.subclusters else 'off'}; the undo granularity is "
+                    f"fixed when the group is created")
 
     def _open_disks(self, state: GroupState) -> list[Disk]:
         disks = []
@@ -362,13 +393,15 @@ class Group:
         return report
 
     def _checked_apply(self, d: Disk) -> int:
+        """Apply a disk's undo data; returns how many clusters it touched."""
+        clusters = d.overlay.clusters_touched
         n = d.overlay.apply()
         if n:
             try:
                 os.fdatasync(d.fd)
             except OSError as e:
                 raise io_failure(f"syncing image {d.spec.image}", e) from None
-        return n
+        return clusters if n else 0
 
     # --- properties ---------------------------------------------------------------
     @property

@@ -39,6 +39,7 @@ class ServeOptions:
     port: int | None = None
     bind: str | None = None
     cluster_size: int | None = None
+    subclusters: bool | None = None  # undo granularity of a new group (None: default)
     durability: str | None = None
     tls: str = "off"  # off | on | require
     tls_certificates: str | None = None
@@ -105,6 +106,8 @@ def nbdkit_command(opts: ServeOptions) -> list[str]:
     cmd += [f"disk={name}={path}" for name, path in opts.disks]
     if opts.cluster_size:
         cmd.append(f"cluster_size={opts.cluster_size}")
+    if opts.subclusters is not None:
+        cmd.append(f"subclusters={'on' if opts.subclusters else 'off'}")
     if parse_address(opts.control)[0] == "tcp":
         cmd.append(f"control_tls={opts.tls_certificates}")
     return cmd
@@ -156,6 +159,8 @@ def preflight(opts: ServeOptions) -> tuple:
         raise StateError(f"NBD socket path {opts.socket} is longer than {UNIX_PATH_MAX} "
                          "bytes, the limit of a unix socket (give a shorter --socket)")
     state, new = engine.plan_group(opts.state_dir, opts.disks or None, opts.cluster_size)
+    for d in state.disks if new else ():  # refuse --subclusters on with small clusters now
+        engine.subclusters_for(d.cluster_size, opts.subclusters)
     if os.path.isdir(opts.state_dir):
         DirLock(opts.state_dir).release()  # raises if a server holds it
     if opts.socket:

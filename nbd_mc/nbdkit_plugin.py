@@ -29,6 +29,7 @@ from .tls import TlsFiles
 MAX_REQUEST = 32 << 20
 
 _config = {"disks": [], "state_dir": None, "cluster_size": None, "durability": None,
+           "subclusters": None,
            "control": None, "control_tls": None, "threads": "serialize"}
 _group: Group | None = None
 _control: ControlServer | None = None
@@ -42,6 +43,10 @@ def config(key: str, value: str) -> None:
         _config["state_dir"] = os.path.abspath(value)
     elif key == "cluster_size":
         _config["cluster_size"] = nbdkit.parse_size(value)
+    elif key == "subclusters":
+        if value not in ("on", "off"):
+            raise RuntimeError("subclusters must be on or off")
+        _config["subclusters"] = value == "on"
     elif key in ("durability", "control", "control_tls", "threads"):
         _config[key] = value
     else:
@@ -71,7 +76,8 @@ def get_ready() -> None:
     global _group
     try:
         _group = Group(_config["state_dir"], _config["disks"] or None,
-                       cluster_size=_config["cluster_size"], durability=_config["durability"])
+                       cluster_size=_config["cluster_size"], durability=_config["durability"],
+                       subclusters=_config["subclusters"])
     except (NbdMcError, ValueError) as e:
         sys.stderr.write(f"nbd-mc: {getattr(e, 'desc', e)}\n")
         sys.stderr.flush()

@@ -29,7 +29,12 @@ from .common import (Failure, control_options, emit, json_wanted, main, refusals
 @click.option("--control", metavar="ADDR", help="Control address (default DIR/control.sock; "
               "tcp://HOST:PORT needs --tls-certificates).")
 @click.option("--cluster-size", metavar="SIZE", default=None,
-              help="Undo granularity, 4K..2M (default 64K; fixed when the group is created).")
+              help="qcow2 cluster size of the undo overlay, 4K..2M (default 64K; fixed when "
+                   "the group is created).")
+@click.option("--subclusters", type=click.Choice(["on", "off"]), default=None,
+              help="Undo granularity: on = 1/32 cluster (qcow2 extended L2 entries, clusters "
+                   ">= 16K), off = whole clusters.  Default on where the cluster size allows; "
+                   "fixed when the group is created.")
 @click.option("--durability", type=click.Choice(engine.DURABILITY_MODES), default=None,
               help="process: survive kill -9; power: also power loss (slower).  Default: "
                    "process for a new group, else the mode it was last served with.")
@@ -45,8 +50,8 @@ from .common import (Failure, control_options, emit, json_wanted, main, refusals
 @click.option("--pidfile", metavar="PATH", help="Write nbdkit's pid here (default DIR/nbdkit.pid).")
 @click.option("--json", "as_json", is_flag=True, help="Print addresses as JSON.")
 @refusals
-def serve(disks, state_dir, socket_path, port, bind, control, cluster_size, durability, tls,
-          tls_certificates, thread_model, threads, foreground, pidfile, as_json):
+def serve(disks, state_dir, socket_path, port, bind, control, cluster_size, subclusters,
+          durability, tls, tls_certificates, thread_model, threads, foreground, pidfile, as_json):
     """Serve DISK... (PATH or NAME=PATH) as one consistency group.
 
     Creates the state directory, or reopens it (then the DISK list, if given,
@@ -58,6 +63,7 @@ def serve(disks, state_dir, socket_path, port, bind, control, cluster_size, dura
     opts = launch.ServeOptions(
         state_dir=state_dir, disks=[engine.parse_disk_spec(d) for d in disks], socket=socket_path,
         port=port, bind=bind, cluster_size=size_option(cluster_size),
+        subclusters=None if subclusters is None else subclusters == "on",
         durability=durability, tls=tls, tls_certificates=tls_certificates, control=control,
         foreground=foreground, pidfile=pidfile, thread_model=thread_model, threads=threads)
     as_json = json_wanted(as_json)

@@ -153,7 +153,8 @@ def header_fields(path: str) -> dict:
     h = qcow2.Header.parse(raw)
     return {"cluster_size": 1 << h.cluster_bits, "l1_offset": h.l1_table_offset,
             "l1_size": h.l1_size, "rt_offset": h.refcount_table_offset,
-            "rt_clusters": h.refcount_table_clusters, "size": h.size}
+            "rt_clusters": h.refcount_table_clusters, "size": h.size,
+            "extended": bool(h.incompatible & qcow2.INCOMPAT_EXTENDED_L2)}
 
 
 def read_u64(path: str, offset: int) -> int:
@@ -171,13 +172,15 @@ def write_u64(path: str, offset: int, value: int) -> None:
 
 
 def l2_entry_offset(path: str, guest_cluster: int) -> int:
-    """File offset of the L2 entry of ``guest_cluster`` (its L2 table must exist)."""
+    """File offset of the L2 entry of ``guest_cluster`` (its L2 table must exist);
+    with extended L2 entries the subcluster bitmap follows at +8."""
     h = header_fields(path)
-    bits = h["cluster_size"].bit_length() - 1 - 3
+    size = 16 if h["extended"] else 8
+    bits = h["cluster_size"].bit_length() - 1 - size.bit_length() + 1
     l1e = read_u64(path, h["l1_offset"] + (guest_cluster >> bits) * 8)
     table = l1e & qcow2.OFFSET_MASK
     assert table, "no L2 table for that cluster"
-    return table + (guest_cluster & ((1 << bits) - 1)) * 8
+    return table + (guest_cluster & ((1 << bits) - 1)) * size
 
 
 # --- the child: run overlay operations, optionally die before the Nth write ---------

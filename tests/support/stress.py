@@ -72,10 +72,13 @@ class Stress:
         self.handles = {d: [server.connect(d) for _ in range(conns_per_disk)] for d in self.disks}
         self.committed_h = {d: server.connect(d + "@committed") for d in self.disks}
         self.inflight: dict[str, list[Op]] = {d: [] for d in self.disks}
-        # clusters written in the open epoch: exactly these must be preserved
+        # preserve units (subclusters or clusters) written in the open epoch: exactly
+        # these must be preserved
         self.touched: dict[str, set] = {d: set() for d in self.disks}
         self.exact = True  # False when requests raced the checkpoint that opened the epoch
-        self.bits = cluster_size.bit_length() - 1
+        unit = server.execute("query-status")["disks"][0].get("unit_size", cluster_size)
+        self.bits = unit.bit_length() - 1
+        self.per_cluster = cluster_size.bit_length() - 1 - self.bits
         self.counts = Counts(connections=conns_per_disk * len(self.disks) + len(self.disks))
 
     # --- request generation ---------------------------------------------------------
@@ -188,8 +191,9 @@ class Stress:
 
     def check_undo(self) -> int:
         """Drained, in an epoch no request raced into: each disk has preserved exactly
-        the clusters written since the last checkpoint, and keeps data only for those
-        whose committed contents are not all zeros (zero clusters cost no data)."""
+        the units written since the last checkpoint, and keeps data only for those
+        whose committed contents are not all zeros (zero units cost no data).
+        Returns the number of clusters holding undo (what a rollback restores)."""
         if not self.exact or self.in_flight():
             return -1
         st = self.s.execute("query-status")
@@ -199,10 +203,12 @@ class Stress:
             d = disk["name"]
             committed = self.model.committed[d]
             nonzero = sum(1 for c in self.touched[d] if any(committed[c * C:(c + 1) * C]))
-            assert disk["preserved_clusters"] == len(self.touched[d]), (
-                d, disk["preserved_clusters"], len(self.touched[d]))
+            clusters = {u >> self.per_cluster for u in self.touched[d]}
+            assert disk["preserved_clusters"] == len(clusters), (
+                d, disk["preserved_clusters"], len(clusters))
+            assert disk.get("preserved_units", len(self.touched[d])) == len(self.touched[d])
             assert disk["undo_bytes"] == nonzero * C, (d, disk["undo_bytes"], nonzero * C)
-            total += len(self.touched[d])
+            total += len(clusters)
         self.counts.undo_checks += 1
         return total
 

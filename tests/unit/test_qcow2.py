@@ -1,4 +1,4 @@
-"""Tests of the undo overlay (nbd_mc/qcow2.py) with QEMU's own tools as the oracle.
+"""Tests of the undo overlay (nbd_mc/qcow2/) with QEMU's own tools as the oracle.
 
 Every state the overlay can be in is checked with ``qemu-img check`` (a valid qcow2
 file: 0 = clean, 3 = leaked clusters only) and ``qemu-img compare -f qcow2 -F raw
@@ -34,24 +34,28 @@ IMG, OV = "img.raw", "ov.qcow2"
 class Pair:
     """An image file plus its overlay in one directory, with the committed model."""
 
-    def __init__(self, directory, size, cluster_size, image: bytes, epoch=0):
+    def __init__(self, directory, size, cluster_size, image: bytes, epoch=0, subclusters=False):
         self.dir = str(directory)
         os.makedirs(self.dir, exist_ok=True)
         self.size = size
         self.C = cluster_size
+        self.U = cluster_size // 32 if subclusters else cluster_size  # preserve unit
+        self.k = cluster_size // self.U  # units per cluster
         self.img = os.path.join(self.dir, IMG)
         self.ov = os.path.join(self.dir, OV)
         self.model = os.path.join(self.dir, "model.raw")
         write_sparse(self.img, image)
-        qcow2.create(self.ov, self.img, size, cluster_size, epoch=epoch)
+        qcow2.create(self.ov, self.img, size, cluster_size, epoch=epoch, subclusters=subclusters)
         self.committed = bytes(image)
         self.fd = os.open(self.img, os.O_RDWR)
 
     @classmethod
-    def attach(cls, directory, size, cluster_size, committed: bytes):
+    def attach(cls, directory, size, cluster_size, committed: bytes, unit=None):
         """A Pair object for files that already exist (a copy of another pair)."""
         p = cls.__new__(cls)
         p.dir, p.size, p.C = str(directory), size, cluster_size
+        p.U = unit or cluster_size
+        p.k = cluster_size // p.U
         p.img, p.ov = os.path.join(p.dir, IMG), os.path.join(p.dir, OV)
         p.model = os.path.join(p.dir, "model.raw")
         p.committed = bytes(committed)
@@ -103,9 +107,15 @@ def unpreserved_runs(ov, clusters):
     return [tuple(r) for r in run_]
 
 
+def preserve_clusters(ov, first, count):
+    """Preserve guest clusters [first, first+count) whatever the preserve unit."""
+    k = ov.cluster_size // ov.unit_size
+    return ov.preserve(first * k, count * k)
+
+
 def engine_write(ov, fd, offset, data):
     """What the engine does for a guest write: preserve first, then overwrite."""
-    for first, count in unpreserved_runs(ov, clusters_of(offset, len(data), ov.cluster_size)):
+    for first, count in unpreserved_runs(ov, clusters_of(offset, len(data), ov.unit_size)):
         ov.preserve(first, count)
     os.pwrite(fd, data, offset)
 
@@ -115,8 +125,9 @@ class OverlayMachine(RuleBasedStateMachine):
     """Random preserve / overwrite / drop / apply / reopen against a model.
 
     Model: ``committed`` = the disk as of the last drop; ``image`` = the replica's
-    bytes; ``preserved`` = clusters preserved in this epoch.  Overwrites of the image
-    only happen inside preserved clusters (the engine's invariant).
+    bytes; ``preserved`` = units preserved in this epoch (clusters, or subclusters
+    with extended L2 entries).  Overwrites of the image only happen inside preserved
+    units (the engine's invariant).
     """
 
     def __init__(self):
@@ -127,19 +138,21 @@ class OverlayMachine(RuleBasedStateMachine):
 
     @initialize(cluster_size=st.sampled_from([4096, 65536]), nclusters=st.integers(16, 64),
                 tail=st.integers(0, 127), seed=st.integers(0, 2 ** 32 - 1),
-                epoch=st.integers(0, 2 ** 40))
-    def setup(self, cluster_size, nclusters, tail, seed, epoch):
-        C = self.C = cluster_size
+                epoch=st.integers(0, 2 ** 40), subclusters=st.booleans())
+    def setup(self, cluster_size, nclusters, tail, seed, epoch, subclusters):
+        C = cluster_size
+        subclusters = subclusters and C >= 16384
+        self.C = C // 32 if subclusters else C  # the preserve unit the rules work in
         # the last cluster is partial unless tail == 0; sizes stay multiples of 512
         self.size = nclusters * C - (tail % (C // 512)) * 512
-        self.n = nclusters
+        self.n = -(-self.size // self.C)
         self.rng = random.Random(seed)
         data = random_image(self.rng, self.size, C)
         self.img = os.path.join(self.dir, IMG)
         self.ovp = os.path.join(self.dir, OV)
         self.model = os.path.join(self.dir, "model.raw")
         write_sparse(self.img, data)
-        qcow2.create(self.ovp, self.img, self.size, C, epoch=epoch)
+        qcow2.create(self.ovp, self.img, self.size, C, epoch=epoch, subclusters=subclusters)
         self.fd = os.open(self.img, os.O_RDWR)
         self.committed = bytes(data)
         self.image = bytearray(data)
@@ -266,18 +279,21 @@ TestOverlayStateful = OverlayMachine.TestCase
 
 
 # --- 2. geometry: cluster sizes, odd virtual sizes -----------------------------------
-@pytest.mark.parametrize("C,size", [
-    (4 * KiB, 37 * 4 * KiB - 512),          # last cluster 3.5 KiB
-    (64 * KiB, 23 * 64 * KiB + 512 * 3),    # last cluster 1.5 KiB
-    (2 * MiB, 5 * 2 * MiB - 512 * 5),       # last cluster 2 MiB - 2.5 KiB
+@pytest.mark.parametrize("C,size,sub", [
+    (4 * KiB, 37 * 4 * KiB - 512, False),          # last cluster 3.5 KiB
+    (64 * KiB, 23 * 64 * KiB + 512 * 3, False),    # last cluster 1.5 KiB
+    (64 * KiB, 23 * 64 * KiB + 512 * 3, True),     # last unit 1.5 KiB of 2 KiB
+    (2 * MiB, 5 * 2 * MiB - 512 * 5, False),       # last cluster 2 MiB - 2.5 KiB
+    (2 * MiB, 5 * 2 * MiB - 512 * 5, True),
 ])
-def test_lifecycle_is_valid_qcow2(tmp_path, C, size):
+def test_lifecycle_is_valid_qcow2(tmp_path, C, size, sub):
     rng = random.Random(C)
-    p = Pair(tmp_path, size, C, random_image(rng, size, C), epoch=7)
+    p = Pair(tmp_path, size, C, random_image(rng, size, C), epoch=7, subclusters=sub)
     info = qemu_info(p.ov)
     assert info["format"] == "qcow2"
     assert info["virtual-size"] == size
     assert info["cluster-size"] == C
+    assert info["format-specific"]["data"]["extended-l2"] == sub
     assert info["backing-filename"] == IMG  # relative: the pair can be moved
     assert info["backing-filename-format"] == "raw"
     assert info["format-specific"]["data"]["compat"] == "1.1"
@@ -286,19 +302,21 @@ def test_lifecycle_is_valid_qcow2(tmp_path, C, size):
 
     ov = p.open()
     assert (ov.epoch, ov.preserved, ov.undo_bytes) == (7, 0, 0)
-    n = -(-size // C)
-    runs = [(0, 2), (n // 2, 1), (n - 1, 1)]  # includes the partial last cluster
+    U = ov.unit_size
+    n = -(-size // U)
+    runs = [(0, 2), (n // 2, 1), (n - 1, 1)]  # includes the partial last unit
     for first, count in runs:
         ov.preserve(first, count)
     for first, count in runs:
-        off = first * C
-        end = min((first + count) * C, size)
+        off = first * U
+        end = min((first + count) * U, size)
         p.overwrite(off, rng.randbytes(end - off))
     assert_check(p.ov)
     p.compare_committed()
     assert committed_view(ov) == p.committed
     s = ov.summary()
-    assert s["preserved_clusters"] == 4 and s["cluster_size"] == C and s["size"] == size
+    assert s["preserved_units"] == 4 and s["cluster_size"] == C and s["size"] == size
+    assert s["subclusters"] == sub and s["unit_size"] == U
     ov.close()
 
     ov = p.open()
@@ -309,6 +327,28 @@ def test_lifecycle_is_valid_qcow2(tmp_path, C, size):
     p.compare_image()
     ov.close()
     assert p.open().epoch == 8
+    p.close()
+
+
+@pytest.mark.parametrize("sub", [False, True], ids=["clusters", "subclusters"])
+def test_apply_restores_everything_up_to_a_partial_last_unit(tmp_path, sub):
+    """Every preserved unit comes back, also in a last cluster whose units do not
+    fill a whole word of the bitmap (23 clusters + 1.5 KiB: 737 subclusters)."""
+    C = 64 * KiB
+    size = 23 * C + 512 * 3
+    rng = random.Random(23)
+    image = bytearray(rng.randbytes(size))
+    image[size - 1024:] = bytes(1024)  # a tail that is partly zero
+    p = Pair(tmp_path, size, C, bytes(image), subclusters=sub)
+    ov = p.open()
+    n = -(-size // p.U)
+    for first, count in ((0, 3), (n // 2, 2), (n - 1, 1)):
+        ov.preserve(first, count)
+        p.overwrite(first * p.U, rng.randbytes(min(count * p.U, size - first * p.U)))
+    p.compare_committed()
+    assert ov.apply() == ov.preserved == 6
+    assert p.image() == p.committed
+    ov.close()
     p.close()
 
 
@@ -338,13 +378,15 @@ def test_create_rejects_bad_cluster_sizes(tmp_path):
 
 
 # --- 3. qemu-img commit == apply ------------------------------------------------------
-def _dirty_pair(directory, C, nclusters, seed):
+def _dirty_pair(directory, C, nclusters, seed, subclusters=False):
     """A pair with undo data: random runs preserved, the image overwritten there with
-    random data, zeros and holes (so preserved clusters are data and zero clusters)."""
+    random data, zeros and holes (so preserved units are data and zero units)."""
     rng = random.Random(seed)
     size = nclusters * C - 1024
-    p = Pair(directory, size, C, random_image(rng, size, C))
+    p = Pair(directory, size, C, random_image(rng, size, C), subclusters=subclusters)
     ov = p.open()
+    C = p.U  # below, "cluster" means the preserve unit
+    nclusters = -(-size // C)
     c = 0
     while c < nclusters:
         count = rng.randint(1, 4)
@@ -372,15 +414,16 @@ def _dirty_pair(directory, C, nclusters, seed):
     return p, ov
 
 
-@pytest.mark.parametrize("C,n", [(4 * KiB, 300), (64 * KiB, 40), (2 * MiB, 5)])
-def test_qemu_img_commit_equals_apply(tmp_path, C, n):
-    p, ov = _dirty_pair(tmp_path / "orig", C, n, seed=C)
+@pytest.mark.parametrize("C,n,sub", [(4 * KiB, 300, False), (64 * KiB, 40, False),
+                                     (64 * KiB, 40, True), (2 * MiB, 5, False)])
+def test_qemu_img_commit_equals_apply(tmp_path, C, n, sub):
+    p, ov = _dirty_pair(tmp_path / "orig", C, n, seed=C, subclusters=sub)
     ov.close()
     assert p.image() != p.committed
     copy_pair(p.dir, str(tmp_path / "qemu"))
     copy_pair(p.dir, str(tmp_path / "ours"))
-    a = Pair.attach(tmp_path / "qemu", p.size, C, p.committed)
-    b = Pair.attach(tmp_path / "ours", p.size, C, p.committed)
+    a = Pair.attach(tmp_path / "qemu", p.size, C, p.committed, p.U)
+    b = Pair.attach(tmp_path / "ours", p.size, C, p.committed, p.U)
 
     run("qemu-img", "commit", "-f", "qcow2", a.ov, check_rc=0)
     ovb = b.open()
@@ -410,28 +453,36 @@ def test_qemu_img_commit_equals_apply(tmp_path, C, n):
 
 
 # --- 4. QEMU writes into the overlay ------------------------------------------------
-def test_qemu_writes_overlay_then_we_continue(tmp_path):
+@pytest.mark.parametrize("sub", [False, True], ids=["clusters", "subclusters"])
+def test_qemu_writes_overlay_then_we_continue(tmp_path, sub):
     C = 64 * KiB
     size = 32 * C
     rng = random.Random(5)
-    p = Pair(tmp_path, size, C, random_image(rng, size, C))
+    p = Pair(tmp_path, size, C, random_image(rng, size, C), subclusters=sub)
     ov = p.open()
-    ov.preserve(4, 3)
-    ov.preserve(20, 2)
+    preserve_clusters(ov, 4, 3)
+    preserve_clusters(ov, 20, 2)
     for first, count in ((4, 3), (20, 2)):
         p.overwrite(first * C, rng.randbytes(count * C))
     ov.close()
 
-    r = qemu_io(p.ov, "write -P 0x55 0 128k", readonly=False)
+    # with subclusters QEMU allocates a host cluster for the part of cluster 8 it
+    # writes (units 4-6); we must add our units to that cluster, not replace it
+    r = qemu_io(p.ov, "write -P 0x55 0 128k", "write -P 0x66 520k 6k", readonly=False)
     assert r.returncode == 0 and "wrote 131072/131072" in r.stdout, r.stdout + r.stderr
-    expected = b"\x55" * (128 * KiB) + p.committed[128 * KiB:]
+    expected = bytearray(b"\x55" * (128 * KiB) + p.committed[128 * KiB:])
+    expected[520 * KiB:526 * KiB] = b"\x66" * (6 * KiB)
+    expected = bytes(expected)
     assert_check(p.ov)
     p.committed = expected
     p.compare_committed()
 
     ov = p.open()
     assert committed_view(ov) == expected
-    assert ov.is_preserved(0) and ov.is_preserved(1) and ov.is_preserved(4)
+    k = p.k
+    assert ov.is_preserved(0) and ov.is_preserved(1 * k) and ov.is_preserved(4 * k)
+    assert ov.is_preserved(8 * k + 4 if sub else 8)
+    engine_write(ov, p.fd, 8 * C, rng.randbytes(C))  # the rest of cluster 8
     # we allocate around QEMU's clusters: preserve more, overwrite, still consistent
     engine_write(ov, p.fd, 9 * C + 100, rng.randbytes(3 * C))
     engine_write(ov, p.fd, 30 * C, rng.randbytes(2 * C))
@@ -506,9 +557,11 @@ def test_unallocated_l2_entry_with_flag_bits_reads_backing(tmp_path):
 
 
 # --- 5. a 1 TiB sparse image ----------------------------------------------------------
-@pytest.mark.parametrize("C", [4 * KiB, 64 * KiB, 2 * MiB])
-def test_one_tib_sparse(tmp_path, C):
+@pytest.mark.parametrize("C,sub", [(4 * KiB, False), (64 * KiB, False), (64 * KiB, True),
+                                   (2 * MiB, False)])
+def test_one_tib_sparse(tmp_path, C, sub):
     T = 1 * TiB
+    U = C // 32 if sub else C
     img, ovp = str(tmp_path / IMG), str(tmp_path / OV)
     with open(img, "wb") as f:
         f.truncate(T)
@@ -516,11 +569,11 @@ def test_one_tib_sparse(tmp_path, C):
     spots = [0, 3 * C, T // 2 + 7 * C, T - 2 * C]  # far apart, spanning many L2 tables
     for off in spots:
         os.pwrite(fd, b"\xab" * (2 * C), off)
-    qcow2.create(ovp, img, T, C)
+    qcow2.create(ovp, img, T, C, subclusters=sub)
     assert os.stat(ovp).st_blocks * 512 < 32 * MiB  # the metadata is sparse too
 
     base = run_child(ovp, img, [])
-    res = run_child(ovp, img, [["preserve", off // C, 2] for off in spots])
+    res = run_child(ovp, img, [["preserve", off // U, 2 * C // U] for off in spots])
     assert res["summary"]["preserved_clusters"] == 8
     assert res["summary"]["undo_bytes"] == 8 * C
     for off in spots:
@@ -557,15 +610,15 @@ def test_one_tib_sparse(tmp_path, C):
 class Scenario:
     """A pair in a template directory, an operation for the child, and expectations."""
 
-    def __init__(self, name, C, nclusters, seed, setup, op, full_data=False):
+    def __init__(self, name, C, nclusters, seed, setup, op, full_data=False, sub=False):
         self.name, self.C, self.n, self.seed = name, C, nclusters, seed
-        self.setup, self.op, self.full_data = setup, op, full_data
+        self.setup, self.op, self.full_data, self.sub = setup, op, full_data, sub
 
     def build(self, directory):
         rng = random.Random(self.seed)
         size = self.n * self.C - 512
         data = rng.randbytes(size) if self.full_data else random_image(rng, size, self.C)
-        p = Pair(directory, size, self.C, data)
+        p = Pair(directory, size, self.C, data, subclusters=self.sub)
         ov = p.open()
         self.setup(p, ov, rng)
         ov.close()
@@ -591,10 +644,17 @@ def _setup_fill_refblock(p, ov, rng):
 
 def _setup_reuse_after_drop(p, ov, rng):
     for first, count in ((2, 3), (9, 1), (14, 6)):
-        ov.preserve(first, count)
+        preserve_clusters(ov, first, count)
         p.overwrite(first * p.C, rng.randbytes(count * p.C))
     ov.drop(1)
     p.committed = p.image()
+
+
+def _setup_units_in_two_clusters(p, ov, rng):
+    # clusters 2 and 3 get a host cluster each, with some subclusters preserved
+    for first, count in ((64, 5), (110, 3)):
+        ov.preserve(first, count)
+        p.overwrite(first * p.U, rng.randbytes(count * p.U))
 
 
 PRESERVE_SCENARIOS = [
@@ -603,6 +663,11 @@ PRESERVE_SCENARIOS = [
     Scenario("new-refcount-block-4k", 4 * KiB, 2600, 3, _setup_fill_refblock, (2030, 40),
              full_data=True),
     Scenario("reuse-after-drop-64k", 64 * KiB, 32, 4, _setup_reuse_after_drop, (1, 12)),
+    Scenario("subclusters-fresh-64k", 64 * KiB, 32, 1, _setup_none, (3 * 32 + 5, 40), sub=True),
+    Scenario("subclusters-into-allocated-clusters-64k", 64 * KiB, 32, 5,
+             _setup_units_in_two_clusters, (74, 30), sub=True),
+    Scenario("subclusters-reuse-after-drop-64k", 64 * KiB, 32, 4, _setup_reuse_after_drop,
+             (40, 70), sub=True),
 ]
 
 @pytest.mark.parametrize("sc", PRESERVE_SCENARIOS, ids=lambda s: s.name)
@@ -623,7 +688,7 @@ def test_kill9_during_preserve(tmp_path, sc):
     for n in range(total + 1):
         d = tmp_path / f"kill{n}"
         copy_pair(t.dir, str(d))
-        p = Pair.attach(d, t.size, t.C, t.committed)
+        p = Pair.attach(d, t.size, t.C, t.committed, t.U)
         res = run_child(p.ov, p.img, ops, kill_before=n)
         assert res["killed"] == (n < total), (n, res)
         results.append(assert_check(p.ov, (0, 3)))
@@ -637,8 +702,8 @@ def test_kill9_during_preserve(tmp_path, sc):
             assert len(done) == count
         # finish like the engine would: preserve what is missing, then overwrite
         rng = random.Random(n)
-        new = rng.randbytes(count * t.C)
-        engine_write(ov, p.fd, first * t.C, new)
+        new = rng.randbytes(count * t.U)
+        engine_write(ov, p.fd, first * t.U, new)
         assert all(ov.is_preserved(c) for c in range(first, first + count))
         assert_check(p.ov, (0, 3))
         p.compare_committed()
@@ -659,9 +724,13 @@ def test_kill9_during_preserve(tmp_path, sc):
 
 def _setup_drop_64k(p, ov, rng):
     for first, count in ((0, 3), (7, 2), (12, 9), (31, 1)):
-        ov.preserve(first, count)
+        preserve_clusters(ov, first, count)
         end = min((first + count) * p.C, p.size)
         p.overwrite(first * p.C, rng.randbytes(end - first * p.C))
+    if p.U < p.C:  # and parts of clusters
+        for first, count in ((4 * 32 + 3, 2), (5 * 32 + 30, 5)):
+            ov.preserve(first, count)
+            p.overwrite(first * p.U, rng.randbytes(count * p.U))
 
 
 def _setup_drop_4k_many(p, ov, rng):
@@ -675,6 +744,7 @@ def _setup_drop_4k_many(p, ov, rng):
 
 DROP_SCENARIOS = [
     Scenario("64k", 64 * KiB, 32, 11, _setup_drop_64k, None),
+    Scenario("64k-subclusters", 64 * KiB, 32, 11, _setup_drop_64k, None, sub=True),
     Scenario("4k-four-tables-two-refblocks", 4 * KiB, 3600, 12, _setup_drop_4k_many, None,
              full_data=True),
 ]
@@ -708,7 +778,7 @@ def test_kill9_during_drop(tmp_path, sc):
     for n in range(total + 1):
         d = tmp_path / f"kill{n}"
         copy_pair(t.dir, str(d))
-        p = Pair.attach(d, t.size, C, t.committed)
+        p = Pair.attach(d, t.size, C, t.committed, t.U)
         res = run_child(p.ov, p.img, ops, kill_before=n)
         assert res["killed"] == (n < total), (n, res)
         assert_check(p.ov, (0, 3))
@@ -742,10 +812,13 @@ def test_kill9_during_drop(tmp_path, sc):
     print(f"drop/{sc.name}: {mixed} kill points left a mix of old undo and image")
 
 
-def test_kill9_during_apply(tmp_path):
+@pytest.mark.parametrize("sub", [False, True], ids=["clusters", "subclusters"])
+def test_kill9_during_apply(tmp_path, sub):
     """apply only writes the image: after a kill at any point the overlay is
     unchanged, and a repeated apply restores the committed disk exactly."""
-    p0, ov0 = _dirty_pair(tmp_path / "template", 64 * KiB, 24, seed=21)
+    # (6 clusters with subclusters: as many apply runs, hence kill points, as 24 whole)
+    p0, ov0 = _dirty_pair(tmp_path / "template", 64 * KiB, 6 if sub else 24, seed=21,
+                          subclusters=sub)
     ov0.close()
     ops = [["apply"]]
     dry = tmp_path / "dry"
@@ -757,7 +830,7 @@ def test_kill9_during_apply(tmp_path):
     for n in range(total + 1):
         d = tmp_path / f"kill{n}"
         copy_pair(p0.dir, str(d))
-        p = Pair.attach(d, p0.size, p0.C, p0.committed)
+        p = Pair.attach(d, p0.size, p0.C, p0.committed, p0.U)
         res = run_child(p.ov, p.img, ops, kill_before=n)
         assert res["killed"] == (n < total)
         assert sha256(p.ov) == ov_hash
@@ -918,3 +991,138 @@ def test_refuses_missing_file_and_raw_file(tmp_path):
     assert ro.epoch is None and committed_view(ro, 0, 4096) == p.committed[:4096]
     ro.close()
     p.close()
+
+
+# --- 8. extended L2 entries: damage only the subcluster format can have ----------------
+def _ext_refusal_pair(tmp_path):
+    C = 64 * KiB
+    size = 16 * C
+    rng = random.Random(98)
+    image = bytearray(rng.randbytes(size))
+    image[6 * C:7 * C] = bytes(C)
+    p = Pair(tmp_path, size, C, bytes(image), subclusters=True)
+    ov = p.open()
+    assert ov.preserve(2 * 32 + 3, 4) == 4  # data: a host cluster for cluster 2
+    assert ov.preserve(6 * 32, 2) == 0      # zeros: cluster 6 has no host cluster
+    ov.close()
+    p.overwrite((2 * 32 + 3) * p.U, rng.randbytes(4 * p.U))
+    return p
+
+
+def _set_word(cluster, word, change):
+    def f(p):
+        off = l2_entry_offset(p.ov, cluster) + 8 * word
+        write_u64(p.ov, off, change(read_u64(p.ov, off)))
+    return f
+
+
+EXT_REFUSALS = [
+    ("allocated-without-host", _set_word(6, 1, lambda v: v | (1 << 5)),
+     r"allocated subclusters without a host cluster", True),
+    ("allocated-and-zero", _set_word(2, 1, lambda v: v | (1 << (32 + 3))),
+     r"both allocated and zero", True),
+    ("zero-flag-with-extended-l2", _set_word(2, 0, lambda v: v | qcow2.OFLAG_ZERO),
+     r"cluster 2 is invalid", False),
+]
+
+
+@pytest.mark.parametrize("name,corrupt,pattern,qemu_fails", EXT_REFUSALS,
+                         ids=[r[0] for r in EXT_REFUSALS])
+@pytest.mark.parametrize("readonly", [False, True], ids=["rw", "ro"])
+def test_refuses_invalid_extended_entries(tmp_path, name, corrupt, pattern, qemu_fails,
+                                          readonly):
+    p = _ext_refusal_pair(tmp_path)
+    assert_check(p.ov)
+    p.compare_committed()
+    corrupt(p)
+    if qemu_fails:
+        assert qemu_check(p.ov).returncode not in (0, 3)
+    before = sha256(p.ov)
+    with pytest.raises(CorruptOverlay, match=pattern):
+        p.open(readonly=readonly)
+    assert sha256(p.ov) == before
+    p.close()
+
+
+def test_subclusters_need_16k_clusters(tmp_path):
+    write_sparse(str(tmp_path / IMG), bytes(64 * KiB))
+    with pytest.raises(ValueError, match="at least 16384"):
+        qcow2.create(str(tmp_path / OV), str(tmp_path / IMG), 64 * KiB, 8 * KiB, subclusters=True)
+    assert not os.path.exists(tmp_path / OV)
+
+
+# --- 9. undo space is given back ------------------------------------------------------
+def _allocated(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+@pytest.mark.parametrize("sub", [False, True], ids=["clusters", "subclusters"])
+def test_drop_returns_space_of_a_big_epoch(tmp_path, sub, monkeypatch):
+    """After one big epoch, the overlay does not stay that big: once KEEP_EPOCHS
+    small epochs followed, the clusters only the big one used are given back
+    (punched and cut off), the file stays valid qcow2 (check 0, compare) and usable.
+    A kill -9 in the middle of giving space back loses nothing either."""
+    from nbd_mc.qcow2.space import KEEP_EPOCHS
+    C = 64 * KiB
+    size = 256 * C
+    rng = random.Random(17)
+    p = Pair(tmp_path, size, C, rng.randbytes(size), subclusters=sub)
+    ov = p.open()
+    empty = _allocated(p.ov)
+    engine_write(ov, p.fd, 0, rng.randbytes(200 * C))
+    assert _allocated(p.ov) >= empty + 200 * C
+    ov.drop(1)
+    p.committed = p.image()
+    assert _allocated(p.ov) >= empty + 200 * C  # the next epoch may need it again
+    for e in range(2, 2 + KEEP_EPOCHS):
+        engine_write(ov, p.fd, rng.randrange(size - 3 * C), rng.randbytes(3 * C))
+        assert_check(p.ov)
+        p.compare_committed()
+        if e == 1 + KEEP_EPOCHS:  # the last small epoch: crash while giving back
+            ov.close()
+            monkeypatch.setenv("NBD_MC_CRASHPOINT", "drop.return-space")
+            assert run_child(p.ov, p.img, [["drop", e]], kill_before=1 << 30)["killed"]
+            monkeypatch.delenv("NBD_MC_CRASHPOINT")
+            assert_check(p.ov)  # the drop itself completed: clean, nothing leaked
+            ov = p.open()
+            assert ov.epoch == e and ov.preserved == 0
+        ov.drop(e)
+        p.committed = p.image()
+        p.compare_committed()
+    assert _allocated(p.ov) <= empty + 16 * C, (_allocated(p.ov), empty)
+    assert os.stat(p.ov).st_size <= 16 * C
+    assert_check(p.ov)
+    p.compare_image()
+    engine_write(ov, p.fd, 5 * C + 7, rng.randbytes(100 * C))  # and it grows again
+    assert_check(p.ov)
+    p.compare_committed()
+    ov.close()
+    p.close()
+
+
+# --- 10. the undo granularity of a group ------------------------------------------------
+def test_group_subclusters_default_and_fixed_at_creation(tmp_path):
+    """In-process engine: subclusters by default where the cluster size allows (64K),
+    whole clusters below 16K; the choice is fixed when the group is created, and
+    `serve --subclusters on` with small clusters is refused before anything exists."""
+    from nbd_mc.engine import Group
+    from nbd_mc.errors import StateError
+    img = str(tmp_path / IMG)
+    write_sparse(img, bytes(1 * MiB))
+    g = Group(str(tmp_path / "st64"), [("d", img)])
+    assert g.disk("d").overlay.subclusters and g.disk("d").bits == 11
+    assert g.status()["disks"][0]["unit_size"] == 2 * KiB
+    g.close()
+    with pytest.raises(StateError, match="created with --subclusters on"):
+        Group(str(tmp_path / "st64"), subclusters=False)
+    Group(str(tmp_path / "st64"), subclusters=True).close()  # the same choice is fine
+    g = Group(str(tmp_path / "st4k"), [("d", img)], cluster_size=4 * KiB)
+    assert not g.disk("d").overlay.subclusters and g.disk("d").bits == 12
+    g.close()
+    g = Group(str(tmp_path / "stoff"), [("d", img)], subclusters=False)
+    assert not g.disk("d").overlay.subclusters and g.disk("d").bits == 16
+    g.close()
+    r = run("nbd-mc", "serve", img, "--state-dir", str(tmp_path / "bad"), "--cluster-size", "4K",
+            "--subclusters", "on")
+    assert r.returncode == 1 and "needs a cluster size of at least 16K" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "bad")
