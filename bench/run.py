@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import sys
 import threading
@@ -46,6 +47,11 @@ class Config:
     tib_size: int
     tib_touches: int
     all_variants_everywhere: bool
+    guest_size: int            # workload 9: the primary's disk
+    guest_runtime: int         # seconds per fio job of workload 9
+    guest_reps: int
+    wa_runtime: int            # workload 10
+    epoch_rate: int            # commits/s of workloads 9 and 10 (100 ms epochs)
 
     @classmethod
     def make(cls, full):
@@ -55,13 +61,17 @@ class Config:
                        commit_trials={1000: 300, 10000: 100, 100000: 20},
                        sustain_seconds=15, commit_rate=100,
                        failover_sizes=[0, 64 * MiB, 256 * MiB, GiB, 2 * GiB],
-                       tib_size=TiB, tib_touches=100000, all_variants_everywhere=True)
-        return cls(full=False, image_size=GiB, runtime=4, reps=1,
+                       tib_size=TiB, tib_touches=100000, all_variants_everywhere=True,
+                       guest_size=512 * MiB, guest_runtime=10, guest_reps=3,
+                       wa_runtime=10, epoch_rate=10)
+        return cls(full=False, image_size=GiB, runtime=3, reps=3,
                    mirror_size=GiB, commit_cluster=4096,
                    commit_trials={1000: 60, 10000: 20, 100000: 5},
                    sustain_seconds=5, commit_rate=100,
                    failover_sizes=[0, 64 * MiB, 256 * MiB, GiB],
-                   tib_size=TiB, tib_touches=20000, all_variants_everywhere=False)
+                   tib_size=TiB, tib_touches=20000, all_variants_everywhere=False,
+                   guest_size=512 * MiB, guest_runtime=2, guest_reps=3,
+                   wa_runtime=3, epoch_rate=10)
 
 
 def log(msg):
@@ -80,14 +90,19 @@ def loadavg():
 def nbd_mc_variants(help_text, full):
     """The nbd-mc configurations to run: one per thread model it supports.
 
-    Read from `nbd-mc serve --help` so the list follows the CLI: every choice
-    of --thread-model, and in FULL mode also the parallel model with fewer
-    worker threads (--threads) than nbdkit's default 16.
+    Read from `nbd-mc serve --help` so the list follows the CLI: in FULL mode
+    every choice of --thread-model and also the parallel model with fewer
+    worker threads (--threads) than nbdkit's default 16; in quick mode only the
+    default thread model.
     """
     variants = []
     m = re.search(r"--thread-model\s+\[([^\]]+)\]", help_text)
     models = m.group(1).split("|") if m else []
     has_threads = re.search(r"--threads\b", help_text) is not None
+    default = re.search(r"--thread-model\s+\[[^\]]+\][^\[]*\[default:\s*(\w+)\]", help_text)
+    if not full and default and default.group(1) in models:
+        # quick: the default model only, so that repetitions fit in a few minutes
+        models = [default.group(1)]
     for model in models:
         variants.append((model, ["--thread-model", model]))
         if model == "parallel" and has_threads and full:
@@ -251,6 +266,9 @@ class Bench:
                     log(f"{what}, rep {rep + 1}/{cfg.reps}: "
                         + ", ".join(s.label for s in alive))
                     for srv in list(alive):
+                        if what != "new epoch":
+                            self.settle(srv, warm=[images[srv.label]]
+                                        if what in self.WARM_STEPS else ())
                         if self.guarded(what, srv.label, lambda: fn(srv) or True, srv) is None:
                             alive.remove(srv)   # a broken server sits out the rest
                             self.stop(srv)
@@ -258,6 +276,10 @@ class Bench:
                     self.stop(srv)
             for img in images.values():
                 img.unlink(missing_ok=True)
+
+    # steps that read the old data of the image: start them with it in the cache
+    WARM_STEPS = ("workload 1", "workload 2 first touch", "workload 3 rand read",
+                  "workload 3 seq read")
 
     def _check_preserved(self, srv, key, expect):
         """nbd-mc's own count of first touches, to show the workload did what it says."""
@@ -268,6 +290,180 @@ class Bench:
                 {"expected": expect, "preserved_clusters": got}
             if got != expect:
                 log(f"  note: {key} {srv.label}: {got} clusters preserved, expected {expect}")
+
+
+    # -- method: every measurement starts from the same page-cache state ---------
+
+    def settle(self, srv=None, warm=()):
+        """Write back all dirty pages, then make `warm` files resident.
+
+        What moved workload 1 from run to run was the page cache, not the
+        servers: every server's first-touch run leaves its image (and, with
+        undo, as much again in the overlay) dirty, and with 2-4 GiB per server
+        the next server in the rotation starts above vm.dirty_background_bytes
+        and is throttled by balance_dirty_pages() while writing back its
+        predecessor's data.  So before each measurement: sync() (global: other
+        users' dirty data throttles us as well), and read the image the step
+        works on into the cache, so first touches copy from memory for every
+        server alike (the CPU cost is what is compared, not this VM's disk).
+        The dirty bytes found before the sync are kept as evidence.
+        """
+        dirty = util.meminfo_kib("Dirty") + util.meminfo_kib("Writeback")
+        os.sync()
+        for f in warm:
+            util.warm_file(f)
+        self.results["meta"].setdefault("dirty_kib_before_sync", []).append(
+            [srv.label if srv else "-", dirty])
+
+    def default_variant(self):
+        """The nbd-mc variant run by workloads that take only one (9, 10)."""
+        if not self.variants:
+            return None
+        for name, args in self.variants:
+            if name == "serialize":
+                return name, args
+        return self.variants[0]
+
+    def _commits_during(self, srv, rate):
+        """A context manager: commits every 1/rate s on `srv` while the body runs
+        (a no-op for the anchors, which have no epochs)."""
+        bench = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.stats = {"lat": [], "commits": 0, "errors": 0}
+                self.stop = threading.Event()
+                self.t = None
+                if isinstance(srv, NbdMc) and rate:
+                    self.t = threading.Thread(target=bench._committer,
+                                              args=(srv, rate, self.stop, self.stats),
+                                              daemon=True)
+                    self.t.start()
+                return self.stats
+
+            def __exit__(self, *exc):
+                self.stop.set()
+                if self.t is not None:
+                    self.t.join()
+        return _Ctx()
+
+    # -- workload 9: what the guest feels through the mirror --------------------
+
+    GUEST_JOBS = ((1, "4k"), (16, "4k"), (1, "64k"), (16, "64k"))
+
+    def w9(self):
+        """fio on a primary qemu-storage-daemon's export, mirrored write-blocking
+        onto each target; the three primary+target pairs run side by side and
+        take turns for every job (order rotated per repetition)."""
+        from .mirror import MirrorPrimary
+        cfg = self.cfg
+        tpl = self.template(cfg.guest_size)
+        mc = self.default_variant()
+        for rep in range(cfg.guest_reps):
+            targets = self.servers(nbdmc=False)
+            if mc:
+                targets.append(NbdMc(self.work / "srv-g-nbdmc", f"nbd-mc[{mc[0]}]",
+                                     extra_args=mc[1]))
+            k = rep % len(targets)
+            targets = targets[k:] + targets[:k]
+            pairs = []
+            for srv in targets:
+                prim = MirrorPrimary(srv.workdir / "primary", srv.label)
+
+                def up():
+                    src = util.fresh_copy(tpl, self.work / f"guest-src-{srv.workdir.name}.raw")
+                    dst = util.fresh_copy(tpl, self.work / f"guest-dst-{srv.workdir.name}.raw")
+                    self.start(srv, dst, undo=True)
+                    prim.start(src, srv.sock)
+                    return True
+                if self.guarded("workload 9 start", srv.label, up, srv):
+                    pairs.append((srv, prim))
+                else:
+                    prim.stop()
+                    self.stop(srv)
+            try:
+                for qd, bs in self.GUEST_JOBS:
+                    log(f"workload 9: guest rand {bs} writes QD{qd} through the mirror, "
+                        f"rep {rep + 1}/{cfg.guest_reps}: " + ", ".join(s.label for s, _ in pairs))
+                    for srv, prim in list(pairs):
+                        def go():
+                            self.settle(srv)
+                            before = srv.status()["stats"]["bytes_written"] \
+                                if isinstance(srv, NbdMc) else None
+                            with self._commits_during(srv, cfg.epoch_rate) as cs:
+                                r = fio.run(prim.workdir, prim.uri, "randwrite", bs,
+                                            runtime=cfg.guest_runtime, time_based=True,
+                                            iodepth=qd)
+                            entry = {"rep": rep, "iops": r.iops, "p50_us": r.clat_p50_us,
+                                     "p99_us": r.clat_p99_us, "commits": cs["commits"]}
+                            if before is not None:
+                                # the writes really reached the target through the mirror
+                                got = srv.status()["stats"]["bytes_written"] - before
+                                entry["target_bytes"] = got
+                                entry["client_bytes"] = r.io_bytes
+                            job = prim.job()
+                            if not job or job.get("status") != "ready":
+                                raise RuntimeError(f"mirror job not ready after fio: {job}")
+                            self.record(f"w9 qd{qd} {bs}", srv.label, entry)
+                            return True
+                        if self.guarded("workload 9", srv.label, go, srv) is None:
+                            pairs.remove((srv, prim))
+                            prim.stop()
+                            self.stop(srv)
+            finally:
+                for srv, prim in pairs:
+                    prim.stop()
+                    self.stop(srv)
+                for p in self.work.glob("guest-*.raw"):
+                    p.unlink()
+
+    # -- workload 10: write amplification on the secondary ----------------------
+
+    def w10(self):
+        """Bytes the server process writes per byte the client writes: random
+        4 KiB writes at QD1 for wa_runtime seconds from a fresh epoch, nbd-mc
+        committing every 100 ms; counted from /proc/PID/io of the server."""
+        cfg = self.cfg
+        size = cfg.image_size
+        tpl = self.template(size)
+        img = self.work / "image-wa.raw"
+        mc = self.default_variant()
+        for rep in range(cfg.reps):
+            servers = self.servers(nbdmc=False)
+            if mc:
+                servers.append(NbdMc(self.work / "srv-wa-nbdmc", f"nbd-mc[{mc[0]}]",
+                                     extra_args=mc[1]))
+                if "--cluster-size" not in mc[1]:
+                    # information: the same with 4 KiB undo clusters
+                    servers.append(NbdMc(self.work / "srv-wa-nbdmc4k",
+                                         f"nbd-mc[{mc[0]}] 4K clusters",
+                                         extra_args=mc[1], cluster_size="4K"))
+            k = rep % len(servers)
+            servers = servers[k:] + servers[:k]
+            for srv in servers:
+                log(f"workload 10: write amplification, rep {rep + 1}/{cfg.reps}: {srv.label}")
+
+                def go():
+                    util.fresh_copy(tpl, img)
+                    self.start(srv, img, undo=True)
+                    self.settle(srv, warm=[img])
+                    pid = srv.pid()
+                    io0 = util.proc_io(pid)
+                    with self._commits_during(srv, cfg.epoch_rate) as cs:
+                        r = fio.run(srv.workdir, srv.uri, "randwrite", "4k",
+                                    runtime=cfg.wa_runtime, time_based=True, iodepth=1)
+                    io1 = util.proc_io(pid)
+                    d = {k: io1[k] - io0[k] for k in io0}
+                    self.record("w10", srv.label, {
+                        "rep": rep, "client_bytes": r.io_bytes, "iops": r.iops,
+                        "wchar": d["wchar"], "write_bytes": d["write_bytes"],
+                        "wa": d["wchar"] / r.io_bytes,
+                        "wa_write_bytes": d["write_bytes"] / r.io_bytes,
+                        "commits": cs["commits"]})
+                    self.stop(srv)
+                self.guarded("workload 10", srv.label, go, srv)
+                self.stop(srv)
+        img.unlink(missing_ok=True)
 
     # -- workload 7 -------------------------------------------------------
 
@@ -548,6 +744,7 @@ class Bench:
                                   for k, v in cfg.__dict__.items()}
         loads = []
         steps = [((1, 2, 3, 4), self.w1234, True), ((7,), self.w7, True),
+                 ((9,), self.w9, True), ((10,), self.w10, True),
                  ((5,), self.w5, False), ((6,), self.w6, True), ((8,), self.w8, True)]
         try:
             for nums, fn, anchors_too in steps:
@@ -592,7 +789,10 @@ def write_report(results, out):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="longer runs, bigger images, repetitions")
-    ap.add_argument("--only", help="comma-separated workload numbers (1-8)")
+    ap.add_argument("--only", help="comma-separated workload numbers (1-10)")
+    ap.add_argument("--serve-args", default="", metavar="ARGS",
+                    help="extra `nbd-mc serve` options for every nbd-mc server, one string "
+                         "(e.g. \"--cluster-size 4K\"), to compare an engine option")
     ap.add_argument("--out", default=str(util.ROOT / "bench" / "results"))
     ap.add_argument("--work", default=str(util.ROOT / "bench" / "work"))
     ap.add_argument("--no-nbd-mc", action="store_true", help="measure the anchors only")
@@ -615,6 +815,9 @@ def main(argv=None):
     variants = nbd_mc_variants(help_text, cfg.full) if help_text else []
     if a.variant:
         variants = [v for v in variants if v[0] in a.variant]
+    serve_args = shlex.split(a.serve_args)
+    if serve_args:
+        variants = [(n, args + serve_args) for n, args in variants]
     if not variants:
         log("nbd-mc is not available: measuring the anchors only")
     else:
@@ -622,6 +825,7 @@ def main(argv=None):
     log(f"{'FULL' if cfg.full else 'quick'} run; work dir {a.work}")
 
     bench = Bench(cfg, a.work, a.out, only, variants)
+    bench.results["meta"]["serve_args"] = serve_args
     results = bench.run()
     results["meta"]["nbd_mc_available"] = bool(variants)
     if not variants:
