@@ -604,6 +604,60 @@ def plots(results, outdir):
         plt.close(fig)
         made.append(p)
 
+    gkeys = [k for k in w if k.startswith("w9 ")]
+    if gkeys:
+        labs = [l for l in labels if any(w[k].get(l) for k in gkeys)]
+        panels = [("p50_us", "p50 latency (µs)"), ("p99_us", "p99 latency (µs)"),
+                  ("iops", "IOPS")]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        width = 0.8 / max(1, len(labs))
+        for ax, (metric, ylabel) in zip(axes, panels):
+            for i, l in enumerate(labs):
+                meds, lo, hi = [], [], []
+                for k in gkeys:
+                    v = [e[metric] for e in w[k].get(l, [])] or [0]
+                    m = util.median(v)
+                    meds.append(m)
+                    lo.append(m - min(v))
+                    hi.append(max(v) - m)
+                xs = [j + (i - (len(labs) - 1) / 2) * width for j in range(len(gkeys))]
+                ax.bar(xs, meds, width, yerr=[lo, hi], capsize=2, color=colors.get(l),
+                       label=l)
+            ax.set_xticks(range(len(gkeys)))
+            ax.set_xticklabels([k[3:].replace("qd", "QD") for k in gkeys], fontsize=8)
+            ax.set_ylabel(ylabel)
+            if metric != "iops":
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axes[0].legend(fontsize=7)
+        fig.suptitle("9. fio random writes on the primary, mirrored write-blocking onto "
+                     "each target (median, bars min-max)", fontsize=9)
+        fig.tight_layout()
+        p = outdir / "guest_latency.png"
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        made.append(p)
+
+    wa = {l: v for l, v in w.get("w10", {}).items() if not l.startswith("_")}
+    if wa:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        labs = list(wa)
+        meds = [util.median([e["wa"] for e in wa[l]]) for l in labs]
+        ax.bar(range(len(labs)), meds, color=[colors.get(l, "#aa3377") for l in labs])
+        for i, m in enumerate(meds):
+            ax.text(i, m, f"{m:.1f}x", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(labs)))
+        ax.set_xticklabels(labs, rotation=20, ha="right", fontsize=8)
+        ax.axhline(WA_LIMIT, color="k", ls="--", lw=1, label=f"{WA_LIMIT:g}x target")
+        ax.set_ylabel("server bytes written per client byte")
+        ax.set_title("10. write amplification, 4 KiB random writes, 100 ms epochs", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = outdir / "write_amplification.png"
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        made.append(p)
+
     if w.get("w8"):
         fig, ax = plt.subplots(figsize=(6, 3.5))
         labs = [l for l in labels if w["w8"].get(l)]
