@@ -15,7 +15,7 @@ THROUGHPUT = [
     ("w3a", "3. rand 4 KiB reads", "IOPS", True, QSD, 1.0),
     ("w3b", "3. seq 1 MiB reads", "MB/s", True, QSD, 1.0),
     ("w4", "4. seq 1 MiB writes, epoch 0 (no undo)", "MB/s", True, FILE, 0.9),
-    ("w7", "7. QEMU mirror sync=full 1 GiB, time to READY", "s", False, FILE, 0.9),
+    ("w7", "7. QEMU mirror sync=full, time to READY", "s", False, FILE, 0.9),
 ]
 
 
@@ -268,11 +268,14 @@ def verdicts(results):
             for n in sorted(series, key=int):
                 ms = [v * 1e3 for v in series[n]["lat"]]
                 p99 = util.percentile(ms, 99)
-                out.append(_verdict_row(
-                    f"5. commit p99 <= 1 ms, {int(n):,} preserved clusters ({lab})",
-                    {"median": p99, "min": util.median(ms), "max": max(ms), "n": len(ms)},
-                    1.0, False, unit=" ms"))
-                out[-1]["settled"] = True  # one series of many commits; min=median, max=max
+                fl = [v * 1e3 for v in series[n].get("floor", [])]
+                out.append({"target": f"5. commit p99 <= 1 ms, {int(n):,} preserved clusters "
+                                      f"({lab})",
+                            "result": "met" if p99 <= 1.0 else "missed", "settled": True,
+                            "text": f"p99 {p99:.2f} ms (median {util.median(ms):.2f}, "
+                                    f"n={len(ms)})" + (
+                                        f"; floor (no-op request) p99 "
+                                        f"{util.percentile(fl, 99):.2f} ms" if fl else "")})
         sus = w.get("w5_sustained", {})
         for lab, s in sus.items():
             p = s["paced"]
@@ -453,9 +456,17 @@ def markdown(results):
                              _fmt(util.percentile(s["lat"], 99) * 1e3, "ms"),
                              _fmt(max(s["lat"]) * 1e3, "ms"),
                              _fmt(util.median(ss) * 1e3, "ms") if ss else "–",
-                             _fmt(util.percentile(ss, 99) * 1e3, "ms") if ss else "–"])
+                             _fmt(util.percentile(ss, 99) * 1e3, "ms") if ss else "–",
+                             _fmt(util.median(s["floor"]) * 1e3, "ms") if s.get("floor") else "–",
+                             _fmt(util.percentile(s["floor"], 99) * 1e3, "ms")
+                             if s.get("floor") else "–"])
         out.append(_table(["server", "preserved clusters", "commits", "median ms", "p99 ms",
-                           "max ms", "server median ms", "server p99 ms"], body))
+                           "max ms", "server median ms", "server p99 ms",
+                           "floor median ms", "floor p99 ms"], body))
+        out.append("\nFloor: the same `commit` request for the already committed epoch, "
+                   "sent right after each commit on the same connection; the server answers "
+                   "it without any work, so it is what the control channel and this "
+                   "machine's scheduling cost by themselves.\n")
         out.append(f"\nCluster size {util.human_size(cfg['commit_cluster'])} for this series "
                    "(so 100k preserved clusters fit the image); the clusters of each "
                    "commit are one contiguous run written with 1 MiB writes.\n")

@@ -47,7 +47,7 @@ class Config:
     tib_size: int
     tib_touches: int
     all_variants_everywhere: bool
-    guest_size: int            # workload 9: the primary's disk
+    guest_size: int            # workloads 9 and 10: the disk
     guest_runtime: int         # seconds per fio job of workload 9
     guest_reps: int
     wa_runtime: int            # workload 10
@@ -62,13 +62,13 @@ class Config:
                        sustain_seconds=15, commit_rate=100,
                        failover_sizes=[0, 64 * MiB, 256 * MiB, GiB, 2 * GiB],
                        tib_size=TiB, tib_touches=100000, all_variants_everywhere=True,
-                       guest_size=512 * MiB, guest_runtime=10, guest_reps=3,
+                       guest_size=512 * MiB, guest_runtime=6, guest_reps=5,
                        wa_runtime=10, epoch_rate=10)
-        return cls(full=False, image_size=GiB, runtime=3, reps=3,
-                   mirror_size=GiB, commit_cluster=4096,
+        return cls(full=False, image_size=512 * MiB, runtime=3, reps=3,
+                   mirror_size=512 * MiB, commit_cluster=4096,
                    commit_trials={1000: 60, 10000: 20, 100000: 5},
                    sustain_seconds=5, commit_rate=100,
-                   failover_sizes=[0, 64 * MiB, 256 * MiB, GiB],
+                   failover_sizes=[0, 64 * MiB, 256 * MiB],
                    tib_size=TiB, tib_touches=20000, all_variants_everywhere=False,
                    guest_size=512 * MiB, guest_runtime=2, guest_reps=3,
                    wa_runtime=3, epoch_rate=10)
@@ -129,6 +129,7 @@ class Bench:
         self.variants = variants            # [] when nbd-mc is unavailable
         self.results = {"config": {}, "meta": {}, "w": {}}
         self.started = []                   # servers to stop on the way out
+        self.settle_enabled = True          # sync + warm before each measurement
 
     # -- helpers ---------------------------------------------------------
 
@@ -295,7 +296,7 @@ class Bench:
     # -- method: every measurement starts from the same page-cache state ---------
 
     def settle(self, srv=None, warm=()):
-        """Write back all dirty pages, then make `warm` files resident.
+        """Write back our own dirty pages, then make `warm` files resident.
 
         What moved workload 1 from run to run was the page cache, not the
         servers: every server's first-touch run leaves its image (and, with
@@ -309,7 +310,11 @@ class Bench:
         The dirty bytes found before the sync are kept as evidence.
         """
         dirty = util.meminfo_kib("Dirty") + util.meminfo_kib("Writeback")
-        os.sync()
+        if not self.settle_enabled:   # --no-settle: the old method, for comparison
+            self.results["meta"].setdefault("dirty_kib_before_sync", []).append(
+                [srv.label if srv else "-", dirty])
+            return
+        util.sync_tree(self.work)
         for f in warm:
             util.warm_file(f)
         self.results["meta"].setdefault("dirty_kib_before_sync", []).append(
@@ -424,7 +429,7 @@ class Bench:
         4 KiB writes at QD1 for wa_runtime seconds from a fresh epoch, nbd-mc
         committing every 100 ms; counted from /proc/PID/io of the server."""
         cfg = self.cfg
-        size = cfg.image_size
+        size = cfg.guest_size
         tpl = self.template(size)
         img = self.work / "image-wa.raw"
         mc = self.default_variant()
@@ -537,7 +542,7 @@ class Bench:
                     if span > size:
                         continue
                     log(f"workload 5: {label}: commit with {n} preserved clusters x{trials}")
-                    lat, srv_secs = [], []
+                    lat, srv_secs, floor = [], [], []
                     for t in range(trials):
                         base = ((t * span) % max(MiB, size - span)) // MiB * MiB
                         if base + span > size:
@@ -557,7 +562,13 @@ class Bench:
                         lat.append(time.perf_counter() - t0)
                         if "seconds" in r:
                             srv_secs.append(float(r["seconds"]))
-                    series[n] = {"trials": trials, "lat": lat, "server_seconds": srv_secs}
+                        # the floor: the same request on the same channel with no
+                        # work (re-committing the committed epoch answers at once)
+                        t0 = time.perf_counter()
+                        srv.execute("commit", epoch=srv.committed)
+                        floor.append(time.perf_counter() - t0)
+                    series[n] = {"trials": trials, "lat": lat, "server_seconds": srv_secs,
+                                 "floor": floor}
                 h.shutdown()
                 self.results["w"].setdefault("w5_latency", {})[label] = series
                 self.stop(srv)
@@ -798,6 +809,9 @@ def main(argv=None):
     ap.add_argument("--no-nbd-mc", action="store_true", help="measure the anchors only")
     ap.add_argument("--variant", action="append",
                     help="only these nbd-mc variants (by name, e.g. serialize)")
+    ap.add_argument("--no-settle", action="store_true",
+                    help="no sync/warm-up between measurements (the old method; to show "
+                         "what the page cache does to the figures)")
     ap.add_argument("--keep-work", action="store_true", help="leave the images in --work")
     ap.add_argument("--report", metavar="RESULTS_JSON",
                     help="only rebuild the table and plots from a results.json into --out")
@@ -826,6 +840,8 @@ def main(argv=None):
 
     bench = Bench(cfg, a.work, a.out, only, variants)
     bench.results["meta"]["serve_args"] = serve_args
+    bench.settle_enabled = not a.no_settle
+    bench.results["meta"]["settle"] = not a.no_settle
     results = bench.run()
     results["meta"]["nbd_mc_available"] = bool(variants)
     if not variants:

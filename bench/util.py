@@ -208,3 +208,21 @@ def proc_io(pid):
         k, _, v = line.partition(":")
         out[k.strip()] = int(v)
     return out
+
+
+def sync_tree(root):
+    """fdatasync every regular file under `root`: our own dirty pages reach the
+    disk, without waiting for anybody else's (as a global sync() would)."""
+    for p in Path(root).rglob("*"):
+        try:
+            if not p.is_file() or p.is_symlink():
+                continue
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue  # gone meanwhile, or a socket
+        try:
+            os.fdatasync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
