@@ -809,6 +809,8 @@ def main(argv=None):
     ap.add_argument("--no-nbd-mc", action="store_true", help="measure the anchors only")
     ap.add_argument("--variant", action="append",
                     help="only these nbd-mc variants (by name, e.g. serialize)")
+    ap.add_argument("--image-size", metavar="SIZE",
+                    help="image size of workloads 1-6 (e.g. 2G), overriding the mode's")
     ap.add_argument("--no-settle", action="store_true",
                     help="no sync/warm-up between measurements (the old method; to show "
                          "what the page cache does to the figures)")
@@ -820,6 +822,8 @@ def main(argv=None):
         return write_report(json.loads(Path(a.report).read_text()), Path(a.out))
     only = {int(x) for x in a.only.split(",")} if a.only else None
     cfg = Config.make(a.full)
+    if a.image_size:
+        cfg.image_size = util.parse_size(a.image_size)
 
     missing = [p for p in ("fio", "nbdkit", "qemu-storage-daemon", "qemu-img") if not util.have(p)]
     if missing:
