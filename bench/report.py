@@ -325,7 +325,7 @@ def guest_table(results):
     keys = [k for k in w if k.startswith("w9 ")]
     if not keys:
         return ""
-    labs = [FILE, QSD] + _mc_labels(results)
+    labs = [l for l in [FILE, QSD] + _mc_labels(results) if any(w[k].get(l) for k in keys)]
     body = []
     for key in keys:
         data = w[key]
