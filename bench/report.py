@@ -50,6 +50,14 @@ def _best_mc(results, key, higher):
     return (max if higher else min)(cands, key=lambda c: c[1])
 
 
+def _loss(p):
+    """A loss figure, with its min-max over repetitions when there were several."""
+    text = f"{p['loss'] * 100:.0f}%"
+    if "loss_min" in p and p["loss_min"] != p["loss_max"]:
+        text += f" ({p['loss_min'] * 100:.0f}–{p['loss_max'] * 100:.0f}%)"
+    return text
+
+
 def _verdict(ok):
     return "**met**" if ok else "**missed**"
 
@@ -134,7 +142,7 @@ def _rows(results):
         p, mx = s["paced"], s["max"]
         out.append([f"5. commits/s paced at 100/s during rand 4 KiB writes "
                     f"(baseline {s['baseline_iops']:,.0f} IOPS)", "1/s, loss", "n/a", "n/a",
-                    f"{p['rate']:.0f}/s, {p['loss'] * 100:.0f}% loss, p99 "
+                    f"{p['rate']:.0f}/s, {_loss(p)} loss, p99 "
                     f"{p['lat_p99'] * 1e3:.2f} ms ({lab[7:-1]})" if p["lat_p99"] else
                     f"{p['rate']:.0f}/s", "–", ">= 100/s with <= 10% loss",
                     _verdict(p["rate"] >= 99.0 and p["loss"] <= 0.10)])
@@ -144,7 +152,7 @@ def _rows(results):
                         "ratio", "n/a", "n/a", f"{p['iops'] / ft:.2f}x ({lab[7:-1]})", "–",
                         "(information: commit cost beyond first touches)", "–"])
         out.append(["5. commits/s back to back during rand 4 KiB writes", "1/s, loss", "n/a",
-                    "n/a", f"{mx['rate']:.0f}/s, {mx['loss'] * 100:.0f}% loss ({lab[7:-1]})",
+                    "n/a", f"{mx['rate']:.0f}/s, {_loss(mx)} loss ({lab[7:-1]})",
                     "–", "(information)", "–"])
 
     # 6. failover
@@ -282,7 +290,7 @@ def verdicts(results):
             ok = p["rate"] >= 99.0 and p["loss"] <= 0.10
             out.append({"target": f"5. 100 commits/s with <= 10% IOPS loss ({lab})",
                         "result": "met" if ok else "missed", "settled": True, "unit": "",
-                        "text": f"{p['rate']:.0f}/s, {p['loss'] * 100:.0f}% loss, commit p99 "
+                        "text": f"{p['rate']:.0f}/s, {_loss(p)} loss, commit p99 "
                                 f"{(p['lat_p99'] or 0) * 1e3:.2f} ms"})
     if wanted(9):
         for key, metric, limit, higher, title in GUEST_GOALS:
@@ -477,7 +485,7 @@ def markdown(results):
             for mode in ("paced", "max"):
                 p = s[mode]
                 body.append([lab, mode, f"{s['baseline_iops']:,.0f}", f"{p['iops']:,.0f}",
-                             f"{p['loss'] * 100:.1f}%", p["commits"], f"{p['rate']:.1f}",
+                             _loss(p), p["commits"], f"{p['rate']:.1f}",
                              _fmt((p["lat_p50"] or 0) * 1e3, "ms"),
                              _fmt((p["lat_p99"] or 0) * 1e3, "ms"), p["errors"]])
         out.append("\n## Commits during random 4 KiB writes\n\n")

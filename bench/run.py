@@ -331,7 +331,7 @@ class Bench:
 
     def _commits_during(self, srv, rate):
         """A context manager: commits every 1/rate s on `srv` while the body runs
-        (a no-op for the anchors, which have no epochs)."""
+        (rate < 0: back to back; 0 or an anchor, which has no epochs: none)."""
         bench = self
 
         class _Ctx:
@@ -341,7 +341,8 @@ class Bench:
                 self.t = None
                 if isinstance(srv, NbdMc) and rate:
                     self.t = threading.Thread(target=bench._committer,
-                                              args=(srv, rate, self.stop, self.stats),
+                                              args=(srv, rate if rate > 0 else None,
+                                                    self.stop, self.stats),
                                               daemon=True)
                     self.t.start()
                 return self.stats
@@ -584,31 +585,45 @@ class Bench:
                 rt = cfg.sustain_seconds
                 # Baseline: workload 2 as one time-based run from the start of a
                 # fresh epoch with no commit (first touches, then re-touches);
-                # each run with commits starts from a fresh epoch too.
-                base = fio.run(srv.workdir, srv.uri, "randwrite", "4k", runtime=rt,
-                               time_based=True)
-                out = {"baseline_iops": base.iops}
-                for mode, rate in (("paced", cfg.commit_rate), ("max", None)):
-                    log(f"workload 5: {label}: commits {mode} during random writes")
+                # each run with commits starts from a fresh epoch too.  The
+                # baseline and the runs with commits alternate, `reps` times,
+                # and each loss is taken against the baseline just before it:
+                # one baseline on a loaded machine once gave a "-42% loss".
+                runs = {"baseline": [], "paced": [], "max": []}
+                for rep in range(cfg.reps):
                     srv.commit()
-                    stats = {"lat": [], "commits": 0, "errors": 0}
-                    stop = threading.Event()
-                    t = threading.Thread(target=self._committer,
-                                         args=(srv, rate, stop, stats), daemon=True)
-                    t.start()
-                    try:
-                        r = fio.run(srv.workdir, srv.uri, "randwrite", "4k", runtime=rt,
-                                    time_based=True)
-                    finally:
-                        stop.set()
-                        t.join()
-                    out[mode] = {"iops": r.iops, "commits": stats["commits"],
-                                 "seconds": stats["seconds"],
-                                 "rate": stats["commits"] / stats["seconds"],
-                                 "loss": 1 - r.iops / base.iops,
-                                 "lat_p50": util.median(stats["lat"]),
-                                 "lat_p99": util.percentile(stats["lat"], 99),
-                                 "errors": stats["errors"]}
+                    runs["baseline"].append({"iops": fio.run(
+                        srv.workdir, srv.uri, "randwrite", "4k", runtime=rt,
+                        time_based=True).iops})
+                    for mode, rate in (("paced", cfg.commit_rate), ("max", None)):
+                        log(f"workload 5: {label}: commits {mode} during random writes, "
+                            f"rep {rep + 1}/{cfg.reps}")
+                        srv.commit()
+                        with self._commits_during(srv, rate or -1) as stats:
+                            r = fio.run(srv.workdir, srv.uri, "randwrite", "4k", runtime=rt,
+                                        time_based=True)
+                        runs[mode].append({
+                            "iops": r.iops, "lat": stats["lat"], "commits": stats["commits"],
+                            "seconds": stats["seconds"], "errors": stats["errors"],
+                            "loss": 1 - r.iops / runs["baseline"][-1]["iops"]})
+                out = {"baseline_iops": util.median([x["iops"] for x in runs["baseline"]]),
+                       "runs": runs}
+                for mode in ("paced", "max"):
+                    rs = runs[mode]
+                    lat = [v for x in rs for v in x["lat"]]
+                    losses = [x["loss"] for x in rs]
+                    commits = sum(x["commits"] for x in rs)
+                    secs = sum(x["seconds"] for x in rs)
+                    out[mode] = {"iops": util.median([x["iops"] for x in rs]),
+                                 "commits": commits, "seconds": secs,
+                                 "rate": commits / secs,
+                                 "loss": util.median(losses), "loss_min": min(losses),
+                                 "loss_max": max(losses),
+                                 "lat_p50": util.median(lat),
+                                 "lat_p99": util.percentile(lat, 99),
+                                 "errors": sum(x["errors"] for x in rs)}
+                for x in runs["paced"] + runs["max"]:
+                    del x["lat"]  # summarised above; keeps results.json small
                 self.results["w"].setdefault("w5_sustained", {})[label] = out
                 self.stop(srv)
             self.guarded("workload 5 sustained", label, sustained, srv)
