@@ -32,12 +32,12 @@ class FioResult:
 
 
 def job_text(uri, rw, bs, *, size=None, offset=None, runtime=None, time_based=False,
-             ramp=None, extra=None):
+             ramp=None, extra=None, iodepth=IODEPTH):
     lines = [
         "[global]",
         "ioengine=nbd",
         f"uri={uri}",
-        f"iodepth={IODEPTH}",
+        f"iodepth={iodepth}",
         "group_reporting=1",
         f"[{JOB}]",
         f"rw={rw}",
@@ -106,7 +106,7 @@ def parse(text, rw):
 def run(workdir, uri, rw, bs, timeout=None, **kw):
     """Write the job file into workdir, run fio, return a FioResult."""
     workdir = Path(workdir)
-    jobfile = workdir / f"job-{rw}-{bs}.fio"
+    jobfile = workdir / f"job-{rw}-{bs}-qd{kw.get('iodepth', IODEPTH)}.fio"
     jobfile.write_text(job_text(uri, rw, bs, **kw))
     res = util.run(["fio", "--output-format=json", str(jobfile)], check=False,
                    timeout=timeout or 1800)

@@ -15,7 +15,7 @@ THROUGHPUT = [
     ("w3a", "3. rand 4 KiB reads", "IOPS", True, QSD, 1.0),
     ("w3b", "3. seq 1 MiB reads", "MB/s", True, QSD, 1.0),
     ("w4", "4. seq 1 MiB writes, epoch 0 (no undo)", "MB/s", True, FILE, 0.9),
-    ("w7", "7. QEMU mirror sync=full 1 GiB, time to READY", "s", False, FILE, 0.9),
+    ("w7", "7. QEMU mirror sync=full, time to READY", "s", False, FILE, 0.9),
 ]
 
 
@@ -48,6 +48,14 @@ def _best_mc(results, key, higher):
     if not cands:
         return None, None
     return (max if higher else min)(cands, key=lambda c: c[1])
+
+
+def _loss(p):
+    """A loss figure, with its min-max over repetitions when there were several."""
+    text = f"{p['loss'] * 100:.0f}%"
+    if "loss_min" in p and p["loss_min"] != p["loss_max"]:
+        text += f" ({p['loss_min'] * 100:.0f}–{p['loss_max'] * 100:.0f}%)"
+    return text
 
 
 def _verdict(ok):
@@ -134,7 +142,7 @@ def _rows(results):
         p, mx = s["paced"], s["max"]
         out.append([f"5. commits/s paced at 100/s during rand 4 KiB writes "
                     f"(baseline {s['baseline_iops']:,.0f} IOPS)", "1/s, loss", "n/a", "n/a",
-                    f"{p['rate']:.0f}/s, {p['loss'] * 100:.0f}% loss, p99 "
+                    f"{p['rate']:.0f}/s, {_loss(p)} loss, p99 "
                     f"{p['lat_p99'] * 1e3:.2f} ms ({lab[7:-1]})" if p["lat_p99"] else
                     f"{p['rate']:.0f}/s", "–", ">= 100/s with <= 10% loss",
                     _verdict(p["rate"] >= 99.0 and p["loss"] <= 0.10)])
@@ -144,7 +152,7 @@ def _rows(results):
                         "ratio", "n/a", "n/a", f"{p['iops'] / ft:.2f}x ({lab[7:-1]})", "–",
                         "(information: commit cost beyond first touches)", "–"])
         out.append(["5. commits/s back to back during rand 4 KiB writes", "1/s, loss", "n/a",
-                    "n/a", f"{mx['rate']:.0f}/s, {mx['loss'] * 100:.0f}% loss ({lab[7:-1]})",
+                    "n/a", f"{mx['rate']:.0f}/s, {_loss(mx)} loss ({lab[7:-1]})",
                     "–", "(information)", "–"])
 
     # 6. failover
@@ -198,6 +206,177 @@ def _rows(results):
     return out
 
 
+
+# ---------------------------------------------------------------- verdicts
+
+def _paired(a, b, fn):
+    """fn(a_i, b_i) for repetitions measured together (same index or same "rep")."""
+    if a and b and isinstance(a[0], dict):
+        bb = {e["rep"]: e for e in b}
+        return [fn(e, bb[e["rep"]]) for e in a if e["rep"] in bb]
+    if a and b and len(a) == len(b):
+        return [fn(x, y) for x, y in zip(a, b)]
+    return []
+
+
+def _spread(vals):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None
+    return {"median": util.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def _verdict_row(target, spread, limit, higher, unit="x"):
+    """One verdict: decided by the median over repetitions; "marginal" when the
+    spread (min-max) reaches across the limit, so another run could flip it."""
+    if spread is None:
+        return {"target": target, "result": "not measured"}
+    ok = spread["median"] >= limit if higher else spread["median"] <= limit
+    both = [spread["min"], spread["max"]]
+    settled = all((v >= limit) == ok if higher else (v <= limit) == ok for v in both)
+    return {"target": target, "result": "met" if ok else "missed", "settled": settled,
+            "unit": unit, **spread}
+
+
+GUEST_GOALS = [  # (job key, metric, limit, higher is better, title)
+    ("w9 qd1 4k", "p50_us", 1.2, False, "9. QD1 4 KiB write p50 through the mirror <= 1.2x nbdkit file"),
+    ("w9 qd1 4k", "p99_us", 1.3, False, "9. QD1 4 KiB write p99 through the mirror <= 1.3x nbdkit file"),
+    ("w9 qd16 4k", "iops", 0.95, True, "9. QD16 4 KiB write IOPS through the mirror >= 0.95x nbdkit file"),
+]
+WA_LIMIT = 2.0
+
+
+def verdicts(results):
+    """Every target of the run: met/missed, the ratio (median over repetitions of
+    ratios taken within one repetition) and its spread."""
+    w = results["w"]
+    out = []
+    only = results.get("only")
+
+    def wanted(n):
+        return not only or n in only
+
+    for key, title, unit, higher, anchor, factor in THROUGHPUT:
+        n = int(title.split(".")[0])
+        if not wanted(n):
+            continue
+        data = w.get(key, {})
+        lab, _ = _best_mc(results, key, higher)
+        ref = data.get(anchor)
+        sp = None
+        if lab and ref:
+            sp = _spread(_paired(data[lab], ref,
+                                 (lambda m, r: m / r) if higher else (lambda m, r: r / m)))
+        tname = "nbdkit file" if anchor == FILE else "qsd"
+        out.append(_verdict_row(f"{title} >= {factor:g}x {tname}"
+                                + (" speed" if unit == "s" else ""), sp, factor, True))
+    if wanted(5):
+        lat = w.get("w5_latency", {})
+        for lab, series in lat.items():
+            for n in sorted(series, key=int):
+                ms = [v * 1e3 for v in series[n]["lat"]]
+                p99 = util.percentile(ms, 99)
+                fl = [v * 1e3 for v in series[n].get("floor", [])]
+                out.append({"target": f"5. commit p99 <= 1 ms, {int(n):,} preserved clusters "
+                                      f"({lab})",
+                            "result": "met" if p99 <= 1.0 else "missed", "settled": True,
+                            "text": f"p99 {p99:.2f} ms (median {util.median(ms):.2f}, "
+                                    f"n={len(ms)})" + (
+                                        f"; floor (no-op request) p99 "
+                                        f"{util.percentile(fl, 99):.2f} ms" if fl else "")})
+        sus = w.get("w5_sustained", {})
+        for lab, s in sus.items():
+            p = s["paced"]
+            ok = p["rate"] >= 99.0 and p["loss"] <= 0.10
+            out.append({"target": f"5. 100 commits/s with <= 10% IOPS loss ({lab})",
+                        "result": "met" if ok else "missed", "settled": True, "unit": "",
+                        "text": f"{p['rate']:.0f}/s, {_loss(p)} loss, commit p99 "
+                                f"{(p['lat_p99'] or 0) * 1e3:.2f} ms"})
+    if wanted(9):
+        for key, metric, limit, higher, title in GUEST_GOALS:
+            data = w.get(key, {})
+            labs = [l for l in _mc_labels(results) if data.get(l)]
+            sp = None
+            if labs and data.get(FILE):
+                sp = _spread(_paired(data[labs[0]], data[FILE],
+                                     lambda m, r: m[metric] / r[metric]))
+            out.append(_verdict_row(title, sp, limit, higher))
+    if wanted(10):
+        data = w.get("w10", {})
+        labs = [l for l in _mc_labels(results) if data.get(l)]
+        sp = _spread([e["wa"] for e in data[labs[0]]]) if labs else None
+        out.append(_verdict_row(f"10. write amplification <= {WA_LIMIT:g}x, 4 KiB random "
+                                "writes, 100 ms epochs", sp, WA_LIMIT, False))
+    return out
+
+
+def verdict_lines(results):
+    lines = []
+    for v in verdicts(results):
+        if v["result"] == "not measured":
+            lines.append(f"NOT MEASURED  {v['target']}")
+            continue
+        if "text" in v:
+            fig = v["text"]
+        else:
+            u = v["unit"]
+            fig = (f"{v['median']:.2f}{u} (min-max {v['min']:.2f}-{v['max']:.2f}{u}, "
+                   f"n={v['n']})")
+        tail = "" if v["settled"] else "  [marginal: the spread crosses the target]"
+        lines.append(f"{v['result'].upper():<7} {v['target']}: {fig}{tail}")
+    return lines
+
+
+def guest_table(results):
+    """Workload 9: medians (min-max) of every target for every job."""
+    w = results["w"]
+    keys = [k for k in w if k.startswith("w9 ")]
+    if not keys:
+        return ""
+    labs = [l for l in [FILE, QSD] + _mc_labels(results) if any(w[k].get(l) for k in keys)]
+    body = []
+    for key in keys:
+        data = w[key]
+        for metric, unit in (("p50_us", "µs"), ("p99_us", "µs"), ("iops", "IOPS")):
+            cells = []
+            for l in labs:
+                v = [e[metric] for e in data.get(l, [])]
+                if not v:
+                    cells.append("–")
+                    continue
+                f = (lambda x: f"{x:,.0f}")
+                cells.append(f"{f(util.median(v))} ({f(min(v))}–{f(max(v))})")
+            ratios = []
+            for l in labs[1:]:
+                sp = _spread(_paired(data.get(l, []), data.get(FILE, []),
+                                     lambda m, r: m[metric] / r[metric]))
+                ratios.append(f"{sp['median']:.2f}x ({sp['min']:.2f}–{sp['max']:.2f})"
+                              if sp else "–")
+            qd, bs = key.split()[1:]
+            body.append([f"rand {bs} write {qd.upper()}", f"{metric.split('_')[0]} {unit}"]
+                        + cells + ratios)
+    head = ["fio on the primary", "metric"] + [f"target: {l}" for l in labs] + \
+        [f"{l} / file" for l in labs[1:]]
+    return _table(head, body)
+
+
+def wa_table(results):
+    data = results["w"].get("w10", {})
+    if not data:
+        return ""
+    body = []
+    for lab, es in data.items():
+        if lab.startswith("_"):
+            continue
+        wa = _spread([e["wa"] for e in es])
+        wb = _spread([e["wa_write_bytes"] for e in es])
+        body.append([lab, f"{util.median([e['iops'] for e in es]):,.0f}",
+                     f"{wa['median']:.2f}x ({wa['min']:.2f}–{wa['max']:.2f})",
+                     f"{wb['median']:.2f}x", f"{util.median([e['commits'] for e in es]):.0f}"])
+    return _table(["server", "IOPS (QD1)", "bytes written / client byte (wchar)",
+                   "(write_bytes, page-cache accounting)", "commits"], body)
+
+
 def _table(header, body):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in body]
@@ -247,6 +426,25 @@ def markdown(results):
     out.append(_table(header, rows(results)))
     out.append("¹ workloads 4 and 7 are epoch 0 (no undo): qsd exports the raw node "
                "without the copy-before-write filter.\n")
+    gt = guest_table(results)
+    if gt:
+        out.append(f"\n## 9. What the guest feels: fio on a primary qemu-storage-daemon, "
+                   f"mirrored write-blocking onto each target\n\n"
+                   f"Median (min–max) over {cfg.get('guest_reps')} repetitions of "
+                   f"{cfg.get('guest_runtime')} s random writes on a "
+                   f"{util.human_size(cfg.get('guest_size') or 0)} disk; the targets take turns "
+                   f"job by job; nbd-mc commits every {1000 // (cfg.get('epoch_rate') or 10)} ms "
+                   f"(qsd keeps one epoch); ratios are taken within a repetition.\n\n" + gt)
+    wt = wa_table(results)
+    if wt:
+        out.append(f"\n## 10. Write amplification on the secondary\n\n"
+                   f"Bytes the server process wrote (/proc/PID/io `wchar`: every write "
+                   f"syscall, image + undo + metadata + state) per byte fio wrote: random "
+                   f"4 KiB writes, QD1, {cfg.get('wa_runtime')} s from a fresh epoch, nbd-mc "
+                   f"committing every {1000 // (cfg.get('epoch_rate') or 10)} ms; qsd keeps one "
+                   f"epoch (its later writes are re-touches).  `write_bytes` counts whole "
+                   f"page-cache folios when they are dirtied, so it over-counts small "
+                   f"writes (even nbdkit file shows > 1x): information only.\n\n" + wt)
     vt = variant_table(results)
     if vt:
         out.append("\n## nbd-mc per thread model\n\n" + vt)
@@ -266,9 +464,17 @@ def markdown(results):
                              _fmt(util.percentile(s["lat"], 99) * 1e3, "ms"),
                              _fmt(max(s["lat"]) * 1e3, "ms"),
                              _fmt(util.median(ss) * 1e3, "ms") if ss else "–",
-                             _fmt(util.percentile(ss, 99) * 1e3, "ms") if ss else "–"])
+                             _fmt(util.percentile(ss, 99) * 1e3, "ms") if ss else "–",
+                             _fmt(util.median(s["floor"]) * 1e3, "ms") if s.get("floor") else "–",
+                             _fmt(util.percentile(s["floor"], 99) * 1e3, "ms")
+                             if s.get("floor") else "–"])
         out.append(_table(["server", "preserved clusters", "commits", "median ms", "p99 ms",
-                           "max ms", "server median ms", "server p99 ms"], body))
+                           "max ms", "server median ms", "server p99 ms",
+                           "floor median ms", "floor p99 ms"], body))
+        out.append("\nFloor: the same `commit` request for the already committed epoch, "
+                   "sent right after each commit on the same connection; the server answers "
+                   "it without any work, so it is what the control channel and this "
+                   "machine's scheduling cost by themselves.\n")
         out.append(f"\nCluster size {util.human_size(cfg['commit_cluster'])} for this series "
                    "(so 100k preserved clusters fit the image); the clusters of each "
                    "commit are one contiguous run written with 1 MiB writes.\n")
@@ -279,7 +485,7 @@ def markdown(results):
             for mode in ("paced", "max"):
                 p = s[mode]
                 body.append([lab, mode, f"{s['baseline_iops']:,.0f}", f"{p['iops']:,.0f}",
-                             f"{p['loss'] * 100:.1f}%", p["commits"], f"{p['rate']:.1f}",
+                             _loss(p), p["commits"], f"{p['rate']:.1f}",
                              _fmt((p["lat_p50"] or 0) * 1e3, "ms"),
                              _fmt((p["lat_p99"] or 0) * 1e3, "ms"), p["errors"]])
         out.append("\n## Commits during random 4 KiB writes\n\n")
@@ -306,6 +512,12 @@ def markdown(results):
                    + ("all as expected.\n" if not bad else
                       "; ".join(f"{k}: {v['preserved_clusters']} of {v['expected']}"
                                 for k, v in bad.items()) + "\n"))
+    vl = verdict_lines(results)
+    if vl:
+        out.append("\n## Verdicts\n\nEach target decided in this run: the median over "
+                   "repetitions of the ratio taken within one repetition (min-max in "
+                   "parentheses); *marginal* when the spread reaches across the target.\n\n"
+                   + "".join(f"    {l}\n" for l in vl))
     errs = results.get("errors")
     if errs:
         out.append("\n## Errors\n\n" + "".join(f"- {e}\n" for e in errs))
@@ -407,6 +619,60 @@ def plots(results, outdir):
         ax.set_title("6. failover time against undo data")
         fig.tight_layout()
         p = outdir / "failover.png"
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        made.append(p)
+
+    gkeys = [k for k in w if k.startswith("w9 ")]
+    if gkeys:
+        labs = [l for l in labels if any(w[k].get(l) for k in gkeys)]
+        panels = [("p50_us", "p50 latency (µs)"), ("p99_us", "p99 latency (µs)"),
+                  ("iops", "IOPS")]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        width = 0.8 / max(1, len(labs))
+        for ax, (metric, ylabel) in zip(axes, panels):
+            for i, l in enumerate(labs):
+                meds, lo, hi = [], [], []
+                for k in gkeys:
+                    v = [e[metric] for e in w[k].get(l, [])] or [0]
+                    m = util.median(v)
+                    meds.append(m)
+                    lo.append(m - min(v))
+                    hi.append(max(v) - m)
+                xs = [j + (i - (len(labs) - 1) / 2) * width for j in range(len(gkeys))]
+                ax.bar(xs, meds, width, yerr=[lo, hi], capsize=2, color=colors.get(l),
+                       label=l)
+            ax.set_xticks(range(len(gkeys)))
+            ax.set_xticklabels([k[3:].replace("qd", "QD") for k in gkeys], fontsize=8)
+            ax.set_ylabel(ylabel)
+            if metric != "iops":
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axes[0].legend(fontsize=7)
+        fig.suptitle("9. fio random writes on the primary, mirrored write-blocking onto "
+                     "each target (median, bars min-max)", fontsize=9)
+        fig.tight_layout()
+        p = outdir / "guest_latency.png"
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        made.append(p)
+
+    wa = {l: v for l, v in w.get("w10", {}).items() if not l.startswith("_")}
+    if wa:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        labs = list(wa)
+        meds = [util.median([e["wa"] for e in wa[l]]) for l in labs]
+        ax.bar(range(len(labs)), meds, color=[colors.get(l, "#aa3377") for l in labs])
+        for i, m in enumerate(meds):
+            ax.text(i, m, f"{m:.1f}x", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(labs)))
+        ax.set_xticklabels(labs, rotation=20, ha="right", fontsize=8)
+        ax.axhline(WA_LIMIT, color="k", ls="--", lw=1, label=f"{WA_LIMIT:g}x target")
+        ax.set_ylabel("server bytes written per client byte")
+        ax.set_title("10. write amplification, 4 KiB random writes, 100 ms epochs", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = outdir / "write_amplification.png"
         fig.savefig(p, dpi=90)
         plt.close(fig)
         made.append(p)

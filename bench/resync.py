@@ -1,4 +1,4 @@
-"""Workload 9: resync after an outage of the secondary, against a full resync.
+"""Workload 11: resync after an outage of the secondary, against a full resync.
 
     .venv/bin/python -m bench.resync [--size 1G] [--hot 64M] [--outage 10] [--work DIR]
 

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import sys
 import threading
@@ -46,6 +47,11 @@ class Config:
     tib_size: int
     tib_touches: int
     all_variants_everywhere: bool
+    guest_size: int            # workloads 9 and 10: the disk
+    guest_runtime: int         # seconds per fio job of workload 9
+    guest_reps: int
+    wa_runtime: int            # workload 10
+    epoch_rate: int            # commits/s of workloads 9 and 10 (100 ms epochs)
 
     @classmethod
     def make(cls, full):
@@ -55,13 +61,19 @@ class Config:
                        commit_trials={1000: 300, 10000: 100, 100000: 20},
                        sustain_seconds=15, commit_rate=100,
                        failover_sizes=[0, 64 * MiB, 256 * MiB, GiB, 2 * GiB],
-                       tib_size=TiB, tib_touches=100000, all_variants_everywhere=True)
-        return cls(full=False, image_size=GiB, runtime=4, reps=1,
+                       tib_size=TiB, tib_touches=100000, all_variants_everywhere=True,
+                       guest_size=512 * MiB, guest_runtime=6, guest_reps=5,
+                       wa_runtime=10, epoch_rate=10)
+        # 1 GiB: with 512 MiB the sequential workloads (1, 3, 4) last about half
+        # a second and start-up costs, not the servers, decided their ratios
+        return cls(full=False, image_size=GiB, runtime=3, reps=3,
                    mirror_size=GiB, commit_cluster=4096,
                    commit_trials={1000: 60, 10000: 20, 100000: 5},
-                   sustain_seconds=5, commit_rate=100,
+                   sustain_seconds=4, commit_rate=100,
                    failover_sizes=[0, 64 * MiB, 256 * MiB, GiB],
-                   tib_size=TiB, tib_touches=20000, all_variants_everywhere=False)
+                   tib_size=TiB, tib_touches=20000, all_variants_everywhere=False,
+                   guest_size=512 * MiB, guest_runtime=2, guest_reps=3,
+                   wa_runtime=3, epoch_rate=10)
 
 
 def log(msg):
@@ -80,14 +92,19 @@ def loadavg():
 def nbd_mc_variants(help_text, full):
     """The nbd-mc configurations to run: one per thread model it supports.
 
-    Read from `nbd-mc serve --help` so the list follows the CLI: every choice
-    of --thread-model, and in FULL mode also the parallel model with fewer
-    worker threads (--threads) than nbdkit's default 16.
+    Read from `nbd-mc serve --help` so the list follows the CLI: in FULL mode
+    every choice of --thread-model and also the parallel model with fewer
+    worker threads (--threads) than nbdkit's default 16; in quick mode only the
+    default thread model.
     """
     variants = []
     m = re.search(r"--thread-model\s+\[([^\]]+)\]", help_text)
     models = m.group(1).split("|") if m else []
     has_threads = re.search(r"--threads\b", help_text) is not None
+    default = re.search(r"--thread-model\s+\[[^\]]+\][^\[]*\[default:\s*(\w+)\]", help_text)
+    if not full and default and default.group(1) in models:
+        # quick: the default model only, so that repetitions fit in a few minutes
+        models = [default.group(1)]
     for model in models:
         variants.append((model, ["--thread-model", model]))
         if model == "parallel" and has_threads and full:
@@ -114,6 +131,7 @@ class Bench:
         self.variants = variants            # [] when nbd-mc is unavailable
         self.results = {"config": {}, "meta": {}, "w": {}}
         self.started = []                   # servers to stop on the way out
+        self.settle_enabled = True          # sync + warm before each measurement
 
     # -- helpers ---------------------------------------------------------
 
@@ -251,6 +269,9 @@ class Bench:
                     log(f"{what}, rep {rep + 1}/{cfg.reps}: "
                         + ", ".join(s.label for s in alive))
                     for srv in list(alive):
+                        if what != "new epoch":
+                            self.settle(srv, warm=[images[srv.label]]
+                                        if what in self.WARM_STEPS else ())
                         if self.guarded(what, srv.label, lambda: fn(srv) or True, srv) is None:
                             alive.remove(srv)   # a broken server sits out the rest
                             self.stop(srv)
@@ -258,6 +279,10 @@ class Bench:
                     self.stop(srv)
             for img in images.values():
                 img.unlink(missing_ok=True)
+
+    # steps that read the old data of the image: start them with it in the cache
+    WARM_STEPS = ("workload 1", "workload 2 first touch", "workload 3 rand read",
+                  "workload 3 seq read")
 
     def _check_preserved(self, srv, key, expect):
         """nbd-mc's own count of first touches, to show the workload did what it says."""
@@ -268,6 +293,185 @@ class Bench:
                 {"expected": expect, "preserved_clusters": got}
             if got != expect:
                 log(f"  note: {key} {srv.label}: {got} clusters preserved, expected {expect}")
+
+
+    # -- method: every measurement starts from the same page-cache state ---------
+
+    def settle(self, srv=None, warm=()):
+        """Write back our own dirty pages, then make `warm` files resident.
+
+        What moved workload 1 from run to run was the page cache, not the
+        servers: every server's first-touch run leaves its image (and, with
+        undo, as much again in the overlay) dirty, and with 2-4 GiB per server
+        the next server in the rotation starts above vm.dirty_background_bytes
+        and is throttled by balance_dirty_pages() while writing back its
+        predecessor's data.  So before each measurement: sync() (global: other
+        users' dirty data throttles us as well), and read the image the step
+        works on into the cache, so first touches copy from memory for every
+        server alike (the CPU cost is what is compared, not this VM's disk).
+        The dirty bytes found before the sync are kept as evidence.
+        """
+        dirty = util.meminfo_kib("Dirty") + util.meminfo_kib("Writeback")
+        if not self.settle_enabled:   # --no-settle: the old method, for comparison
+            self.results["meta"].setdefault("dirty_kib_before_sync", []).append(
+                [srv.label if srv else "-", dirty])
+            return
+        util.sync_tree(self.work)
+        for f in warm:
+            util.warm_file(f)
+        self.results["meta"].setdefault("dirty_kib_before_sync", []).append(
+            [srv.label if srv else "-", dirty])
+
+    def default_variant(self):
+        """The nbd-mc variant run by workloads that take only one (9, 10)."""
+        if not self.variants:
+            return None
+        for name, args in self.variants:
+            if name == "serialize":
+                return name, args
+        return self.variants[0]
+
+    def _commits_during(self, srv, rate):
+        """A context manager: commits every 1/rate s on `srv` while the body runs
+        (rate < 0: back to back; 0 or an anchor, which has no epochs: none)."""
+        bench = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.stats = {"lat": [], "commits": 0, "errors": 0}
+                self.stop = threading.Event()
+                self.t = None
+                if isinstance(srv, NbdMc) and rate:
+                    self.t = threading.Thread(target=bench._committer,
+                                              args=(srv, rate if rate > 0 else None,
+                                                    self.stop, self.stats),
+                                              daemon=True)
+                    self.t.start()
+                return self.stats
+
+            def __exit__(self, *exc):
+                self.stop.set()
+                if self.t is not None:
+                    self.t.join()
+        return _Ctx()
+
+    # -- workload 9: what the guest feels through the mirror --------------------
+
+    GUEST_JOBS = ((1, "4k"), (16, "4k"), (1, "64k"), (16, "64k"))
+
+    def w9(self):
+        """fio on a primary qemu-storage-daemon's export, mirrored write-blocking
+        onto each target; the three primary+target pairs run side by side and
+        take turns for every job (order rotated per repetition)."""
+        from .mirror import MirrorPrimary
+        cfg = self.cfg
+        tpl = self.template(cfg.guest_size)
+        mc = self.default_variant()
+        for rep in range(cfg.guest_reps):
+            targets = self.servers(nbdmc=False)
+            if mc:
+                targets.append(NbdMc(self.work / "srv-g-nbdmc", f"nbd-mc[{mc[0]}]",
+                                     extra_args=mc[1]))
+            k = rep % len(targets)
+            targets = targets[k:] + targets[:k]
+            pairs = []
+            for srv in targets:
+                prim = MirrorPrimary(srv.workdir / "primary", srv.label)
+
+                def up():
+                    src = util.fresh_copy(tpl, self.work / f"guest-src-{srv.workdir.name}.raw")
+                    dst = util.fresh_copy(tpl, self.work / f"guest-dst-{srv.workdir.name}.raw")
+                    self.start(srv, dst, undo=True)
+                    prim.start(src, srv.sock)
+                    return True
+                if self.guarded("workload 9 start", srv.label, up, srv):
+                    pairs.append((srv, prim))
+                else:
+                    prim.stop()
+                    self.stop(srv)
+            try:
+                for qd, bs in self.GUEST_JOBS:
+                    log(f"workload 9: guest rand {bs} writes QD{qd} through the mirror, "
+                        f"rep {rep + 1}/{cfg.guest_reps}: " + ", ".join(s.label for s, _ in pairs))
+                    for srv, prim in list(pairs):
+                        def go():
+                            self.settle(srv)
+                            before = srv.status()["stats"]["bytes_written"] \
+                                if isinstance(srv, NbdMc) else None
+                            with self._commits_during(srv, cfg.epoch_rate) as cs:
+                                r = fio.run(prim.workdir, prim.uri, "randwrite", bs,
+                                            runtime=cfg.guest_runtime, time_based=True,
+                                            iodepth=qd)
+                            entry = {"rep": rep, "iops": r.iops, "p50_us": r.clat_p50_us,
+                                     "p99_us": r.clat_p99_us, "commits": cs["commits"]}
+                            if before is not None:
+                                # the writes really reached the target through the mirror
+                                got = srv.status()["stats"]["bytes_written"] - before
+                                entry["target_bytes"] = got
+                                entry["client_bytes"] = r.io_bytes
+                            job = prim.job()
+                            if not job or job.get("status") != "ready":
+                                raise RuntimeError(f"mirror job not ready after fio: {job}")
+                            self.record(f"w9 qd{qd} {bs}", srv.label, entry)
+                            return True
+                        if self.guarded("workload 9", srv.label, go, srv) is None:
+                            pairs.remove((srv, prim))
+                            prim.stop()
+                            self.stop(srv)
+            finally:
+                for srv, prim in pairs:
+                    prim.stop()
+                    self.stop(srv)
+                for p in self.work.glob("guest-*.raw"):
+                    p.unlink()
+
+    # -- workload 10: write amplification on the secondary ----------------------
+
+    def w10(self):
+        """Bytes the server process writes per byte the client writes: random
+        4 KiB writes at QD1 for wa_runtime seconds from a fresh epoch, nbd-mc
+        committing every 100 ms; counted from /proc/PID/io of the server."""
+        cfg = self.cfg
+        size = cfg.guest_size
+        tpl = self.template(size)
+        img = self.work / "image-wa.raw"
+        mc = self.default_variant()
+        for rep in range(cfg.reps):
+            servers = self.servers(nbdmc=False)
+            if mc:
+                servers.append(NbdMc(self.work / "srv-wa-nbdmc", f"nbd-mc[{mc[0]}]",
+                                     extra_args=mc[1]))
+                if "--cluster-size" not in mc[1]:
+                    # information: the same with 4 KiB undo clusters
+                    servers.append(NbdMc(self.work / "srv-wa-nbdmc4k",
+                                         f"nbd-mc[{mc[0]}] 4K clusters",
+                                         extra_args=mc[1], cluster_size="4K"))
+            k = rep % len(servers)
+            servers = servers[k:] + servers[:k]
+            for srv in servers:
+                log(f"workload 10: write amplification, rep {rep + 1}/{cfg.reps}: {srv.label}")
+
+                def go():
+                    util.fresh_copy(tpl, img)
+                    self.start(srv, img, undo=True)
+                    self.settle(srv, warm=[img])
+                    pid = srv.pid()
+                    io0 = util.proc_io(pid)
+                    with self._commits_during(srv, cfg.epoch_rate) as cs:
+                        r = fio.run(srv.workdir, srv.uri, "randwrite", "4k",
+                                    runtime=cfg.wa_runtime, time_based=True, iodepth=1)
+                    io1 = util.proc_io(pid)
+                    d = {k: io1[k] - io0[k] for k in io0}
+                    self.record("w10", srv.label, {
+                        "rep": rep, "client_bytes": r.io_bytes, "iops": r.iops,
+                        "wchar": d["wchar"], "write_bytes": d["write_bytes"],
+                        "wa": d["wchar"] / r.io_bytes,
+                        "wa_write_bytes": d["write_bytes"] / r.io_bytes,
+                        "commits": cs["commits"]})
+                    self.stop(srv)
+                self.guarded("workload 10", srv.label, go, srv)
+                self.stop(srv)
+        img.unlink(missing_ok=True)
 
     # -- workload 7 -------------------------------------------------------
 
@@ -341,7 +545,7 @@ class Bench:
                     if span > size:
                         continue
                     log(f"workload 5: {label}: commit with {n} preserved clusters x{trials}")
-                    lat, srv_secs = [], []
+                    lat, srv_secs, floor = [], [], []
                     for t in range(trials):
                         base = ((t * span) % max(MiB, size - span)) // MiB * MiB
                         if base + span > size:
@@ -361,7 +565,13 @@ class Bench:
                         lat.append(time.perf_counter() - t0)
                         if "seconds" in r:
                             srv_secs.append(float(r["seconds"]))
-                    series[n] = {"trials": trials, "lat": lat, "server_seconds": srv_secs}
+                        # the floor: the same request on the same channel with no
+                        # work (re-committing the committed epoch answers at once)
+                        t0 = time.perf_counter()
+                        srv.execute("commit", epoch=srv.committed)
+                        floor.append(time.perf_counter() - t0)
+                    series[n] = {"trials": trials, "lat": lat, "server_seconds": srv_secs,
+                                 "floor": floor}
                 h.shutdown()
                 self.results["w"].setdefault("w5_latency", {})[label] = series
                 self.stop(srv)
@@ -377,31 +587,45 @@ class Bench:
                 rt = cfg.sustain_seconds
                 # Baseline: workload 2 as one time-based run from the start of a
                 # fresh epoch with no commit (first touches, then re-touches);
-                # each run with commits starts from a fresh epoch too.
-                base = fio.run(srv.workdir, srv.uri, "randwrite", "4k", runtime=rt,
-                               time_based=True)
-                out = {"baseline_iops": base.iops}
-                for mode, rate in (("paced", cfg.commit_rate), ("max", None)):
-                    log(f"workload 5: {label}: commits {mode} during random writes")
+                # each run with commits starts from a fresh epoch too.  The
+                # baseline and the runs with commits alternate, `reps` times,
+                # and each loss is taken against the baseline just before it:
+                # one baseline on a loaded machine once gave a "-42% loss".
+                runs = {"baseline": [], "paced": [], "max": []}
+                for rep in range(cfg.reps):
                     srv.commit()
-                    stats = {"lat": [], "commits": 0, "errors": 0}
-                    stop = threading.Event()
-                    t = threading.Thread(target=self._committer,
-                                         args=(srv, rate, stop, stats), daemon=True)
-                    t.start()
-                    try:
-                        r = fio.run(srv.workdir, srv.uri, "randwrite", "4k", runtime=rt,
-                                    time_based=True)
-                    finally:
-                        stop.set()
-                        t.join()
-                    out[mode] = {"iops": r.iops, "commits": stats["commits"],
-                                 "seconds": stats["seconds"],
-                                 "rate": stats["commits"] / stats["seconds"],
-                                 "loss": 1 - r.iops / base.iops,
-                                 "lat_p50": util.median(stats["lat"]),
-                                 "lat_p99": util.percentile(stats["lat"], 99),
-                                 "errors": stats["errors"]}
+                    runs["baseline"].append({"iops": fio.run(
+                        srv.workdir, srv.uri, "randwrite", "4k", runtime=rt,
+                        time_based=True).iops})
+                    for mode, rate in (("paced", cfg.commit_rate), ("max", None)):
+                        log(f"workload 5: {label}: commits {mode} during random writes, "
+                            f"rep {rep + 1}/{cfg.reps}")
+                        srv.commit()
+                        with self._commits_during(srv, rate or -1) as stats:
+                            r = fio.run(srv.workdir, srv.uri, "randwrite", "4k", runtime=rt,
+                                        time_based=True)
+                        runs[mode].append({
+                            "iops": r.iops, "lat": stats["lat"], "commits": stats["commits"],
+                            "seconds": stats["seconds"], "errors": stats["errors"],
+                            "loss": 1 - r.iops / runs["baseline"][-1]["iops"]})
+                out = {"baseline_iops": util.median([x["iops"] for x in runs["baseline"]]),
+                       "runs": runs}
+                for mode in ("paced", "max"):
+                    rs = runs[mode]
+                    lat = [v for x in rs for v in x["lat"]]
+                    losses = [x["loss"] for x in rs]
+                    commits = sum(x["commits"] for x in rs)
+                    secs = sum(x["seconds"] for x in rs)
+                    out[mode] = {"iops": util.median([x["iops"] for x in rs]),
+                                 "commits": commits, "seconds": secs,
+                                 "rate": commits / secs,
+                                 "loss": util.median(losses), "loss_min": min(losses),
+                                 "loss_max": max(losses),
+                                 "lat_p50": util.median(lat),
+                                 "lat_p99": util.percentile(lat, 99),
+                                 "errors": sum(x["errors"] for x in rs)}
+                for x in runs["paced"] + runs["max"]:
+                    del x["lat"]  # summarised above; keeps results.json small
                 self.results["w"].setdefault("w5_sustained", {})[label] = out
                 self.stop(srv)
             self.guarded("workload 5 sustained", label, sustained, srv)
@@ -532,12 +756,12 @@ class Bench:
         if big.exists():
             big.unlink()
 
-    def w9(self):
+    def w11(self):
         """Resync after a 10 s outage vs a full resync (bench/resync.py)."""
         from .resync import measure
-        log("workload 9 (resync after an outage)")
-        self.guarded("workload 9", "nbd-mc", lambda: self.results["meta"].__setitem__(
-            "w9", measure(self.work / "resync", GiB, 64 * MiB, 10.0)), None)
+        log("workload 11 (resync after an outage)")
+        self.guarded("workload 11", "nbd-mc", lambda: self.results["meta"].__setitem__(
+            "w11", measure(self.work / "resync", GiB, 64 * MiB, 10.0)), None)
 
     # -- driver -----------------------------------------------------------
 
@@ -555,8 +779,9 @@ class Bench:
                                   for k, v in cfg.__dict__.items()}
         loads = []
         steps = [((1, 2, 3, 4), self.w1234, True), ((7,), self.w7, True),
+                 ((9,), self.w9, True), ((10,), self.w10, True),
                  ((5,), self.w5, False), ((6,), self.w6, True), ((8,), self.w8, True),
-                 ((9,), self.w9, True)]
+                 ((11,), self.w11, True)]
         try:
             for nums, fn, anchors_too in steps:
                 if not any(self.want(n) for n in nums):
@@ -600,12 +825,20 @@ def write_report(results, out):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="longer runs, bigger images, repetitions")
-    ap.add_argument("--only", help="comma-separated workload numbers (1-9)")
+    ap.add_argument("--only", help="comma-separated workload numbers (1-11)")
+    ap.add_argument("--serve-args", default="", metavar="ARGS",
+                    help="extra `nbd-mc serve` options for every nbd-mc server, one string "
+                         "(e.g. \"--cluster-size 4K\"), to compare an engine option")
     ap.add_argument("--out", default=str(util.ROOT / "bench" / "results"))
     ap.add_argument("--work", default=str(util.ROOT / "bench" / "work"))
     ap.add_argument("--no-nbd-mc", action="store_true", help="measure the anchors only")
     ap.add_argument("--variant", action="append",
                     help="only these nbd-mc variants (by name, e.g. serialize)")
+    ap.add_argument("--image-size", metavar="SIZE",
+                    help="image size of workloads 1-6 (e.g. 2G), overriding the mode's")
+    ap.add_argument("--no-settle", action="store_true",
+                    help="no sync/warm-up between measurements (the old method; to show "
+                         "what the page cache does to the figures)")
     ap.add_argument("--keep-work", action="store_true", help="leave the images in --work")
     ap.add_argument("--report", metavar="RESULTS_JSON",
                     help="only rebuild the table and plots from a results.json into --out")
@@ -614,6 +847,8 @@ def main(argv=None):
         return write_report(json.loads(Path(a.report).read_text()), Path(a.out))
     only = {int(x) for x in a.only.split(",")} if a.only else None
     cfg = Config.make(a.full)
+    if a.image_size:
+        cfg.image_size = util.parse_size(a.image_size)
 
     missing = [p for p in ("fio", "nbdkit", "qemu-storage-daemon", "qemu-img") if not util.have(p)]
     if missing:
@@ -623,6 +858,9 @@ def main(argv=None):
     variants = nbd_mc_variants(help_text, cfg.full) if help_text else []
     if a.variant:
         variants = [v for v in variants if v[0] in a.variant]
+    serve_args = shlex.split(a.serve_args)
+    if serve_args:
+        variants = [(n, args + serve_args) for n, args in variants]
     if not variants:
         log("nbd-mc is not available: measuring the anchors only")
     else:
@@ -630,6 +868,9 @@ def main(argv=None):
     log(f"{'FULL' if cfg.full else 'quick'} run; work dir {a.work}")
 
     bench = Bench(cfg, a.work, a.out, only, variants)
+    bench.results["meta"]["serve_args"] = serve_args
+    bench.settle_enabled = not a.no_settle
+    bench.results["meta"]["settle"] = not a.no_settle
     results = bench.run()
     results["meta"]["nbd_mc_available"] = bool(variants)
     if not variants:

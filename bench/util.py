@@ -175,3 +175,54 @@ def median(values):
         return None
     n = len(v)
     return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def meminfo_kib(field):
+    """One field of /proc/meminfo in KiB (0 when absent)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k == field:
+            return int(v.split()[0])
+    return 0
+
+
+def warm_file(path, chunk=8 * MiB):
+    """Read a file once so that its pages are resident (clean) in the page cache."""
+    buf = bytearray(chunk)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        off = 0
+        while True:
+            n = os.preadv(fd, [buf], off)
+            if n <= 0:
+                break
+            off += n
+    finally:
+        os.close(fd)
+
+
+def proc_io(pid):
+    """/proc/PID/io of a process as a dict of ints (wchar, write_bytes, ...)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        k, _, v = line.partition(":")
+        out[k.strip()] = int(v)
+    return out
+
+
+def sync_tree(root):
+    """fdatasync every regular file under `root`: our own dirty pages reach the
+    disk, without waiting for anybody else's (as a global sync() would)."""
+    for p in Path(root).rglob("*"):
+        try:
+            if not p.is_file() or p.is_symlink():
+                continue
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue  # gone meanwhile, or a socket
+        try:
+            os.fdatasync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
