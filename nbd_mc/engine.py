@@ -23,7 +23,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from . import crashpoints, qcow2
+from . import crashpoints, qcow2, writer
 from .errors import (BadRequest, EpochMismatch, Fenced, IOFailure, NbdMcError, NotProtected,
                      StateError, io_failure)
 from .fileio import pread_into, punch_hole, pwrite_all, runs
@@ -388,7 +388,7 @@ class Group:
         elif self.state.fenced:
             refusal = f"the group is fenced (generation {self.state.generation})"
         elif generation != self.state.generation:
-            refusal = "this connection was opened before the last fence"
+            refusal = "this connection was opened before the last fence, failover or claim"
         if refusal:
             self._count("refused_writes")
             raise Fenced(f"write refused: {refusal}")
@@ -595,12 +595,13 @@ class Group:
                     if crashpoints.ARMED:
                         crashpoints.reached("failover.after-fence")
                     if instant:
-                        self._persist(role="primary", handoff="instant")
+                        self._persist(role="primary", handoff="instant", writer=None)
                     else:
                         self._rollback_locked()
                         if crashpoints.ARMED:
                             crashpoints.reached("failover.before-promote")
-                        self._persist(role="primary", fenced=False)
+                        self._persist(role="primary", fenced=False,
+                                      writer=writer.new_writer_id(self.state.generation))
             return {"committed": self.state.committed, "disks": self.handover(),
                     "seconds": time.perf_counter() - t0}
 
@@ -608,12 +609,14 @@ class Group:
         """Which file in which format the new primary opens for each disk
         (nbd_mc/boot.py says how QEMU opens it)."""
         out = []
+        exports = writer.writer_exports([d.name for d in self.disks], self.state.writer)
         for d in self.disks:
             if self.state.handoff == "instant":
                 path, fmt = d.spec.overlay, "qcow2"
             else:
                 path, fmt = d.spec.image, "raw"
-            out.append({"name": d.name, "path": path, "format": fmt})
+            out.append({"name": d.name, "path": path, "format": fmt,
+                        "export": exports.get(d.name)})
         return out
 
     @contextmanager
@@ -628,6 +631,21 @@ class Group:
                 except OSError:
                     pass  # best effort: the process is leaving either way
             yield
+
+    def claim(self) -> dict:
+        """Grant a new writer identity (nbd_mc/writer.py); the previous writer's
+        connections are refused from now on, as after a fence, but the group stays
+        usable for the new one."""
+        with self._control:
+            refusal = writer.claim_refusal(self.state, self.broken)
+            if refusal:
+                raise refusal
+            with self.gate.closed():  # no write of the old writer is still in flight
+                generation = self.state.generation + 1
+                self._persist(generation=generation, writer=writer.new_writer_id(generation))
+            return {"generation": generation, "writer": self.state.writer,
+                    "exports": writer.writer_exports([d.name for d in self.disks],
+                                                     self.state.writer)}
 
     @property
     def read_only(self) -> bool:
@@ -645,6 +663,7 @@ class Group:
             "generation": self.state.generation,
             "durability": self.durability,
             "handoff": self.state.handoff,
+            "writer": self.state.writer,
             "broken": self.broken,
             "disks": [d.status() for d in self.disks],
             "stats": self._stats_copy(),

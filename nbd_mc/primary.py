@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import dataclasses
 import os
 import select
 import signal
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
+from . import writer
 from .address import parse_address
 from .control import ControlClient, ControlError
 from .errors import NbdMcError
@@ -775,6 +777,9 @@ class Options:
     hook: str | None = None
     tls_certificates: str | None = None
     legacy_drive_mirror: bool = False
+    verify: bool = False  # online verify (nbd_mc/verify.py): one slice per checkpoint
+    verify_slice: int = 4 << 20
+    verify_passes: int | None = None  # stop after this many whole passes (None: never)
 
 
 @dataclass
@@ -795,6 +800,7 @@ class Report:
     primary_gone: bool = False  # the failure was QEMU itself going away
     attached: bool = False  # we changed QEMU (added nodes / started mirrors)
     problems: list = field(default_factory=list)
+    verify: dict | None = None  # verify.Stats.as_dict() when --verify
 
     def as_dict(self) -> dict:
         p = sorted(self.pauses)
@@ -808,7 +814,7 @@ class Report:
                 "initial_sync_bytes": self.initial_sync_bytes,
                 "mirrored_bytes": self.mirrored_bytes, "seconds": round(self.seconds, 3),
                 "outcome": self.outcome, "error": self.error, "primary_gone": self.primary_gone,
-                "problems": self.problems}
+                "problems": self.problems, "verify": self.verify}
 
 
 class StopFlag:
@@ -920,7 +926,7 @@ def protect(opts: Options, console: Console | None = None, stop: StopFlag | None
     stop = stop or StopFlag().install()
     report = Report()
     t_start = time.monotonic()
-    ctl = qmp = mirrors = None
+    ctl = qmp = mirrors = verifier = None
     try:
         ctl = _control(opts)
         status = secondary_status(ctl)
@@ -933,6 +939,10 @@ def protect(opts: Options, console: Console | None = None, stop: StopFlag | None
         leftover = remove_leftovers(qmp, opts.drives)
         if leftover:
             console.say(f"nbd-mc protect: {leftover}")
+        if opts.verify:  # (after the leftovers: a mirror filter hides the drive's file)
+            verifier = _verifier(qmp, opts, sizes, console)
+        ctl, drives = claim_writer(ctl, opts.drives, console.say)
+        opts = dataclasses.replace(opts, drives=drives)
         mirrors = Mirrors(qmp, opts.drives)
         state = ("not protected yet: epoch 0, the first commit after the sync makes it "
                  "protected" if next_epoch == 1 else
@@ -950,13 +960,16 @@ def protect(opts: Options, console: Console | None = None, stop: StopFlag | None
         report.initial_sync_bytes = sum(mirrors.synced.values())
         console.say(f"  mirrors ready; checkpointing every {opts.interval * 1000:g} ms"
                     + (f" for {opts.epochs} epochs" if opts.epochs else "") + " (Ctrl-C detaches)")
-        _checkpoint_loop(qmp, ctl, mirrors, opts, next_epoch, report, stop, console)
+        _checkpoint_loop(qmp, ctl, mirrors, opts, next_epoch, report, stop, console, verifier)
         report.outcome = "detached"
     except PrimaryError as e:
         report.outcome = "failed"
         report.error = e.desc
         report.primary_gone = isinstance(e, PrimaryGone)
     finally:
+        if verifier is not None:
+            report.verify = verifier.stats.as_dict(verifier.slice_size)
+            verifier.close()
         if mirrors is not None and qmp is not None:
             report.mirrored_bytes = _mirrored_bytes(qmp, mirrors, report)
             if not qmp.gone:
@@ -971,6 +984,24 @@ def protect(opts: Options, console: Console | None = None, stop: StopFlag | None
             stop.restore()
         report.seconds = time.monotonic() - t_start
     return report
+
+
+def claim_writer(ctl: ControlClient, drives: list[DriveSpec], say=lambda text: None):
+    """Become the secondary's one writer (nbd_mc/writer.py): returns the control
+    connection to commit through (its commits name the writer) and the drives with
+    the writer exports to mirror into.  Once a later claim or a failover supersedes
+    this writer, nothing it sends -- nor its QEMU, reconnecting -- changes the disks."""
+    try:
+        got = writer.claim(ctl)
+    except ControlError as e:
+        raise SecondaryFailed(f"the secondary refused the writer claim: {e}") from None
+    except (OSError, NbdMcError) as e:
+        raise SecondaryFailed(f"lost the control connection to the secondary: {_why(e)}") from None
+    if not got.writer:
+        return ctl, drives  # a secondary without writer identities: the plain exports
+    say(f"nbd-mc protect: writer {got.writer} (generation {got.generation})")
+    return (writer.WriterControl(ctl, got.writer),
+            [DriveSpec(d.drive, got.exports.get(d.export, d.export)) for d in drives])
 
 
 def _attach_and_mirror(qmp: Qmp, opts: Options, mirrors: Mirrors) -> None:
@@ -991,17 +1022,35 @@ def _attach_and_mirror(qmp: Qmp, opts: Options, mirrors: Mirrors) -> None:
         raise PrimaryError(f"cannot start the mirror: {e.desc}") from None
 
 
-def _checkpoint_loop(qmp, ctl, mirrors, opts, epoch, report, stop, console) -> None:
-    """Every interval a checkpoint, until --epochs N commits or a stop request.
+def _verifier(qmp, opts, sizes, console):
+    from . import verify
+    try:
+        targets = verify.targets_for(qmp, opts.drives, sizes)
+        return verify.Verifier(targets, opts.verify_slice, opts.verify_passes, console.say)
+    except (ValueError, OSError) as e:
+        raise PrimaryError(f"cannot verify: {e}") from None
+
+
+def _checkpoint_loop(qmp, ctl, mirrors, opts, epoch, report, stop, console,
+                     verifier=None) -> None:
+    """Every interval a checkpoint, until --epochs N commits or a stop request
+    (or, verifying, the passes asked for).
 
     A stop request during the wait ends the loop at once; one arriving during a
     checkpoint lets that checkpoint finish (the handler only sets a flag).
     """
+    hook = verifier.hook(opts.hook, run_hook) if verifier else opts.hook
     while not stop():
         stop.sleep(opts.interval)
         if stop():
             break
-        cp = checkpoint(qmp, ctl, mirrors, epoch, opts.hook)
+        cp = checkpoint(qmp, ctl, mirrors, epoch, hook)
+        if verifier and cp.committed:
+            try:
+                verifier.after_commit(ctl, epoch)
+            except (OSError, NbdMcError) as e:
+                raise SecondaryFailed(f"lost the control connection to the secondary while "
+                                      f"verifying epoch {epoch}: {_why(e)}") from None
         report.pauses.append(cp.pause)
         if opts.hook:
             report.hook_times.append(cp.hook)
@@ -1012,6 +1061,8 @@ def _checkpoint_loop(qmp, ctl, mirrors, opts, epoch, report, stop, console) -> N
             if report.commits == 1 and epoch == 2:
                 console.say("  epoch 1 committed: the secondary is protected")
             if opts.epochs and report.commits >= opts.epochs:
+                break
+            if verifier and verifier.done:
                 break
         else:
             report.skipped += 1
@@ -1042,6 +1093,15 @@ def summary(report: Report) -> str:
                      f"{p['worst']:.2f} ms{hook}")
     lines.append(f"mirrored {_mib(report.mirrored_bytes)} (initial sync "
                  f"{_mib(report.initial_sync_bytes)}) in {report.seconds:.1f} s")
+    if report.verify:
+        v = report.verify
+        lines.append(f"verify: {_mib(v['verified_bytes'])} checked in {v['slices']} slices, "
+                     f"{v['passes']} whole pass(es), {len(v['mismatches'])} mismatched range(s); "
+                     f"pause per slice median {v['capture_ms']['median']} ms "
+                     f"({v['capture_ms']['per_mib']} ms/MiB)")
+        for m in v["mismatches"]:
+            lines.append(f"  MISMATCH {m['disk']} offset {m['offset']} length {m['length']} "
+                         f"(epoch {m['epoch']})")
     for problem in report.problems:
         lines.append(f"warning: while detaching: {problem}")
     return "\n".join(lines)

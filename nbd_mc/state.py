@@ -47,12 +47,13 @@ class GroupState:
     role: str = "secondary"
     handoff: str | None = None  # "instant": overlays were handed to a new primary
     durability: str = "process"  # the mode the group was last served with
+    writer: str | None = None  # the writer identity granted last (nbd_mc/writer.py)
     disks: list[DiskState] = field(default_factory=list)
 
     def to_json(self) -> str:
         body = {"format": FORMAT, "version": VERSION, "committed": self.committed,
                 "generation": self.generation, "fenced": self.fenced, "role": self.role,
-                "handoff": self.handoff, "durability": self.durability,
+                "handoff": self.handoff, "durability": self.durability, "writer": self.writer,
                 "disks": [d.__dict__ for d in self.disks]}
         return json.dumps(body, indent=2) + "\n"
 
@@ -66,7 +67,8 @@ class GroupState:
             state = cls(committed=int(body["committed"]), generation=int(body["generation"]),
                         fenced=bool(body["fenced"]), role=body["role"],
                         handoff=body.get("handoff"), disks=disks,
-                        durability=body.get("durability", "process"))
+                        durability=body.get("durability", "process"),
+                        writer=body.get("writer"))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise StateError(f"{where}: unreadable state file ({e})") from None
         if (state.role not in ROLES or state.committed < 0 or not state.disks

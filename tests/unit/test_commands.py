@@ -10,7 +10,8 @@ from nbd_mc.control import AfterReply
 from nbd_mc.engine import Group
 from nbd_mc.errors import BadRequest, CommandNotFound
 
-EXPECTED = {"query-status", "commit", "rollback", "fence", "failover", "quit"}
+EXPECTED = {"query-status", "commit", "rollback", "fence", "failover", "quit", "claim",
+            "verify-range"}
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def session(group):
 def test_the_table_is_the_whole_vocabulary():
     assert set(commands.COMMANDS) == EXPECTED
     for c in commands.COMMANDS.values():
-        assert c.summary and all(a.kind in ("epoch", "boolean") for a in c.arguments)
+        assert c.summary and all(a.kind in ("epoch", "boolean", "any") for a in c.arguments)
 
 
 def test_unknown_commands_name_every_known_one(session):
