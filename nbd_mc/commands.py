@@ -10,10 +10,11 @@ Standard library only: this runs inside nbdkit's embedded Python.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from . import __version__, boot
+from . import __version__, boot, verify, writer
 from .control.server import AfterReply
 from .errors import BadRequest, CommandNotFound
 
@@ -22,7 +23,9 @@ from .errors import BadRequest, CommandNotFound
 class Arg:
     """One argument: its name, JSON type and whether it must be given.
 
-    ``kind`` is "epoch" (an integer >= 0), "boolean" or "seconds" (a positive number).
+    ``kind`` is "epoch" (an integer >= 0), "boolean", "seconds" (a positive number),
+    or "any" (the command checks it itself: writer ids and verify-range's arguments,
+    see their modules).
     """
 
     name: str
@@ -40,6 +43,8 @@ class Arg:
         elif self.kind == "boolean":
             if not isinstance(value, bool):
                 raise BadRequest(f"{command}: '{self.name}' must be a boolean")
+        elif self.kind == "any":
+            pass
         else:  # a mistake in the table, not in the request
             raise AssertionError(f"unknown argument kind {self.kind!r}")
 
@@ -56,24 +61,53 @@ class Command:
 
 
 class Session:
-    """What the commands act on: the group, and how to stop the server."""
+    """What the commands act on: the group, how to stop the server, and the NBD
+    URI it serves (any export; None if unknown) for the URIs of writer exports."""
 
-    def __init__(self, group, on_quit: Callable[[], None]):
+    def __init__(self, group, on_quit: Callable[[], None], nbd_uri: str | None = None):
         self.group = group
         self.on_quit = on_quit
+        self.nbd_uri = nbd_uri
+
+
+def _with_uris(s: Session, reply: dict) -> dict:
+    """Where the writer exports a reply names are served (the engine knows no address)."""
+    for d in reply.get("disks", ()):
+        d["uri"] = writer.uri_for(s.nbd_uri, d["export"]) if d.get("export") else None
+    if "exports" in reply:
+        reply["uris"] = {n: writer.uri_for(s.nbd_uri, e) for n, e in reply["exports"].items()}
+    return reply
 
 
 def _failover(s: Session, a: dict) -> dict:
     reply = s.group.failover(a["instant"])
     reply["disks"] = boot.with_drive_options(reply["disks"])
-    return reply
+    return _with_uris(s, reply)
+
+
+#: Held by claim and by a commit that names its writer, so the writer cannot
+#: change between the check and the commit.
+_writer_lock = threading.Lock()
+
+
+def _commit(s: Session, a: dict) -> dict:
+    if a["writer"] is None:
+        return s.group.commit(a["epoch"])
+    with _writer_lock:
+        writer.check_commit_writer(s.group.state, a["writer"])
+        return s.group.commit(a["epoch"])
+
+
+def _claim(s: Session, a: dict) -> dict:
+    with _writer_lock:
+        return _with_uris(s, s.group.claim(a["stale_after"]))
 
 
 COMMANDS = {c.name: c for c in (
     Command("query-status", "the group: epochs, role, fencing, per-disk undo, counters",
             lambda s, a: s.group.status()),
     Command("commit", "commit the open epoch (the committed one again is a harmless retry)",
-            lambda s, a: s.group.commit(a["epoch"]), (Arg("epoch", "epoch", required=True),)),
+            _commit, (Arg("epoch", "epoch", required=True), Arg("writer", "any"))),
     Command("rollback", "return every disk to the last commit and keep serving",
             lambda s, a: s.group.rollback()),
     Command("fence", "refuse writes from every connection opened before now",
@@ -83,6 +117,12 @@ COMMANDS = {c.name: c for c in (
     Command("new-session", "a primary (re)attaches: connections of earlier sessions can no "
             "longer write; stale_after is how long without a commit makes protection stale",
             lambda s, a: s.group.new_session(a["stale_after"]), (Arg("stale_after", "seconds"),)),
+    Command("claim", "new-session plus a new writer identity: the previous writer can no "
+            "longer write, not even by reconnecting (what protect sends at every sync)",
+            _claim, (Arg("stale_after", "seconds"),)),
+    Command("verify-range", "hash a range of a disk's committed view at an epoch (online verify)",
+            lambda s, a: verify.verify_range(s.group, a),
+            tuple(Arg(n, "any") for n in ("disk", "offset", "length", "epoch", "block"))),
     Command("quit", "reply, then stop serving (requests in flight finish first)",
             lambda s, a: AfterReply({}, s.on_quit)),
 )}

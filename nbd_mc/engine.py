@@ -24,7 +24,7 @@ import time
 import uuid
 from contextlib import contextmanager
 
-from . import crashpoints, qcow2
+from . import crashpoints, qcow2, writer
 from .errors import (BadRequest, EpochMismatch, Fenced, IOFailure, NbdMcError, NotProtected,
                      StateError, io_failure)
 from .fileio import pread_into, punch_hole, pwrite_all, runs
@@ -431,7 +431,8 @@ class Group:
         elif self.state.fenced:
             refusal = f"the group is fenced (generation {self.state.generation})"
         elif generation != self.state.generation:
-            refusal = "this connection was opened before the last fence or protect session"
+            refusal = ("this connection was opened before the last fence, failover, claim "
+                       "or protect session")
         if refusal:
             self._count("refused_writes")
             raise Fenced(f"write refused: {refusal}")
@@ -549,7 +550,7 @@ class Group:
             self._count("commits")
             return {"committed": epoch, "seconds": time.perf_counter() - t0}
 
-    def new_session(self, stale_after: float | None = None) -> dict:
+    def new_session(self, stale_after: float | None = None, claim: bool = False) -> dict:
         """A primary (re)attaches: NBD connections opened before now can no longer
         write (as after a fence, but the group stays writable for new ones).
 
@@ -557,18 +558,47 @@ class Group:
         secondary that hung and came back): they must not land after the resync
         that replaces them.  ``stale_after`` is how long without a commit makes this
         primary's protection stale.
+
+        ``claim`` (the ``claim`` command, which is what protect sends at every
+        (re)sync) also grants a new writer identity (nbd_mc/writer.py): besides the
+        open connections, the previous writer's export *name* is refused from now
+        on, so not even a reconnect of an earlier session writes again, and the
+        plain export names turn read-only.  Without ``claim`` the writer identity is
+        kept (a bare new-session only cuts off open connections).
         """
+        what = "claim" if claim else "new-session"
         with self._control:
-            self._refuse_if_fenced("new-session")
+            if claim:
+                refusal = writer.claim_refusal(self.state, self.broken)
+                if refusal:
+                    raise refusal
+            else:
+                self._refuse_if_fenced(what)
             if stale_after is not None:
                 if (not isinstance(stale_after, (int, float)) or isinstance(stale_after, bool)
                         or stale_after <= 0):
-                    raise BadRequest("new-session: 'stale_after' must be a positive number")
+                    raise BadRequest(f"{what}: 'stale_after' must be a positive number")
                 self.stale_after = float(stale_after)
-            with self.gate.closed():
-                self._persist(generation=self.state.generation + 1)
-            return {"generation": self.state.generation, "group_id": self.state.group_id,
-                    "committed": self.state.committed}
+            with self.gate.closed():  # no write of an earlier session is still in flight
+                generation = self.state.generation + 1
+                if claim:
+                    self._persist(generation=generation,
+                                  writer=writer.new_writer_id(generation))
+                else:
+                    self._persist(generation=generation)
+            out = {"generation": generation, "group_id": self.state.group_id,
+                   "committed": self.state.committed}
+            if claim:
+                out["writer"] = self.state.writer
+                out["exports"] = writer.writer_exports([d.name for d in self.disks],
+                                                       self.state.writer)
+            return out
+
+    def claim(self, stale_after: float | None = None) -> dict:
+        """A new session with a new writer identity (see new_session): the previous
+        writer's connections and export name are refused from now on, the group
+        stays usable for the new writer."""
+        return self.new_session(stale_after, claim=True)
 
     def _refuse_if_fenced(self, what: str) -> None:
         if self.state.role == "primary":
@@ -659,12 +689,13 @@ class Group:
                     if crashpoints.ARMED:
                         crashpoints.reached("failover.after-fence")
                     if instant:
-                        self._persist(role="primary", handoff="instant")
+                        self._persist(role="primary", handoff="instant", writer=None)
                     else:
                         self._rollback_locked()
                         if crashpoints.ARMED:
                             crashpoints.reached("failover.before-promote")
-                        self._persist(role="primary", fenced=False)
+                        self._persist(role="primary", fenced=False,
+                                      writer=writer.new_writer_id(self.state.generation))
             return {"committed": self.state.committed, "disks": self.handover(),
                     "seconds": time.perf_counter() - t0}
 
@@ -672,12 +703,14 @@ class Group:
         """Which file in which format the new primary opens for each disk
         (nbd_mc/boot.py says how QEMU opens it)."""
         out = []
+        exports = writer.writer_exports([d.name for d in self.disks], self.state.writer)
         for d in self.disks:
             if self.state.handoff == "instant":
                 path, fmt = d.spec.overlay, "qcow2"
             else:
                 path, fmt = d.spec.image, "raw"
-            out.append({"name": d.name, "path": path, "format": fmt})
+            out.append({"name": d.name, "path": path, "format": fmt,
+                        "export": exports.get(d.name)})
         return out
 
     @contextmanager
@@ -715,6 +748,7 @@ class Group:
             "generation": self.state.generation,
             "durability": self.durability,
             "handoff": self.state.handoff,
+            "writer": self.state.writer,
             "broken": self.broken,
             "disks": [d.status() for d in self.disks],
             "stats": self._stats_copy(),

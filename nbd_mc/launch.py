@@ -100,7 +100,7 @@ def nbdkit_command(opts: ServeOptions) -> list[str]:
     if opts.threads:
         cmd += ["-t", str(opts.threads)]
     cmd += ["python", plugin_path(), f"state_dir={opts.state_dir}", f"control={opts.control}",
-            f"threads={opts.thread_model}"]
+            f"threads={opts.thread_model}", f"nbd_uri={nbd_uri(opts)}"]
     if opts.durability:
         cmd.append(f"durability={opts.durability}")
     cmd += [f"disk={name}={path}" for name, path in opts.disks]

@@ -18,10 +18,10 @@ import threading
 
 import nbdkit
 
-from . import commands
+from . import commands, writer
 from .address import default_control
 from .control import ControlServer
-from .engine import COMMITTED_SUFFIX, Group, parse_disk_spec
+from .engine import Group, parse_disk_spec
 from .errors import NbdMcError
 from .fileio import data_extents
 from .tls import TlsFiles
@@ -29,7 +29,7 @@ from .tls import TlsFiles
 MAX_REQUEST = 32 << 20
 
 _config = {"disks": [], "state_dir": None, "cluster_size": None, "durability": None,
-           "subclusters": None,
+           "subclusters": None, "nbd_uri": None,
            "control": None, "control_tls": None, "threads": "serialize"}
 _group: Group | None = None
 _control: ControlServer | None = None
@@ -47,7 +47,7 @@ def config(key: str, value: str) -> None:
         if value not in ("on", "off"):
             raise RuntimeError("subclusters must be on or off")
         _config["subclusters"] = value == "on"
-    elif key in ("durability", "control", "control_tls", "threads"):
+    elif key in ("durability", "control", "control_tls", "threads", "nbd_uri"):
         _config[key] = value
     else:
         raise RuntimeError(f"unknown parameter {key!r}")
@@ -92,7 +92,7 @@ def after_fork() -> None:
     global _control
     _group.lock.record_pid()
     tls = TlsFiles(_config["control_tls"]) if _config["control_tls"] else None
-    session = commands.Session(_group, on_quit=_quit)
+    session = commands.Session(_group, on_quit=_quit, nbd_uri=_config["nbd_uri"])
     _control = ControlServer(_config["control"], commands.handler(session),
                              lambda: commands.greeting(_group), tls=tls)
     _control.start()
@@ -126,11 +126,7 @@ def cleanup() -> None:
 
 # --- exports --------------------------------------------------------------------
 def list_exports(readonly, is_tls):
-    out = []
-    for d in _group.disks:
-        out.append((d.name, f"live replica of {d.name}"))
-        out.append((d.name + COMMITTED_SUFFIX, f"{d.name} as of the last commit (read-only)"))
-    return out
+    return writer.listing(_group.state, [d.name for d in _group.disks])
 
 
 def default_export(readonly, is_tls):
@@ -138,34 +134,38 @@ def default_export(readonly, is_tls):
 
 
 class Handle:
-    __slots__ = ("disk", "committed", "generation", "writable")
+    __slots__ = ("disk", "committed", "generation", "writable", "access")
 
-    def __init__(self, disk, committed, generation, writable):
+    def __init__(self, disk, committed, generation, writable, access=None):
         self.disk = disk
         self.committed = committed
         self.generation = generation
         self.writable = writable
+        self.access = access
 
 
 def open(readonly):  # noqa: A001 - nbdkit's callback name
     name = nbdkit.export_name() or _group.disks[0].name
-    committed = name.endswith(COMMITTED_SUFFIX)
-    base = name[:-len(COMMITTED_SUFFIX)] if committed else name
-    disk = _group.by_name.get(base)
+    disk = _group.by_name.get(writer.split_export(name)[0])
     if disk is None:
         nbdkit.set_error(errno.ENOENT)
         raise RuntimeError(f"no export {name!r}")
-    writable = not (readonly or committed or _group.read_only)
+    access = writer.decide(_group.state, name, readonly)
+    if access.refusal:
+        nbdkit.set_error(errno.EACCES)
+        raise RuntimeError(access.refusal)
+    committed = access.kind == "committed"
+    writable = access.writable and not _group.read_only
     global _connections
     with _connections_lock:
         _connections += 1
-    return Handle(disk, committed, _group.generation, writable)
+    return Handle(disk, committed, _group.generation, writable, access)
 
 
 def export_description(h):
     if h.committed:
         return f"{h.disk.name} as of commit {_group.committed} (read-only)"
-    return f"live replica of {h.disk.name} (nbd-mc {_group.state.role})"
+    return h.access.description
 
 
 def get_size(h):
@@ -212,6 +212,11 @@ def _fail(e: NbdMcError):
 
 def pread(h, buf, offset, flags):
     try:
+        if _group.state.role != "secondary":  # a failover may come while a client reads
+            refusal = writer.read_refusal(_group.state, h.access.kind)
+            if refusal:
+                nbdkit.set_error(errno.EACCES)
+                raise RuntimeError(f"read refused: {refusal}")
         if h.committed:
             _group.read_committed(h.disk, buf, offset)
         else:

@@ -47,6 +47,7 @@ class GroupState:
     role: str = "secondary"
     handoff: str | None = None  # "instant": overlays were handed to a new primary
     durability: str = "process"  # the mode the group was last served with
+    writer: str | None = None  # the writer identity granted last (nbd_mc/writer.py)
     disks: list[DiskState] = field(default_factory=list)
     #: The group's identity, made once when the group is created (older state files
     #: get one at their next start): a primary resyncs incrementally only against
@@ -57,7 +58,7 @@ class GroupState:
     def to_json(self) -> str:
         body = {"format": FORMAT, "version": VERSION, "committed": self.committed,
                 "generation": self.generation, "fenced": self.fenced, "role": self.role,
-                "handoff": self.handoff, "durability": self.durability,
+                "handoff": self.handoff, "durability": self.durability, "writer": self.writer,
                 "group_id": self.group_id, "commit_time": self.commit_time,
                 "disks": [d.__dict__ for d in self.disks]}
         return json.dumps(body, indent=2) + "\n"
@@ -73,6 +74,7 @@ class GroupState:
                         fenced=bool(body["fenced"]), role=body["role"],
                         handoff=body.get("handoff"), disks=disks,
                         durability=body.get("durability", "process"),
+                        writer=body.get("writer"),
                         group_id=str(body.get("group_id") or ""),
                         commit_time=float(body.get("commit_time") or 0.0))
         except (ValueError, KeyError, TypeError, AttributeError) as e:

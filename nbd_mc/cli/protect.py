@@ -12,7 +12,7 @@ import json
 import click
 
 from ..address import parse_address
-from .common import Failure, json_wanted, main
+from .common import Failure, json_wanted, main, size_option
 
 
 @main.command()
@@ -46,10 +46,16 @@ from .common import Failure, json_wanted, main
 @click.option("--retry-for", default="forever", show_default=True, metavar="DURATION",
               help="How long to keep retrying a lost secondary before giving up "
                    "(0: stop at the first outage).")
+@click.option("--verify", is_flag=True,
+              help="Online verify: at every checkpoint compare one slice of each drive with "
+                   "the secondary's committed epoch, walking the whole disks over and over.")
+@click.option("--verify-slice", "verify_slice", default="4M", show_default=True, metavar="SIZE",
+              help="Bytes verified per checkpoint (copied while the VM is paused).")
 @click.option("--quiet", "-q", is_flag=True, help="Only the closing summary and errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the closing report as JSON.")
 def protect(qmp_path, drives, target, control, interval, epochs, hook, tls_dir, legacy,
-            stall_timeout, retry_for, quiet, as_json):
+            stall_timeout, retry_for, quiet, as_json, verify=False, verify_slice="4M",
+            verify_passes=None):
     """Mirror a running QEMU's drives into the secondary and checkpoint them.
 
     Attaches the secondary's exports to QEMU, runs blockdev-mirror (sync=full,
@@ -70,7 +76,8 @@ def protect(qmp_path, drives, target, control, interval, epochs, hook, tls_dir, 
             tls_certificates=tls_dir, legacy_drive_mirror=legacy,
             stall_timeout=primary.parse_interval(stall_timeout),
             retry_for=(None if retry_for == "forever"
-                       else primary.parse_interval(retry_for, zero=True)))
+                       else primary.parse_interval(retry_for, zero=True)),
+            verify=verify, verify_slice=size_option(verify_slice), verify_passes=verify_passes)
         parse_address(control)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
@@ -85,3 +92,31 @@ def protect(qmp_path, drives, target, control, interval, epochs, hook, tls_dir, 
         raise Failure(primary.failure_advice(report))
     if not as_json:
         click.echo("detached: the mirrors are removed and the VM runs on without protection")
+    if verify_passes and (report.verify or {}).get("mismatches"):
+        raise Failure(f"verify: {len(report.verify['mismatches'])} range(s) differ between the "
+                      "primary and the secondary's committed state (listed above)")
+    if verify_passes and (report.verify or {}).get("passes", 0) < verify_passes:
+        raise Failure("verify: stopped before a whole pass was checked")
+
+
+def _verify_command() -> click.Command:
+    """`nbd-mc verify`: protect for exactly one verify pass, then detach.
+
+    The same options as protect (a verify is a protection run: it needs the mirror
+    and the checkpoints to have committed states to compare), minus --epochs and
+    --verify; exit 1 if any range differs.
+    """
+    params = [p for p in protect.params if p.name not in ("epochs", "verify")]
+
+    def run(**kwargs):
+        click.get_current_context().invoke(protect, epochs=None, verify=True, verify_passes=1,
+                                           **kwargs)
+    return click.Command(
+        "verify", params=params, callback=run,
+        help="Online verify (like drbdadm verify): protect until every drive has been "
+             "compared once, slice by slice, with the secondary's committed state at a "
+             "checkpoint; report differing ranges (exit 1) and detach.  Run it when protect "
+             "is not running (for a running protect use protect --verify).")
+
+
+main.add_command(_verify_command())

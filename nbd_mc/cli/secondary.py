@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .. import boot, engine, launch
+from .. import boot, engine, launch, writer
 from ..control import ControlClient
 from ..engine import COMMITTED_SUFFIX
 from ..errors import StateError
@@ -82,6 +82,12 @@ def serve(disks, state_dir, socket_path, port, bind, control, cluster_size, subc
                 f"{st['committed']}, {protected}, role {st['role']}"]
         for n in names:
             text.append(f"  {n}: {launch.nbd_uri(opts, n)}   (last commit: {n}{COMMITTED_SUFFIX})")
+        if st["role"] == "primary":  # promoted: only the writer exports are served
+            exports = writer.writer_exports(names, st.get("writer"))
+            info["exports"] = list(exports.values())
+            info["uris"] = {n: launch.nbd_uri(opts, e) for n, e in exports.items()}
+            text[1:] = [f"  {n}: {u}   (the new primary's writer export)"
+                        for n, u in info["uris"].items()]
         text.append(f"  control: {opts.control}")
         emit(info, as_json, "\n".join(text))
         sys.stdout.flush()
@@ -100,7 +106,8 @@ def status(target, as_json):
     prot = "protected" if st["protected"] else "NOT protected"
     lines = [f"committed epoch {st['committed']} (open epoch {st['open_epoch']}), {prot}, "
              f"role {st['role']}, generation {st['generation']}"
-             f"{', FENCED' if st['fenced'] else ''}, durability {st.get('durability', '?')}"]
+             f"{', FENCED' if st['fenced'] else ''}, durability {st.get('durability', '?')}"
+             + (f", writer {st['writer']}" if st.get("writer") else "")]
     if st.get("group_id"):
         age = st.get("last_commit_age")
         lines.append(f"group {st['group_id']}; last commit "
@@ -185,9 +192,9 @@ def failover(instant, target, as_json):
     if online:
         where = (f"--state-dir {target.state_dir}" if target.state_dir
                  else f"--control {target.control}")
-        lines.append(f"Stop the server first so nothing else writes them: nbd-mc stop {where}"
-                     + ("" if instant else "\n(or keep it serving and connect the new primary "
-                                           "to the NBD exports: new connections may write)"))
+        lines.append(f"Stop the server first so nothing else writes them: nbd-mc stop {where}")
+    if not instant:
+        lines.append(writer.failover_advice(r["disks"], online))
     emit(r, as_json, "\n".join(lines))
 
 

@@ -33,6 +33,6 @@ from .protect import Protector, protect
 from .resync import Resync
 from .qmp import CONNECT_TIMEOUT, QMP_TIMEOUT, Qmp
 from .report import Report
-from .secondary import commit, first_epoch, new_session, secondary_status
+from .secondary import claim_writer, commit, first_epoch, new_session, secondary_status
 
 __all__ = [n for n in dir() if not n.startswith("_")]

@@ -149,6 +149,15 @@ def summary(report: Report) -> str:
                      f"({sum(not r.full for r in again)} incremental) copied "
                      f"{_mib(sum(r.bytes for r in again))}; unprotected "
                      f"{report.unprotected:.1f} s in all")
+    if report.verify:
+        v = report.verify
+        lines.append(f"verify: {_mib(v['verified_bytes'])} checked in {v['slices']} slices, "
+                     f"{v['passes']} whole pass(es), {len(v['mismatches'])} mismatched range(s); "
+                     f"pause per slice median {v['capture_ms']['median']} ms "
+                     f"({v['capture_ms']['per_mib']} ms/MiB)")
+        for m in v["mismatches"]:
+            lines.append(f"  MISMATCH {m['disk']} offset {m['offset']} length {m['length']} "
+                         f"(epoch {m['epoch']})")
     for problem in report.problems:
         lines.append(f"warning: while detaching: {problem}")
     return "\n".join(lines)

@@ -125,6 +125,9 @@ class Options:
     stall_timeout: float = 10.0
     #: How long to keep retrying a lost secondary: None forever, 0 not at all.
     retry_for: float | None = None
+    verify: bool = False  # online verify (nbd_mc/verify.py): one slice per checkpoint
+    verify_slice: int = 4 << 20
+    verify_passes: int | None = None  # stop after this many whole passes (None: never)
 
     @property
     def stale_after(self) -> float:

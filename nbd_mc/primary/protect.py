@@ -19,19 +19,21 @@ from __future__ import annotations
 
 import time
 
+from .. import verify
 from ..control import ControlClient
+from ..errors import NbdMcError
 from .bitmaps import Bitmaps, epoch_name, source_nodes
-from .checkpoint import checkpoint
+from .checkpoint import checkpoint, run_hook
 from .console import Console, StopFlag, _mib
 from .errors import (PrimaryError, PrimaryGone, QmpCommandError, QmpTimeout, SecondaryFailed,
-                     SecondaryRefused)
+                     SecondaryRefused, why)
 from .mirrors import (Mirrors, add_tls_creds, attach, check_drives, check_sizes, detach, drop,
                       remove_leftovers, start_drive_mirrors, start_mirrors)
 from .options import Options
 from .qmp import Qmp
 from .report import Report
 from .resync import Resync, incremental
-from .secondary import connect, first_epoch, new_session, secondary_status
+from .secondary import claim_writer, connect, first_epoch, secondary_status
 from .watchdog import Watchdog
 
 #: Retry delays after losing the secondary: doubling from the first to the last (a
@@ -51,7 +53,11 @@ class Protector:
     State (all owned by the single thread that runs protect(); the signal handler
     only sets ``stop``'s flag):
       qmp      -- the QMP session, for the whole run (PrimaryGone ends the run);
-      ctl      -- the control channel; None while the secondary is lost;
+      ctl      -- the control channel; None while the secondary is lost (after a
+                  sync a writer.WriterControl: its commits name our writer id);
+      writer_drives -- opts.drives with the exports of the writer id this sync
+                  claimed (nbd_mc/writer.py): what the NBD nodes open; opts.drives
+                  keeps the secondary's disk names;
       mirrors  -- our write-blocking mirrors; None while detached;
       bitmaps  -- our dirty bitmaps in QEMU (bitmaps.group: the secondary's group);
       epoch    -- the epoch the next commit closes (committed + 1);
@@ -60,6 +66,9 @@ class Protector:
       lost_since -- when the secondary was lost (monotonic), None while in step;
       lost_reason -- why, for the next resync's report entry;
       needs_drop -- dropping the mirrors timed out (QEMU busy): try again first;
+      verifier -- --verify's walk (nbd_mc/verify.py), or None; it survives outages
+                  (a slice captured at a checkpoint that did not commit is captured
+                  again at the next one);
       report, stop, console, watchdog -- output and control of the run.
     """
 
@@ -79,6 +88,8 @@ class Protector:
         self.lost_reason = "initial sync"
         self.needs_drop = False
         self.first_commit_after_sync = True
+        self.writer_drives = opts.drives
+        self.verifier = None
 
     # --- the run --------------------------------------------------------------------
     def run(self) -> Report:
@@ -99,6 +110,8 @@ class Protector:
             leftover = remove_leftovers(self.qmp, opts.drives)
             if leftover:
                 console.say(f"nbd-mc protect: {leftover}")
+            if opts.verify:  # (after the leftovers: a mirror filter hides the drive's file)
+                self.verifier = self._verifier()
             self.bitmaps = Bitmaps(self.qmp, opts.drives, source_nodes(self.qmp, opts.drives))
             self.watchdog = Watchdog(opts.qmp)
             state = ("not protected yet: epoch 0, the first commit after the sync makes it "
@@ -147,7 +160,8 @@ class Protector:
             if stop():
                 break
             try:
-                if self._checkpoint() and opts.epochs and report.commits >= opts.epochs:
+                if self._checkpoint() and (opts.epochs and report.commits >= opts.epochs
+                                           or self.verifier is not None and self.verifier.done):
                     break
             except (SecondaryFailed, QmpTimeout) as e:
                 self._lose(e)
@@ -157,7 +171,9 @@ class Protector:
         """Returns whether the epoch committed."""
         opts, report = self.opts, self.report
         bitmaps = None if opts.legacy_drive_mirror else self.bitmaps
-        cp = checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, opts.hook,
+        # --verify copies its slice in the hook, with the VM stopped and drained
+        hook = self.verifier.hook(opts.hook, run_hook) if self.verifier else opts.hook
+        cp = checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, hook,
                         bitmaps=bitmaps, stall_timeout=opts.stall_timeout,
                         watchdog=self.watchdog)
         report.pauses.append(cp.pause)
@@ -176,6 +192,12 @@ class Protector:
             self.first_commit_after_sync = False
             self.console.say(f"  epoch {self.epoch} committed: the secondary is protected")
         self.epoch += 1
+        if self.verifier is not None:  # the VM runs again: compare the slice with the commit
+            try:
+                self.verifier.after_commit(self.ctl, self.epoch - 1)
+            except (OSError, NbdMcError) as e:
+                raise SecondaryFailed(f"lost the control connection to the secondary while "
+                                      f"verifying epoch {self.epoch - 1}: {why(e)}") from None
         return True
 
     # --- losing the secondary and getting it back ---------------------------------------
@@ -264,7 +286,10 @@ class Protector:
         previous = bitmaps.group
         bitmaps.group = group
         bitmaps.prune_foreign()
-        new_session(self.ctl, opts.stale_after)
+        # claim = new-session (older connections can no longer write) plus a new writer
+        # id: every sync mirrors into exports that no earlier session can open
+        self.ctl, self.writer_drives = claim_writer(self.ctl, opts.drives, console.say,
+                                                    opts.stale_after)
         self.epoch = committed + 1
         t0 = time.monotonic()
         self._attach()
@@ -333,17 +358,25 @@ class Protector:
             if not opts.tls_certificates:
                 raise PrimaryError(f"{opts.target.uri} uses TLS: give --tls-certificates DIR")
             creds = add_tls_creds(qmp, opts.tls_certificates)
-        attach(qmp, opts.target, opts.drives, creds)
+        attach(qmp, opts.target, self.writer_drives, creds)
 
     def _start_full(self) -> None:
         opts, qmp = self.opts, self.qmp
         if opts.legacy_drive_mirror:
-            start_drive_mirrors(qmp, opts.target, opts.drives)
+            start_drive_mirrors(qmp, opts.target, self.writer_drives)
             return
         try:
             start_mirrors(qmp, opts.drives)
         except QmpCommandError as e:
             raise SecondaryFailed(f"cannot start the mirror: {e.desc}") from None
+
+    def _verifier(self) -> verify.Verifier:
+        try:
+            targets = verify.targets_for(self.qmp, self.opts.drives, self.sizes)
+            return verify.Verifier(targets, self.opts.verify_slice, self.opts.verify_passes,
+                                   self.console.say)
+        except (ValueError, OSError) as e:
+            raise PrimaryError(f"cannot verify: {e}") from None
 
     # --- the end --------------------------------------------------------------------------
     def _finish(self) -> None:
@@ -362,6 +395,9 @@ class Protector:
                         report.problems += drop(qmp, self.opts.drives)
                 except PrimaryError as e:
                     report.problems.append(e.desc)
+        if self.verifier is not None:
+            report.verify = self.verifier.stats.as_dict(self.verifier.slice_size)
+            self.verifier.close()
         if self.watchdog is not None:
             self.watchdog.close()
         for c in (qmp, self.ctl):

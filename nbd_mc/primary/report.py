@@ -28,6 +28,7 @@ class Report:
     outages: int = 0  # times the secondary was lost and protect carried on
     unprotected: float = 0.0  # seconds between losing the secondary and its resync's end
     refused: bool = False  # the secondary can never take our checkpoints again
+    verify: dict | None = None  # verify.Stats.as_dict() when --verify
 
     def as_dict(self) -> dict:
         p = sorted(self.pauses)
@@ -43,4 +44,5 @@ class Report:
                 "outcome": self.outcome, "error": self.error, "primary_gone": self.primary_gone,
                 "problems": self.problems,
                 "resyncs": [r.as_dict() for r in self.resyncs],
-                "outages": self.outages, "unprotected_seconds": round(self.unprotected, 3)}
+                "outages": self.outages, "unprotected_seconds": round(self.unprotected, 3),
+                "verify": self.verify}

@@ -7,6 +7,9 @@ is a PrimaryError.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from .. import writer
 from ..address import parse_address
 from ..control import ControlClient, ControlError
 from ..tls import TlsFiles
@@ -77,16 +80,45 @@ def commit(ctl: ControlClient, epoch: int) -> dict:
                               f"epoch {epoch}: {_why(e)}") from None
 
 
-def new_session(ctl: ControlClient, stale_after: float) -> dict:
+def new_session(ctl: ControlClient, stale_after: float | None) -> dict:
     """Tell the secondary a primary (re)attaches: NBD connections of earlier sessions
     can no longer write (a hung secondary that comes back may still hold their
     writes), and after ``stale_after`` seconds without a commit it reports its
     protection stale.  Returns its generation, group id and committed epoch."""
     try:
-        return ctl.execute("new-session", stale_after=stale_after)
+        return ctl.execute("new-session",
+                           **({} if stale_after is None else {"stale_after": stale_after}))
     except ControlError as e:
         if e.error_class == "Fenced":
             raise SecondaryRefused(f"the secondary refused the session: {e}") from None
         raise SecondaryFailed(f"the secondary refused new-session: {e}") from None
     except (OSError, NbdMcError) as e:
         raise SecondaryFailed(f"lost the control connection to the secondary: {_why(e)}") from None
+
+
+def claim_writer(ctl: ControlClient, drives: list[DriveSpec], say=lambda text: None,
+                 stale_after: float | None = None):
+    """Become the secondary's one writer (nbd_mc/writer.py) in a new session.
+
+    ``claim`` is new-session plus a new writer identity: the secondary cuts off the
+    connections of earlier sessions and refuses the previous writer's export name
+    from now on.  Returns the control connection to commit through (its commits
+    name the writer, so a superseded protect cannot commit) and the drives with
+    the writer exports to mirror into.  A secondary that predates writer identities
+    gets a plain new-session, and the plain exports are used.  A promoted or
+    fenced secondary refuses for good (SecondaryRefused)."""
+    try:
+        got = writer.claim(ctl, stale_after)
+    except ControlError as e:
+        if e.error_class == "Fenced":
+            raise SecondaryRefused(f"the secondary refused the writer claim: {e}") from None
+        raise SecondaryFailed(f"the secondary refused the writer claim: {e}") from None
+    except (OSError, NbdMcError) as e:
+        raise SecondaryFailed(f"lost the control connection to the secondary: {_why(e)}") from None
+    if not got.writer:
+        new_session(ctl, stale_after)
+        return ctl, drives
+    say(f"  writer {got.writer} (generation {got.generation}): mirroring into "
+        + ", ".join(got.exports.get(d.export, d.export) for d in drives))
+    return (writer.WriterControl(ctl, got.writer),
+            [replace(d, export=got.exports.get(d.export, d.export)) for d in drives])

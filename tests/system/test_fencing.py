@@ -139,8 +139,10 @@ def test_failover_old_primary_cannot_touch_the_new_one(servers):
     assert after == model.committed, "failover must leave exactly the last commit"
     st = srv.execute("query-status")
     assert st["role"] == "primary" and st["generation"] == 1 and not st["fenced"]
-    # the new primary connects and writes; the old one keeps being refused
-    new = {d: srv.connect(d) for d in DISKS}
+    # the new primary connects through its writer exports (a plain name is read-only
+    # after a failover) and writes; the old one keeps being refused
+    exports = {d["name"]: d["export"] for d in r["disks"]}
+    new = {d: srv.connect(exports[d]) for d in DISKS}
     n = old.refusals()
     expected = {d: bytearray(b) for d, b in after.items()}
     rng = random.Random(5)

@@ -225,6 +225,7 @@ class Protection:
         self.drives = drive_specs(drives)
         self.ctl = ControlClient(server.control_path, timeout=60)
         self.epoch = primary.first_epoch(primary.secondary_status(self.ctl), self.drives)
+        self.ctl, self.drives = primary.claim_writer(self.ctl, self.drives)
         self.qmp = primary.Qmp(vm.qmp_path)
         self.mirrors = primary.Mirrors(self.qmp, self.drives)
         target = primary.parse_nbd_uri(server.uri())

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 
+import nbd
 import pytest
 
 from support.servers import describe, nbd_mc, read_file, wait_until
@@ -164,10 +165,21 @@ def test_secondary_stopped_and_started(servers, vms, procs):
     proc = protect_json(procs, vm, server, servers.root, co)
     progress(co, server, proc, 3)
     last = committed(server)
+    old = server.execute("query-status")["writer"]
     server.stop()
     co.play(lambda: False, ops=8)
     server.start()
     progress(co, server, proc, 3)
+    # the resync claimed the secondary again: a new writer id, the lost session's
+    # export names are refused at open, and the mirrors write into the new ones
+    new = server.execute("query-status")["writer"]
+    assert old and new and new != old, (old, new)
+    for disk in server.disks:
+        with pytest.raises(nbd.Error):
+            server.connect(f"{disk}@{old}")
+    files = [n.get("file", "") for n in vm.qmp.cmd("query-named-block-nodes")
+             if n.get("drv") == "nbd"]
+    assert files and all(f"@{new}" in f for f in files), files
     report = end_with_failover(servers, vm, server, proc, co)
     assert report["outages"] == 1
     check_incremental(report["resyncs"][1], co, last)

@@ -10,7 +10,8 @@ from nbd_mc.control import AfterReply
 from nbd_mc.engine import Group
 from nbd_mc.errors import BadRequest, CommandNotFound
 
-EXPECTED = {"query-status", "commit", "rollback", "fence", "failover", "new-session", "quit"}
+EXPECTED = {"query-status", "commit", "rollback", "fence", "failover", "new-session", "quit",
+            "claim", "verify-range"}
 
 
 @pytest.fixture
@@ -31,7 +32,8 @@ def session(group):
 def test_the_table_is_the_whole_vocabulary():
     assert set(commands.COMMANDS) == EXPECTED
     for c in commands.COMMANDS.values():
-        assert c.summary and all(a.kind in ("epoch", "boolean", "seconds") for a in c.arguments)
+        assert c.summary and all(a.kind in ("epoch", "boolean", "seconds", "any")
+                                 for a in c.arguments)
 
 
 def test_unknown_commands_name_every_known_one(session):
@@ -103,3 +105,26 @@ def test_new_session_refuses_a_stale_after_that_is_not_a_positive_number(session
     handle = commands.handler(session[0])
     with pytest.raises(BadRequest):
         handle("new-session", {"stale_after": value})
+
+
+@pytest.mark.parametrize("value", [0, -1, True, "5", None])
+def test_claim_refuses_a_stale_after_that_is_not_a_positive_number(session, value):
+    handle = commands.handler(session[0])
+    with pytest.raises(BadRequest):
+        handle("claim", {"stale_after": value})
+
+
+def test_claim_is_a_new_session_with_a_new_writer(session):
+    """Both raise the generation (older connections cannot write); only claim grants
+    a new writer id, and it sets stale_after as new-session does."""
+    s = session[0]
+    handle = commands.handler(s)
+    g0 = s.group.state.generation
+    c = handle("claim", {"stale_after": 7})
+    assert c["generation"] == g0 + 1 and c["writer"] == s.group.state.writer
+    assert c["group_id"] == s.group.state.group_id and "committed" in c
+    assert s.group.stale_after == 7
+    n = handle("new-session", {})
+    assert n["generation"] == g0 + 2 and s.group.state.writer == c["writer"]
+    c2 = handle("claim", {})
+    assert c2["generation"] == g0 + 3 and c2["writer"] != c["writer"]

@@ -1,0 +1,251 @@
+"""Who may write: one writer identity per group, and what each export allows.
+
+Fencing by generation alone refuses the connections that were open before a
+fence or failover, but not the ones opened afterwards: an old primary whose QEMU
+reconnects (``reconnect-delay``), a stale ``protect``, a forgotten ``qemu-io``
+would write into the promoted disk through the plain export name.  So a writer
+has an *identity*, granted by the secondary and written into the export name it
+writes through:
+
+    writer id      g<generation>-<8 hex digits>     e.g. g3-5be0a1c2
+    writer export  NAME@<writer id>                 e.g. vda@g3-5be0a1c2
+
+The id is granted by ``claim`` (what ``nbd-mc protect`` sends at every (re)sync,
+before it mirrors: ``claim`` is ``new-session`` plus a new id, see
+engine.Group.new_session) and by ``failover`` (the new primary's), stored in the
+state file, and a new grant supersedes the old one at once: the generation goes
+up, so every connection of the old writer is refused, and its export name (the
+only one a reconnect knows) is refused at open from then on.  A bare
+``new-session`` raises the generation too but keeps the writer id.  The random part makes an id unique
+across state directories and restarts, so a client of an earlier life of the
+server cannot match it by accident; it is not a secret (``nbdinfo --list`` and
+``status`` show it): the guard is against stale writers, not against someone with
+access to the NBD socket.
+
+The rule, by export (``decide`` is the one place it is written):
+
+- ``NAME@<current writer>``: read-write.
+- ``NAME@<any other writer id>``: refused at open (a superseded writer).
+- ``NAME``: on a secondary, read-write until a writer claims it (the initial
+  state: tools and tests write directly), read-only afterwards; after a failover
+  refused at open.
+
+Refused rather than read-only where a stale writer may come back: QEMU 7.2's NBD
+client, reconnecting (``reconnect-delay``) to an export that has become read-only,
+holds the guest's request forever (measured: still hanging after 60 s), whereas a
+refused reconnect fails the request with EIO once the reconnect delay is over.
+- ``NAME@committed``: read-only, the last commit; refused after a failover (the
+  promoted images are the new primary's disk, there is no committed view).
+- after ``failover --instant`` every export is refused: the images are the
+  backing files of the overlays the new primary now writes, and they still hold
+  the open epoch's uncommitted writes.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import urllib.parse
+from dataclasses import dataclass
+
+from .errors import BadRequest, Fenced, IOFailure
+
+COMMITTED = "committed"
+_WRITER_ID = re.compile(r"g(\d+)-[0-9a-f]{8}")
+
+
+def new_writer_id(generation: int) -> str:
+    """A fresh identity for the writer granted at ``generation``."""
+    return f"g{generation}-{secrets.token_hex(4)}"
+
+
+def is_writer_id(text: str) -> bool:
+    return _WRITER_ID.fullmatch(text) is not None
+
+
+def writer_export(disk: str, writer: str) -> str:
+    return f"{disk}@{writer}"
+
+
+def writer_exports(disks, writer: str | None) -> dict[str, str]:
+    """{disk name: the export its writer writes through} ({} with no writer)."""
+    return {d: writer_export(d, writer) for d in disks} if writer else {}
+
+
+@dataclass(frozen=True)
+class Access:
+    """What one connection may do, decided when it opens.
+
+    ``refusal``: the export cannot be opened (why).  ``writable``: writes are
+    accepted (still subject to the generation check on every write).
+    """
+
+    disk: str
+    kind: str  # "live" | "committed" | "writer"
+    writable: bool
+    refusal: str | None
+    description: str
+
+
+def split_export(name: str) -> tuple[str, str | None]:
+    """``NAME`` -> (NAME, None); ``NAME@SUFFIX`` -> (NAME, SUFFIX)."""
+    base, sep, suffix = name.partition("@")
+    return base, (suffix if sep else None)
+
+
+def decide(state, name: str, readonly: bool = False) -> Access:
+    """The rule (see the module docstring) for export ``name`` of a group in ``state``
+    (a state.GroupState); the disk must exist (the caller checks)."""
+    disk, suffix = split_export(name)
+    if state.handoff == "instant":
+        return Access(disk, "live", False,
+                      "the disks were handed out by an instant failover: the images hold "
+                      "uncommitted data under the new primary's overlays; nothing is served", "")
+    promoted = state.role == "primary"
+    if suffix == COMMITTED:
+        if promoted:
+            return Access(disk, "committed", False,
+                          f"{name}: no committed view after a failover (the images are the new "
+                          "primary's disk)", "")
+        return Access(disk, "committed", False, None,
+                      f"{disk} as of the last commit (read-only)")
+    if suffix is not None:
+        if not is_writer_id(suffix):
+            return Access(disk, "writer", False,
+                          f"no export {name!r}: after '@' comes 'committed' or a writer id", "")
+        if suffix == state.writer:
+            return Access(disk, "writer", not readonly, None,
+                          f"{disk} for writer {suffix} (nbd-mc {state.role})")
+        return Access(disk, "writer", False,
+                      f"{name}: writer {suffix} was superseded"
+                      + (f" by {state.writer}" if state.writer else ""), "")
+    if promoted:
+        return Access(disk, "live", False,
+                      f"{name or disk}: promoted by a failover; only the new primary's export "
+                      f"{writer_export(disk, state.writer) if state.writer else '(none)'} is "
+                      "served for this disk", "")
+    if state.writer:
+        return Access(disk, "live", False, None,
+                      f"live replica of {disk} (read-only: writer {state.writer} claimed it)")
+    return Access(disk, "live", not readonly, None, f"live replica of {disk} (nbd-mc secondary)")
+
+
+def read_refusal(state, kind: str) -> str | None:
+    """Why a read on an open connection of ``kind`` is refused now, or None.
+
+    Checked per read because a failover can happen while the connection is open.
+    """
+    if state.handoff == "instant":
+        return "the disks were handed out by an instant failover"
+    if kind == "committed" and state.role == "primary":
+        return "no committed view after a failover"
+    return None
+
+
+def listing(state, disks) -> list[tuple[str, str]]:
+    """(export, description) pairs for NBD_OPT_LIST: what may be opened now."""
+    out = []
+    for d in disks:
+        for name in (d, f"{d}@{COMMITTED}", writer_export(d, state.writer) if state.writer else None):
+            if name is None:
+                continue
+            a = decide(state, name)
+            if a.refusal is None:
+                out.append((name, a.description))
+    return out
+
+
+# --- granting an identity ---------------------------------------------------------------
+def claim_refusal(state, broken: str | None) -> Exception | None:
+    """Why ``claim`` is refused in ``state`` (an error to raise), or None."""
+    if state.role == "primary":
+        return Fenced("claim refused: this node was promoted to primary by a failover; its "
+                      f"writer is {state.writer} (see `nbd-mc status`)")
+    if state.fenced:
+        return Fenced(f"claim refused: the group is fenced (generation {state.generation})")
+    if broken:
+        return IOFailure(f"claim refused until restart: {broken}")
+    return None
+
+
+def check_commit_writer(state, writer) -> None:
+    """A commit that names its writer is refused unless that writer is the current
+    one: a superseded protect must not commit the epoch its successor is syncing."""
+    if writer is None:
+        return
+    if not isinstance(writer, str):
+        raise BadRequest("commit: 'writer' must be a string (the id `claim` returned)")
+    if writer != state.writer and state.role == "primary":  # the engine's words for it
+        raise Fenced("commit refused: this node was promoted to primary by a failover "
+                     f"(writer {writer} was superseded by the new primary's {state.writer})")
+    if writer != state.writer:
+        raise Fenced(f"commit refused: writer {writer} was superseded"
+                     + (f" by {state.writer}" if state.writer else ""))
+
+
+def uri_for(base: str | None, export: str) -> str | None:
+    """The NBD URI of ``export`` on the server whose URI (any export) is ``base``."""
+    if not base:
+        return None
+    u = urllib.parse.urlsplit(base)
+    # (urlunsplit would drop the empty authority of nbd+unix:///...)
+    return (f"{u.scheme}://{u.netloc}/{urllib.parse.quote(export, safe='@')}"
+            + (f"?{u.query}" if u.query else ""))
+
+
+def failover_advice(disks: list, online: bool) -> str:
+    """The lines `nbd-mc failover` prints about writing through NBD instead of
+    booting on the images."""
+    lines = [("Or keep the server running and" if online else "Or serve the state directory "
+              "again and") + " connect the new primary to its writer exports (the only "
+             "ones that accept writes now; the plain names are read-only):"]
+    for d in disks:
+        lines.append(f"  {d['name']}: {d.get('uri') or d.get('export')}")
+    return "\n".join(lines)
+
+
+# --- the primary's side ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Claim:
+    """What ``claim`` granted: the writer id and each disk's export."""
+
+    writer: str | None
+    generation: int | None
+    exports: dict
+
+
+def claim(ctl, stale_after: float | None = None) -> Claim:
+    """Claim the secondary for this primary (``ctl``: a control.ControlClient) in a
+    new session (``stale_after``: see the engine's new_session).
+
+    A secondary that predates writer identities has no ``claim``: then the plain
+    exports are used, as before (no writer id, commits name no writer).
+    """
+    from .control import ControlError
+    try:
+        r = ctl.execute("claim", **({} if stale_after is None else {"stale_after": stale_after}))
+    except ControlError as e:
+        if e.error_class == "CommandNotFound":
+            return Claim(None, None, {})
+        raise
+    return Claim(r["writer"], r["generation"], dict(r["exports"]))
+
+
+class WriterControl:
+    """A control connection whose commits carry the writer id (so a superseded
+    protect's commit is refused, see check_commit_writer); otherwise the same."""
+
+    def __init__(self, ctl, writer: str | None):
+        self._ctl = ctl
+        self.writer = writer
+
+    def execute(self, name: str, **arguments) -> dict:
+        if name == "commit" and self.writer:
+            arguments.setdefault("writer", self.writer)
+        return self._ctl.execute(name, **arguments)
+
+    def close(self) -> None:
+        self._ctl.close()
+
+    def __getattr__(self, name):
+        return getattr(self._ctl, name)

@@ -1,0 +1,70 @@
+"""A primary QEMU without a guest (-machine none), for tests outside test_primary.py:
+raw drives, one QMP socket for nbd-mc (``qmp_path``) and one for the test
+(``qmp``, a primary.Qmp); HMP qemu-io plays the guest, its result lines go to
+QEMU's stdout (captured in ``log``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from nbd_mc import primary
+from support.servers import read_file, wait_until
+
+
+class QemuVM:
+    def __init__(self, root: str, images: dict[str, str] | None = None, name: str = "vm"):
+        self.images = dict(images or {})
+        self.qmp_path = os.path.join(root, f"{name}.qmp")
+        self.test_qmp_path = os.path.join(root, f"{name}-test.qmp")
+        self.log = os.path.join(root, f"{name}.log")
+        argv = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+                "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+                "-qmp", f"unix:{self.test_qmp_path},server=on,wait=off"]
+        for drive, path in self.images.items():
+            argv += ["-drive", f"if=none,id={drive},file={path},format=raw"]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        try:
+            self.qmp = wait_until(self._connect, "QEMU's QMP socket")
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait(30)
+            raise
+
+    def _connect(self):
+        if self.proc.poll() is not None:
+            pytest.fail(f"QEMU exited: {read_file(self.log).decode(errors='replace')}")
+        if not os.path.exists(self.test_qmp_path):
+            return None
+        try:
+            return primary.Qmp(self.test_qmp_path, timeout=60)
+        except primary.PrimaryGone:
+            return None
+
+    def add_nbd(self, node: str, sock: str, export: str, **extra) -> None:
+        self.qmp.cmd("blockdev-add", **{"driver": "nbd", "node-name": node, "export": export,
+                                        "server": {"type": "unix", "path": sock}, **extra})
+
+    def qemu_io(self, target: str, command: str) -> str:
+        """One qemu-io command on a drive or node; returns what it printed."""
+        before = len(read_file(self.log))
+        self.qmp.hmp(f'qemu-io {target} "{command}"')
+        return read_file(self.log)[before:].decode(errors="replace")
+
+    def close(self) -> None:
+        self.qmp.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+
+
+@pytest.fixture
+def qemu_vms():
+    made = []
+    yield lambda *a, **kw: made.append(QemuVM(*a, **kw)) or made[-1]
+    for vm in made:
+        vm.close()

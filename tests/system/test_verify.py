@@ -1,0 +1,265 @@
+"""Online verify: the secondary's committed state is compared with the primary's disk
+at the same checkpoint, over the whole disk, while protection runs -- and a sector
+corrupted behind the server's back is reported as exactly that range.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+
+import pytest
+
+from nbd_mc import primary, verify
+from nbd_mc.control import ControlClient, ControlError
+from support.reliability import record
+from support.servers import describe, make_image, nbd_mc
+
+
+MiB = 1 << 20
+SIZES = {"drive0": 6 * MiB, "drive1": 3 * MiB}
+EXPORTS = {"drive0": "vda", "drive1": "vdb"}
+
+
+def make_pair(servers, qemu_vms, seed):
+    rng = random.Random(seed)
+    images, replicas = {}, {}
+    for d, size in SIZES.items():
+        images[d] = servers.path(f"{d}.raw")
+        make_image(images[d], size, rng, data_fraction=0.5)
+        replicas[EXPORTS[d]] = servers.path(f"{EXPORTS[d]}.raw")
+        with open(replicas[EXPORTS[d]], "wb") as f:
+            f.truncate(size)
+    server = servers.new(replicas)
+    server.start()
+    return qemu_vms(servers.root, images), server
+
+
+def corrupt_sector(path: str, offset: int) -> None:
+    """Write one sector of the replica image directly, behind the server's back."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        old = os.pread(fd, 512, offset)
+        os.pwrite(fd, bytes(b ^ 0x5A for b in old), offset)
+    finally:
+        os.close(fd)
+
+
+# --- the secondary's half: verify-range ----------------------------------------------------
+def test_verify_range_hashes_the_committed_view(servers):
+    rng = random.Random(1)
+    images = {d: servers.path(f"{d}.raw") for d in ("vda", "vdb")}
+    initial = {d: make_image(p, 2 * MiB, rng) for d, p in images.items()}
+    srv = servers.new(images)
+    srv.start()
+    with pytest.raises(ControlError) as e:  # nothing committed yet
+        srv.execute("verify-range", disk="vda", offset=0, length=MiB, epoch=0)
+    assert e.value.error_class == "NotProtected"
+    srv.execute("commit", epoch=1)
+    h = srv.connect("vda")
+    h.pwrite(b"\x77" * 100000, 5000)  # the open epoch: not in the committed view
+    r = srv.execute("verify-range", disk="vda", offset=4096, length=MiB, epoch=1)
+    want = hashlib.blake2b(initial["vda"][4096:4096 + MiB], digest_size=32).hexdigest()
+    assert r["digest"] == want and r["epoch"] == 1
+    r = srv.execute("verify-range", disk="vda", offset=0, length=4096, epoch=1, block=512)
+    assert r["blocks"] == verify.block_digests(initial["vda"][:4096], 512)
+    with pytest.raises(ControlError) as e:
+        srv.execute("verify-range", disk="vda", offset=0, length=4096, epoch=2)
+    assert e.value.error_class == "EpochMismatch"
+    for bad in ({"disk": "nope"}, {"offset": -1}, {"length": 0}, {"length": 2 * MiB + 1},
+                {"offset": 2 * MiB}, {"length": verify.MAX_LENGTH + 512}, {"block": 1000},
+                {"block": 256}, {"epoch": "1"}, {"offset": True}):
+        args = {"disk": "vda", "offset": 0, "length": 4096, "epoch": 1, **bad}
+        with pytest.raises(ControlError) as e:
+            srv.execute("verify-range", **args)
+        assert e.value.error_class == "BadRequest", (bad, e.value)
+    with pytest.raises(ControlError) as e:
+        srv.execute("verify-range", disk="vda", offset=0, length=4096, epoch=1, bogus=1)
+    assert e.value.error_class == "BadRequest"
+    # the server lives on and nothing changed
+    assert srv.execute("query-status")["committed"] == 1
+    srv.execute("failover")
+    with pytest.raises(ControlError) as e:
+        srv.execute("verify-range", disk="vda", offset=0, length=4096, epoch=1)
+    assert e.value.error_class == "NotProtected"
+
+
+# --- both halves: protect's walk, with a guest writing between checkpoints ---------------------
+SOAK = float(os.environ.get("NBD_MC_SOAK_SECONDS") or 0)
+
+
+class Walk:
+    """protect's steps driven by the test (so the guest writes only between
+    checkpoints: HMP qemu-io, unlike a guest, also writes while the VM is stopped)."""
+
+    def __init__(self, vm, server, slice_size=MiB):
+        self.vm = vm
+        self.ctl = ControlClient(server.control_path, timeout=60)
+        drives = [primary.DriveSpec(d, EXPORTS[d]) for d in SIZES]
+        self.epoch = primary.first_epoch(primary.secondary_status(self.ctl), drives)
+        self.qmp = primary.Qmp(vm.qmp_path)
+        sizes = primary.check_drives(self.qmp, drives)
+        self.said = []
+        self.v = verify.Verifier(verify.targets_for(self.qmp, drives, sizes), slice_size,
+                                 say=self.said.append)
+        self.ctl, drives = primary.claim_writer(self.ctl, drives)
+        self.mirrors = primary.Mirrors(self.qmp, drives)
+        primary.attach(self.qmp, primary.parse_nbd_uri(server.uri()), drives)
+        primary.start_mirrors(self.qmp, drives)
+        assert self.mirrors.wait_ready()
+        self.hook = self.v.hook()
+
+    def guest(self, rng) -> None:
+        for _ in range(rng.randrange(0, 4)):
+            drive = rng.choice(sorted(SIZES))
+            length = rng.choice((512, 4096, 65536, 300000))
+            off = rng.randrange(0, SIZES[drive] - length) & ~511
+            self.vm.qemu_io(drive, f"write -P {rng.randrange(256)} {off} {length}")
+
+    def checkpoint(self) -> None:
+        cp = primary.checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, self.hook)
+        assert cp.committed, cp
+        self.v.after_commit(self.ctl, self.epoch)
+        self.epoch += 1
+
+    def passes(self, n: int, rng=None) -> None:
+        """Checkpoint until ``n`` more whole passes are done (guest writes if rng)."""
+        until = self.v.stats.passes + n
+        while self.v.stats.passes < until:
+            if rng:
+                self.guest(rng)
+            self.checkpoint()
+
+    def close(self) -> None:
+        primary.detach(self.qmp, self.mirrors)
+        self.qmp.close()
+        self.ctl.close()
+        self.v.close()
+
+
+@pytest.mark.qemu
+@pytest.mark.timeout(int(SOAK * 1.5) + 300 if SOAK else 300)
+def test_walk_finds_exactly_the_corrupted_sectors(servers, qemu_vms):
+    """Whole passes with random guest writes find nothing; then sectors of the
+    replica are corrupted on disk and the next pass reports exactly them; put back,
+    the pass after finds nothing again.  `make soak` repeats that for SOAK seconds."""
+    vm, server = make_pair(servers, qemu_vms, "walk")
+    rng = random.Random("walk")
+    w = Walk(vm, server)
+    rounds = 0
+    deadline = time.monotonic() + SOAK
+    try:
+        w.passes(2, rng)
+        assert w.v.stats.mismatches == [], w.v.stats.mismatches
+        assert w.v.stats.verified_bytes == 2 * sum(SIZES.values())
+        assert any("pass 1 complete" in line for line in w.said), w.said
+        assert any("ETA" in line for line in w.said), w.said
+        while True:
+            # 1 sector in the short run; in the soak 1-6 sectors, never adjacent
+            count = rng.randrange(1, 7) if SOAK else 1
+            bad = set()
+            while len(bad) < count:
+                disk = rng.choice(("vda", "vdb"))
+                off = rng.randrange(0, SIZES[{"vda": "drive0", "vdb": "drive1"}[disk]], 1024)
+                if not any(d == disk and abs(o - off) < 1024 for d, o in bad):
+                    bad.add((disk, off))
+            if not SOAK:
+                bad = {("vdb", 2 * MiB + 7 * 512)}
+            for disk, off in bad:
+                corrupt_sector(server.image(disk), off)
+            seen = len(w.v.stats.mismatches)
+            w.passes(1)  # no guest writes: they could overwrite a corrupted sector
+            found = {(m.disk, m.offset, m.length) for m in w.v.stats.mismatches[seen:]}
+            assert found == {(d, o, 512) for d, o in bad}, (found, bad)
+            assert len(w.v.stats.mismatches) - seen == len(bad)
+            for disk, off in bad:  # put the sectors back (the xor undoes itself)
+                corrupt_sector(server.image(disk), off)
+            seen = len(w.v.stats.mismatches)
+            w.passes(1, rng)
+            assert len(w.v.stats.mismatches) == seen, w.v.stats.mismatches[seen:]
+            rounds += 1
+            record("verify: sectors corrupted behind the server's back, found exactly",
+                   len(bad), 0)
+            if time.monotonic() >= deadline:
+                break
+        if not SOAK:
+            assert any("MISMATCH vdb offset %d length 512" % (2 * MiB + 7 * 512) in line
+                       for line in w.said), w.said
+    finally:
+        w.close()
+    stats = w.v.stats.as_dict(w.v.slice_size)
+    print(f"verify: {rounds} rounds; stats: {json.dumps({k: v for k, v in stats.items() if k != 'mismatches'})}",
+          file=sys.stderr)
+
+
+# --- the command line: nbd-mc verify, nbd-mc protect --verify ------------------------------------
+@pytest.mark.qemu
+def test_nbd_mc_verify_cli(servers, qemu_vms):
+    vm, server = make_pair(servers, qemu_vms, "cli")
+    args = ["--qmp", vm.qmp_path, "--drive", "drive0=vda", "--drive", "drive1=vdb",
+            "--target", server.uri(), "--control", server.control_path, "--interval", "10ms",
+            "--verify-slice", "1M"]
+    r = nbd_mc("verify", *args, "--json")
+    assert r.returncode == 0, describe(r)
+    rep = json.loads(r.stdout)["verify"]
+    assert rep["passes"] == 1 and rep["mismatches"] == [] and rep["refused"] == 0, rep
+    assert rep["verified_bytes"] == sum(SIZES.values())
+    # corrupt a sector from the checkpoint hook (the VM is stopped, the mirror drained:
+    # the full sync of this run is over, so nothing rewrites it before the walk)
+    bad = 5 * MiB + 3 * 512
+    hook = (f"[ \"$NBD_MC_EPOCH\" = {server.execute('query-status')['committed'] + 1} ] && "
+            f"{sys.executable} -c 'import os; fd = os.open(\"{server.image('vda')}\", os.O_RDWR); "
+            f"os.pwrite(fd, bytes(512), {bad}) if os.pread(fd, 512, {bad}) != bytes(512) else "
+            f"os.pwrite(fd, b\"x\" * 512, {bad})' || true")
+    r = nbd_mc("verify", *args, "--checkpoint-hook", hook)
+    assert r.returncode == 1, describe(r)
+    assert f"MISMATCH vda offset {bad} length 512" in r.stdout, describe(r)
+    assert "1 range(s) differ" in r.stderr, describe(r)
+    # protect --verify keeps protecting and verifying; --epochs ends it
+    r = nbd_mc("protect", *args, "--verify", "--epochs", "3", "--json")
+    assert r.returncode == 0, describe(r)
+    rep = json.loads(r.stdout)["verify"]
+    assert rep["slices"] == 3 and rep["capture_ms"]["per_mib"] is not None, rep
+    # a slice that is not whole sectors: one clear line, nothing attached
+    r = nbd_mc("verify", *args, "--verify-slice", "1000")
+    assert r.returncode == 1 and "cannot verify" in r.stderr, describe(r)
+    assert "Traceback" not in r.stderr
+
+
+def test_verify_range_survives_any_arguments(servers):
+    """Random argument values and types: a refusal of a known class or a right
+    answer, never a dead server or a changed disk."""
+    rng = random.Random(12)
+    image = servers.path("vda.raw")
+    data = make_image(image, 1 * MiB, rng)
+    srv = servers.new({"vda": image})
+    srv.start()
+    srv.execute("commit", epoch=1)
+    values = [None, True, False, -1, 0, 1, 511, 512, 4096, MiB, MiB + 1, 2**63, 2**70, 1.5,
+              "vda", "", "1", [], {}, [1], {"a": 1}]
+    classes = {}
+    for _ in range(300):
+        good = {"disk": "vda", "offset": rng.randrange(0, MiB), "epoch": 1,
+                "length": rng.randrange(1, 70000), "block": rng.choice((512, 4096, 1 << 20))}
+        good["length"] = min(good["length"], MiB - good["offset"]) or 1
+        args = {}
+        for key in ("disk", "offset", "length", "epoch", "block", "extra"):
+            if rng.random() < (0.1 if key in ("extra", "block") else 0.95):
+                args[key] = good.get(key) if rng.random() < 0.85 else rng.choice(values)
+        try:
+            r = srv.execute("verify-range", **args)
+        except ControlError as e:
+            classes[e.error_class] = classes.get(e.error_class, 0) + 1
+            assert e.error_class in ("BadRequest", "EpochMismatch"), (args, e)
+            continue
+        want = data[args["offset"]:args["offset"] + args["length"]]
+        assert r["digest"] == hashlib.blake2b(want, digest_size=32).hexdigest(), args
+        classes["ok"] = classes.get("ok", 0) + 1
+    assert srv.execute("query-status")["committed"] == 1
+    assert open(image, "rb").read() == data
+    assert classes.get("BadRequest") and classes.get("ok"), classes
+    record("verify-range: random arguments answered", 300, 0)
