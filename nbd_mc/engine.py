@@ -27,7 +27,7 @@ from . import crashpoints, qcow2
 from .fileio import pread_into, punch_hole, pwrite_all, runs
 from .errors import (BadRequest, EpochMismatch, Fenced, IOFailure, NbdMcError,
                      NotProtected, StateError)
-from .state import DirLock, DiskState, GroupState, StateFile, load, save
+from .state import DirLock, DiskState, GroupState, StateFile, fsync_dir, load, save
 
 DURABILITY_MODES = ("process", "power")
 SECTOR = 512
@@ -296,6 +296,9 @@ class Group:
                 for d in state.disks:  # overlays first: the state file makes the group exist
                     qcow2.create(d.overlay, d.image, d.size, d.cluster_size, epoch=0)
                 save(self.state_dir, state)
+                # The directory's own name must survive a power cut too, or the
+                # first acknowledged commit could vanish with it.
+                fsync_dir(os.path.dirname(self.state_dir))
             elif changed and lock:
                 save(self.state_dir, state)  # an explicit new mode is remembered
             self.state = state
