@@ -4,11 +4,14 @@
 #   * crash matrix: every crash point at hit counts 1..6 (two seeds, both modes,
 #     both recovery paths), restarts killed inside recovery, and "*:N" for
 #     N = 1, 2, ... until the workload runs to its end;
+#   * power loss (tests/test_powerloss.py): every crash point at hit counts 1..4 and
+#     random instants of 20 runs, cut on a file system that forgets what was not
+#     made durable; the same in process mode, where violations are expected;
 #   * the fault, corrupt-file, hostile-input (fuzz x10), TLS and fencing tests.
 # The table of fault classes, cases and failures: build/soak/report.md (also printed).
 SOAK_SECONDS ?= 600
 SOAK_DIR := build/soak
-SOAK_TESTS := tests/test_load.py tests/test_crash_matrix.py tests/test_faults.py \
+SOAK_TESTS := tests/test_load.py tests/test_crash_matrix.py tests/test_powerloss.py tests/test_faults.py \
 	tests/test_corrupt.py tests/test_hostile.py tests/test_tls.py tests/test_fencing.py
 
 soak: setup
