@@ -730,7 +730,9 @@ class ControlServer:
         try:
             result = self._handler(name, arguments)
         except NbdMcError as e:
-            return _error(e.error_class, e.desc)
+            reply = _error(e.error_class, e.desc)
+            reply["error"].update(getattr(e, "details", None) or {})  # e.g. commit's "committed"
+            return reply
         except Exception as e:
             log.exception("control command %r failed", name)
             return _error("GenericError", str(e) or type(e).__name__)
@@ -764,6 +766,12 @@ class ControlError(NbdMcError):
 
     def __str__(self):
         return f"{self.error_class}: {self.desc}"
+
+    @property
+    def committed(self) -> "int | None":
+        """The epoch the state file holds, sent with every commit error."""
+        error = (self.reply or {}).get("error")
+        return error.get("committed") if isinstance(error, dict) else None
 
 
 class ControlProtocolError(NbdMcError):

@@ -497,33 +497,58 @@ class Group:
 
     # --- checkpoint operations --------------------------------------------------------
     def commit(self, epoch: int) -> dict:
+        """Commit ``epoch``.  Every answer says whether it is committed: a reply
+        carries ``committed``, and so does every error raised here (the epoch the
+        state file holds, read back after a failure).  The retry rule: after an
+        error or a lost reply, send the same commit again; a reply means the epoch
+        is committed (durably, in ``power`` mode: a retry re-syncs the state file)."""
         with self._control:
-            if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-                raise BadRequest("commit: 'epoch' must be a non-negative integer")
-            self._refuse_if_fenced("commit")
-            if epoch == self.state.committed:
-                return {"committed": epoch, "seconds": 0.0, "retry": True}
+            try:
+                return self._commit_locked(epoch)
+            except NbdMcError as e:
+                e.details = {"committed": self._committed_on_disk()}
+                raise
+
+    def _commit_locked(self, epoch: int) -> dict:
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise BadRequest("commit: 'epoch' must be a non-negative integer")
+        self._refuse_if_fenced("commit")
+        if epoch == self.state.committed:
+            if self.durability == "power":
+                self._persist()  # a retry: the first attempt's sync may have failed
+            reply = {"committed": epoch, "seconds": 0.0, "retry": True}
             if self.broken:
-                # An overlay may still hold undo data of an epoch already committed;
-                # committing on top would leave it more than one epoch behind.
-                raise IOFailure(f"commit refused until restart: {self.broken}")
-            if epoch != self.state.committed + 1:
-                raise EpochMismatch(
-                    f"cannot commit epoch {epoch}: epoch {self.state.committed} is committed, "
-                    f"the open epoch is {self.state.committed + 1}")
-            t0 = time.perf_counter()
-            with self.gate.closed():
-                if self.durability == "power":
-                    for d in self.disks:
-                        self.flush(d)
-                if crashpoints.ARMED:
-                    crashpoints.reached("commit.before-state")
-                self._persist(committed=epoch)
-                if crashpoints.ARMED:
-                    crashpoints.reached("commit.after-state")
-                self._drop_all(epoch)
-            self.stats["commits"] += 1
-            return {"committed": epoch, "seconds": time.perf_counter() - t0}
+                reply["broken"] = self.broken
+            return reply
+        if self.broken:
+            # An overlay may still hold undo data of an epoch already committed;
+            # committing on top would leave it more than one epoch behind.
+            raise IOFailure(f"commit refused until restart: {self.broken}")
+        if epoch != self.state.committed + 1:
+            raise EpochMismatch(
+                f"cannot commit epoch {epoch}: epoch {self.state.committed} is committed, "
+                f"the open epoch is {self.state.committed + 1}")
+        t0 = time.perf_counter()
+        with self.gate.closed():
+            if self.durability == "power":
+                for d in self.disks:
+                    self.flush(d)
+            if crashpoints.ARMED:
+                crashpoints.reached("commit.before-state")
+            self._persist(committed=epoch)
+            if crashpoints.ARMED:
+                crashpoints.reached("commit.after-state")
+            self._drop_all(epoch)
+        self.stats["commits"] += 1
+        return {"committed": epoch, "seconds": time.perf_counter() - t0}
+
+    def _committed_on_disk(self) -> int | None:
+        """The committed epoch as the state file says it, None if unreadable."""
+        try:
+            state = load(self.state_dir)
+        except NbdMcError:
+            return None
+        return state.committed if state is not None else None
 
     def _refuse_if_fenced(self, what: str) -> None:
         if self.state.role == "primary":
@@ -532,6 +557,12 @@ class Group:
             raise Fenced(f"{what} refused: the group is fenced (generation {self.state.generation})")
 
     def _persist(self, **changes) -> None:
+        """Save the state with ``changes``.  On failure the in-memory state follows
+        the file: a save can fail after its rename landed (the directory's sync),
+        and memory must never say less than the file -- a rollback would then undo
+        a committed epoch.  If the new state did land, its durability is unknown
+        and undo data may be stale: the group refuses writes until restarted
+        (recovery finishes the job) and says why."""
         old = {k: getattr(self.state, k) for k in changes}
         for k, v in changes.items():
             setattr(self.state, k, v)
@@ -540,7 +571,18 @@ class Group:
         except OSError as e:
             for k, v in old.items():
                 setattr(self.state, k, v)
-            raise IOFailure(f"writing the state file: {os.strerror(e.errno)}", e.errno) from None
+            what = f"writing the state file: {os.strerror(e.errno)}"
+            try:
+                on_disk = load(self.state_dir)
+            except NbdMcError:
+                on_disk = None
+            if on_disk is None:
+                self.broken = f"{what}; the state file is unreadable"
+            elif changes and all(getattr(on_disk, k) == v for k, v in changes.items()):
+                for k, v in changes.items():
+                    setattr(self.state, k, v)
+                self.broken = f"{what} (after it was replaced)"
+            raise IOFailure(what, e.errno) from None
         finally:
             self._refresh_fast_path()
 

@@ -102,15 +102,29 @@ def _workload(seed: int, cs: int) -> list:
     return steps
 
 
+def mount_tree(tdir: str, seed: int = 0, samples: int = 0) -> tuple[PowerLoss, str]:
+    """A power-loss file system at TDIR/fs, reached through the symlink TDIR/d (the
+    path the server is given: a cut later replaces its target, not the path)."""
+    fs = PowerLoss(os.path.join(tdir, "fs"), os.path.join(tdir, "pl.sock"),
+                   seed=seed, samples=samples)
+    link = os.path.join(tdir, "d")
+    os.symlink("fs", link)
+    return fs, link
+
+
+def point_link_at(link: str, dest: str) -> None:
+    """Make the server's paths lead to the tree ``dest`` (atomically)."""
+    tmp = link + ".new"
+    os.symlink(os.path.basename(dest), tmp)
+    os.replace(tmp, link)
+
+
 def run_power_trial(root: str, trial: PowerTrial) -> PowerResult:
     """One run in a fresh directory under ``root``; leaves nothing running or mounted."""
     res = PowerResult(trial)
     tdir = os.path.join(root, f"p{next(_numbers)}")
     os.makedirs(tdir)
-    fs = PowerLoss(os.path.join(tdir, "fs"), os.path.join(tdir, "pl.sock"),
-                   seed=trial.seed, samples=trial.samples)
-    link = os.path.join(tdir, "d")
-    os.symlink("fs", link)
+    fs, link = mount_tree(tdir, trial.seed, trial.samples)
     srv = None
     try:
         rng = random.Random(trial.seed)
@@ -186,9 +200,7 @@ def _check_cut(fs, srv, trial, cut: CutResult, sample, mode, seed, dest, link, i
                model, sent) -> None:
     """Materialise one crash state at the server's paths, recover it, check it."""
     info = fs.cut(dest, mode, seed, sample)
-    tmp = link + ".new"
-    os.symlink(os.path.basename(dest), tmp)
-    os.replace(tmp, link)
+    point_link_at(link, dest)
     note = info["note"]
     acked, sending = note["acked"], note["sending"]
     known = GroupModel(initial)

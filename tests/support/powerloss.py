@@ -42,6 +42,9 @@ falls back to writing zeros and a trim is not done), lseek SEEK_DATA/SEEK_HOLE
 Files are opened direct_io, so reads always come from the model and O_DIRECT is
 accepted.  Unix sockets can be bound here (mknod), but are never materialised.
 
+Faults can be injected too: the next N syncs of a path fail with EIO (and make
+nothing durable), as a dying disk's would.
+
 Run as ``python -m support.powerloss MOUNTPOINT CONTROL_SOCKET [SEED]``; drive it
 with :class:`PowerLoss` (mount, sync, note, snapshots, cut, unmount).
 """
@@ -92,7 +95,7 @@ class Node:
 class Model:
     """Every inode, an operation counter and the snapshots.
 
-    State block: ``nodes``, ``ops``, ``note``, ``reservoir``, ``rng`` -- all guarded
+    State block: ``nodes``, ``ops``, ``note``, ``reservoir``, ``rng``, ``failing`` -- all guarded
     by ``lock`` (taken by the FUSE handlers, which never await while holding it,
     and by the control thread)."""
 
@@ -105,6 +108,7 @@ class Model:
         self.samples = samples
         self.reservoir: list = []
         self.rng = random.Random(seed)
+        self.failing: dict[int, int] = {}  # inode -> how many more syncs of it fail (EIO)
         root = Node(1, stat.S_IFDIR | 0o755)
         self.nodes[1] = root
 
@@ -137,6 +141,19 @@ class Model:
         self.next_ino += 1
         self.nodes[nd.ino] = nd
         return nd
+
+    def lookup_path(self, path: str) -> Node:
+        nd = self.nodes[1]
+        for part in [p for p in path.split("/") if p]:
+            nd = self.nodes[nd.entries[os.fsencode(part)]]
+        return nd
+
+    def check_sync(self, nd: Node) -> None:
+        """An injected fault: this sync fails with EIO and makes nothing durable."""
+        left = self.failing.get(nd.ino, 0)
+        if left:
+            self.failing[nd.ino] = left - 1
+            raise OSError(errno.EIO, "injected")
 
     def sync_all(self) -> None:
         for nd in self.nodes.values():
@@ -346,6 +363,10 @@ def _serve(mountpoint: str, control: str, seed: int, samples: int) -> None:
             with model.lock:
                 nd = node(fh)
                 model.before_op()
+                try:
+                    model.check_sync(nd)
+                except OSError as e:
+                    raise err(e.errno) from None
                 nd.durable = bytes(nd.data)
                 nd.pending = []
 
@@ -368,6 +389,10 @@ def _serve(mountpoint: str, control: str, seed: int, samples: int) -> None:
             with model.lock:
                 nd = node(fh)
                 model.before_op()
+                try:
+                    model.check_sync(nd)
+                except OSError as e:
+                    raise err(e.errno) from None
                 nd.durable_entries = dict(nd.entries)
                 nd.log = []
 
@@ -476,6 +501,10 @@ def _serve(mountpoint: str, control: str, seed: int, samples: int) -> None:
                     else model.reservoir[req["sample"]]
             counts = materialise(snap, req["dest"], req["mode"], req["seed"])
             return {"counts": counts, "at_op": snap["op"], "note": snap["note"]}
+        if op == "fail":  # the next ``count`` fsyncs of a path (file or directory) fail
+            with model.lock:
+                model.failing[model.lookup_path(req["path"]).ino] = req["count"]
+            return {}
         if op == "samples":
             with model.lock:
                 return {"samples": [{"op": s["op"], "note": s["note"]} for s in model.reservoir],
@@ -543,6 +572,11 @@ class PowerLoss:
     def note(self, value) -> None:
         """Attach ``value`` to every later state: what the client knows at this point."""
         self._call(op="note", value=value)
+
+    def fail_sync(self, path: str, count: int = 1) -> None:
+        """The next ``count`` fsync/fdatasync of ``path`` (relative to the mount
+        point; a file or a directory) fail with EIO and make nothing durable."""
+        self._call(op="fail", path=path, count=count)
 
     def samples(self) -> list[dict]:
         return self._call(op="samples")["samples"]
