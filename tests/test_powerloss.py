@@ -6,7 +6,8 @@ kill -9 keeps the page cache; these tests do not.  Each cut is materialised with
 only the durable data, with a random prefix of the unsynced writes, and with a
 random reordered subset of them (see support.power_driver).
 
-* ``power`` mode: 0 violations, at every point of crash_driver.POINTS;
+* ``power`` mode: 0 violations, at every point of crash_driver.POINTS, at random
+  instants, and at random instants of the recovery from a cut (power fails twice);
 * ``process`` mode loses an acknowledged commit under the same cut -- the test
   can fail, and the two modes mean what the README says.
 
@@ -26,6 +27,8 @@ from support.reliability import record
 from support.servers import plugin_pids
 
 PARALLEL = 2
+#: Points after which recovery has the most to do (apply, drop of stale undo).
+IN_RECOVERY = ("apply.after-run", "commit.after-state")
 
 
 def run_plan(root: str, trials):
@@ -39,7 +42,9 @@ def test_power_mode_survives_power_loss_at_every_point(workdir):
     for i, point in enumerate(crash_driver.POINTS):
         hit = 1 if point.startswith(("failover", "rollback")) else rng.choice((1, 2, 3))
         trials.append(PowerTrial(f"{point}:{hit}", "power", rng.randrange(1 << 30),
-                                 recovery="serve" if i % 2 else "recover"))
+                                 recovery="serve" if i % 2 else "recover",
+                                 # and power fails again while recovering from it
+                                 recovery_samples=2 if point in IN_RECOVERY else 0))
     # random instants of two whole runs (one per cluster size)
     trials += [PowerTrial(None, "power", seed, samples=3, recovery="recover") for seed in (4, 5)]
     results = run_plan(workdir, trials)
@@ -75,7 +80,8 @@ def full_power_sweep(workdir):
     for point in crash_driver.POINTS:
         for hit in range(1, 5):
             trials.append(PowerTrial(f"{point}:{hit}", "power", 1000 + hit,
-                                     recovery="serve" if hit % 2 else "recover"))
+                                     recovery="serve" if hit % 2 else "recover",
+                                     recovery_samples=6 if hit == 1 else 0))
     trials += [PowerTrial(None, "power", seed, samples=12,
                           recovery="serve" if seed % 2 else "recover") for seed in range(20)]
     results = run_plan(workdir, trials)

@@ -41,7 +41,7 @@ import pytest
 from support import crash_driver
 from support.crash_driver import DISKS, DISK_SIZE, TrialFailure, _Crashed, _io
 from support.powerloss import PowerLoss
-from support.servers import GroupModel, Server, make_image, pid_alive, wait_until
+from support.servers import GroupModel, Server, make_image, nbd_mc, pid_alive, wait_until
 
 CUT_MODES = ("durable", "prefix", "reorder")
 
@@ -54,6 +54,7 @@ class PowerTrial:
     samples: int = 0              # random instants sampled by the file system
     cuts: tuple = CUT_MODES       # how each instant is materialised
     recovery: str = "recover"     # "recover" or "serve" (restart)
+    recovery_samples: int = 0     # instants of the recovery of the first cut, cut again
 
     @property
     def cluster_size(self) -> int:
@@ -146,6 +147,8 @@ def run_power_trial(root: str, trial: PowerTrial) -> PowerResult:
                 res.cuts.append(cut)
                 _check_cut(fs, srv, trial, cut, sample, mode, trial.seed * 100 + k,
                            os.path.join(tdir, f"cut{k}"), link, initial, model, sent)
+        if trial.recovery_samples:
+            _cuts_in_recovery(fs, srv, trial, res, tdir, link, initial, model, sent)
     except (Exception, pytest.fail.Exception) as e:  # a bug or a hang: report, never hide
         res.failures.append(f"{type(e).__name__}: {e}")
     finally:
@@ -194,6 +197,33 @@ def _run(srv: Server, fs: PowerLoss, trial: PowerTrial, res: PowerResult, initia
     else:
         srv.kill9()  # the power fails after the last step
     return model, sent
+
+
+def _cuts_in_recovery(fs, srv, trial, res, tdir, link, initial, model, sent) -> None:
+    """Power fails again while the first crash state is being recovered: the
+    durable cut is copied onto a fresh power-loss file system (all of it durable),
+    `nbd-mc recover` runs there while instants are sampled, and each instant is
+    cut, recovered again and checked like any other crash state."""
+    first = os.path.join(tdir, "first")
+    info = fs.cut(first, "durable", trial.seed, None)
+    fs2 = PowerLoss(os.path.join(tdir, "fsr"), os.path.join(tdir, "plr.sock"),
+                    seed=trial.seed + 1, samples=trial.recovery_samples)
+    try:
+        shutil.copytree(first, fs2.mountpoint, dirs_exist_ok=True)
+        fs2.note(info["note"])
+        fs2.sync()
+        point_link_at(link, fs2.mountpoint)
+        nbd_mc("recover", "--state-dir", srv.state_dir)  # its outcome is checked below
+        k = 0
+        for i, sample in enumerate(fs2.samples()):
+            for mode in trial.cuts:
+                k += 1
+                cut = CutResult(f"recovery op {sample['op']}", mode)
+                res.cuts.append(cut)
+                _check_cut(fs2, srv, trial, cut, i, mode, trial.seed * 1000 + k,
+                           os.path.join(tdir, f"rcut{k}"), link, initial, model, sent)
+    finally:
+        fs2.close()
 
 
 def _check_cut(fs, srv, trial, cut: CutResult, sample, mode, seed, dest, link, initial,
