@@ -4,7 +4,8 @@
 #   * crash matrix: every crash point at hit counts 1..6 (two seeds, both modes,
 #     both recovery paths), restarts killed inside recovery, and "*:N" for
 #     N = 1, 2, ... until the workload runs to its end;
-#   * power loss (tests/test_powerloss.py): every crash point at hit counts 1..4 and
+#   * power loss (tests/test_powerloss.py): every crash point at hit counts 1..4 (a
+#     second cut inside the recovery of each hit-1 cut) and
 #     random instants of 20 runs, cut on a file system that forgets what was not
 #     made durable; the same in process mode, where violations are expected;
 #   * the fault, corrupt-file, hostile-input (fuzz x10), TLS and fencing tests.
