@@ -120,9 +120,14 @@ def cleanup() -> None:
 
 
 # --- control channel ------------------------------------------------------------
+#: Which run of the server a client talks to: a commit retried after a restart must
+#: not be sent again blindly (recovery rolled the open epoch's writes back).
+INSTANCE = os.urandom(8).hex()
+
+
 def greeting() -> dict:
     return {"version": __version__, "committed": _group.committed,
-            "disks": [d.name for d in _group.disks]}
+            "disks": [d.name for d in _group.disks], "instance": INSTANCE}
 
 
 _COMMANDS = {

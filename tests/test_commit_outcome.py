@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from nbd_mc.control import ControlError
+from nbd_mc.control import ControlClient, ControlError
 from support.crash_driver import DISKS, DISK_SIZE
 from support.power_driver import mount_tree, point_link_at
 from support.servers import GroupModel, Server, make_image, nbd_mc, read_file, describe
@@ -122,3 +122,32 @@ def test_a_commit_whose_sync_failed_is_not_acknowledged_by_a_power_cut(workdir):
         if srv is not None:
             srv.kill_all()
         fs.close()
+
+
+def test_a_lost_reply_is_settled_by_the_greeting(servers):
+    """The server dies in the middle of a commit (the reply is lost): the new
+    connection's greeting shows a new instance and the epoch the state file
+    holds -- before the state was written, N is not committed (and must not be
+    retried: the open epoch's writes were rolled back); after, it is."""
+    rng = random.Random(9)
+    for point, expect in (("commit.before-state", 1), ("commit.after-state", 2)):
+        sub = servers.path(point)
+        os.makedirs(sub)
+        path = os.path.join(sub, "v.raw")
+        make_image(path, DISK_SIZE, rng)
+        s = servers.new({"v": path}, state_dir=os.path.join(sub, "st"))
+        s.start(crashpoint=f"{point}:2")
+        first = ControlClient(s.control_path, timeout=60)
+        instance = first.greeting["instance"]
+        assert first.execute("commit", epoch=1)["committed"] == 1
+        s.connect("v").pwrite(b"x" * 4096, 0)
+        with pytest.raises(ConnectionError):  # the reply never comes
+            first.execute("commit", epoch=2)
+        first.close()
+        s.wait_dead()
+        s.start(with_disks=False)
+        again = ControlClient(s.control_path, timeout=60)
+        assert again.greeting["instance"] != instance
+        assert again.greeting["committed"] == expect
+        again.close()
+        s.stop()
