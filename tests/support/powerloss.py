@@ -527,7 +527,11 @@ def _serve(mountpoint: str, control: str, seed: int, samples: int) -> None:
 
 # --- the test side -------------------------------------------------------------------------
 class PowerLoss:
-    """One mounted power-loss file system (a subprocess) and its control connection."""
+    """One mounted power-loss file system (a subprocess) and its control connection.
+
+    State: ``proc`` (the daemon; set once), ``_sock``/``_file`` (the control
+    connection; None after close), requests on it serialised by ``_lock``.
+    """
 
     def __init__(self, mountpoint: str, control: str, *, seed: int = 0, samples: int = 0):
         self.mountpoint = mountpoint
