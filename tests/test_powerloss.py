@@ -21,6 +21,8 @@ import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from support import crash_driver
 from support.power_driver import PowerTrial, run_power_trial, summarise
 from support.reliability import record
@@ -36,28 +38,42 @@ def run_plan(root: str, trials):
         return list(pool.map(lambda t: run_power_trial(root, t), trials))
 
 
-def test_power_mode_survives_power_loss_at_every_point(workdir):
-    rng = random.Random(int(os.environ.get("NBD_MC_CRASH_SEED", "1")))
+GROUPS = 3  # the points in three tests, so two workers share them
+
+
+def _check(workdir, trials, what: str):
+    results = run_plan(workdir, trials)
+    summary = summarise(results)
+    print(summary)
+    record(what, sum(len(r.cuts) for r in results), sum(len(r.violations) for r in results),
+           runs=len(results))
+    assert all(r.ok for r in results), summary
+    assert not plugin_pids(workdir + "/")
+    return results
+
+
+@pytest.mark.parametrize("group", range(GROUPS))
+def test_power_mode_survives_power_loss_at_every_point(workdir, group):
+    rng = random.Random(int(os.environ.get("NBD_MC_CRASH_SEED", "1")) * 10 + group)
+    points = crash_driver.POINTS[group::GROUPS]
     trials = []
-    for i, point in enumerate(crash_driver.POINTS):
+    for i, point in enumerate(points):
         hit = 1 if point.startswith(("failover", "rollback")) else rng.choice((1, 2, 3))
         trials.append(PowerTrial(f"{point}:{hit}", "power", rng.randrange(1 << 30),
                                  recovery="serve" if i % 2 else "recover",
                                  # and power fails again while recovering from it
                                  recovery_samples=2 if point in IN_RECOVERY else 0))
-    # random instants of two whole runs (one per cluster size)
-    trials += [PowerTrial(None, "power", seed, samples=3, recovery="recover") for seed in (4, 5)]
-    results = run_plan(workdir, trials)
-    summary = summarise(results)
-    print(summary)
-    states = sum(len(r.cuts) for r in results)
-    record("power loss (sample)", states, sum(len(r.violations) for r in results),
-           runs=len(results))
-    assert all(r.ok for r in results), summary
+    results = _check(workdir, trials, f"power loss at crash points ({group + 1}/{GROUPS})")
     killed = {r.trial.point.split(":")[0] for r in results if r.killed}
-    assert killed == set(crash_driver.POINTS), f"never cut at {set(crash_driver.POINTS) - killed}"
-    assert states >= 3 * len(crash_driver.POINTS) + 2 * 4 * 3
-    assert not plugin_pids(workdir + "/")
+    assert killed == set(points), f"never cut at {set(points) - killed}"
+    assert sum(len(r.cuts) for r in results) >= 3 * len(points)
+
+
+def test_power_mode_survives_power_loss_at_random_instants(workdir):
+    """Random instants of two whole runs (one per cluster size)."""
+    trials = [PowerTrial(None, "power", seed, samples=3, recovery="recover") for seed in (4, 5)]
+    results = _check(workdir, trials, "power loss at random instants")
+    assert sum(len(r.cuts) for r in results) == 2 * 4 * 3
 
 
 def test_process_mode_loses_a_commit_under_power_loss(workdir):
