@@ -27,6 +27,9 @@ from .fileio import data_extents
 from .tls import TlsFiles
 
 MAX_REQUEST = 32 << 20
+#: The largest request nbdkit itself accepts (its MAX_REQUEST_SIZE): advertised as
+#: the maximum block size, so a client splits larger ones instead of failing.
+NBDKIT_MAX_REQUEST = 64 << 20
 
 _config = {"disks": [], "state_dir": None, "cluster_size": None, "durability": None,
            "subclusters": None,
@@ -129,7 +132,8 @@ def list_exports(readonly, is_tls):
     out = []
     for d in _group.disks:
         out.append((d.name, f"live replica of {d.name}"))
-        out.append((d.name + COMMITTED_SUFFIX, f"{d.name} as of the last commit (read-only)"))
+        if _group.has_committed_view:  # before the first commit there is nothing to show
+            out.append((d.name + COMMITTED_SUFFIX, f"{d.name} as of the last commit (read-only)"))
     return out
 
 
@@ -155,6 +159,11 @@ def open(readonly):  # noqa: A001 - nbdkit's callback name
     if disk is None:
         nbdkit.set_error(errno.ENOENT)
         raise RuntimeError(f"no export {name!r}")
+    if committed:
+        try:
+            _group.check_committed_view(disk)
+        except NbdMcError as e:
+            _fail(e)
     writable = not (readonly or committed or _group.read_only)
     global _connections
     with _connections_lock:
@@ -174,7 +183,7 @@ def get_size(h):
 
 def block_size(h):
     preferred = min(max(h.disk.cluster_size, 512), MAX_REQUEST)
-    return (1, preferred, 0xFFFFFFFF)
+    return (1, preferred, NBDKIT_MAX_REQUEST)
 
 
 def can_write(h):
