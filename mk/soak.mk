@@ -4,14 +4,18 @@
 #   * crash matrix: every crash point at hit counts 1..6 (two seeds, both modes,
 #     both recovery paths), restarts killed inside recovery, and "*:N" for
 #     N = 1, 2, ... until the workload runs to its end;
+#   * power loss (tests/system/test_powerloss.py): every crash point at hit counts 1..4 (a
+#     second cut inside the recovery of each hit-1 cut) and
+#     random instants of 20 runs, cut on a file system that forgets what was not
+#     made durable; the same in process mode, where violations are expected;
 #   * the fault, corrupt-file, hostile-input (fuzz x10), TLS and fencing tests;
 #   * one writer (claims racing writers) and online verify (sectors corrupted
 #     behind the server's back, found exactly), for SOAK_SECONDS each.
 # The table of fault classes, cases and failures: build/soak/report.md (also printed).
 SOAK_SECONDS ?= 600
 SOAK_DIR := build/soak
-SOAK_TESTS := $(addprefix tests/system/,test_load.py test_crash_matrix.py test_faults.py \
-	test_corrupt.py test_hostile.py test_tls.py test_fencing.py test_resync.py \
+SOAK_TESTS := $(addprefix tests/system/,test_load.py test_crash_matrix.py test_powerloss.py \
+	test_faults.py test_corrupt.py test_hostile.py test_tls.py test_fencing.py test_resync.py \
 	test_writer.py test_verify.py)
 
 soak: setup

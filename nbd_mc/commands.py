@@ -10,6 +10,7 @@ Standard library only: this runs inside nbdkit's embedded Python.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -160,7 +161,13 @@ def handler(session: Session):
     return handle
 
 
+#: Which run of the server a client talks to: a commit retried after a restart must
+#: not be sent again blindly (recovery rolled the open epoch's writes back).
+INSTANCE = os.urandom(8).hex()
+
+
 def greeting(group) -> dict:
-    """The first line a client reads: who we are and where the group stands."""
+    """The first line a client reads: who we are, which run of the server, and
+    where the group stands."""
     return {"version": __version__, "committed": group.committed,
-            "disks": [d.name for d in group.disks]}
+            "disks": [d.name for d in group.disks], "instance": INSTANCE}

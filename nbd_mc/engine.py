@@ -28,7 +28,7 @@ from . import crashpoints, qcow2, writer
 from .errors import (BadRequest, EpochMismatch, Fenced, IOFailure, NbdMcError, NotProtected,
                      StateError, io_failure)
 from .fileio import pread_into, punch_hole, pwrite_all, runs
-from .state import DirLock, DiskState, GroupState, StateFile, load, save
+from .state import DirLock, DiskState, GroupState, StateFile, fsync_dir, load, save
 from .sync import Gate, GroupSync
 
 DURABILITY_MODES = ("process", "power")
@@ -299,6 +299,9 @@ class Group:
                     qcow2.create(d.overlay, d.image, d.size, d.cluster_size, epoch=0,
                                  subclusters=subclusters_for(d.cluster_size, subclusters))
                 save(self.state_dir, state)
+                # The directory's own name must survive a power cut too, or the
+                # first acknowledged commit could vanish with it.
+                fsync_dir(os.path.dirname(self.state_dir))
             elif changed and lock:
                 save(self.state_dir, state)  # an explicit new mode (or a new id) is remembered
             self.state = state
@@ -505,11 +508,23 @@ class Group:
         except OSError as e:
             raise io_failure(f"reading image {disk.spec.image}", e) from None
 
+    @property
+    def has_committed_view(self) -> bool:
+        """Whether ``NAME@committed`` exists: from the first commit on (epoch 0 is
+        the initial synchronisation: no consistent state to show)."""
+        return self.state.committed > 0
+
+    def check_committed_view(self, disk: Disk) -> None:
+        """Refuse ``NAME@committed`` while nothing was ever committed; the adapter
+        asks at connect time, so a client hears it at once, not on every read."""
+        if not self.has_committed_view:
+            raise IOFailure(f"{disk.name}{COMMITTED_SUFFIX}: nothing is committed yet (epoch 0 "
+                            "is the initial synchronisation); this export exists after the "
+                            "first commit", errno.ENOENT)
+
     def read_committed(self, disk: Disk, view, offset: int) -> None:
-        """The disk as of the last commit; refused while nothing was ever committed
-        (epoch 0 is the initial synchronisation: no consistent state to show)."""
-        if not self.state.committed:
-            raise IOFailure(f"{disk.name}{COMMITTED_SUFFIX}: no epoch committed yet")
+        """The disk as of the last commit (refused while nothing was ever committed)."""
+        self.check_committed_view(disk)
         with self.io():
             try:
                 disk.read_committed(view, offset)
@@ -524,31 +539,59 @@ class Group:
 
     # --- checkpoint operations --------------------------------------------------------
     def commit(self, epoch: int) -> dict:
+        """Commit ``epoch``.  Every answer says whether it is committed: a reply
+        carries ``committed``, and so does every error raised here (the epoch the
+        state file holds, read back after a failure).  The retry rule: after an
+        error or a lost reply, send the same commit again; a reply means the epoch
+        is committed (durably, in ``power`` mode: a retry re-syncs the state file)."""
         with self._control:
-            self._refuse_if_fenced("commit")
-            if epoch == self.state.committed:
-                return {"committed": epoch, "seconds": 0.0, "retry": True}
+            try:
+                return self._commit_locked(epoch)
+            except NbdMcError as e:
+                e.details = {"committed": self._committed_on_disk()}
+                raise
+
+    def _commit_locked(self, epoch: int) -> dict:
+        self._refuse_if_fenced("commit")
+        if epoch == self.state.committed:
+            if self.durability == "power":
+                # A retry: the first attempt's sync may have failed.  Gate closed,
+                # as for every save that may mark the group broken.
+                with self.gate.closed():
+                    self._persist()
+            reply = {"committed": epoch, "seconds": 0.0, "retry": True}
             if self.broken:
-                # An overlay may still hold undo data of an epoch already committed;
-                # committing on top would leave it more than one epoch behind.
-                raise IOFailure(f"commit refused until restart: {self.broken}")
-            if epoch != self.state.committed + 1:
-                raise EpochMismatch(
-                    f"cannot commit epoch {epoch}: epoch {self.state.committed} is committed, "
-                    f"the open epoch is {self.state.committed + 1}")
-            t0 = time.perf_counter()
-            with self.gate.closed():
-                if self.durability == "power":
-                    for d in self.disks:
-                        self.flush(d)
-                if crashpoints.ARMED:
-                    crashpoints.reached("commit.before-state")
-                self._persist(committed=epoch, commit_time=time.time())
-                if crashpoints.ARMED:
-                    crashpoints.reached("commit.after-state")
-                self._drop_all(epoch)
-            self._count("commits")
-            return {"committed": epoch, "seconds": time.perf_counter() - t0}
+                reply["broken"] = self.broken
+            return reply
+        if self.broken:
+            # An overlay may still hold undo data of an epoch already committed;
+            # committing on top would leave it more than one epoch behind.
+            raise IOFailure(f"commit refused until restart: {self.broken}")
+        if epoch != self.state.committed + 1:
+            raise EpochMismatch(
+                f"cannot commit epoch {epoch}: epoch {self.state.committed} is committed, "
+                f"the open epoch is {self.state.committed + 1}")
+        t0 = time.perf_counter()
+        with self.gate.closed():
+            if self.durability == "power":
+                for d in self.disks:
+                    self.flush(d)
+            if crashpoints.ARMED:
+                crashpoints.reached("commit.before-state")
+            self._persist(committed=epoch, commit_time=time.time())
+            if crashpoints.ARMED:
+                crashpoints.reached("commit.after-state")
+            self._drop_all(epoch)
+        self._count("commits")
+        return {"committed": epoch, "seconds": time.perf_counter() - t0}
+
+    def _committed_on_disk(self) -> int | None:
+        """The committed epoch as the state file says it, None if unreadable."""
+        try:
+            state = load(self.state_dir)
+        except NbdMcError:
+            return None
+        return state.committed if state is not None else None
 
     def new_session(self, stale_after: float | None = None, claim: bool = False) -> dict:
         """A primary (re)attaches: NBD connections opened before now can no longer
@@ -607,6 +650,12 @@ class Group:
             raise Fenced(f"{what} refused: the group is fenced (generation {self.state.generation})")
 
     def _persist(self, **changes) -> None:
+        """Save the state with ``changes``.  On failure the in-memory state follows
+        the file: a save can fail after its rename landed (the directory's sync),
+        and memory must never say less than the file -- a rollback would then undo
+        a committed epoch.  If the new state did land, its durability is unknown
+        and undo data may be stale: the group refuses writes until restarted
+        (recovery finishes the job) and says why."""
         old = {k: getattr(self.state, k) for k in changes}
         for k, v in changes.items():
             setattr(self.state, k, v)
@@ -615,7 +664,18 @@ class Group:
         except OSError as e:
             for k, v in old.items():
                 setattr(self.state, k, v)
-            raise io_failure("writing the state file", e) from None
+            failure = io_failure("writing the state file", e)
+            try:
+                on_disk = load(self.state_dir)
+            except NbdMcError:
+                on_disk = None
+            if on_disk is None:
+                self.broken = f"{failure.desc}; the state file is unreadable"
+            elif changes and all(getattr(on_disk, k) == v for k, v in changes.items()):
+                for k, v in changes.items():
+                    setattr(self.state, k, v)
+                self.broken = f"{failure.desc} (after it was replaced)"
+            raise failure from None
         finally:
             self._refresh_fast_path()
 

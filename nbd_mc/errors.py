@@ -14,6 +14,7 @@ class NbdMcError(Exception):
 
     error_class = "GenericError"
     errno = errno.EIO
+    details = None  # extra fields of the error reply, e.g. {"committed": N} from commit
 
     def __init__(self, desc: str):
         super().__init__(desc)

@@ -21,12 +21,15 @@ import nbdkit
 from . import commands, writer
 from .address import default_control
 from .control import ControlServer
-from .engine import Group, parse_disk_spec
+from .engine import COMMITTED_SUFFIX, Group, parse_disk_spec
 from .errors import NbdMcError
 from .fileio import data_extents
 from .tls import TlsFiles
 
 MAX_REQUEST = 32 << 20
+#: The largest request nbdkit itself accepts (its MAX_REQUEST_SIZE): advertised as
+#: the maximum block size, so a client splits larger ones instead of failing.
+NBDKIT_MAX_REQUEST = 64 << 20
 
 _config = {"disks": [], "state_dir": None, "cluster_size": None, "durability": None,
            "subclusters": None, "nbd_uri": None,
@@ -126,7 +129,10 @@ def cleanup() -> None:
 
 # --- exports --------------------------------------------------------------------
 def list_exports(readonly, is_tls):
-    return writer.listing(_group.state, [d.name for d in _group.disks])
+    listed = writer.listing(_group.state, [d.name for d in _group.disks])
+    if not _group.has_committed_view:  # before the first commit there is nothing to show
+        listed = [(n, d) for n, d in listed if not n.endswith(COMMITTED_SUFFIX)]
+    return listed
 
 
 def default_export(readonly, is_tls):
@@ -155,6 +161,11 @@ def open(readonly):  # noqa: A001 - nbdkit's callback name
         nbdkit.set_error(errno.EACCES)
         raise RuntimeError(access.refusal)
     committed = access.kind == "committed"
+    if committed:
+        try:
+            _group.check_committed_view(disk)
+        except NbdMcError as e:
+            _fail(e)
     writable = access.writable and not _group.read_only
     global _connections
     with _connections_lock:
@@ -174,7 +185,7 @@ def get_size(h):
 
 def block_size(h):
     preferred = min(max(h.disk.cluster_size, 512), MAX_REQUEST)
-    return (1, preferred, 0xFFFFFFFF)
+    return (1, preferred, NBDKIT_MAX_REQUEST)
 
 
 def can_write(h):

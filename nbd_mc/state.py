@@ -137,12 +137,17 @@ def save(state_dir: str, state: GroupState, durable: bool = True) -> None:
         os.close(fd)
     os.rename(tmp, path)
     if durable:
-        dfd = os.open(state_dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(state_dir)
     _make_spare(tmp, len(data))
+
+
+def fsync_dir(path: str) -> None:
+    """Make the entries of directory ``path`` (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _make_spare(tmp: str, size: int) -> None:

@@ -11,7 +11,7 @@ import sys
 import click
 
 from .. import boot, engine, launch, writer
-from ..control import ControlClient
+from ..control import ControlClient, ControlError
 from ..engine import COMMITTED_SUFFIX
 from ..errors import StateError
 from ..units import human_size
@@ -126,7 +126,13 @@ def status(target, as_json):
 @refusals
 def commit(epoch, target, as_json):
     """Commit EPOCH (the open epoch; the committed one again is a harmless retry)."""
-    r = target.execute("commit", epoch=epoch)
+    try:
+        r = target.execute("commit", epoch=epoch)
+    except ControlError as e:
+        if e.committed is not None:  # every commit error says where the group stands
+            state = "committed" if e.committed >= epoch else "not committed"
+            e.desc += f" (the state file holds epoch {e.committed}: epoch {epoch} is {state})"
+        raise
     emit(r, as_json, f"committed epoch {r['committed']} in {r['seconds'] * 1000:.2f} ms")
 
 

@@ -10,8 +10,8 @@ nbd_mc/tls.py.  docs/control-protocol.md describes the protocol.
 """
 
 from .client import ControlClient, ControlError, ControlProtocolError
-from .server import MAX_CLIENTS, AfterReply, ControlServer
+from .server import MAX_CLIENTS, MAX_PER_PEER, AfterReply, ControlServer
 from .wire import MAX_LINE
 
 __all__ = ["AfterReply", "ControlClient", "ControlError", "ControlProtocolError", "ControlServer",
-           "MAX_CLIENTS", "MAX_LINE"]
+           "MAX_CLIENTS", "MAX_LINE", "MAX_PER_PEER"]

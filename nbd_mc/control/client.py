@@ -23,6 +23,12 @@ class ControlError(NbdMcError):
     def __str__(self):
         return f"{self.error_class}: {self.desc}"
 
+    @property
+    def committed(self) -> "int | None":
+        """The epoch the state file holds, sent with every commit error."""
+        error = (self.reply or {}).get("error")
+        return error.get("committed") if isinstance(error, dict) else None
+
 
 class ControlProtocolError(NbdMcError):
     """The server said something that is not the control protocol."""

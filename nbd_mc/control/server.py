@@ -12,6 +12,7 @@ import selectors
 import socket
 import ssl
 import stat
+import struct
 import threading
 
 from nbd_mc.address import check_unix_path, format_address, parse_address
@@ -25,6 +26,9 @@ log = logging.getLogger("nbd_mc.control")
 
 #: Concurrent connections; each costs a thread.
 MAX_CLIENTS = 64
+#: Concurrent connections of one peer (a local process, by SO_PEERCRED, or a
+#: remote address): one client, leaking or hostile, cannot take every slot.
+MAX_PER_PEER = MAX_CLIENTS // 2
 #: An unauthenticated TCP peer may hold a slot only this long.
 HANDSHAKE_TIMEOUT = 10.0
 
@@ -44,11 +48,24 @@ class AfterReply:
 
 
 class _Client:
-    """One connection's socket, swapped for its TLS wrapper after accept."""
+    """One connection's socket, swapped for its TLS wrapper after accept, and who
+    is at the other end (for the per-peer limit)."""
 
     def __init__(self, sock):
         self.sock = sock
         self.thread = None
+        self.peer = _peer_of(sock)
+
+
+def _peer_of(sock):
+    """("pid", N) of a local peer, ("address", IP) of a remote one, None if unknown."""
+    try:
+        if sock.family == socket.AF_UNIX:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return ("pid", struct.unpack("3i", creds)[0])
+        return ("address", sock.getpeername()[0])
+    except OSError:
+        return None
 
 
 class ControlServer:
@@ -65,7 +82,8 @@ class ControlServer:
     """
 
     def __init__(self, address: str, handler, greeting, tls: "TlsFiles | None" = None,
-                 *, max_clients: int = MAX_CLIENTS, max_line: int = MAX_LINE,
+                 *, max_clients: int = MAX_CLIENTS, max_per_peer: int = MAX_PER_PEER,
+                 max_line: int = MAX_LINE,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT):
         parsed = parse_address(address)
         if parsed[0] == "unix":
@@ -82,6 +100,7 @@ class ControlServer:
         # Built now so bad certificates fail at startup, not at first connection.
         self._ssl = tls.server_context() if tls is not None else None
         self._max_clients = max_clients
+        self._max_per_peer = max_per_peer
         self._max_line = max_line
         self._handshake_timeout = handshake_timeout
         self._lock = threading.Condition()
@@ -305,11 +324,13 @@ class ControlServer:
         client = _Client(sock)
         with self._lock:
             full = self._closing or len(self._clients) >= self._max_clients
-            if not full:
+            hog = not full and client.peer is not None and sum(
+                c.peer == client.peer for c in self._clients) >= self._max_per_peer
+            if not (full or hog):
                 self._clients.add(client)
                 self._lock.notify_all()
-        if full:
-            self._refuse(sock)
+        if full or hog:
+            self._refuse(sock, client.peer if hog else None)
             return
         client.thread = threading.Thread(target=self._serve, args=(client,),
                                          name=f"nbd-mc-control {self.address}", daemon=True)
@@ -320,19 +341,23 @@ class ControlServer:
             self._forget(client)
             sock.close()
 
-    def _refuse(self, sock) -> None:
+    def _refuse(self, sock, hog=None) -> None:
         """Tell a connection over the limit why it is dropped, without blocking.
 
-        Over TLS the reason cannot be sent without a handshake, which could
-        block the accept thread, so those peers just see the connection close.
+        ``hog``: the peer that already holds its share of the slots.  Over TLS the
+        reason cannot be sent without a handshake, which could block the accept
+        thread, so those peers just see the connection close.
         """
-        log.warning("control server: refusing a connection, %d already open", self._max_clients)
+        if hog is not None:
+            why = (f"too many control connections from this client ({hog[0]} {hog[1]} holds "
+                   f"{self._max_per_peer} of {self._max_clients}); close one and retry")
+        else:
+            why = f"too many control connections ({self._max_clients}); close one and retry"
+        log.warning("control server: refusing a connection: %s", why)
         if self._ssl is None and not self._closing:
             try:
                 sock.setblocking(False)
-                sock.send(encode(error_reply("GenericError",
-                                         f"too many control connections ({self._max_clients}); "
-                                         "close one and retry")), socket.MSG_NOSIGNAL)
+                sock.send(encode(error_reply("GenericError", why)), socket.MSG_NOSIGNAL)
             except OSError:
                 pass
         sock.close()
@@ -428,7 +453,9 @@ class ControlServer:
         try:
             result = self._handler(name, arguments)
         except NbdMcError as e:
-            return error_reply(e.error_class, e.desc), None
+            reply = error_reply(e.error_class, e.desc)
+            reply["error"].update(getattr(e, "details", None) or {})  # e.g. commit's "committed"
+            return reply, None
         except Exception as e:
             log.exception("control command %r failed", name)
             return error_reply("GenericError", str(e) or type(e).__name__), None

@@ -68,16 +68,37 @@ def first_epoch(status: dict, drives: list[DriveSpec]) -> int:
 
 
 def commit(ctl: ControlClient, epoch: int) -> dict:
-    """Commit ``epoch`` on the secondary; any failure means the secondary is lost to us."""
+    """Commit ``epoch`` on the secondary; any failure means the secondary is lost to us.
+
+    Even when the error says where the secondary stands (``committed``, sent with
+    every commit error), an outage is the right answer: an epoch not committed
+    after an I/O error may have lost writes (a failed sync can drop dirty pages),
+    and one that did land leaves the secondary refusing writes until it
+    restarts, and may not be durable.  The resync after the outage starts from the epoch
+    the secondary then reports, and the bitmaps of both N-1 and N are kept until
+    a commit is acknowledged, so either outcome is covered; ``committed`` only
+    makes the message exact (a commit whose durability is unknown must not count
+    as acknowledged: a power cut may still take it back).
+    """
     try:
         return ctl.execute("commit", epoch=epoch)
     except ControlError as e:
         if e.error_class == "Fenced":
             raise SecondaryRefused(f"the secondary refused to commit epoch {epoch}: {e}") from None
-        raise SecondaryFailed(f"the secondary refused to commit epoch {epoch}: {e}") from None
+        raise SecondaryFailed(f"the secondary refused to commit epoch {epoch}: {e}"
+                              f"{_outcome(epoch, e.committed)}") from None
     except (OSError, NbdMcError) as e:
         raise SecondaryFailed(f"lost the control connection to the secondary while committing "
                               f"epoch {epoch}: {_why(e)}") from None
+
+
+def _outcome(epoch: int, committed: int | None) -> str:
+    if committed is None:
+        return ""
+    if committed >= epoch:
+        return (f" (epoch {epoch} reached the secondary's state file, but the secondary "
+                "refuses writes until it restarts)")
+    return f" (epoch {epoch} is not committed: the secondary holds epoch {committed})"
 
 
 def new_session(ctl: ControlClient, stale_after: float | None) -> dict:

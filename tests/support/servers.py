@@ -455,3 +455,30 @@ def is_connection_loss(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
         return True
     return isinstance(e, nbd.Error)
+
+
+def connect_as_children(path: str, count: int, per_child: int) -> list[socket.socket]:
+    """``count`` unix connections to ``path``, made by child processes of
+    ``per_child`` connections each and handed back over SCM_RIGHTS: to the server
+    they come from several peers (SO_PEERCRED names the process that connected)."""
+    socks = []
+    while len(socks) < count:
+        k = min(per_child, count - len(socks))
+        parent, child = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # the child: connect, hand over, leave at once
+            try:
+                conns = []
+                for _ in range(k):
+                    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    c.connect(path)
+                    conns.append(c)
+                socket.send_fds(child, [b"x"], [c.fileno() for c in conns])
+            finally:
+                os._exit(0)
+        child.close()
+        _msg, fds, _flags, _addr = socket.recv_fds(parent, 16, k)
+        parent.close()
+        os.waitpid(pid, 0)
+        socks += [socket.socket(fileno=fd) for fd in fds]
+    return socks

@@ -188,15 +188,15 @@ def test_commit_rules(servers):
     s.start()
     st = json.loads(ok(s.cli("status", "--json")).stdout)
     assert st["committed"] == 0 and st["protected"] is False and st["open_epoch"] == 1
-    early = s.connect("vda@committed")
-    with pytest.raises(nbd.Error):  # no committed state exists yet
-        early.pread(512, 0)
+    with pytest.raises(nbd.Error):  # no committed state exists yet: refused at connect
+        s.connect("vda@committed")
     refused(s.cli("rollback"), "NotProtected")
     refused(s.cli("failover"), "NotProtected")
     refused(s.cli("commit", "2"), "EpochMismatch", "epoch 0 is committed")
     r = json.loads(ok(s.cli("commit", "1", "--json")).stdout)
     assert r["committed"] == 1
     model.commit(1)
+    early = s.connect("vda@committed")
     assert_bytes(read_all(early), model.committed["vda"], "vda@committed after commit 1")
     ok(s.cli("commit", "1"))  # a retry of the committed epoch
     assert "committed epoch 1" in ok(s.cli("commit", "1")).stdout

@@ -22,10 +22,10 @@ import threading
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from nbd_mc.control import MAX_CLIENTS, MAX_LINE
+from nbd_mc.control import MAX_CLIENTS, MAX_LINE, MAX_PER_PEER
 from support.reliability import record
-from support.servers import (DEADLINE, Server, make_image, pid_alive, plugin_pids, read_file,
-                     short_tmpdir, wait_until)
+from support.servers import (DEADLINE, Server, connect_as_children, make_image, pid_alive,
+                     plugin_pids, read_file, short_tmpdir, wait_until)
 
 SIZE = 1 << 20
 KNOWN = ("query-status", "commit", "rollback", "fence", "failover", "quit")
@@ -344,9 +344,11 @@ def test_more_clients_than_allowed(target):
     every admitted one is answered (concurrently), and the slots come back after
     they close."""
     target.srv.close_clients()  # our own persistent connections hold slots too
-    socks, admitted, refused = [], [], 0
-    for _ in range(MAX_CLIENTS + 36):
-        socks.append(target.raw())
+    admitted, refused = [], 0
+    # from several processes: one process alone may hold only MAX_PER_PEER slots
+    socks = connect_as_children(target.srv.control_path, MAX_CLIENTS + 36, MAX_PER_PEER)
+    for s in socks:
+        s.settimeout(DEADLINE)
     for s in socks:
         line = b""
         while not line.endswith(b"\n"):

@@ -182,6 +182,10 @@ def test_nbdinfo_list_shows_every_export(servers):
     images, initial = two_disks(servers, rng)
     s = servers.new(images)
     s.start()
+    r = run(["nbdinfo", "--list", "--json", s.uri()])  # before the first commit: no @committed
+    assert r.returncode == 0, describe(r)
+    assert {e["export-name"] for e in json.loads(r.stdout)["exports"]} == {"vda", "vdb"}
+    s.execute("commit", epoch=1)
     r = run(["nbdinfo", "--list", "--json", s.uri()])
     assert r.returncode == 0, describe(r)
     exports = {e["export-name"]: e for e in json.loads(r.stdout)["exports"]}

@@ -69,7 +69,7 @@ def test_commands_run_on_the_group(session, group):
     assert handle("rollback", {})["restored_clusters"] == 0
     assert handle("fence", {}) == {"generation": 1}
     assert commands.greeting(group) == {"version": commands.__version__, "committed": 1,
-                                        "disks": ["vda"]}
+                                        "disks": ["vda"], "instance": commands.INSTANCE}
 
 
 def test_failover_replies_with_the_drive_option_qemu_needs(session, group):

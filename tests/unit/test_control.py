@@ -25,6 +25,7 @@ from nbd_mc.control import (AfterReply, ControlClient, ControlError, ControlProt
                             ControlServer)
 from nbd_mc.tls import TlsFiles
 from nbd_mc.errors import CommandNotFound, EpochMismatch
+from support.servers import connect_as_children
 
 REPO = Path(__file__).resolve().parents[2]
 MAKE_CERTS = REPO / "tools" / "make-certs.sh"
@@ -558,7 +559,9 @@ def test_handler_calls_from_different_clients_overlap(server, counter):
 
 @pytest.mark.parametrize("limit", [3, None], ids=["limit3", "default64"])
 def test_connections_beyond_the_limit_are_refused_cleanly(make_server, limit):
-    server = make_server(max_clients=limit) if limit else make_server()
+    # the global limit, from one process: lift the per-peer one for this test
+    server = make_server(max_clients=limit, max_per_peer=limit) if limit \
+        else make_server(max_per_peer=64)
     limit = limit or 64
     clients = [ControlClient(server.address) for _ in range(limit)]
     with pytest.raises(ControlError, match="too many control connections") as caught:
@@ -570,6 +573,23 @@ def test_connections_beyond_the_limit_are_refused_cleanly(make_server, limit):
     assert all(c.execute("add", key="n") for c in clients)
     for c in clients:
         c.close()
+
+
+def test_one_peer_holds_at_most_its_share_of_the_slots(make_server):
+    server = make_server(max_clients=6, max_per_peer=2)
+    mine = [ControlClient(server.address) for _ in range(2)]
+    with pytest.raises(ControlError, match="too many control connections from this client"):
+        ControlClient(server.address)
+    others = connect_as_children(server.address, 4, 2)  # two more processes, two each
+    for s in others:
+        s.settimeout(WIRE_TIMEOUT)
+        assert b'"nbd-mc"' in s.recv(65536)
+    with pytest.raises(ControlError, match=r"too many control connections \(6\)"):
+        ControlClient(server.address)  # all six taken: the global limit speaks
+    for c in mine:
+        c.close()
+    for s in others:
+        s.close()
 
 
 # --- actions after the reply, and close -------------------------------------------------------

@@ -81,14 +81,16 @@ def test_commit_rules(made):
     g = open_group()
     st = g.status()
     assert (st["committed"], st["open_epoch"], st["protected"]) == (0, 1, False)
-    with pytest.raises(IOFailure, match="no epoch committed yet"):
+    assert not g.has_committed_view
+    with pytest.raises(IOFailure, match="nothing is committed yet"):
         read(g, "vda", committed=True)
     with pytest.raises(NotProtected):
         g.rollback()
     with pytest.raises(NotProtected):
         g.failover()
-    with pytest.raises(EpochMismatch, match="epoch 0 is committed"):
+    with pytest.raises(EpochMismatch, match="epoch 0 is committed") as refused:
         g.commit(2)
+    assert refused.value.details == {"committed": 0}  # every commit error says where we stand
     write(g, model, "vda", 100, b"\x01" * 3000)  # epoch 0: the initial sync, no undo
     assert g.status()["disks"][0]["preserved_clusters"] == 0
     assert g.commit(1)["committed"] == 1
@@ -96,8 +98,9 @@ def test_commit_rules(made):
     assert g.commit(1) == {"committed": 1, "seconds": 0.0, "retry": True}
     with pytest.raises(EpochMismatch):
         g.commit(0)
-    with pytest.raises(EpochMismatch, match="open epoch is 2"):
+    with pytest.raises(EpochMismatch, match="open epoch is 2") as refused:
         g.commit(3)
+    assert refused.value.details == {"committed": 1} and g.has_committed_view
     assert g.status()["protected"] is True
     write(g, model, "vda", 5000, b"\x11" * 100000)  # clusters 0..1
     write(g, model, "vdb", 4 * C - 1, b"\x22" * 2)  # clusters 3 and 4
