@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from . import qcow2
-from .engine import check_disk, undo_status
+from .disk import check_disk, undo_status
 from .errors import NbdMcError, StateError
 from .state import load, lock_held
 

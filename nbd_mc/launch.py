@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import engine
+from . import disk
 from .address import UNIX_PATH_MAX, default_control, parse_address
 from .control import ControlClient
 from .errors import NbdMcError, StateError
@@ -158,9 +158,9 @@ def preflight(opts: ServeOptions) -> tuple:
         # else nbdkit refuses -U only after the plugin has created the state directory
         raise StateError(f"NBD socket path {opts.socket} is longer than {UNIX_PATH_MAX} "
                          "bytes, the limit of a unix socket (give a shorter --socket)")
-    state, new = engine.plan_group(opts.state_dir, opts.disks or None, opts.cluster_size)
+    state, new = disk.plan_group(opts.state_dir, opts.disks or None, opts.cluster_size)
     for d in state.disks if new else ():  # refuse --subclusters on with small clusters now
-        engine.subclusters_for(d.cluster_size, opts.subclusters)
+        disk.subclusters_for(d.cluster_size, opts.subclusters)
     if os.path.isdir(opts.state_dir):
         DirLock(opts.state_dir).release()  # raises if a server holds it
     if opts.socket:

@@ -21,7 +21,8 @@ import nbdkit
 from . import commands, writer
 from .address import default_control
 from .control import ControlServer
-from .engine import COMMITTED_SUFFIX, Group, parse_disk_spec
+from .disk import COMMITTED_SUFFIX, parse_disk_spec
+from .engine import Group
 from .errors import NbdMcError
 from .fileio import data_extents
 from .tls import TlsFiles

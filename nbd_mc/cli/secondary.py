@@ -12,7 +12,7 @@ import click
 
 from .. import boot, engine, launch, writer
 from ..control import ControlClient, ControlError
-from ..engine import COMMITTED_SUFFIX
+from ..disk import COMMITTED_SUFFIX, parse_disk_spec
 from ..errors import StateError
 from ..units import human_size
 from .common import (Failure, control_options, emit, json_wanted, main, refusals,
@@ -61,7 +61,7 @@ def serve(disks, state_dir, socket_path, port, bind, control, cluster_size, subc
     if socket_path and port is not None:
         raise click.UsageError("give --socket or --port, not both")
     opts = launch.ServeOptions(
-        state_dir=state_dir, disks=[engine.parse_disk_spec(d) for d in disks], socket=socket_path,
+        state_dir=state_dir, disks=[parse_disk_spec(d) for d in disks], socket=socket_path,
         port=port, bind=bind, cluster_size=size_option(cluster_size),
         subclusters=None if subclusters is None else subclusters == "on",
         durability=durability, tls=tls, tls_certificates=tls_certificates, control=control,

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from nbd_mc import engine
+from nbd_mc import disk
 from nbd_mc.engine import Group, undo_status
 from nbd_mc.errors import EpochMismatch, Fenced, IOFailure, NotProtected, StateError
 from support.servers import GroupModel, assert_bytes, assert_check, make_image, read_file
@@ -243,7 +243,7 @@ def test_the_disk_list_and_sizes_are_checked(made, tmp_path):
     with pytest.raises(StateError, match="belongs to disks"):
         Group(st, [("vda", image)])
     with pytest.raises(Exception, match="bad disk"):
-        engine.parse_disk_spec("a@b=/x")
+        disk.parse_disk_spec("a@b=/x")
 
 
 def test_parallel_writers_lose_no_counts_and_no_undo(made):
