@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
@@ -94,6 +94,14 @@ class DriveSpec:
 
     drive: str
     export: str
+    #: QEMU's name for the disk when it is not ``drive``: under libvirt, ``--drive vda``
+    #: names the target and QEMU knows the disk as a node (``libvirt-1-format``).
+    device: str | None = None
+
+    @property
+    def source(self) -> str:
+        """What QMP commands name as the mirror's source (drive id or node name)."""
+        return self.device or self.drive
 
     @property
     def node(self) -> str:
@@ -425,11 +433,11 @@ def check_drives(qmp: Qmp, drives: list[DriveSpec]) -> dict[str, int]:
         known.append(names[0])
         for n in names:
             sizes[n] = ins["image"]["virtual-size"]
-    missing = [d.drive for d in drives if d.drive not in sizes]
+    missing = [d.drive for d in drives if d.source not in sizes]
     if missing:
         raise PrimaryError(f"QEMU has no drive {', '.join(missing)} "
                            f"(its drives: {', '.join(known) or 'none'})")
-    return {d.drive: sizes[d.drive] for d in drives}
+    return {d.drive: sizes[d.source] for d in drives}
 
 
 def check_sizes(sizes: dict[str, int], status: dict, drives: list[DriveSpec]) -> None:
@@ -476,7 +484,7 @@ def start_mirrors(qmp: Qmp, drives: list[DriveSpec]) -> None:
     """sync=full copies the whole disk once; write-blocking then makes every guest
     write wait for the secondary, which is what lets a paused VM mean "all there"."""
     for d in drives:
-        qmp.cmd("blockdev-mirror", **{"job-id": d.job, "device": d.drive, "target": d.node,
+        qmp.cmd("blockdev-mirror", **{"job-id": d.job, "device": d.source, "target": d.node,
                                       "sync": "full", "copy-mode": "write-blocking",
                                       "on-target-error": "report"})
 
@@ -489,7 +497,7 @@ def start_drive_mirrors(qmp: Qmp, target: NbdTarget, drives: list[DriveSpec]) ->
             uri = f"nbd+unix:///{urllib.parse.quote(d.export)}?socket={server['path']}"
         else:
             uri = f"nbd://{server['host']}:{server['port']}/{urllib.parse.quote(d.export)}"
-        qmp.cmd("drive-mirror", **{"job-id": d.job, "device": d.drive, "target": uri,
+        qmp.cmd("drive-mirror", **{"job-id": d.job, "device": d.source, "target": uri,
                                    "format": "raw", "mode": "existing", "sync": "full",
                                    "copy-mode": "write-blocking", "on-target-error": "report"})
 
@@ -764,7 +772,7 @@ def resume(qmp: Qmp) -> None:
 # --- the whole run ----------------------------------------------------------------------------
 @dataclass
 class Options:
-    qmp: str
+    qmp: str | None  # QEMU's QMP socket, or None with ``libvirt``
     drives: list[DriveSpec]
     target: NbdTarget
     control: str
@@ -773,6 +781,8 @@ class Options:
     hook: str | None = None
     tls_certificates: str | None = None
     legacy_drive_mirror: bool = False
+    libvirt: str | None = None  # a libvirt domain instead of a QMP socket
+    connect: str = "qemu:///system"  # its libvirt connection URI
 
 
 @dataclass
@@ -907,6 +917,21 @@ def _control(opts: Options) -> ControlClient:
                            f"{_why(e)}") from None
 
 
+def open_session(opts: Options):
+    """The QMP session protect drives and its drives as QEMU names them: QEMU's own
+    socket (``--qmp``), or libvirt's QMP passthrough (``--libvirt``, where each
+    ``--drive`` names a disk target and is mapped to its node)."""
+    if not opts.libvirt:
+        return Qmp(opts.qmp), opts.drives
+    from .libvirt_qmp import LibvirtQmp
+    qmp = LibvirtQmp(opts.libvirt, opts.connect)
+    try:
+        return qmp, qmp.resolve_drives(opts.drives)
+    except BaseException:
+        qmp.close()
+        raise
+
+
 def protect(opts: Options, console: Console | None = None, stop: StopFlag | None = None) -> Report:
     """Attach, sync, checkpoint until told to stop or something fails; detach.
 
@@ -925,7 +950,8 @@ def protect(opts: Options, console: Console | None = None, stop: StopFlag | None
         next_epoch = first_epoch(status, opts.drives)
         report.first_epoch = next_epoch
         report.committed = next_epoch - 1
-        qmp = Qmp(opts.qmp)
+        qmp, drives = open_session(opts)
+        opts = replace(opts, drives=drives)
         sizes = check_drives(qmp, opts.drives)
         check_sizes(sizes, status, opts.drives)
         leftover = remove_leftovers(qmp, opts.drives)

@@ -1,0 +1,387 @@
+"""QMP through libvirt: `nbd-mc protect --libvirt DOMAIN` for a libvirt-managed VM.
+
+libvirt owns a domain's QMP socket, so protect cannot connect to it the way it does
+with ``--qmp``.  libvirt passes QMP through instead: ``virDomainQemuMonitorCommand``
+(libvirt_qemu.qemuMonitorCommand) sends a command (or an HMP command line) and
+returns QEMU's reply, and ``virConnectDomainQemuMonitorEventRegister`` delivers
+QEMU's events.  :class:`LibvirtQmp` wraps both behind the interface of the
+``--qmp`` session (cmd, hmp, cursor, events_after, wait_event, gone, close), so the
+rest of protect does not know which one it drives.
+
+Differences from a QMP socket that protect's logic relies on being harmless:
+
+* Events travel separately from replies (libvirtd queues them), so an event QEMU
+  sent before a reply may be recorded just after the command returned.  Nothing in
+  protect's safety depends on that order: before every commit the mirrors' state
+  is read with ``query-block-jobs`` (a failed mirror is gone from it), events only
+  make failures visible sooner.
+* Several clients may drive one domain at once.  Two protects on one domain would
+  tear down each other's mirrors, so a session holds an exclusive lock named after
+  the domain's UUID for its whole life (:data:`LOCK_DIR`).
+* Disks are ``-blockdev`` nodes without a drive id: ``--drive vda`` names the
+  libvirt target, and :meth:`LibvirtQmp.block_device` maps it to the node QEMU
+  knows (``libvirt-1-format``), from the live domain XML and ``query-block``.
+
+The libvirt event loop is libvirt's default implementation run on one daemon
+thread per process (libvirt allows registering it only once, before the first
+connection).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import queue
+import threading
+import time
+import xml.etree.ElementTree as ET
+
+import libvirt
+import libvirt_qemu
+
+from .primary import QMP_TIMEOUT, PrimaryError, PrimaryGone, QmpCommandError
+
+DEFAULT_URI = "qemu:///system"
+#: One lock file per protected domain; /run is per boot like the domains themselves.
+LOCK_DIR = "/run/nbd-mc"
+
+_loop_lock = threading.Lock()
+_loop_thread: threading.Thread | None = None
+
+
+def ensure_event_loop() -> None:
+    """Register libvirt's default event loop and run it on a daemon thread (once).
+
+    Must happen before the connection whose events we want is opened.
+    """
+    global _loop_thread
+    with _loop_lock:
+        if _loop_thread is not None:
+            return
+        # libvirt prints every error to stderr by default; we report them ourselves.
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run():
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        _loop_thread = threading.Thread(target=run, name="libvirt-events", daemon=True)
+        _loop_thread.start()
+
+
+# libvirt error codes that mean the domain's QEMU (or libvirtd) is no longer there
+_GONE_CODES = {libvirt.VIR_ERR_OPERATION_INVALID,  # "domain is not running"
+               libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC,
+               libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN}
+
+
+class _Caller:
+    """Runs blocking libvirt calls on one worker thread so a caller can give up.
+
+    virDomainQemuMonitorCommand has no timeout of its own (a ``stop`` draining I/O
+    to a hung NBD target waits as long as it takes); the QMP socket session gives
+    up after its timeout, and so must this one.  A call that timed out keeps the
+    worker, so the session is then marked gone and takes no further command.
+
+    State: ``_queue`` (thread-safe) hands (function, result box) to the worker.
+    """
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="libvirt-qmp", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, box, done = item
+            try:
+                box.append((True, fn()))
+            except BaseException as e:  # handed to the caller
+                box.append((False, e))
+            done.set()
+
+    def call(self, fn, timeout: float):
+        box: list = []
+        done = threading.Event()
+        self._queue.put((fn, box, done))
+        if not done.wait(timeout):
+            raise TimeoutError(f"no answer within {timeout:.0f} s")
+        ok, value = box[0]
+        if ok:
+            return value
+        raise value
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+
+class LibvirtQmp:
+    """A blocking QMP session with a libvirt domain, like the ``--qmp`` session.
+
+    State (``_cond`` guards ``_events``, ``_seq`` and ``gone``; they are written by
+    libvirt's event thread and read by the caller):
+      _events   the last 4096 QMP events as (sequence number, event dict)
+      _seq      the sequence number of the newest event
+      gone      None while the domain runs; else why it (or libvirtd) went away
+    Set once in __init__ and only read afterwards: conn, dom, name, uri, path.
+    """
+
+    def __init__(self, domain: str, uri: str = DEFAULT_URI, timeout: float = QMP_TIMEOUT):
+        self.name = domain
+        self.uri = uri
+        self.path = f"libvirt domain {domain} on {uri}"  # named in messages like a socket path
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        self._events: collections.deque = collections.deque(maxlen=4096)
+        self._seq = 0
+        self.gone: str | None = None
+        self._callbacks: list[int] = []
+        self._lifecycle: int | None = None
+        self._lock_fd: int | None = None
+        self.conn = self.dom = None
+        ensure_event_loop()
+        self._caller = _Caller()
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        try:
+            self.conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as e:
+            raise PrimaryError(f"cannot connect to libvirt at {self.uri}: {_msg(e)}") from None
+        try:
+            self.dom = self.conn.lookupByName(self.name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise PrimaryError(f"libvirt ({self.uri}): {_msg(e)}") from None
+            names = sorted(d.name() for d in self.conn.listAllDomains())
+            raise PrimaryError(f"libvirt ({self.uri}) has no domain {self.name!r} "
+                               f"(its domains: {', '.join(names) or 'none'})") from None
+        self._take_lock()
+        # Events first, then the state check: a domain that stops in between is seen.
+        self.conn.registerCloseCallback(self._on_close, None)
+        self._lifecycle = self.conn.domainEventRegisterAny(
+            self.dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+        self._callbacks.append(libvirt_qemu.qemuMonitorEventRegister(
+            self.conn, self.dom, None, self._on_event, None, 0))
+        if not self.dom.isActive():
+            raise PrimaryError(f"libvirt domain {self.name} is shut off: start it first "
+                               f"(virsh -c {self.uri} start {self.name}); protect attaches to "
+                               "a running VM")
+
+    def _take_lock(self) -> None:
+        """One protect per domain (see the module docstring)."""
+        os.makedirs(LOCK_DIR, mode=0o755, exist_ok=True)
+        path = os.path.join(LOCK_DIR, f"libvirt-{self.dom.UUIDString()}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise PrimaryError(f"another nbd-mc protect (pid {holder or '?'}) is attached "
+                                   f"to libvirt domain {self.name}") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    # callbacks, on libvirt's event thread
+    def _on_event(self, conn, dom, event, seconds, micros, details, opaque) -> None:
+        data = {}
+        if details:
+            try:
+                data = json.loads(details)
+            except ValueError:
+                data = {"details": details}
+        e = {"event": event, "data": data,
+             "timestamp": {"seconds": seconds, "microseconds": micros}}
+        with self._cond:
+            self._seq += 1
+            self._events.append((self._seq, e))
+            self._cond.notify_all()
+
+    def _on_lifecycle(self, conn, dom, event, detail, opaque) -> None:
+        if event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_SHUTDOWN):
+            why = ("QEMU crashed or was killed" if event == libvirt.VIR_DOMAIN_EVENT_STOPPED
+                   and detail in (libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED,
+                                  libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED)
+                   else "the domain stopped")
+            if event == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN:
+                return  # the guest asked to shut down: QEMU still runs until STOPPED
+            self._set_gone(why)
+
+    def _on_close(self, conn, reason, opaque) -> None:
+        self._set_gone("the connection to libvirtd closed")
+
+    def _set_gone(self, why: str) -> None:
+        with self._cond:
+            self.gone = self.gone or why
+            self._cond.notify_all()
+
+    # commands
+    def _call(self, fn, what: str, timeout: float | None = None):
+        try:
+            return self._caller.call(fn, self.timeout if timeout is None else timeout)
+        except TimeoutError as e:
+            self._set_gone(f"{what}: {e}")
+            raise PrimaryGone(f"libvirt did not answer {what} for domain {self.name} within "
+                              f"{self.timeout:.0f} s") from None
+        except libvirt.libvirtError as e:
+            if e.get_error_code() in _GONE_CODES:
+                self._set_gone(_msg(e))
+                raise PrimaryGone(f"lost domain {self.name} during {what}: {_msg(e)}") from None
+            raise PrimaryError(f"libvirt refused {what} for domain {self.name}: "
+                               f"{_msg(e)}") from None
+
+    def cmd(self, name: str, **arguments):
+        """Execute one QMP command; QmpCommandError for QEMU's refusal, PrimaryGone if
+        the domain (or libvirtd) is gone."""
+        if self.gone:
+            raise PrimaryGone(f"QEMU ({self.path}): {self.gone}")
+        text = json.dumps({"execute": name, **({"arguments": arguments} if arguments else {})})
+        reply = json.loads(self._call(
+            lambda: libvirt_qemu.qemuMonitorCommand(self.dom, text, 0), name))
+        if "error" in reply:
+            err = reply["error"]
+            raise QmpCommandError(name, err.get("class", "GenericError"), err.get("desc", ""))
+        return reply.get("return")
+
+    def hmp(self, command_line: str) -> str:
+        """A human monitor command, through libvirt's HMP flag."""
+        if self.gone:
+            raise PrimaryGone(f"QEMU ({self.path}): {self.gone}")
+        return self._call(lambda: libvirt_qemu.qemuMonitorCommand(
+            self.dom, command_line, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP),
+            "human-monitor-command")
+
+    # disks
+    def disks(self) -> dict[str, dict]:
+        """target dev -> {"alias", "source", "qdev"} from the live domain XML."""
+        root = ET.fromstring(self._call(lambda: self.dom.XMLDesc(0), "XMLDesc"))
+        found = {}
+        for disk in root.findall("./devices/disk"):
+            target = disk.find("target")
+            alias = disk.find("alias")
+            if target is None or target.get("dev") is None:
+                continue
+            source = disk.find("source")
+            found[target.get("dev")] = {
+                "alias": alias.get("name") if alias is not None else None,
+                "source": (source.get("file") or source.get("dev") or source.get("name"))
+                if source is not None else None,
+                "device": disk.get("device", "disk")}
+        return found
+
+    def block_device(self, target: str) -> str:
+        """The QEMU node that libvirt attached the disk with target dev ``target`` as.
+
+        query-block names the disk by its qdev path (``/machine/peripheral/ALIAS/...``)
+        and gives the node at the top of the guest's view (``libvirt-N-format``);
+        blockdev-mirror's ``device`` takes that node name.
+        """
+        disks = self.disks()
+        info = disks.get(target)
+        if info is None:
+            raise PrimaryError(f"libvirt domain {self.name} has no disk with target {target} "
+                               f"(its disks: {', '.join(sorted(disks)) or 'none'})")
+        if not info["alias"]:
+            raise PrimaryError(f"libvirt gives disk {target} of domain {self.name} no alias")
+        for b in self.cmd("query-block"):
+            qdev = b.get("qdev") or ""
+            if b.get("device") == info["alias"] or qdev.split("/")[3:4] == [info["alias"]] \
+                    or qdev == info["alias"]:
+                ins = b.get("inserted")
+                if not ins or not ins.get("node-name"):
+                    raise PrimaryError(f"disk {target} of domain {self.name} has no medium")
+                return ins["node-name"]
+        raise PrimaryError(f"QEMU shows no block device for disk {target} (alias "
+                           f"{info['alias']}) of domain {self.name}")
+
+    def resolve_drives(self, drives: list) -> list:
+        """Each ``--drive TARGET[=EXPORT]`` with the node QEMU knows the disk as."""
+        return [dataclasses.replace(d, device=self.block_device(d.drive)) for d in drives]
+
+    def qdev(self, target: str) -> str:
+        """The qdev path of the disk's block backend, for HMP ``qemu-io -d``."""
+        alias = self.disks()[target]["alias"]
+        for b in self.cmd("query-block"):
+            qdev = b.get("qdev") or ""
+            if qdev.split("/")[3:4] == [alias]:
+                return qdev
+        raise PrimaryError(f"no qdev for disk {target} of domain {self.name}")
+
+    # events
+    @property
+    def cursor(self) -> int:
+        with self._cond:
+            return self._seq
+
+    def events_after(self, cursor: int) -> list[tuple[int, dict]]:
+        with self._cond:
+            return [(s, e) for s, e in self._events if s > cursor]
+
+    def wait_event(self, match, cursor: int, timeout: float) -> tuple[dict | None, int]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for s, e in self._events:
+                    if s > cursor:
+                        cursor = s
+                        if match(e):
+                            return e, cursor
+                left = deadline - time.monotonic()
+                if left <= 0 or self.gone:
+                    return None, cursor
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            for cb in self._callbacks:
+                try:
+                    libvirt_qemu.qemuMonitorEventDeregister(conn, cb)
+                except libvirt.libvirtError:
+                    pass
+            self._callbacks = []
+            if self._lifecycle is not None:
+                try:
+                    conn.domainEventDeregisterAny(self._lifecycle)
+                except libvirt.libvirtError:
+                    pass
+                self._lifecycle = None
+            try:
+                conn.unregisterCloseCallback()
+            except libvirt.libvirtError:
+                pass
+            try:
+                conn.close()
+            except libvirt.libvirtError:
+                pass
+            self.conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._caller.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _msg(e: libvirt.libvirtError) -> str:
+    return e.get_error_message() or str(e)
