@@ -134,8 +134,12 @@ class LibvirtQmp:
     Set once in __init__ and only read afterwards: conn, dom, name, uri, path.
     """
 
-    def __init__(self, domain: str, uri: str = DEFAULT_URI, timeout: float = QMP_TIMEOUT):
+    def __init__(self, domain: str, uri: str = DEFAULT_URI, timeout: float = QMP_TIMEOUT,
+                 exclusive: bool = True):
+        """``exclusive``: hold the domain's protect lock (False only for a session that
+        merely watches or plays the guest, as the tests do)."""
         self.name = domain
+        self.exclusive = exclusive
         self.uri = uri
         self.path = f"libvirt domain {domain} on {uri}"  # named in messages like a socket path
         self.timeout = timeout
@@ -168,7 +172,8 @@ class LibvirtQmp:
             names = sorted(d.name() for d in self.conn.listAllDomains())
             raise PrimaryError(f"libvirt ({self.uri}) has no domain {self.name!r} "
                                f"(its domains: {', '.join(names) or 'none'})") from None
-        self._take_lock()
+        if self.exclusive:
+            self._take_lock()
         # Events first, then the state check: a domain that stops in between is seen.
         self.conn.registerCloseCallback(self._on_close, None)
         self._lifecycle = self.conn.domainEventRegisterAny(

@@ -36,9 +36,10 @@ libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised
 def _pid(pidfile: str) -> int | None:
     try:
         pid = int(open(pidfile).read().strip())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return None if state in ("Z", "X") else pid  # a zombie has exited
+    except (OSError, ValueError, IndexError):
         return None
 
 
