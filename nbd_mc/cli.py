@@ -332,7 +332,7 @@ def inspect(path, as_json):
         sys.exit(1)
 
 
-# --- protect (primary side): logic in nbd_mc/primary.py ---------------------------
+# --- protect (primary side): logic in nbd_mc/primary/ ---------------------------
 @main.command()
 @click.option("--qmp", "qmp_path", metavar="PATH",
               help="The primary QEMU's QMP unix socket (-qmp unix:PATH,server=on,wait=off).")

@@ -25,7 +25,7 @@ import libvirt
 import pytest
 
 from nbd_mc import guest
-from nbd_mc.libvirt_qmp import LibvirtQmp
+from nbd_mc.primary.libvirt import LibvirtQmp
 from support.libvirt import domain_xml
 from support.servers import (assert_bytes, describe, make_image, nbd_mc, nbd_mc_argv,
                              read_all, read_file, run, subprocess_env, wait_until)

@@ -795,7 +795,7 @@ def test_qmp_connect_that_timed_out_does_not_block_the_next(servers, monkeypatch
             return s
         hog = wait_until(holder, "QEMU's QMP socket")
         assert hog.recv(7) == b'{"QMP":'  # QEMU serves the hog: the slot is taken
-        monkeypatch.setattr(primary, "CONNECT_TIMEOUT", 1.0)
+        monkeypatch.setattr(primary.qmp, "CONNECT_TIMEOUT", 1.0)
         with pytest.raises(primary.PrimaryGone, match="did not greet"):
             primary.Qmp(path, timeout=1.0)
         hog.close()

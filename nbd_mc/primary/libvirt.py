@@ -43,7 +43,8 @@ import xml.etree.ElementTree as ET
 import libvirt
 import libvirt_qemu
 
-from .primary import QMP_TIMEOUT, PrimaryError, PrimaryGone, QmpCommandError
+from .errors import PrimaryError, PrimaryGone, QmpCommandError
+from .qmp import QMP_TIMEOUT
 
 DEFAULT_URI = "qemu:///system"
 #: One lock file per protected domain; /run is per boot like the domains themselves.

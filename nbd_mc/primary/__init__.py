@@ -1,0 +1,33 @@
+"""The primary side: attach a running QEMU to the secondary and checkpoint it.
+
+One concept per module:
+  errors      -- what can stop protect (PrimaryError, PrimaryGone, ...)
+  options     -- the command-line vocabulary (DriveSpec, NbdTarget, Options)
+  qmp         -- a blocking QMP session on a private event-loop thread
+  libvirt     -- the same session through libvirt's API, for --libvirt DOMAIN
+                 (imported by protect only when used)
+  secondary   -- the secondary's control channel: status, group check, commit
+  mirrors     -- block-job plumbing: NBD nodes, write-blocking mirrors, detaching
+  checkpoint  -- one checkpoint: stop, drained, hook, commit, cont
+  report      -- what protect did (summary and --json)
+  protect     -- the orchestration of a whole run
+  console     -- the terminal: stop requests, progress, summary, failure advice
+
+The names below are the package's public interface (the CLI, the demo and the
+tests use them).
+"""
+
+from .checkpoint import HOOK_TIMEOUT, Checkpoint, checkpoint, resume, run_hook, vm_running
+from .console import Console, StopFlag, failure_advice, summary
+from .errors import PrimaryError, PrimaryGone, QmpCommandError, SecondaryFailed
+from .mirrors import (CANCEL_TIMEOUT, DRAIN_TIMEOUT, JOB_END_EVENTS, TLS_OBJECT, Mirrors,
+                      add_tls_creds, attach, cancel_mirrors, check_drives, check_sizes, detach,
+                      jobs, remove_leftovers, remove_nodes, start_drive_mirrors, start_mirrors)
+from .options import (NODE_PREFIX, DriveSpec, NbdTarget, Options, parse_drive, parse_drives,
+                      parse_interval, parse_nbd_uri)
+from .protect import protect
+from .qmp import CONNECT_TIMEOUT, QMP_TIMEOUT, Qmp
+from .report import Report
+from .secondary import commit, first_epoch, secondary_status
+
+__all__ = [n for n in dir() if not n.startswith("_")]

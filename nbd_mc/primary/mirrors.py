@@ -1,0 +1,300 @@
+"""Block-job plumbing in the primary's QEMU: NBD client nodes on the secondary's
+exports, write-blocking mirrors into them, and taking all of it away again.
+
+For every protected drive an NBD block node points at the drive's export on the
+secondary and ``blockdev-mirror sync=full copy-mode=write-blocking`` copies into
+it: once the job is READY, a guest write completes only after the secondary has it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.parse
+
+from .errors import PrimaryError, PrimaryGone, QmpCommandError, SecondaryFailed
+from .options import DriveSpec, NbdTarget
+from .qmp import Qmp
+
+#: After ``stop`` the mirror's counters may lag its last write by an iteration.
+DRAIN_TIMEOUT = 10.0
+DRAIN_POLL = 0.001
+#: Cancelling a READY mirror copies what is still dirty; bound the wait.
+CANCEL_TIMEOUT = 30.0
+TLS_OBJECT = "nbd-mc-tls"
+JOB_END_EVENTS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+
+
+def check_drives(qmp: Qmp, drives: list[DriveSpec]) -> dict[str, int]:
+    """Each --drive names a QEMU drive (BlockBackend or node name); returns their sizes.
+
+    Checked up front so a typo is one clear line, not a failed blockdev-mirror.
+    """
+    sizes = {}
+    known = []
+    for b in qmp.cmd("query-block"):
+        ins = b.get("inserted")
+        if not ins:
+            continue
+        names = [n for n in (b.get("device"), ins.get("node-name")) if n]
+        known.append(names[0])
+        for n in names:
+            sizes[n] = ins["image"]["virtual-size"]
+    missing = [d.drive for d in drives if d.source not in sizes]
+    if missing:
+        raise PrimaryError(f"QEMU has no drive {', '.join(missing)} "
+                           f"(its drives: {', '.join(known) or 'none'})")
+    return {d.drive: sizes[d.source] for d in drives}
+
+
+def check_sizes(sizes: dict[str, int], status: dict, drives: list[DriveSpec]) -> None:
+    """A replica must have exactly its drive's size (QEMU's own message is vaguer)."""
+    theirs = {d["name"]: d["size"] for d in status.get("disks", [])}
+    wrong = [f"{d.drive} is {sizes[d.drive]} bytes but {d.export} is {theirs[d.export]}"
+             for d in drives if theirs.get(d.export) not in (None, sizes[d.drive])]
+    if wrong:
+        raise PrimaryError("the secondary's disks must have the sizes of the drives: "
+                           + "; ".join(wrong))
+
+
+def add_tls_creds(qmp: Qmp, directory: str) -> str:
+    """A client tls-creds-x509 object for an nbds:// secondary (reused if present)."""
+    try:
+        qmp.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": TLS_OBJECT,
+                                 "dir": os.path.abspath(directory), "endpoint": "client",
+                                 "verify-peer": True})
+    except QmpCommandError as e:
+        if "already" not in str(e).lower():
+            raise
+    return TLS_OBJECT
+
+
+def attach(qmp: Qmp, target: NbdTarget, drives: list[DriveSpec],
+           tls_creds: str | None = None) -> None:
+    """One NBD client node per drive, each on its own export of the secondary."""
+    for d in drives:
+        args = {"driver": "nbd", "node-name": d.node, "server": target.server,
+                "export": d.export}
+        if tls_creds:
+            args["tls-creds"] = tls_creds
+            if target.server["type"] == "unix":
+                # a unix socket has no host name to check the certificate against
+                args["tls-hostname"] = "localhost"
+        try:
+            qmp.cmd("blockdev-add", **args)
+        except QmpCommandError as e:
+            raise SecondaryFailed(f"cannot open export {d.export} on the secondary "
+                                  f"({target.describe()}): {e}") from None
+
+
+def start_mirrors(qmp: Qmp, drives: list[DriveSpec]) -> None:
+    """sync=full copies the whole disk once; write-blocking then makes every guest
+    write wait for the secondary, which is what lets a paused VM mean "all there"."""
+    for d in drives:
+        qmp.cmd("blockdev-mirror", **{"job-id": d.job, "device": d.source, "target": d.node,
+                                      "sync": "full", "copy-mode": "write-blocking",
+                                      "on-target-error": "report"})
+
+
+def start_drive_mirrors(qmp: Qmp, target: NbdTarget, drives: list[DriveSpec]) -> None:
+    """The same with the older drive-mirror: QEMU opens the NBD URI itself."""
+    for d in drives:
+        server = target.server
+        if server["type"] == "unix":
+            uri = f"nbd+unix:///{urllib.parse.quote(d.export)}?socket={server['path']}"
+        else:
+            uri = f"nbd://{server['host']}:{server['port']}/{urllib.parse.quote(d.export)}"
+        qmp.cmd("drive-mirror", **{"job-id": d.job, "device": d.source, "target": uri,
+                                   "format": "raw", "mode": "existing", "sync": "full",
+                                   "copy-mode": "write-blocking", "on-target-error": "report"})
+
+
+def jobs(qmp: Qmp) -> dict[str, dict]:
+    return {j["device"]: j for j in qmp.cmd("query-block-jobs")}
+
+
+def _job_failure(event: dict, ours: set) -> str | None:
+    """What a QMP event says went wrong with one of our mirrors, if anything."""
+    data = event.get("data") or {}
+    job = data.get("device") or data.get("id")
+    if job not in ours:
+        return None
+    name = event.get("event")
+    if name == "BLOCK_JOB_ERROR":
+        return (f"mirror {job}: {data.get('operation', 'I/O')} error on the "
+                f"{'secondary' if data.get('operation') == 'write' else 'disk'} "
+                f"(action {data.get('action')})")
+    if name == "BLOCK_JOB_COMPLETED":
+        return f"mirror {job} ended" + (f" with an error: {data['error']}" if data.get("error")
+                                        else " (completed by someone else)")
+    if name == "BLOCK_JOB_CANCELLED":
+        return f"mirror {job} was cancelled by someone else"
+    return None
+
+
+class Mirrors:
+    """Our mirror jobs and what QEMU said about them since they started."""
+
+    def __init__(self, qmp: Qmp, drives: list[DriveSpec]):
+        self.qmp = qmp
+        self.drives = drives
+        self.ids = {d.job for d in drives}
+        self.cursor = qmp.cursor
+        self.failure: str | None = None
+        self.ready: set = set()
+        self.synced: dict[str, int] = {}  # bytes copied when each job became READY
+
+    def scan(self) -> None:
+        """Look at the new events: READY and failures (the first failure sticks)."""
+        for seq, e in self.qmp.events_after(self.cursor):
+            self.cursor = seq
+            data = e.get("data") or {}
+            if e.get("event") == "BLOCK_JOB_READY" and data.get("device") in self.ids:
+                self.ready.add(data["device"])
+                self.synced[data["device"]] = data.get("offset", 0)
+            why = _job_failure(e, self.ids)
+            if why and not self.failure:
+                self.failure = why
+
+    def check(self) -> None:
+        self.scan()
+        if self.failure:
+            raise SecondaryFailed(self.failure)
+        if self.qmp.gone:
+            raise PrimaryGone(f"QEMU ({self.qmp.path}): {self.qmp.gone}")
+
+    def progress(self) -> tuple[int, int]:
+        """(bytes copied, bytes to copy) summed over our jobs."""
+        js = jobs(self.qmp)
+        done = sum(js[j]["offset"] for j in self.ids if j in js)
+        total = sum(js[j]["len"] for j in self.ids if j in js)
+        return done, total
+
+    def wait_ready(self, report=None, stop_requested=lambda: False, poll: float = 0.25) -> bool:
+        """Wait for BLOCK_JOB_READY of every mirror; report(done, total) meanwhile.
+
+        Returns False if stop_requested() became true first.
+        """
+        while True:
+            self.check()
+            if self.ready >= self.ids:
+                if report:
+                    report(*self.progress())
+                return True
+            if stop_requested():
+                return False
+            if report:
+                report(*self.progress())
+            self.qmp.wait_event(lambda e: True, self.qmp.cursor, poll)
+
+    def wait_drained(self, timeout: float = DRAIN_TIMEOUT) -> dict[str, dict]:
+        """With the VM stopped: every mirror READY, no I/O error, nothing left to copy.
+
+        ``stop`` drains guest I/O, and write-blocking means a finished guest write is
+        on the secondary; the job's len - offset is what is still to be copied (its
+        counters can trail by a moment, hence the bounded poll).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check()
+            js = jobs(self.qmp)
+            self.check()
+            pending = []
+            for j in sorted(self.ids):
+                info = js.get(j)
+                if info is None:
+                    raise SecondaryFailed(f"mirror {j} is gone from QEMU's block jobs")
+                if info.get("io-status", "ok") != "ok":
+                    raise SecondaryFailed(f"mirror {j}: I/O status {info['io-status']}")
+                if info.get("status") != "ready" or not info.get("ready"):
+                    raise SecondaryFailed(f"mirror {j} is {info.get('status')}, not ready")
+                if info["len"] - info["offset"]:
+                    pending.append(f"{j}: {info['len'] - info['offset']} bytes")
+            if not pending:
+                return js
+            if time.monotonic() > deadline:
+                raise SecondaryFailed(f"the mirrors did not drain with the VM stopped "
+                                      f"({', '.join(pending)} left after {timeout:.0f} s)")
+            time.sleep(DRAIN_POLL)  # polling a counter with a deadline
+
+
+def cancel_mirrors(qmp: Qmp, mirrors: Mirrors, timeout: float = CANCEL_TIMEOUT) -> list[str]:
+    """block-job-cancel each mirror and wait for it to end.  After READY that ends the
+    job cleanly without a pivot: the VM goes on using its own disk.  Returns problems."""
+    problems = []
+    start = qmp.cursor
+    live = set(jobs(qmp)) & mirrors.ids
+    for j in sorted(live):
+        try:
+            qmp.cmd("block-job-cancel", device=j)
+        except QmpCommandError as e:
+            if e.qmp_class != "DeviceNotActive":  # not: it ended meanwhile (a failed mirror)
+                problems.append(e.desc)
+            live.discard(j)
+    pending = set(live)
+    deadline = time.monotonic() + timeout
+    cursor = start
+    while pending and not qmp.gone:
+        ev, cursor = qmp.wait_event(
+            lambda e: e.get("event") in JOB_END_EVENTS and (e.get("data") or {}).get("device")
+            in pending, cursor, max(0.0, deadline - time.monotonic()))
+        if ev is None:
+            if time.monotonic() >= deadline:
+                for j in sorted(pending):  # a target that no longer answers: force it
+                    try:
+                        qmp.cmd("block-job-cancel", device=j, force=True)
+                    except QmpCommandError:
+                        pass
+                pending &= set(jobs(qmp))
+                if pending:
+                    problems.append(f"mirror(s) {', '.join(sorted(pending))} did not end")
+                break
+            continue
+        pending.discard(ev["data"]["device"])
+    return problems
+
+
+def remove_nodes(qmp: Qmp, drives: list[DriveSpec]) -> list[str]:
+    """blockdev-del our NBD nodes (those still there); returns problems."""
+    present = {n.get("node-name") for n in qmp.cmd("query-named-block-nodes")}
+    problems = []
+    for d in drives:
+        if d.node in present:
+            try:
+                qmp.cmd("blockdev-del", **{"node-name": d.node})
+            except QmpCommandError as e:
+                problems.append(e.desc)
+    return problems
+
+
+def remove_leftovers(qmp: Qmp, drives: list[DriveSpec]) -> str | None:
+    """Clean up after an earlier protect that died without detaching (kill -9).
+
+    Its mirror jobs and NBD nodes are still in QEMU and would make ours fail with
+    "duplicate id"; if it died mid-checkpoint it also left the VM paused.  Only one
+    client can use a QMP socket at a time, so nobody else is driving them now.
+    Returns what was done, or None if there was nothing to do.
+    """
+    present = {n.get("node-name") for n in qmp.cmd("query-named-block-nodes")}
+    stale_jobs = [d.job for d in drives if d.job in jobs(qmp)]
+    stale_nodes = [d.node for d in drives if d.node in present]
+    if not stale_jobs and not stale_nodes:
+        return None
+    paused = qmp.cmd("query-status").get("status") == "paused"
+    problems = detach(qmp, Mirrors(qmp, drives))
+    if problems:
+        raise PrimaryError("cannot remove the mirrors an earlier protect left behind: "
+                           + "; ".join(problems))
+    done = f"removed {len(stale_jobs)} mirror(s) and {len(stale_nodes)} node(s) left by an " \
+           "earlier protect that did not detach"
+    if paused:
+        qmp.cmd("cont")
+        done += "; resumed the VM it had left paused"
+    return done
+
+
+def detach(qmp: Qmp, mirrors: Mirrors) -> list[str]:
+    """Leave QEMU as we found it: no mirror, no NBD node; the VM keeps running."""
+    problems = cancel_mirrors(qmp, mirrors)
+    problems += remove_nodes(qmp, mirrors.drives)
+    return problems

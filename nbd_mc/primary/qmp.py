@@ -1,0 +1,191 @@
+"""A blocking QMP session: qemu.qmp's asyncio QMPClient on a private event-loop thread.
+
+The rest of the primary side is plain blocking code (the hook and the control
+channel block), yet QMP events must still arrive, in order, meanwhile: a private
+loop thread records them as they are read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import threading
+import time
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
+
+from .errors import PrimaryGone, QmpCommandError, why as _why
+
+#: QMP commands normally answer in milliseconds; ``stop`` drains all I/O and a
+#: ``blockdev-add`` connects over the network, so allow for a slow host.
+QMP_TIMEOUT = 60.0
+#: QEMU greets at once; no greeting means another client holds the socket.
+CONNECT_TIMEOUT = 10.0
+
+
+class _Recorder(EventListener):
+    """Hands every event to Qmp as it is read, before the next message is.
+
+    qemu.qmp awaits put() before it reads on, so an event QEMU sent before a reply
+    is recorded before that reply's execute() returns: after ``stop`` returns, a
+    mirror error that happened before the stop is already visible.
+    """
+
+    def __init__(self, sink):
+        super().__init__()
+        self._sink = sink
+
+    async def put(self, event) -> None:
+        self._sink(event)
+
+
+class Qmp:
+    """A blocking QMP session; qemu.qmp's asyncio client on a private loop thread."""
+
+    def __init__(self, path: str, timeout: float = QMP_TIMEOUT):
+        self.path = path
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        self._events: collections.deque = collections.deque(maxlen=4096)
+        self._seq = 0
+        self.gone: str | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="qmp", daemon=True)
+        self._thread.start()
+        self._client = None
+        try:
+            self._client = self._run(self._make_client(), 10)
+            self._run(self._client.connect(path), min(timeout, CONNECT_TIMEOUT))
+        except (TimeoutError, asyncio.TimeoutError):
+            self._abandon()
+            raise PrimaryGone(f"QEMU's QMP socket {path} did not greet within "
+                              f"{min(timeout, CONNECT_TIMEOUT):.0f} s: is another client "
+                              "connected? (QEMU serves one client per -qmp socket)") from None
+        except BaseException as e:
+            self._abandon()
+            raise PrimaryGone(f"cannot connect to QEMU's QMP socket {path}: {_why(e)}") from None
+        self._run(self._start_watch(), 10)
+        atexit.register(self.close)  # a forgotten session must not spew asyncio warnings
+
+    async def _make_client(self) -> QMPClient:
+        client = QMPClient("nbd-mc")
+        # The default listener keeps every event forever: make it keep none.
+        client.events.names = {"nbd-mc: this listener keeps no events"}
+        client.register_listener(_Recorder(self._record))
+        return client
+
+    async def _start_watch(self) -> None:
+        asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Notice a dead QEMU even while nobody executes a command."""
+        while self._client.runstate == Runstate.RUNNING:
+            await self._client.runstate_changed()
+        with self._cond:
+            self.gone = self.gone or "the QMP connection closed (QEMU exited or was killed)"
+            self._cond.notify_all()
+
+    def _record(self, event) -> None:
+        with self._cond:
+            self._seq += 1
+            self._events.append((self._seq, dict(event)))
+            self._cond.notify_all()
+
+    def _run(self, coro, timeout):
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout)
+        except BaseException:
+            fut.cancel()
+            raise
+
+    # commands
+    def cmd(self, name: str, **arguments):
+        """Execute one command; QmpCommandError for QEMU's refusal, PrimaryGone if QEMU is."""
+        if self.gone:
+            raise PrimaryGone(f"QEMU ({self.path}): {self.gone}")
+        try:
+            return self._run(self._client.execute(name, arguments or None), self.timeout)
+        except ExecuteError as e:
+            raise QmpCommandError(name, e.error_class, str(e)) from None
+        except (QMPError, OSError, EOFError, asyncio.TimeoutError, TimeoutError,
+                asyncio.CancelledError) as e:
+            with self._cond:
+                self.gone = self.gone or f"{name}: {_why(e)}"
+            raise PrimaryGone(f"lost the QMP connection to QEMU ({self.path}) during {name}: "
+                              f"{_why(e)}") from None
+
+    def hmp(self, command_line: str) -> str:
+        """A human monitor command (tests use qemu-io through it to play a guest)."""
+        return self.cmd("human-monitor-command", **{"command-line": command_line})
+
+    # events
+    @property
+    def cursor(self) -> int:
+        """Events recorded so far; pass it to events_after() / wait_event()."""
+        with self._cond:
+            return self._seq
+
+    def events_after(self, cursor: int) -> list[tuple[int, dict]]:
+        """(sequence number, event) of every event recorded after ``cursor``."""
+        with self._cond:
+            return [(s, e) for s, e in self._events if s > cursor]
+
+    def wait_event(self, match, cursor: int, timeout: float) -> tuple[dict | None, int]:
+        """The first event after ``cursor`` with match(event) true, or None at the
+        timeout or when QEMU is gone; and the cursor after it."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for s, e in self._events:
+                    if s > cursor:
+                        cursor = s
+                        if match(e):
+                            return e, cursor
+                left = deadline - time.monotonic()
+                if left <= 0 or self.gone:
+                    return None, cursor
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        atexit.unregister(self.close)
+        if self._loop.is_closed():
+            return
+        try:
+            self._run(self._client.disconnect(), 10)
+        except BaseException:  # a broken connection: nothing left to close politely
+            pass
+        self._stop_loop()
+
+    def _abandon(self) -> None:
+        """A failed connect must close its socket: QEMU serves one client per QMP
+        socket, and a half-open attempt left behind would keep every later one
+        waiting for a greeting that never comes."""
+        if self._client is not None:
+            try:
+                self._run(self._client.disconnect(), 5)
+            except BaseException:
+                pass
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        async def cancel_all():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            self._run(cancel_all(), 10)
+        except BaseException:
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

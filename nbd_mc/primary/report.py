@@ -1,0 +1,40 @@
+"""What protect did: the closing summary and the --json report."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Report:
+    """What protect did, for the closing summary (and --json)."""
+
+    first_epoch: int = 0
+    committed: int = 0  # the last epoch the secondary acknowledged (0: none by us)
+    commits: int = 0
+    skipped: int = 0
+    pauses: list = field(default_factory=list)
+    hook_times: list = field(default_factory=list)
+    initial_sync_bytes: int = 0
+    mirrored_bytes: int = 0
+    seconds: float = 0.0
+    outcome: str = ""  # "detached" | "failed"
+    error: str | None = None
+    primary_gone: bool = False  # the failure was QEMU itself going away
+    attached: bool = False  # we changed QEMU (added nodes / started mirrors)
+    problems: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        p = sorted(self.pauses)
+        h = sorted(self.hook_times)
+        return {"first_epoch": self.first_epoch, "committed": self.committed,
+                "commits": self.commits, "skipped": self.skipped,
+                "pause_ms": {"median": round(statistics.median(p) * 1000, 3) if p else None,
+                             "worst": round(p[-1] * 1000, 3) if p else None,
+                             "count": len(p),
+                             "hook_median": round(statistics.median(h) * 1000, 3) if h else None},
+                "initial_sync_bytes": self.initial_sync_bytes,
+                "mirrored_bytes": self.mirrored_bytes, "seconds": round(self.seconds, 3),
+                "outcome": self.outcome, "error": self.error, "primary_gone": self.primary_gone,
+                "problems": self.problems}
