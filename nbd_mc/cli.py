@@ -189,10 +189,28 @@ def serve(disks, state_dir, socket_path, port, bind, control, cluster_size, dura
 
 
 @main.command()
+@click.option("--prometheus", is_flag=True, help="Print Prometheus text exposition format "
+              "(for node_exporter's textfile collector; see README, Metrics).")
+@click.option("--group", "group_label", metavar="NAME",
+              help="The group label of --prometheus series (default: the control address).")
+@click.option("--stale-after", type=click.FloatRange(0), default=60.0, show_default=True,
+              metavar="SECONDS", help="--prometheus: nbd_mc_stale is 1 after this long "
+              "without a commit.")
+@click.option("--watch", is_flag=True, help="Refresh a live view until Ctrl-C (plain lines "
+              "when not on a terminal).")
+@click.option("--interval", "watch_interval", default="1s", show_default=True,
+              metavar="DURATION", help="--watch: time between refreshes.")
+@click.option("--count", type=click.IntRange(1), metavar="N",
+              help="--watch: stop after N refreshes.")
 @control_options
 @refusals
-def status(target, as_json):
+def status(target, as_json, prometheus, group_label, stale_after, watch, watch_interval, count):
     """Show the group: committed epoch, protection, role, fencing, per-disk undo."""
+    if prometheus or watch:
+        where = target.control if not target.control or "://" in target.control \
+            else os.path.abspath(target.control)
+        return _status_metrics_or_watch(target, prometheus, group_label or where,
+                                        stale_after, watch, watch_interval, count)
     st = target.execute("query-status")
     prot = "protected" if st["protected"] else "NOT protected"
     lines = [f"committed epoch {st['committed']} (open epoch {st['open_epoch']}), {prot}, "
@@ -203,6 +221,29 @@ def status(target, as_json):
         lines.append(f"{d['name']:<12} {human_size(d['size']):>10} {human_size(d['cluster_size']):>8} "
                      f"{d['preserved_clusters']:>10} {human_size(d['undo_bytes']):>10}  {d['image']}")
     emit(st, as_json, "\n".join(lines))
+
+
+def _status_metrics_or_watch(target, prometheus, group, stale_after, watch, interval, count):
+    """status --prometheus (metrics.py) and status --watch (watch.py)."""
+    if prometheus and watch:
+        raise click.UsageError("give --prometheus or --watch, not both")
+    if watch:
+        from .primary import parse_interval
+        from .watch import watch as run_watch
+        try:
+            seconds = parse_interval(interval)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        target.client().close()  # a wrong address is a usage error, not a view
+        run_watch(lambda: target.execute("query-status"), target.control, seconds, count)
+        return
+    from .metrics import render_down, render_status
+    try:
+        st = target.execute("query-status")
+    except (Failure, NbdMcError, OSError) as e:
+        click.echo(render_down(group), nl=False)
+        raise Failure(getattr(e, "message", None) or getattr(e, "desc", None) or str(e)) from None
+    click.echo(render_status(st, group, stale_after=stale_after), nl=False)
 
 
 @main.command()
@@ -361,12 +402,15 @@ def inspect(path, as_json):
 @click.option("--tls-certificates", "tls_dir", metavar="DIR", type=click.Path(file_okay=False),
               help="x509 client certificates (ca-cert.pem, client-cert.pem, client-key.pem) for "
                    "an nbds:// target and a tcp:// control address.")
+@click.option("--metrics-file", metavar="PATH",
+              help="Prometheus textfile rewritten atomically after every checkpoint "
+                   "(see README, Metrics).")
 @click.option("--drive-mirror", "legacy", is_flag=True,
               help="Use the older drive-mirror command (QEMU opens the NBD URI itself).")
 @click.option("--quiet", "-q", is_flag=True, help="Only the closing summary and errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the closing report as JSON.")
 def protect(qmp_path, domain, connect_uri, drives, target, control, interval, epochs, hook,
-            tls_dir, legacy, quiet, as_json):
+            tls_dir, metrics_file, legacy, quiet, as_json):
     """Mirror a running QEMU's drives into the secondary and checkpoint them.
 
     Attaches the secondary's exports to QEMU, runs blockdev-mirror (sync=full,
@@ -386,7 +430,7 @@ def protect(qmp_path, domain, connect_uri, drives, target, control, interval, ep
             target=primary.parse_nbd_uri(target), control=control,
             interval=primary.parse_interval(interval), epochs=epochs, hook=hook,
             tls_certificates=tls_dir, legacy_drive_mirror=legacy, libvirt=domain,
-            connect=connect_uri)
+            connect=connect_uri, metrics_file=metrics_file)
         parse_address(control)
     except ValueError as e:
         raise click.UsageError(str(e)) from None

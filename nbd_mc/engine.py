@@ -316,6 +316,8 @@ class Group:
         self._refresh_fast_path()
         self.stats = {"writes": 0, "zeroes": 0, "trims": 0, "bytes_written": 0,
                       "commits": 0, "rollbacks": 0, "refused_writes": 0, "errors": 0}
+        self.stats["refused_commits"] = 0  # commits refused or failed (metrics)
+        self.last_commit_time: float | None = None  # wall clock of this server's last commit
         try:
             self.recovered = self._recover()
         except BaseException:  # a refused or failed recovery keeps no fd and no lock
@@ -494,6 +496,13 @@ class Group:
 
     # --- checkpoint operations --------------------------------------------------------
     def commit(self, epoch: int) -> dict:
+        try:
+            return self._commit(epoch)
+        except NbdMcError:
+            self.stats["refused_commits"] += 1
+            raise
+
+    def _commit(self, epoch: int) -> dict:
         with self._control:
             if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
                 raise BadRequest("commit: 'epoch' must be a non-negative integer")
@@ -520,6 +529,7 @@ class Group:
                     crashpoints.reached("commit.after-state")
                 self._drop_all(epoch)
             self.stats["commits"] += 1
+            self.last_commit_time = time.time()
             return {"committed": epoch, "seconds": time.perf_counter() - t0}
 
     def _refuse_if_fenced(self, what: str) -> None:
@@ -652,6 +662,7 @@ class Group:
             "broken": self.broken,
             "disks": [d.status() for d in self.disks],
             "stats": dict(self.stats),
+            "last_commit_time": self.last_commit_time,
         }
 
     def close(self) -> None:

@@ -21,8 +21,8 @@ import signal
 import subprocess
 import sys
 
-import libvirt
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from nbd_mc import guest
 from nbd_mc.primary.libvirt import LibvirtQmp
@@ -169,6 +169,17 @@ def assert_detached(s: LibvirtQmp) -> None:
     assert all(n.startswith("libvirt-") for n in nodes), nodes
 
 
+def metrics_file(path: str) -> dict:
+    """protect's --metrics-file, parsed by prometheus_client (one vm label):
+    {sample name: value}, and {(state set name, state): value}."""
+    out = {}
+    for fam in text_string_to_metric_families(read_file(path).decode()):
+        for smp in fam.samples:
+            state = smp.labels.get(smp.name)
+            out[(smp.name, state) if state else smp.name] = smp.value
+    return out
+
+
 def replica_pair(servers, sizes: dict[str, int], rng: random.Random):
     """Primary images with random data and empty replicas; the secondary serving them."""
     images, replicas = {}, {}
@@ -231,9 +242,15 @@ def test_protect_idle_domain(servers, domains, procs):
         assert_detached(s)
 
         # protect again (already protected: a new full sync, undo until epoch 7 commits)
+        mfile = servers.path("protect.prom")
         proc = start_protect(servers.root, procs, name, server, ["vda", "vdb"],
-                             "--interval", "20ms", "--checkpoint-hook", rec.hook, "--json")
+                             "--interval", "20ms", "--checkpoint-hook", rec.hook, "--json",
+                             "--metrics-file", mfile)
         g.play(lambda: committed(server) >= 9 or proc.poll() is not None)
+        m = metrics_file(mfile)
+        assert m[("nbd_mc_protect_state", "checkpointing")] == 1, m
+        assert m[("nbd_mc_protect_state", "syncing")] == 0
+        assert 7 <= m["nbd_mc_protect_committed_epoch"] <= committed(server)
         r = nbd_mc(*base, "--libvirt", name, "--drive", "vda", "--drive", "vdb")
         assert r.returncode == 1 and "another nbd-mc protect (pid" in r.stderr, describe(r)
         proc.send_signal(signal.SIGTERM)
@@ -243,6 +260,16 @@ def test_protect_idle_domain(servers, domains, procs):
         report = json.loads(out)
         assert report["outcome"] == "detached" and report["first_epoch"] == 7
         assert report["committed"] == committed(server) >= 9
+        m = metrics_file(mfile)  # as protect left it: the same figures as its report
+        assert m[("nbd_mc_protect_state", "detached")] == 1
+        assert m["nbd_mc_protect_committed_epoch"] == report["committed"]
+        assert m["nbd_mc_protect_commits_total"] == report["commits"]
+        assert m["nbd_mc_protect_pause_seconds_count"] == report["pause_ms"]["count"]
+        assert m["nbd_mc_protect_max_pause_seconds"] * 1000 == \
+            pytest.approx(report["pause_ms"]["worst"], abs=0.001)
+        assert m["nbd_mc_protect_initial_sync_bytes"] == report["initial_sync_bytes"] \
+            >= sum(sizes.values())
+        assert m["nbd_mc_protect_mirrored_bytes"] >= report["initial_sync_bytes"]
         assert_detached(s)
         last = report["committed"]
         r = server.cli("failover", "--json")

@@ -128,3 +128,4 @@ class Options:
     legacy_drive_mirror: bool = False
     libvirt: str | None = None  # a libvirt domain instead of a QMP socket
     connect: str = "qemu:///system"  # its libvirt connection URI
+    metrics_file: str | None = None  # Prometheus textfile rewritten after each checkpoint

@@ -22,6 +22,7 @@ from .mirrors import (Mirrors, add_tls_creds, attach, check_drives, check_sizes,
 from .options import Options
 from .qmp import Qmp
 from .report import Report
+from ..metrics import ProtectMetrics
 from .secondary import connect, first_epoch, secondary_status
 
 
@@ -36,7 +37,8 @@ class Session:
     """
 
     def __init__(self, opts: Options, qmp: Qmp, ctl: ControlClient, mirrors: Mirrors,
-                 epoch: int, report: Report, stop: StopFlag, console: Console):
+                 epoch: int, report: Report, stop: StopFlag, console: Console,
+                 metrics: ProtectMetrics | None = None):
         self.opts = opts
         self.qmp = qmp
         self.ctl = ctl
@@ -45,6 +47,7 @@ class Session:
         self.report = report
         self.stop = stop
         self.console = console
+        self.metrics = metrics or ProtectMetrics(None)  # --metrics-file (metrics.py)
 
     def checkpoint_loop(self) -> None:
         """Every interval a checkpoint, until --epochs N commits or a stop request.
@@ -73,6 +76,8 @@ class Session:
                 report.skipped += 1
                 self.console.say(f"  epoch {self.epoch} not committed: {cp.skipped}; "
                                  "the VM continues")
+            self.metrics.checkpointed(report, cp.committed, self.mirrors.progress()[0]
+                                      if self.metrics.path else None)
 
 
 def open_session(opts: Options):
@@ -102,7 +107,12 @@ def protect(opts: Options, console: Console | None = None, stop: StopFlag | None
     report = Report()
     t_start = time.monotonic()
     ctl = qmp = mirrors = None
+    metrics = ProtectMetrics(opts.metrics_file, opts.libvirt or opts.qmp or "")
     try:
+        try:
+            metrics.start(report)
+        except OSError as e:
+            raise PrimaryError(f"--metrics-file: {e}") from None
         ctl = connect(opts.control, opts.tls_certificates)
         status = secondary_status(ctl)
         next_epoch = first_epoch(status, opts.drives)
@@ -125,14 +135,19 @@ def protect(opts: Options, console: Console | None = None, stop: StopFlag | None
         report.attached = True
         _attach_and_mirror(qmp, opts, mirrors)
         console.say(f"  mirroring {_mib(sum(sizes.values()))} (sync=full, write-blocking)")
-        if not mirrors.wait_ready(console.sync_progress, stop):
+        metrics.set_state("syncing", report)
+        if not mirrors.wait_ready(lambda done, total: (console.sync_progress(done, total),
+                                                       metrics.sync_progress(done, total, report)),
+                                  stop):
             report.outcome = "detached"
             console.say("stopped before the initial sync finished: nothing was committed")
             return report
         report.initial_sync_bytes = sum(mirrors.synced.values())
         console.say(f"  mirrors ready; checkpointing every {opts.interval * 1000:g} ms"
                     + (f" for {opts.epochs} epochs" if opts.epochs else "") + " (Ctrl-C detaches)")
-        Session(opts, qmp, ctl, mirrors, next_epoch, report, stop, console).checkpoint_loop()
+        metrics.set_state("checkpointing", report)
+        Session(opts, qmp, ctl, mirrors, next_epoch, report, stop, console,
+                metrics).checkpoint_loop()
         report.outcome = "detached"
     except PrimaryError as e:
         report.outcome = "failed"
@@ -152,6 +167,9 @@ def protect(opts: Options, console: Console | None = None, stop: StopFlag | None
         if own_stop:
             stop.restore()
         report.seconds = time.monotonic() - t_start
+        metrics.set_state(report.outcome or "failed", report)
+        if metrics.error:
+            report.problems.append(metrics.error)
     return report
 
 
