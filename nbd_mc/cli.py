@@ -182,6 +182,10 @@ def serve(disks, state_dir, socket_path, port, bind, control, cluster_size, dura
         text.append(f"  control: {opts.control}")
         emit(info, as_json, "\n".join(text))
         sys.stdout.flush()
+        if foreground:
+            from .notify import notify
+            notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving, committed epoch "
+                   f"{st['committed']}")
 
     pid = server.start(opts, on_ready=announce if foreground else None)
     if not foreground:
