@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -335,3 +336,57 @@ def test_protect_libvirt_guest_kill9_failover(servers, domains, procs):
     assert check.maxseq >= seq_protected, (check.maxseq, seq_protected)
     print(f"\nlibvirt guest: {last} epochs committed, records 1..{check.maxseq} on the "
           f"replica (last MC-SEQ seen {serial.last_seq})")
+
+
+def test_protect_libvirt_killed_and_secondary_killed(servers, domains, procs):
+    """protect killed -9 with the domain paused as if mid-checkpoint: the next protect
+    removes the job and node it left, resumes the domain and commits on.  Then the
+    secondary's nbdkit is killed -9: protect exits 1, the domain runs on with nothing
+    of ours left, and `nbd-mc recover` gives exactly the last acknowledged epoch."""
+    rng = random.Random("libvirt-failures")
+    sizes = {"vda": 8 * MiB}
+    images, server = replica_pair(servers, sizes, rng)
+    name = f"nbdmc-fail-{os.getpid()}"
+    domains.create(domain_xml(name, images))
+    s = LibvirtQmp(name, exclusive=False)
+    try:
+        rec = Recorder(servers.root, images)
+        g = PlayedGuest(s, sizes, rec, rng)
+        proc = start_protect(servers.root, procs, name, server, ["vda"], "--interval", "20ms",
+                             "--checkpoint-hook", rec.hook)
+        g.play(lambda: committed(server) >= 3 or proc.poll() is not None)
+        proc.kill()
+        proc.wait(30)
+        s.cmd("stop")
+        assert [j["device"] for j in s.cmd("query-block-jobs")] == ["nbd-mc-vda"]
+        assert "nbd-mc-vda" in [n["node-name"] for n in s.cmd("query-named-block-nodes")]
+        last = committed(server)
+        r = nbd_mc("protect", "--libvirt", name, "--drive", "vda", "--target", server.uri(),
+                   "--control", server.control_path, "--epochs", 2, "--interval", "10ms")
+        assert r.returncode == 0, describe(r)
+        assert "left by an earlier protect" in r.stdout and "resumed the VM" in r.stdout
+        assert f"committed epochs {last + 1}..{last + 2}" in r.stdout, r.stdout
+        assert_detached(s)
+        assert_bytes(read_file(server.image("vda")), read_file(images["vda"]), "vda")
+
+        proc = start_protect(servers.root, procs, name, server, ["vda"], "--interval", "20ms",
+                             "--checkpoint-hook", rec.hook)
+        g.play(lambda: committed(server) >= last + 5 or proc.poll() is not None)
+        g.play(lambda: proc.poll() is not None, ops=rng.randrange(1, 8))
+        before = committed(server)
+        server.kill9()
+        g.play(lambda: proc.poll() is not None)
+        rc, out, err = finished(proc)
+        assert rc == 1, (out, err)
+        assert "The VM keeps running UNPROTECTED (mirrors removed)" in err, err
+        held = re.search(r"the secondary holds epoch (\d+),", err)
+        assert held, err
+        acked = int(held.group(1))  # a commit may have landed between `before` and the kill
+        assert acked >= before
+        assert_detached(s)
+        r = server.cli("recover")
+        assert r.returncode == 0 and f"committed epoch {acked}" in r.stdout, describe(r)
+        assert_bytes(read_file(server.image("vda")), rec.record(acked)["vda"],
+                     f"vda after kill -9 of the secondary and recover (epoch {acked})")
+    finally:
+        s.close()
