@@ -81,6 +81,12 @@ _GONE_CODES = {libvirt.VIR_ERR_OPERATION_INVALID,  # "domain is not running"
                libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN}
 
 
+_STOPPED = {libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "QEMU crashed",
+            libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "QEMU exited or was killed",
+            libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "the domain was destroyed",
+            libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "the guest shut down"}
+
+
 class _Caller:
     """Runs blocking libvirt calls on one worker thread so a caller can give up.
 
@@ -220,14 +226,9 @@ class LibvirtQmp:
             self._cond.notify_all()
 
     def _on_lifecycle(self, conn, dom, event, detail, opaque) -> None:
-        if event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_SHUTDOWN):
-            why = ("QEMU crashed or was killed" if event == libvirt.VIR_DOMAIN_EVENT_STOPPED
-                   and detail in (libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED,
-                                  libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED)
-                   else "the domain stopped")
-            if event == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN:
-                return  # the guest asked to shut down: QEMU still runs until STOPPED
-            self._set_gone(why)
+        # Only STOPPED means QEMU is gone (SHUTDOWN: the guest asked; QEMU still runs).
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            self._set_gone(_STOPPED.get(detail, "the domain stopped"))
 
     def _on_close(self, conn, reason, opaque) -> None:
         self._set_gone("the connection to libvirtd closed")
@@ -274,8 +275,8 @@ class LibvirtQmp:
             "human-monitor-command")
 
     # disks
-    def disks(self) -> dict[str, dict]:
-        """target dev -> {"alias", "source", "qdev"} from the live domain XML."""
+    def disks(self) -> dict[str, str | None]:
+        """target dev -> device alias (``virtio-disk0``), from the live domain XML."""
         root = ET.fromstring(self._call(lambda: self.dom.XMLDesc(0), "XMLDesc"))
         found = {}
         for disk in root.findall("./devices/disk"):
@@ -283,12 +284,7 @@ class LibvirtQmp:
             alias = disk.find("alias")
             if target is None or target.get("dev") is None:
                 continue
-            source = disk.find("source")
-            found[target.get("dev")] = {
-                "alias": alias.get("name") if alias is not None else None,
-                "source": (source.get("file") or source.get("dev") or source.get("name"))
-                if source is not None else None,
-                "device": disk.get("device", "disk")}
+            found[target.get("dev")] = alias.get("name") if alias is not None else None
         return found
 
     def block_device(self, target: str) -> str:
@@ -298,36 +294,37 @@ class LibvirtQmp:
         and gives the node at the top of the guest's view (``libvirt-N-format``);
         blockdev-mirror's ``device`` takes that node name.
         """
+        b = self._block(target)
+        ins = b.get("inserted")
+        if not ins or not ins.get("node-name"):
+            raise PrimaryError(f"disk {target} of domain {self.name} has no medium")
+        return ins["node-name"]
+
+    def _block(self, target: str) -> dict:
+        """The query-block entry of the disk with libvirt target ``target``: its qdev
+        path is /machine/peripheral/ALIAS/... (libvirt gives every device an alias)."""
         disks = self.disks()
-        info = disks.get(target)
-        if info is None:
+        if target not in disks:
             raise PrimaryError(f"libvirt domain {self.name} has no disk with target {target} "
                                f"(its disks: {', '.join(sorted(disks)) or 'none'})")
-        if not info["alias"]:
+        alias = disks[target]
+        if not alias:
             raise PrimaryError(f"libvirt gives disk {target} of domain {self.name} no alias")
         for b in self.cmd("query-block"):
             qdev = b.get("qdev") or ""
-            if b.get("device") == info["alias"] or qdev.split("/")[3:4] == [info["alias"]] \
-                    or qdev == info["alias"]:
-                ins = b.get("inserted")
-                if not ins or not ins.get("node-name"):
-                    raise PrimaryError(f"disk {target} of domain {self.name} has no medium")
-                return ins["node-name"]
-        raise PrimaryError(f"QEMU shows no block device for disk {target} (alias "
-                           f"{info['alias']}) of domain {self.name}")
+            if alias in (b.get("device"), qdev) or qdev.split("/")[3:4] == [alias]:
+                return b
+        raise PrimaryError(f"QEMU shows no block device for disk {target} (alias {alias}) "
+                           f"of domain {self.name}")
 
     def resolve_drives(self, drives: list) -> list:
         """Each ``--drive TARGET[=EXPORT]`` with the node QEMU knows the disk as."""
         return [dataclasses.replace(d, device=self.block_device(d.drive)) for d in drives]
 
     def qdev(self, target: str) -> str:
-        """The qdev path of the disk's block backend, for HMP ``qemu-io -d``."""
-        alias = self.disks()[target]["alias"]
-        for b in self.cmd("query-block"):
-            qdev = b.get("qdev") or ""
-            if qdev.split("/")[3:4] == [alias]:
-                return qdev
-        raise PrimaryError(f"no qdev for disk {target} of domain {self.name}")
+        """The qdev path of the disk's BlockBackend: HMP ``qemu-io -d QDEV`` writes as
+        the guest would, through the mirror (qemu-io on the node name would not)."""
+        return self._block(target)["qdev"]
 
     # events
     @property
