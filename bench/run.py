@@ -532,6 +532,13 @@ class Bench:
         if big.exists():
             big.unlink()
 
+    def w9(self):
+        """Resync after a 10 s outage vs a full resync (bench/resync.py)."""
+        from .resync import measure
+        log("workload 9 (resync after an outage)")
+        self.guarded("workload 9", "nbd-mc", lambda: self.results["meta"].__setitem__(
+            "w9", measure(self.work / "resync", GiB, 64 * MiB, 10.0)), None)
+
     # -- driver -----------------------------------------------------------
 
     def run(self):
@@ -548,7 +555,8 @@ class Bench:
                                   for k, v in cfg.__dict__.items()}
         loads = []
         steps = [((1, 2, 3, 4), self.w1234, True), ((7,), self.w7, True),
-                 ((5,), self.w5, False), ((6,), self.w6, True), ((8,), self.w8, True)]
+                 ((5,), self.w5, False), ((6,), self.w6, True), ((8,), self.w8, True),
+                 ((9,), self.w9, True)]
         try:
             for nums, fn, anchors_too in steps:
                 if not any(self.want(n) for n in nums):
@@ -592,7 +600,7 @@ def write_report(results, out):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="longer runs, bigger images, repetitions")
-    ap.add_argument("--only", help="comma-separated workload numbers (1-8)")
+    ap.add_argument("--only", help="comma-separated workload numbers (1-9)")
     ap.add_argument("--out", default=str(util.ROOT / "bench" / "results"))
     ap.add_argument("--work", default=str(util.ROOT / "bench" / "work"))
     ap.add_argument("--no-nbd-mc", action="store_true", help="measure the anchors only")

@@ -9,12 +9,13 @@
 SOAK_SECONDS ?= 600
 SOAK_DIR := build/soak
 SOAK_TESTS := tests/test_load.py tests/test_crash_matrix.py tests/test_faults.py \
-	tests/test_corrupt.py tests/test_hostile.py tests/test_tls.py tests/test_fencing.py
+	tests/test_corrupt.py tests/test_hostile.py tests/test_tls.py tests/test_fencing.py \
+	tests/test_resync.py
 
 soak: setup
 	@mkdir -p $(SOAK_DIR) && rm -f $(SOAK_DIR)/report.jsonl
 	@PATH=$(CURDIR)/$(VENV)/bin:/usr/bin:$$PATH NBD_MC_SOAK_SECONDS=$(SOAK_SECONDS) \
-	  NBD_MC_CRASH_SWEEP=1 NBD_MC_FUZZ_EXAMPLES=3000 \
+	  NBD_MC_CRASH_SWEEP=1 NBD_MC_FUZZ_EXAMPLES=3000 NBD_MC_OUTAGES=30 \
 	  NBD_MC_REPORT=$(CURDIR)/$(SOAK_DIR)/report.jsonl \
 	  $(PY) -m pytest -q -s -p no:cacheprovider --timeout=0 $(SOAK_TESTS); status=$$?; \
 	  $(PY) tests/support/reliability.py $(SOAK_DIR)/report.jsonl | tee $(SOAK_DIR)/report.md; \

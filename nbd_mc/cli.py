@@ -220,6 +220,11 @@ def status(target, as_json, prometheus, group_label, stale_after, watch, watch_i
     lines = [f"committed epoch {st['committed']} (open epoch {st['open_epoch']}), {prot}, "
              f"role {st['role']}, generation {st['generation']}"
              f"{', FENCED' if st['fenced'] else ''}, durability {st.get('durability', '?')}"]
+    if st.get("group_id"):
+        age = st.get("last_commit_age")
+        lines.append(f"group {st['group_id']}; last commit "
+                     + (f"{age:.1f} s ago" if age is not None else "never")
+                     + (": STALE, the primary stopped checkpointing" if st.get("stale") else ""))
     lines.append(f"{'disk':<12} {'size':>10} {'cluster':>8} {'preserved':>10} {'undo':>10}  image")
     for d in st["disks"]:
         lines.append(f"{d['name']:<12} {human_size(d['size']):>10} {human_size(d['cluster_size']):>8} "
@@ -411,10 +416,17 @@ def inspect(path, as_json):
                    "(see README, Metrics).")
 @click.option("--drive-mirror", "legacy", is_flag=True,
               help="Use the older drive-mirror command (QEMU opens the NBD URI itself).")
+@click.option("--stall-timeout", default="10s", show_default=True, metavar="DURATION",
+              help="How long pausing the VM may wait for writes stuck on the secondary (and a "
+                   "control command for its answer) before the secondary counts as hung and "
+                   "is dropped; the guest waits at most the interval plus this.")
+@click.option("--retry-for", default="forever", show_default=True, metavar="DURATION",
+              help="How long to keep retrying a lost secondary before giving up "
+                   "(0: stop at the first outage).")
 @click.option("--quiet", "-q", is_flag=True, help="Only the closing summary and errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the closing report as JSON.")
 def protect(qmp_path, domain, connect_uri, drives, target, control, interval, epochs, hook,
-            tls_dir, metrics_file, legacy, quiet, as_json):
+            tls_dir, metrics_file, legacy, stall_timeout, retry_for, quiet, as_json):
     """Mirror a running QEMU's drives into the secondary and checkpoint them.
 
     Attaches the secondary's exports to QEMU, runs blockdev-mirror (sync=full,
@@ -422,8 +434,9 @@ def protect(qmp_path, domain, connect_uri, drives, target, control, interval, ep
     interval pauses the VM, checks the mirrors are drained, commits the next
     epoch on the secondary and resumes the VM.  Ctrl-C or SIGTERM finishes the
     current checkpoint, removes the mirrors and leaves the VM running (exit 0).
-    If the secondary fails, protection stops, the VM keeps running and the exit
-    status is 1.
+    If the secondary is lost, protect drops the mirrors (the VM runs on), retries
+    until it answers and resyncs only what changed; it exits 1 when QEMU is gone,
+    the secondary refuses for good, or --retry-for runs out.
     """
     from . import primary
     if bool(qmp_path) == bool(domain):
@@ -434,7 +447,10 @@ def protect(qmp_path, domain, connect_uri, drives, target, control, interval, ep
             target=primary.parse_nbd_uri(target), control=control,
             interval=primary.parse_interval(interval), epochs=epochs, hook=hook,
             tls_certificates=tls_dir, legacy_drive_mirror=legacy, libvirt=domain,
-            connect=connect_uri, metrics_file=metrics_file)
+            connect=connect_uri, metrics_file=metrics_file,
+            stall_timeout=primary.parse_interval(stall_timeout),
+            retry_for=(None if retry_for == "forever"
+                       else primary.parse_interval(retry_for, zero=True)))
         parse_address(control)
     except ValueError as e:
         raise click.UsageError(str(e)) from None

@@ -53,6 +53,7 @@ class DemoResult:
     identical: bool = False
     check: guest.CheckResult | None = None
     last_seq_primary: int = 0  # highest MC-SEQ the primary printed before it died
+    restart_epoch: int = 0  # the last commit before the secondary was killed and restarted
     kill_epoch: int = 0  # the last commit seen just before the kill
     seq_after_commit: int = 0  # a record written entirely after kill_epoch's checkpoint
     protect: dict = field(default_factory=dict)  # protect's --json report
@@ -129,6 +130,7 @@ class Story:
         self.boot_primary(files)
         self.start_protect()
         self.let_it_work()
+        self.restart_secondary()
         self.kill_primary()
         self.fail_over()
         self.compare()
@@ -224,6 +226,30 @@ class Story:
                                 f"records durable: {self.serial_log.last_seq}")
                 self.serial_log.poll()
                 time.sleep(POLL)  # pacing the progress display, not synchronisation
+        finally:
+            ctl.close()
+
+    def restart_secondary(self) -> None:
+        """The secondary dies and comes back; protection resumes by itself."""
+        self.step("kill -9 the secondary's nbdkit, then start it again",
+                  "protect drops the mirror (the guest keeps running on its own disk), "
+                  "retries, and resyncs only what changed since the last commit")
+        pid = int((self.state / "nbdkit.pid").read_text().strip())
+        ctl = ControlClient(str(self.state / "control.sock"))
+        before = ctl.execute("query-status")["committed"]
+        ctl.close()
+        os.kill(pid, signal.SIGKILL)
+        self.detail(f"nbdkit killed at epoch {before}; the guest keeps writing")
+        self._wait(lambda: not Path(f"/proc/{pid}").exists(), "nbdkit to die", self.qemu)
+        self.sh([_bin("nbd-mc"), "serve", f"vda={self.secondary_img}",
+                 "--state-dir", str(self.state)])
+        ctl = ControlClient(str(self.state / "control.sock"))
+        try:
+            self._wait(lambda: ctl.execute("query-status")["committed"] > before,
+                       "protection to resume by itself", self.qemu)
+            self.result.restart_epoch = before
+            self.detail(f"protection resumed: epoch {ctl.execute('query-status')['committed']} "
+                        "committed after an incremental resync")
             self.result.kill_epoch, self.result.seq_after_commit = self._mid_epoch(ctl)
         finally:
             ctl.close()

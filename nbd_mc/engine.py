@@ -21,6 +21,7 @@ import errno
 import os
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 
 from . import crashpoints, qcow2
@@ -31,6 +32,9 @@ from .state import DirLock, DiskState, GroupState, StateFile, load, save
 
 DURABILITY_MODES = ("process", "power")
 SECTOR = 512
+#: Seconds without a commit after which a protected group is reported stale, until a
+#: primary says how often it checkpoints (new-session).
+DEFAULT_STALE_AFTER = 30.0
 
 
 class Gate:
@@ -287,6 +291,9 @@ class Group:
         self.durability = durability or state.durability
         changed = state.durability != self.durability
         state.durability = self.durability
+        if not state.group_id:  # a new group, or one made before groups had an identity
+            state.group_id = uuid.uuid4().hex[:16]
+            changed = True
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.lock = DirLock(self.state_dir) if lock else None
         try:
@@ -297,7 +304,7 @@ class Group:
                     qcow2.create(d.overlay, d.image, d.size, d.cluster_size, epoch=0)
                 save(self.state_dir, state)
             elif changed and lock:
-                save(self.state_dir, state)  # an explicit new mode is remembered
+                save(self.state_dir, state)  # an explicit new mode (or a new id) is remembered
             self.state = state
             self.state_file = StateFile(self.state_dir)
             if state.handoff:
@@ -313,11 +320,13 @@ class Group:
         self.gate = Gate()
         self._control = threading.Lock()  # one checkpoint operation at a time
         self.broken: str | None = None
+        #: Seconds without a commit after which status calls protection stale;
+        #: a primary sets it for its session (new_session), in memory only.
+        self.stale_after = DEFAULT_STALE_AFTER
         self._refresh_fast_path()
         self.stats = {"writes": 0, "zeroes": 0, "trims": 0, "bytes_written": 0,
                       "commits": 0, "rollbacks": 0, "refused_writes": 0, "errors": 0}
         self.stats["refused_commits"] = 0  # commits refused or failed (metrics)
-        self.last_commit_time: float | None = None  # wall clock of this server's last commit
         try:
             self.recovered = self._recover()
         except BaseException:  # a refused or failed recovery keeps no fd and no lock
@@ -412,7 +421,7 @@ class Group:
         elif self.state.fenced:
             refusal = f"the group is fenced (generation {self.state.generation})"
         elif generation != self.state.generation:
-            refusal = "this connection was opened before the last fence"
+            refusal = "this connection was opened before the last fence or protect session"
         if refusal:
             self.stats["refused_writes"] += 1
             raise Fenced(f"write refused: {refusal}")
@@ -524,13 +533,33 @@ class Group:
                         self.flush(d)
                 if crashpoints.ARMED:
                     crashpoints.reached("commit.before-state")
-                self._persist(committed=epoch)
+                self._persist(committed=epoch, commit_time=time.time())
                 if crashpoints.ARMED:
                     crashpoints.reached("commit.after-state")
                 self._drop_all(epoch)
             self.stats["commits"] += 1
-            self.last_commit_time = time.time()
             return {"committed": epoch, "seconds": time.perf_counter() - t0}
+
+    def new_session(self, stale_after: float | None = None) -> dict:
+        """A primary (re)attaches: NBD connections opened before now can no longer
+        write (as after a fence, but the group stays writable for new ones).
+
+        A connection of an earlier session may still hold writes in its socket (a
+        secondary that hung and came back): they must not land after the resync
+        that replaces them.  ``stale_after`` is how long without a commit makes this
+        primary's protection stale.
+        """
+        with self._control:
+            self._refuse_if_fenced("new-session")
+            if stale_after is not None:
+                if (not isinstance(stale_after, (int, float)) or isinstance(stale_after, bool)
+                        or stale_after <= 0):
+                    raise BadRequest("new-session: 'stale_after' must be a positive number")
+                self.stale_after = float(stale_after)
+            with self.gate.closed():
+                self._persist(generation=self.state.generation + 1)
+            return {"generation": self.state.generation, "group_id": self.state.group_id,
+                    "committed": self.state.committed}
 
     def _refuse_if_fenced(self, what: str) -> None:
         if self.state.role == "primary":
@@ -650,7 +679,13 @@ class Group:
 
     # --- status -----------------------------------------------------------------
     def status(self) -> dict:
+        age = time.time() - self.state.commit_time if self.state.commit_time else None
         return {
+            "group_id": self.state.group_id,
+            "last_commit_time": self.state.commit_time or None,
+            "last_commit_age": round(age, 3) if age is not None else None,
+            # protected, but no commit for a while: the primary stopped checkpointing
+            "stale": bool(self.protected and age is not None and age > self.stale_after),
             "committed": self.state.committed,
             "open_epoch": self.state.committed + 1,
             "protected": self.protected,
@@ -662,7 +697,6 @@ class Group:
             "broken": self.broken,
             "disks": [d.status() for d in self.disks],
             "stats": dict(self.stats),
-            "last_commit_time": self.last_commit_time,
         }
 
     def close(self) -> None:

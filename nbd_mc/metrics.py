@@ -41,9 +41,10 @@ _COUNTERS = {
     "errors": ("nbd_mc_io_errors", "Requests that failed with an I/O error."),
 }
 
-#: protect's states, in order (nbd_mc_protect_state{state=...}).  "resyncing" is for a
-#: resync after a secondary outage.
-PROTECT_STATES = ("connecting", "syncing", "resyncing", "checkpointing", "detached", "failed")
+#: protect's states, in order (nbd_mc_protect_state{state=...}): "lost" while the
+#: secondary is away (the VM runs unprotected), "resyncing" when it is back.
+PROTECT_STATES = ("connecting", "syncing", "resyncing", "checkpointing", "lost", "detached",
+                  "failed")
 
 
 class _Families:
@@ -88,7 +89,7 @@ def status_families(st: dict, group: str, now: float | None = None,
     last = st.get("last_commit_time")
     since = None if last is None else max(0.0, now - last)
     stale = (not st["protected"] or st["fenced"] or bool(st.get("broken"))
-             or since is None or since > stale_after)
+             or bool(st.get("stale")) or since is None or since > stale_after)
     fams = [
         _gauge("nbd_mc_up", "1: the server answered query-status.", g, 1),
         _gauge("nbd_mc_committed_epoch", "The last committed epoch (what a failover gives).",

@@ -128,6 +128,7 @@ _COMMANDS = {
     "rollback": ((), lambda g, a: g.rollback()),
     "fence": ((), lambda g, a: g.fence()),
     "failover": (("instant",), lambda g, a: g.failover(a.get("instant", False))),
+    "new-session": (("stale_after",), lambda g, a: g.new_session(a.get("stale_after"))),
 }
 
 

@@ -48,11 +48,17 @@ class GroupState:
     handoff: str | None = None  # "instant": overlays were handed to a new primary
     durability: str = "process"  # the mode the group was last served with
     disks: list[DiskState] = field(default_factory=list)
+    #: The group's identity, made once when the group is created (older state files
+    #: get one at their next start): a primary resyncs incrementally only against
+    #: the group whose commits its dirty bitmaps count from.
+    group_id: str = ""
+    commit_time: float = 0.0  # wall-clock time of the last commit (0: none yet)
 
     def to_json(self) -> str:
         body = {"format": FORMAT, "version": VERSION, "committed": self.committed,
                 "generation": self.generation, "fenced": self.fenced, "role": self.role,
                 "handoff": self.handoff, "durability": self.durability,
+                "group_id": self.group_id, "commit_time": self.commit_time,
                 "disks": [d.__dict__ for d in self.disks]}
         return json.dumps(body, indent=2) + "\n"
 
@@ -66,7 +72,9 @@ class GroupState:
             state = cls(committed=int(body["committed"]), generation=int(body["generation"]),
                         fenced=bool(body["fenced"]), role=body["role"],
                         handoff=body.get("handoff"), disks=disks,
-                        durability=body.get("durability", "process"))
+                        durability=body.get("durability", "process"),
+                        group_id=str(body.get("group_id") or ""),
+                        commit_time=float(body.get("commit_time") or 0.0))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise StateError(f"{where}: unreadable state file ({e})") from None
         if (state.role not in ROLES or state.committed < 0 or not state.disks

@@ -38,6 +38,11 @@ def test_demo_story(workdir):
     p = result.protect
     assert p["primary_gone"] and p["committed"] == result.last_commit >= 1
     assert p["commits"] == p["committed"] and p["pause_ms"]["count"] >= p["commits"]
+    # the secondary was killed and restarted mid-run: protection resumed by itself,
+    # copying only what changed
+    assert p["outages"] == 1 and result.restart_epoch >= 1, p
+    assert p["resyncs"][0]["full"] and p["resyncs"][1]["full"] is False, p["resyncs"]
+    assert 0 < p["resyncs"][1]["bytes"] < p["resyncs"][0]["bytes"], p["resyncs"]
     # killed mid-epoch: a record written entirely after the last commit is not there
     if result.last_commit == result.kill_epoch:
         assert check.maxseq < result.seq_after_commit, text

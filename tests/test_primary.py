@@ -109,8 +109,12 @@ class PrimaryVM:
 
     def close(self) -> None:
         self.qmp.close()
-        if self.proc.poll() is None:
+        died = self.proc.poll()
+        if died is None:
             self.proc.kill()
+        elif died not in (0, -signal.SIGKILL):  # QEMU crashed: show why
+            sys.stderr.write(f"QEMU died (status {died}):\n"
+                             + read_file(self.log).decode(errors="replace")[-3000:])
         self.proc.wait(30)
 
 
@@ -140,12 +144,19 @@ class Guest:
     KINDS = ("write", "aio_write", "zero", "zero_unmap", "discard")
     WEIGHTS = (5, 3, 1, 1, 1)
 
-    def __init__(self, qmp: primary.Qmp, sizes: dict[str, int], rng: random.Random):
+    def __init__(self, qmp: primary.Qmp, sizes: dict[str, int], rng: random.Random,
+                 aio: bool = True):
         self.qmp = qmp
         self.sizes = sizes
         self.rng = rng
+        # HMP qemu-io's aio_write crashes QEMU 7.2 (heap corruption) when a backup
+        # job's filter is inserted or removed while the request is in flight, as
+        # resyncs do: where protect may resync, the test guest writes synchronously.
+        self.weights = self.WEIGHTS if aio else tuple(
+            0 if k == "aio_write" else w for k, w in zip(self.KINDS, self.WEIGHTS))
         self.counts = collections.Counter()
         self.bytes = 0
+        self.log: list[tuple[str, int, int]] = []  # (drive, offset, length) of every request
 
     def _extent(self, size: int) -> tuple[int, int]:
         rng = self.rng
@@ -163,7 +174,7 @@ class Guest:
         rng = self.rng
         drive = rng.choice(sorted(self.sizes))
         offset, length = self._extent(self.sizes[drive])
-        kind = rng.choices(self.KINDS, self.WEIGHTS)[0]
+        kind = rng.choices(self.KINDS, self.weights)[0]
         pattern = rng.randrange(1, 256)
         cmd = {"write": f"write -P {pattern} {offset} {length}",
                "aio_write": f"aio_write -P {pattern} {offset} {length}",
@@ -175,6 +186,7 @@ class Guest:
             self.qmp.hmp(f'qemu-io {drive} "aio_flush"')
         self.counts[kind] += 1
         self.bytes += length
+        self.log.append((drive, offset, length))
 
     def burst(self, n: int) -> None:
         for _ in range(n):
@@ -351,7 +363,7 @@ class Coordinated:
     def __init__(self, root: str, vm: PrimaryVM, rng: random.Random, fail_once_at=None):
         self.root = root
         self.vm = vm
-        self.guest = Guest(vm.qmp, {d: SIZES[d] for d in vm.images}, rng)
+        self.guest = Guest(vm.qmp, {d: SIZES[d] for d in vm.images}, rng, aio=False)
         self.lock = os.path.join(root, "guest.lock")
         self.paused = os.path.join(root, "paused")
         self.records = os.path.join(root, "records")
@@ -386,8 +398,11 @@ class Coordinated:
             with self._locked():
                 mark = read_file(self.paused) if os.path.exists(self.paused) else None
                 if mark is None:
-                    self.guest.op(complete=True)
-                    done += 1
+                    # a guest cannot write while protect has the VM paused outside a
+                    # checkpoint (the final round of a resync) either
+                    if self.vm.running():
+                        self.guest.op(complete=True)
+                        done += 1
                     continue
             wait_until(lambda: until() or self.vm.running(), "the VM to run again",
                        timeout=DEADLINE)
@@ -423,6 +438,17 @@ def committed(server: Server) -> int:
     return server.execute("query-status")["committed"]
 
 
+def watchdogs(vm: PrimaryVM) -> list[int]:
+    """pids of protect's watchdog children for this VM."""
+    r = subprocess.run(["pgrep", "-f", f"nbd_mc.primary.watchdog.*{vm.qmp_path}"],
+                       capture_output=True, text=True)
+    return [int(p) for p in r.stdout.split()]
+
+
+def wait_watchdog_done(vm: PrimaryVM) -> None:
+    wait_until(lambda: not watchdogs(vm), "protect's watchdog to finish")
+
+
 def assert_detached(vm: PrimaryVM) -> None:
     """protect left QEMU as it found it: running, no mirror, no NBD node."""
     assert vm.running()
@@ -451,7 +477,7 @@ def test_protect_epochs_then_sigterm_detach(servers, vms, procs):
     # the guest went on writing until the mirrors were removed: an open epoch 9
     assert_committed_view(server, co.record(8), "after --epochs 8")
 
-    # the group is protected at 8: a new full sync is undo until epoch 9 commits
+    # the group is protected at 8: what the resync writes is undo until epoch 9 commits
     proc = start_protect(procs, vm, server, servers.root, "--interval", "20ms",
                          "--checkpoint-hook", co.hook, "--json")
     co.play(lambda: committed(server) >= 14 or proc.poll() is not None)
@@ -463,7 +489,11 @@ def test_protect_epochs_then_sigterm_detach(servers, vms, procs):
     assert report["outcome"] == "detached" and report["first_epoch"] == 9
     assert report["committed"] == committed(server) >= 14
     assert report["pause_ms"]["count"] >= report["commits"] >= 6
-    assert report["mirrored_bytes"] >= report["initial_sync_bytes"] >= sum(SIZES.values())
+    # the first protect's dirty bitmaps stayed in QEMU: only what changed is copied
+    first = report["resyncs"][0]
+    assert first["full"] is False and first["reason"] == "initial sync", first
+    assert report["initial_sync_bytes"] == first["bytes"] >= first["dirty_bytes"] > 0
+    assert report["mirrored_bytes"] >= report["initial_sync_bytes"]
     assert_detached(vm)
     out = failover(server)
     assert_secondary_is(server, co.record(report["committed"]), server.disks, "after SIGTERM")
@@ -500,12 +530,13 @@ def test_protect_killed_then_protect_again(servers, vms, procs):
     and commits on from the secondary's epoch."""
     rng = random.Random("protect-killed")
     vm, server = make_pair(servers, vms, rng)
-    guest = Guest(vm.qmp, SIZES, rng)
+    guest = Guest(vm.qmp, SIZES, rng, aio=False)
     proc = start_protect(procs, vm, server, servers.root, "--interval", "10ms")
     wait_until(lambda: committed(server) >= 3 or proc.poll() is not None, "three commits")
     guest.burst(10)
     proc.kill()
     proc.wait(30)
+    wait_watchdog_done(vm)  # it resumes the VM if protect died with it paused
     vm.qmp.cmd("stop")
     assert len(vm.jobs()) == 2 and len(vm.nbd_nodes()) == 2  # what it left behind
     guest.burst(10)
@@ -524,15 +555,15 @@ def test_protect_killed_then_protect_again(servers, vms, procs):
 # --- 3. the secondary's nbdkit killed mid-epoch -------------------------------------------------
 @pytest.mark.parametrize("after", ["restart", "recover"])
 def test_secondary_killed_mid_epoch(servers, vms, procs, after):
-    """kill -9 of nbdkit while the guest writes: protect reports the failure (exit 1,
-    what happened, the VM runs on with the mirrors removed).  After a restart of the
+    """kill -9 of nbdkit while the guest writes, with --retry-for 0: protect reports the
+    failure (exit 1, what happened, the VM runs on with the mirrors removed).  After a restart of the
     server (and failover) or an offline `nbd-mc recover`, the disks equal the
     recorded disks of the last commit."""
     rng = random.Random(f"secondary-{after}")
     vm, server = make_pair(servers, vms, rng)
     co = Coordinated(servers.root, vm, rng)
     proc = start_protect(procs, vm, server, servers.root, "--interval", "20ms",
-                         "--checkpoint-hook", co.hook)
+                         "--checkpoint-hook", co.hook, "--retry-for", "0")
     co.play(lambda: committed(server) >= 6 or proc.poll() is not None)
     co.play(lambda: proc.poll() is not None, ops=rng.randrange(1, 10))
     last = committed(server)

@@ -8,7 +8,10 @@ One concept per module:
                  (imported by protect only when used)
   secondary   -- the secondary's control channel: status, group check, commit
   mirrors     -- block-job plumbing: NBD nodes, write-blocking mirrors, detaching
+  bitmaps     -- dirty bitmaps per epoch: what changed since the secondary's commit
+  resync      -- bringing the secondary in step: incremental rounds or a full sync
   checkpoint  -- one checkpoint: stop, drained, hook, commit, cont
+  watchdog    -- a child that resumes the VM if protect dies while it is paused
   report      -- what protect did (summary and --json)
   protect     -- the orchestration of a whole run
   console     -- the terminal: stop requests, progress, summary, failure advice
@@ -19,15 +22,19 @@ tests use them).
 
 from .checkpoint import HOOK_TIMEOUT, Checkpoint, checkpoint, resume, run_hook, vm_running
 from .console import Console, StopFlag, failure_advice, summary
-from .errors import PrimaryError, PrimaryGone, QmpCommandError, SecondaryFailed
+from .bitmaps import Bitmaps, epoch_name, source_nodes
+from .errors import (PrimaryError, PrimaryGone, QmpCommandError, QmpTimeout, SecondaryFailed,
+                     SecondaryRefused, SecondaryStalled)
 from .mirrors import (CANCEL_TIMEOUT, DRAIN_TIMEOUT, JOB_END_EVENTS, TLS_OBJECT, Mirrors,
                       add_tls_creds, attach, cancel_mirrors, check_drives, check_sizes, detach,
-                      jobs, remove_leftovers, remove_nodes, start_drive_mirrors, start_mirrors)
+                      drop, jobs, remove_leftovers, remove_nodes, start_drive_mirrors,
+                      start_mirrors, yank)
 from .options import (NODE_PREFIX, DriveSpec, NbdTarget, Options, parse_drive, parse_drives,
                       parse_interval, parse_nbd_uri)
-from .protect import protect
+from .protect import Protector, protect
+from .resync import Resync
 from .qmp import CONNECT_TIMEOUT, QMP_TIMEOUT, Qmp
 from .report import Report
-from .secondary import commit, first_epoch, secondary_status
+from .secondary import commit, first_epoch, new_session, secondary_status
 
 __all__ = [n for n in dir() if not n.startswith("_")]

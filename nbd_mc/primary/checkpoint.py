@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass
 
 from ..control import ControlClient
-from .errors import PrimaryGone
-from .mirrors import Mirrors
+from .bitmaps import Bitmaps
+from .errors import PrimaryGone, QmpTimeout, SecondaryStalled
+from .mirrors import Mirrors, yank
 from .qmp import Qmp
 from .secondary import commit
 
@@ -31,8 +32,8 @@ class Checkpoint:
     hook: float = 0.0  # seconds of that spent in the hook
 
 
-def vm_running(qmp: Qmp) -> bool:
-    return bool(qmp.cmd("query-status").get("running"))
+def vm_running(qmp: Qmp, timeout: float | None = None) -> bool:
+    return bool(qmp.execute("query-status", timeout=timeout).get("running"))
 
 
 def run_hook(command: str, epoch: int, timeout: float = HOOK_TIMEOUT) -> str | None:
@@ -55,24 +56,43 @@ def run_hook(command: str, epoch: int, timeout: float = HOOK_TIMEOUT) -> str | N
 
 
 def checkpoint(qmp: Qmp, ctl: ControlClient, mirrors: Mirrors, epoch: int,
-               hook=None) -> Checkpoint:
-    """stop -> drained -> hook -> commit epoch -> cont.
+               hook=None, bitmaps: Bitmaps | None = None, stall_timeout: float | None = None,
+               watchdog=None) -> Checkpoint:
+    """stop -> drained -> [bitmap ``epoch`` starts] -> hook -> commit epoch -> cont.
 
     ``hook`` is a shell command (run_hook) or, for library users and tests, a
     callable(epoch) returning None to go on or a reason to skip the commit.
     The VM is continued whatever happens (unless it was not running to begin with:
     then protect has no business starting it).  A hook failure skips the commit;
     a secondary failure raises SecondaryFailed after the cont.
+
+    ``stall_timeout`` bounds the ``stop``: it drains every guest write, and one
+    stuck on a hung secondary would hold the VM (and QEMU's monitor) as long as
+    the secondary hangs.  After it the NBD connections are yanked, the stuck
+    writes fail on the secondary's side only, and SecondaryStalled is raised.
+    ``watchdog`` (watchdog.py) is told when the VM is paused by us and resumed,
+    so that a protect killed in between does not leave it paused.
     """
     mirrors.check()
-    was_running = vm_running(qmp)
+    try:
+        was_running = vm_running(qmp, stall_timeout)
+    except QmpTimeout:
+        # QEMU's monitor itself waits, for a write to the secondary that does not
+        # come back (a synchronous one holds the main loop): the same stall
+        yank(qmp, mirrors.drives)
+        raise SecondaryStalled(f"the secondary stalled: QEMU's monitor waited more than "
+                               f"{stall_timeout:g} s; connections dropped") from None
     t0 = time.perf_counter()
-    if was_running:
-        qmp.cmd("stop")
     skipped = None
     hook_time = 0.0
+    if watchdog and was_running:
+        watchdog.pausing()
     try:
+        if was_running:
+            _stop(qmp, mirrors, stall_timeout)
         mirrors.wait_drained()
+        if bitmaps is not None:
+            bitmaps.start_epoch(epoch)
         t_hook = time.perf_counter()
         if callable(hook):
             skipped = hook(epoch)
@@ -83,15 +103,37 @@ def checkpoint(qmp: Qmp, ctl: ControlClient, mirrors: Mirrors, epoch: int,
             commit(ctl, epoch)
     finally:
         if was_running:
-            resume(qmp)
+            resume(qmp, stall_timeout, mirrors.drives)
+            if watchdog:
+                watchdog.resumed()
     return Checkpoint(epoch, skipped is None, time.perf_counter() - t0, skipped, hook_time)
 
 
-def resume(qmp: Qmp) -> None:
-    """cont, unless QEMU is gone (then there is nothing to resume)."""
+def _stop(qmp: Qmp, mirrors: Mirrors, stall_timeout: float | None) -> None:
+    try:
+        qmp.execute("stop", timeout=stall_timeout)
+    except QmpTimeout:
+        yank(qmp, mirrors.drives)
+        raise SecondaryStalled(f"the secondary stalled: pausing the VM waited more than "
+                               f"{stall_timeout:g} s for its writes; connections dropped") from None
+
+
+def resume(qmp: Qmp, stall_timeout: float | None = None, drives=None) -> None:
+    """cont, unless QEMU is gone (then there is nothing to resume).
+
+    After a stalled ``stop`` QEMU answers once the stop is over; the cont waits
+    behind it (QEMU runs monitor commands in order).  If the cont itself waits
+    longer than ``stall_timeout`` (the monitor is held by I/O to a hung
+    secondary), ``drives``' NBD connections are yanked and the cont waits on."""
     if qmp.gone:
         return
     try:
-        qmp.cmd("cont")
+        try:
+            qmp.execute("cont", timeout=stall_timeout)
+        except QmpTimeout:
+            if not drives:
+                raise
+            yank(qmp, drives)
+            qmp.cmd("query-status")  # answered after the cont that is still queued
     except PrimaryGone:
         pass

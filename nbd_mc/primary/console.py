@@ -60,39 +60,66 @@ class StopFlag:
 
 
 class Console:
-    """Progress on a terminal (a bar redrawn in place), plain lines otherwise."""
+    """Progress on a terminal (rich bars with rate and ETA), plain lines otherwise.
+
+    State: ``_bar`` (the rich Progress being shown, or None), ``_task``, ``_label``
+    and ``_last_pct`` (plain-line progress) belong to the thread running protect.
+    """
 
     def __init__(self, stream=None, quiet: bool = False):
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.quiet = quiet
         self._last_pct = -1
-        self._bar = False
+        self._label = None
+        self._bar = None
+        self._task = None
 
     def say(self, text: str) -> None:
         if self.quiet:
             return
-        if self._bar:
-            self.stream.write("\n")
-            self._bar = False
+        if self._bar is not None:
+            self._bar.console.print(text, markup=False, highlight=False)
+            return
         self.stream.write(text + "\n")
         self.stream.flush()
 
-    def sync_progress(self, done: int, total: int) -> None:
+    def progress(self, label: str, done: int, total: int) -> None:
+        """Show ``done`` of ``total`` bytes for ``label`` (a new label starts a new bar)."""
         if self.quiet or not total:
             return
+        if label != self._label:
+            self.progress_end()
+            self._label = label
+            self._last_pct = -1
+            if self.tty:
+                from rich.console import Console as RichConsole
+                from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                           TimeRemainingColumn, TransferSpeedColumn)
+                self._bar = Progress(TextColumn("  {task.description}"), BarColumn(),
+                                     DownloadColumn(binary_units=True), TransferSpeedColumn(),
+                                     TimeRemainingColumn(),
+                                     console=RichConsole(file=self.stream), transient=False)
+                self._bar.start()
+                self._task = self._bar.add_task(label, total=total)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=min(done, total), total=total)
+            return
         pct = min(100, done * 100 // total)
-        if self.tty:
-            width = 30
-            fill = width * pct // 100
-            self.stream.write(f"\r  initial sync [{'#' * fill}{'.' * (width - fill)}] {pct:3d}% "
-                              f"{_mib(done)}/{_mib(total)}")
-            self.stream.flush()
-            self._bar = True
-        elif pct // 10 != self._last_pct // 10 or pct == 100 and self._last_pct != 100:
-            self.stream.write(f"  initial sync {pct}% ({_mib(done)} of {_mib(total)})\n")
+        if pct // 10 != self._last_pct // 10 or pct == 100 and self._last_pct != 100:
+            self.stream.write(f"  {label} {pct}% ({_mib(done)} of {_mib(total)})\n")
             self.stream.flush()
         self._last_pct = pct
+
+    def progress_end(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        self._bar = None
+        self._task = None
+        self._label = None
+
+    def sync_progress(self, done: int, total: int) -> None:
+        self.progress("initial sync", done, total)
 
 
 def _mib(n: int) -> str:
@@ -116,6 +143,12 @@ def summary(report: Report) -> str:
                      f"{p['worst']:.2f} ms{hook}")
     lines.append(f"mirrored {_mib(report.mirrored_bytes)} (initial sync "
                  f"{_mib(report.initial_sync_bytes)}) in {report.seconds:.1f} s")
+    if report.outages:
+        again = report.resyncs[1:]
+        lines.append(f"secondary lost {report.outages} time(s); {len(again)} resync(s) "
+                     f"({sum(not r.full for r in again)} incremental) copied "
+                     f"{_mib(sum(r.bytes for r in again))}; unprotected "
+                     f"{report.unprotected:.1f} s in all")
     for problem in report.problems:
         lines.append(f"warning: while detaching: {problem}")
     return "\n".join(lines)
@@ -132,7 +165,13 @@ def failure_advice(report: Report) -> str:
                 f"The primary QEMU is gone; {where}. To continue on the secondary run "
                 f"`nbd-mc failover` there: it returns the disks to that epoch and prints "
                 f"what to boot.")
+    if report.refused:
+        return (f"protection stopped: {report.error}\n"
+                f"The VM keeps running UNPROTECTED (mirrors removed); {where}. This "
+                f"secondary can take no more checkpoints: start a fresh one and run "
+                f"`nbd-mc protect` again (it makes a full sync).")
     return (f"protection stopped: {report.error}\n"
             f"The VM keeps running UNPROTECTED (mirrors removed); {where}. Restart or "
-            f"repair the secondary, then run `nbd-mc protect` again: a new full sync "
-            f"makes it consistent at the next commit.")
+            f"repair the secondary, then run `nbd-mc protect` again: it resyncs what "
+            f"changed since that epoch (the dirty bitmaps stay in QEMU), or the whole "
+            f"disk if it cannot tell.")

@@ -32,10 +32,30 @@ class QmpCommandError(PrimaryError):
         self.qmp_class = qmp_class
 
 
+class QmpTimeout(PrimaryError):
+    """QEMU did not answer a QMP command in time, but its connection is open: QEMU is
+    alive (busy, or stuck waiting for a hung NBD target).  Never failover advice."""
+
+    error_class = "QMPTimeout"
+
+
 class SecondaryFailed(PrimaryError):
     """The secondary can no longer be trusted to hold the checkpoints: stop committing."""
 
     error_class = "SecondaryFailed"
+
+
+class SecondaryStalled(SecondaryFailed):
+    """The secondary stopped answering (hung, or a network black hole)."""
+
+    error_class = "SecondaryStalled"
+
+
+class SecondaryRefused(PrimaryError):
+    """The secondary can never take our checkpoints again: promoted by a failover,
+    fenced, or another group.  protect stops instead of retrying."""
+
+    error_class = "SecondaryRefused"
 
 
 def why(e: BaseException) -> str:

@@ -35,7 +35,6 @@ import errno
 import fcntl
 import json
 import os
-import queue
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -43,7 +42,7 @@ import xml.etree.ElementTree as ET
 import libvirt
 import libvirt_qemu
 
-from .errors import PrimaryError, PrimaryGone, QmpCommandError
+from .errors import PrimaryError, PrimaryGone, QmpCommandError, QmpTimeout
 from .qmp import QMP_TIMEOUT
 
 DEFAULT_URI = "qemu:///system"
@@ -88,46 +87,36 @@ _STOPPED = {libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "QEMU crashed",
 
 
 class _Caller:
-    """Runs blocking libvirt calls on one worker thread so a caller can give up.
+    """Runs each blocking libvirt call on a thread of its own so a caller can give up.
 
     virDomainQemuMonitorCommand has no timeout of its own (a ``stop`` draining I/O
     to a hung NBD target waits as long as it takes); the QMP socket session gives
-    up after its timeout, and so must this one.  A call that timed out keeps the
-    worker, so the session is then marked gone and takes no further command.
-
-    State: ``_queue`` (thread-safe) hands (function, result box) to the worker.
+    up after its timeout, and so must this one.  A call that timed out finishes
+    (or not) on its own thread; the next call does not queue behind it.
+    No state: each call has its own result box.
     """
 
-    def __init__(self):
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="libvirt-qmp", daemon=True)
-        self._thread.start()
+    def call(self, fn, timeout: float):
+        box: list = []
+        done = threading.Event()
 
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            fn, box, done = item
+        def run():
             try:
                 box.append((True, fn()))
             except BaseException as e:  # handed to the caller
                 box.append((False, e))
             done.set()
 
-    def call(self, fn, timeout: float):
-        box: list = []
-        done = threading.Event()
-        self._queue.put((fn, box, done))
+        threading.Thread(target=run, name="libvirt-call", daemon=True).start()
         if not done.wait(timeout):
-            raise TimeoutError(f"no answer within {timeout:.0f} s")
+            raise TimeoutError(f"no answer within {timeout:g} s")
         ok, value = box[0]
         if ok:
             return value
         raise value
 
     def close(self) -> None:
-        self._queue.put(None)
+        pass
 
 
 class LibvirtQmp:
@@ -240,12 +229,17 @@ class LibvirtQmp:
 
     # commands
     def _call(self, fn, what: str, timeout: float | None = None):
+        timeout = self.timeout if timeout is None else timeout
         try:
-            return self._caller.call(fn, self.timeout if timeout is None else timeout)
-        except TimeoutError as e:
-            self._set_gone(f"{what}: {e}")
-            raise PrimaryGone(f"libvirt did not answer {what} for domain {self.name} within "
-                              f"{self.timeout:.0f} s") from None
+            return self._caller.call(fn, timeout)
+        except TimeoutError:
+            # A timeout is not a dead QEMU (a stop draining writes to a hung secondary
+            # waits for them); the domain is gone only when libvirt says so.
+            if not self.gone and self._active():
+                raise QmpTimeout(f"QEMU did not answer {what} within {timeout:g} s (libvirt "
+                                 f"domain {self.name} is running)") from None
+            self._set_gone(self.gone or f"{what}: no answer and the domain is not running")
+            raise PrimaryGone(f"lost domain {self.name} during {what}: {self.gone}") from None
         except libvirt.libvirtError as e:
             if e.get_error_code() in _GONE_CODES:
                 self._set_gone(_msg(e))
@@ -253,14 +247,28 @@ class LibvirtQmp:
             raise PrimaryError(f"libvirt refused {what} for domain {self.name}: "
                                f"{_msg(e)}") from None
 
-    def cmd(self, name: str, **arguments):
+    def _active(self) -> bool:
+        try:
+            return bool(self._caller.call(self.dom.isActive, 10))
+        except (TimeoutError, libvirt.libvirtError):
+            return False
+
+    def cmd(self, name: str, /, **arguments):
         """Execute one QMP command; QmpCommandError for QEMU's refusal, PrimaryGone if
-        the domain (or libvirtd) is gone."""
+        the domain (or libvirtd) is gone, QmpTimeout if it runs but did not answer."""
+        return self.execute(name, arguments)
+
+    def execute(self, name: str, arguments: dict | None = None, timeout: float | None = None,
+                oob: bool = False):
+        """cmd() with its own timeout.  ``oob``: libvirt's monitor connection does not
+        negotiate QMP out-of-band execution and runs one command at a time, so the
+        command goes in band (a ``yank`` cannot overtake a stuck ``stop`` here; the
+        stall then ends with this timeout)."""
         if self.gone:
             raise PrimaryGone(f"QEMU ({self.path}): {self.gone}")
         text = json.dumps({"execute": name, **({"arguments": arguments} if arguments else {})})
         reply = json.loads(self._call(
-            lambda: libvirt_qemu.qemuMonitorCommand(self.dom, text, 0), name))
+            lambda: libvirt_qemu.qemuMonitorCommand(self.dom, text, 0), name, timeout))
         if "error" in reply:
             err = reply["error"]
             raise QmpCommandError(name, err.get("class", "GenericError"), err.get("desc", ""))

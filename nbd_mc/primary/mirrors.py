@@ -23,6 +23,8 @@ DRAIN_POLL = 0.001
 CANCEL_TIMEOUT = 30.0
 TLS_OBJECT = "nbd-mc-tls"
 JOB_END_EVENTS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+#: Resync copies (resync.py) run as backup jobs named BACKUP_PREFIX + drive.
+BACKUP_PREFIX = "nbd-mc-backup-"
 
 
 def check_drives(qmp: Qmp, drives: list[DriveSpec]) -> dict[str, int]:
@@ -87,12 +89,14 @@ def attach(qmp: Qmp, target: NbdTarget, drives: list[DriveSpec],
                                   f"({target.describe()}): {e}") from None
 
 
-def start_mirrors(qmp: Qmp, drives: list[DriveSpec]) -> None:
+def start_mirrors(qmp: Qmp, drives: list[DriveSpec], sync: str = "full") -> None:
     """sync=full copies the whole disk once; write-blocking then makes every guest
-    write wait for the secondary, which is what lets a paused VM mean "all there"."""
+    write wait for the secondary, which is what lets a paused VM mean "all there".
+    sync=none copies nothing: after an incremental resync (resync.py) the
+    secondary already holds the disk."""
     for d in drives:
         qmp.cmd("blockdev-mirror", **{"job-id": d.job, "device": d.source, "target": d.node,
-                                      "sync": "full", "copy-mode": "write-blocking",
+                                      "sync": sync, "copy-mode": "write-blocking",
                                       "on-target-error": "report"})
 
 
@@ -111,6 +115,13 @@ def start_drive_mirrors(qmp: Qmp, target: NbdTarget, drives: list[DriveSpec]) ->
 
 def jobs(qmp: Qmp) -> dict[str, dict]:
     return {j["device"]: j for j in qmp.cmd("query-block-jobs")}
+
+
+def job_progress(qmp: Qmp, ids) -> tuple[int, int]:
+    """(bytes copied, bytes to copy) summed over the jobs ``ids``."""
+    js = jobs(qmp)
+    return (sum(js[j]["offset"] for j in ids if j in js),
+            sum(js[j]["len"] for j in ids if j in js))
 
 
 def _job_failure(event: dict, ours: set) -> str | None:
@@ -165,17 +176,18 @@ class Mirrors:
 
     def progress(self) -> tuple[int, int]:
         """(bytes copied, bytes to copy) summed over our jobs."""
-        js = jobs(self.qmp)
-        done = sum(js[j]["offset"] for j in self.ids if j in js)
-        total = sum(js[j]["len"] for j in self.ids if j in js)
-        return done, total
+        return job_progress(self.qmp, self.ids)
 
-    def wait_ready(self, report=None, stop_requested=lambda: False, poll: float = 0.25) -> bool:
+    def wait_ready(self, report=None, stop_requested=lambda: False, poll: float = 0.25,
+                   timeout: float | None = None) -> bool:
         """Wait for BLOCK_JOB_READY of every mirror; report(done, total) meanwhile.
 
-        Returns False if stop_requested() became true first.
+        Returns False if stop_requested() became true (or ``timeout`` passed) first.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
             self.check()
             if self.ready >= self.ids:
                 if report:
@@ -218,15 +230,17 @@ class Mirrors:
             time.sleep(DRAIN_POLL)  # polling a counter with a deadline
 
 
-def cancel_mirrors(qmp: Qmp, mirrors: Mirrors, timeout: float = CANCEL_TIMEOUT) -> list[str]:
+def cancel_mirrors(qmp: Qmp, mirrors: Mirrors, timeout: float = CANCEL_TIMEOUT,
+                   force: bool = False) -> list[str]:
     """block-job-cancel each mirror and wait for it to end.  After READY that ends the
-    job cleanly without a pivot: the VM goes on using its own disk.  Returns problems."""
+    job cleanly without a pivot: the VM goes on using its own disk.  ``force`` does not
+    copy what is still dirty first (the secondary is lost anyway).  Returns problems."""
     problems = []
     start = qmp.cursor
     live = set(jobs(qmp)) & mirrors.ids
     for j in sorted(live):
         try:
-            qmp.cmd("block-job-cancel", device=j)
+            qmp.cmd("block-job-cancel", device=j, **({"force": True} if force else {}))
         except QmpCommandError as e:
             if e.qmp_class != "DeviceNotActive":  # not: it ended meanwhile (a failed mirror)
                 problems.append(e.desc)
@@ -267,6 +281,40 @@ def remove_nodes(qmp: Qmp, drives: list[DriveSpec]) -> list[str]:
     return problems
 
 
+def yank(qmp: Qmp, drives: list[DriveSpec], timeout: float = 5.0) -> None:
+    """Shut our NBD nodes' connections down at once, out of band: requests in flight
+    to a hung secondary fail (the mirror reports a target error, the guest's write
+    has already succeeded on its own disk), which ends a ``stop`` stuck draining
+    them.  Over TCP that is always enough; over a unix socket a write still
+    waiting for socket-buffer space stays stuck until the peer reads (QEMU 7.2 does
+    not wake a writer on hang-up)."""
+    instances = [{"type": "block-node", "node-name": d.node} for d in drives]
+    for inst in instances:
+        try:
+            qmp.execute("yank", {"instances": [inst]}, timeout=timeout, oob=True)
+        except QmpCommandError:  # no such node (any more): nothing to shut
+            pass
+
+
+def drop(qmp: Qmp, drives: list[DriveSpec], hard: bool = False) -> list[str]:
+    """The secondary is lost: remove our mirrors, resync copies and NBD nodes, without
+    waiting for the secondary (``hard`` first yanks the connections).  The VM keeps
+    running on its own disks; the dirty bitmaps stay.  Returns problems."""
+    if hard:
+        yank(qmp, drives)
+    ids = {d.job for d in drives} | {BACKUP_PREFIX + d.drive for d in drives}
+    problems = cancel_mirrors(qmp, _Jobs(ids), timeout=CANCEL_TIMEOUT, force=True)
+    problems += remove_nodes(qmp, drives)
+    return problems
+
+
+class _Jobs:
+    """What cancel_mirrors needs of a Mirrors: the job ids."""
+
+    def __init__(self, ids):
+        self.ids = set(ids)
+
+
 def remove_leftovers(qmp: Qmp, drives: list[DriveSpec]) -> str | None:
     """Clean up after an earlier protect that died without detaching (kill -9).
 
@@ -276,12 +324,13 @@ def remove_leftovers(qmp: Qmp, drives: list[DriveSpec]) -> str | None:
     Returns what was done, or None if there was nothing to do.
     """
     present = {n.get("node-name") for n in qmp.cmd("query-named-block-nodes")}
-    stale_jobs = [d.job for d in drives if d.job in jobs(qmp)]
+    running = jobs(qmp)
+    stale_jobs = [j for d in drives for j in (d.job, BACKUP_PREFIX + d.drive) if j in running]
     stale_nodes = [d.node for d in drives if d.node in present]
     if not stale_jobs and not stale_nodes:
         return None
     paused = qmp.cmd("query-status").get("status") == "paused"
-    problems = detach(qmp, Mirrors(qmp, drives))
+    problems = drop(qmp, drives)
     if problems:
         raise PrimaryError("cannot remove the mirrors an earlier protect left behind: "
                            + "; ".join(problems))

@@ -58,16 +58,18 @@ def parse_drives(specs) -> list[DriveSpec]:
     return drives
 
 
-def parse_interval(text: str) -> float:
-    """``100ms``, ``0.5s``, ``2`` (seconds) -> seconds."""
+def parse_interval(text: str, zero: bool = False) -> float:
+    """``100ms``, ``0.5s``, ``2`` (seconds), ``5m`` -> seconds (``zero``: 0 is allowed)."""
     t = text.strip().lower()
+    if t.endswith("m") and not t.endswith("ms"):
+        return parse_interval(t[:-1], zero) * 60
     for suffix, scale in (("ms", 1e-3), ("s", 1.0), ("", 1.0)):
         if t.endswith(suffix):
             try:
                 value = float(t[:len(t) - len(suffix)] if suffix else t) * scale
             except ValueError:
                 break
-            if value <= 0:
+            if value < 0 or value == 0 and not zero:
                 raise ValueError(f"interval {text!r} must be positive")
             return value
     raise ValueError(f"interval {text!r} is not a duration (e.g. 100ms, 0.5s)")
@@ -129,3 +131,13 @@ class Options:
     libvirt: str | None = None  # a libvirt domain instead of a QMP socket
     connect: str = "qemu:///system"  # its libvirt connection URI
     metrics_file: str | None = None  # Prometheus textfile rewritten after each checkpoint
+    #: How long a ``stop`` may wait for writes stuck on the secondary (and a control
+    #: command for its answer) before the secondary counts as hung.
+    stall_timeout: float = 10.0
+    #: How long to keep retrying a lost secondary: None forever, 0 not at all.
+    retry_for: float | None = None
+
+    @property
+    def stale_after(self) -> float:
+        """What the secondary is told: no commit for this long means stale protection."""
+        return max(10.0, 20 * self.interval)

@@ -1,11 +1,18 @@
-"""`nbd-mc protect`: attach a running QEMU to the secondary and checkpoint it.
+"""`nbd-mc protect`: attach a running QEMU to the secondary, checkpoint it, and
+keep doing so across outages of the secondary.
 
 protect talks QMP to the primary's QEMU (qmp.py) and the control protocol to the
-secondary (secondary.py).  It attaches the mirrors (mirrors.py), waits for the
-initial sync, then every interval takes a checkpoint (checkpoint.py).  Anything
-that makes a commit doubtful (a mirror error, a refused commit, a lost control
-connection) ends checkpointing: the VM keeps running unprotected and protect
-exits 1 saying why.
+secondary (secondary.py).  It brings the secondary in step (resync.py: a full
+sync the first time, an incremental one from the dirty bitmaps of bitmaps.py
+when it can), then every interval takes a checkpoint (checkpoint.py).
+
+When the secondary is lost -- a mirror error, a refused commit, a lost or hung
+control connection, a stop that stalls on its writes -- protect drops the mirror
+(the VM runs on, on its own disks; no guest write fails), says so in one line,
+and retries with backoff until the secondary answers; then it resyncs and
+checkpoints again.  It ends on Ctrl-C/SIGTERM, after --epochs commits, when QEMU
+is gone, when the secondary refuses for good (promoted, fenced, another group's
+disks) or after --retry-for without a secondary.
 """
 
 from __future__ import annotations
@@ -14,70 +21,363 @@ import time
 from dataclasses import replace
 
 from ..control import ControlClient
+from .bitmaps import Bitmaps, epoch_name, source_nodes
 from .checkpoint import checkpoint
 from .console import Console, StopFlag, _mib
-from .errors import PrimaryError, PrimaryGone, QmpCommandError
-from .mirrors import (Mirrors, add_tls_creds, attach, check_drives, check_sizes, detach,
+from .errors import (PrimaryError, PrimaryGone, QmpCommandError, QmpTimeout, SecondaryFailed,
+                     SecondaryRefused)
+from .mirrors import (Mirrors, add_tls_creds, attach, check_drives, check_sizes, detach, drop,
                       remove_leftovers, start_drive_mirrors, start_mirrors)
 from .options import Options
 from .qmp import Qmp
 from .report import Report
+from .resync import Resync, incremental
+from .secondary import connect, first_epoch, new_session, secondary_status
+from .watchdog import Watchdog
 from ..metrics import ProtectMetrics
-from .secondary import connect, first_epoch, secondary_status
+
+#: Retry delays after losing the secondary: doubling from the first to the last (a
+#: probe is one connect and one query-status: cheap; a secondary back in the same second
+#: is resynced at once).
+BACKOFF_FIRST = 0.2
+BACKOFF_MAX = 0.5
+#: A probe of a secondary that may be hung must not hang protect.
+PROBE_TIMEOUT = 5.0
 
 
-class Session:
-    """One protect run's live objects: what the checkpoint loop works with.
+class Protector:
+    """One protect run.
 
-    State (all owned by the single thread that runs protect(); nothing else
-    touches them):
-      qmp, ctl, mirrors -- the QMP session, control channel and our mirror jobs;
-      epoch -- the epoch the next commit closes (committed + 1);
-      report -- what happened so far; stop -- the stop request; console -- output.
+    State (all owned by the single thread that runs protect(); the signal handler
+    only sets ``stop``'s flag):
+      qmp      -- the QMP session, for the whole run (PrimaryGone ends the run);
+      ctl      -- the control channel; None while the secondary is lost;
+      mirrors  -- our write-blocking mirrors; None while detached;
+      bitmaps  -- our dirty bitmaps in QEMU (bitmaps.group: the secondary's group);
+      epoch    -- the epoch the next commit closes (committed + 1);
+      in_step  -- the secondary holds exactly what the VM wrote up to now (mirrors
+                  ready after a sync); a commit is allowed only then;
+      lost_since -- when the secondary was lost (monotonic), None while in step;
+      lost_reason -- why, for the next resync's report entry;
+      needs_drop -- dropping the mirrors timed out (QEMU busy): try again first;
+      report, stop, console, watchdog -- output and control of the run.
     """
 
-    def __init__(self, opts: Options, qmp: Qmp, ctl: ControlClient, mirrors: Mirrors,
-                 epoch: int, report: Report, stop: StopFlag, console: Console,
-                 metrics: ProtectMetrics | None = None):
+    def __init__(self, opts: Options, console: Console, stop: StopFlag):
         self.opts = opts
-        self.qmp = qmp
-        self.ctl = ctl
-        self.mirrors = mirrors
-        self.epoch = epoch
-        self.report = report
-        self.stop = stop
         self.console = console
-        self.metrics = metrics or ProtectMetrics(None)  # --metrics-file (metrics.py)
+        self.stop = stop
+        self.report = Report()
+        self.qmp: Qmp | None = None
+        self.ctl: ControlClient | None = None
+        self.mirrors: Mirrors | None = None
+        self.bitmaps: Bitmaps | None = None
+        self.watchdog: Watchdog | None = None
+        self.epoch = 0
+        self.in_step = False
+        self.lost_since: float | None = None
+        self.lost_reason = "initial sync"
+        self.needs_drop = False
+        self.first_commit_after_sync = True
+        # --metrics-file (metrics.py); a no-op without a path
+        self.metrics = ProtectMetrics(opts.metrics_file, opts.libvirt or opts.qmp or "")
 
-    def checkpoint_loop(self) -> None:
-        """Every interval a checkpoint, until --epochs N commits or a stop request.
+    # --- the run --------------------------------------------------------------------
+    def run(self) -> Report:
+        opts, report, console = self.opts, self.report, self.console
+        t_start = time.monotonic()
+        try:
+            try:
+                self.metrics.start(report)
+            except OSError as e:
+                raise PrimaryError(f"--metrics-file: {e}") from None
+            self.ctl = self._connect()
+            status = secondary_status(self.ctl)
+            next_epoch = first_epoch(status, opts.drives)
+            report.first_epoch = next_epoch
+            report.committed = next_epoch - 1
+            self.qmp, drives = open_session(opts)
+            self.opts = opts = replace(opts, drives=drives)
+            sizes = check_drives(self.qmp, opts.drives)
+            check_sizes(sizes, status, opts.drives)
+            self.sizes = sizes
+            leftover = remove_leftovers(self.qmp, opts.drives)
+            if leftover:
+                console.say(f"nbd-mc protect: {leftover}")
+            self.bitmaps = Bitmaps(self.qmp, opts.drives, source_nodes(self.qmp, opts.drives))
+            self.watchdog = Watchdog(opts.qmp, opts.libvirt, opts.connect)
+            state = ("not protected yet: epoch 0, the first commit after the sync makes it "
+                     "protected" if next_epoch == 1 else
+                     f"already protected at epoch {next_epoch - 1}: what the sync writes is "
+                     f"kept as undo until epoch {next_epoch} commits")
+            console.say(f"nbd-mc protect: "
+                        f"{', '.join(f'{d.drive} -> {d.export}' for d in opts.drives)}"
+                        f" on {opts.target.describe()}; secondary {state}")
+            report.attached = True
+            self.lost_since = time.monotonic()
+            try:
+                if not self._sync(status):
+                    report.outcome = "detached"
+                    console.say("stopped before the initial sync finished: nothing was committed")
+                    return report
+            except (SecondaryFailed, QmpTimeout) as e:
+                self._lose(e)
+            self._loop()
+            report.outcome = "detached"
+        except PrimaryError as e:
+            report.outcome = "failed"
+            report.error = e.desc
+            report.primary_gone = isinstance(e, PrimaryGone)
+            report.refused = isinstance(e, SecondaryRefused)
+        finally:
+            self._finish()
+            report.seconds = time.monotonic() - t_start
+            self.metrics.set_state(report.outcome or "failed", report)
+            if self.metrics.error:
+                report.problems.append(self.metrics.error)
+        return report
 
-        A stop request during the wait ends the loop at once; one arriving during a
-        checkpoint lets that checkpoint finish (the handler only sets a flag).
-        """
+    def _loop(self) -> None:
+        """Checkpoint every interval; when the secondary is lost, get it back."""
         opts, report, stop = self.opts, self.report, self.stop
         while not stop():
+            if not self.in_step:
+                status = self._reconnect()
+                if status is None:
+                    continue
+                try:
+                    if not self._sync(status):
+                        return
+                except (SecondaryFailed, QmpTimeout) as e:
+                    self._lose(e)
+                continue
             stop.sleep(opts.interval)
             if stop():
                 break
-            cp = checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, opts.hook)
-            report.pauses.append(cp.pause)
-            if opts.hook:
-                report.hook_times.append(cp.hook)
-            if cp.committed:
-                report.committed = self.epoch
-                report.commits += 1
-                self.epoch += 1
-                if report.commits == 1 and self.epoch == 2:
-                    self.console.say("  epoch 1 committed: the secondary is protected")
-                if opts.epochs and report.commits >= opts.epochs:
+            try:
+                if self._checkpoint() and opts.epochs and report.commits >= opts.epochs:
                     break
-            else:
-                report.skipped += 1
-                self.console.say(f"  epoch {self.epoch} not committed: {cp.skipped}; "
-                                 "the VM continues")
-            self.metrics.checkpointed(report, cp.committed, self.mirrors.progress()[0]
-                                      if self.metrics.path else None)
+            except (SecondaryFailed, QmpTimeout) as e:
+                self._lose(e)
+
+    # --- one checkpoint ---------------------------------------------------------------
+    def _checkpoint(self) -> bool:
+        """Returns whether the epoch committed."""
+        opts, report = self.opts, self.report
+        bitmaps = None if opts.legacy_drive_mirror else self.bitmaps
+        cp = checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, opts.hook,
+                        bitmaps=bitmaps, stall_timeout=opts.stall_timeout,
+                        watchdog=self.watchdog)
+        self.metrics.checkpointed(report, cp.committed, self.mirrors.progress()[0]
+                                  if self.metrics.path else None)
+        report.pauses.append(cp.pause)
+        if opts.hook:
+            report.hook_times.append(cp.hook)
+        if not cp.committed:
+            report.skipped += 1
+            self.console.say(f"  epoch {self.epoch} not committed: {cp.skipped}; "
+                             "the VM continues")
+            return False
+        report.committed = self.epoch
+        report.commits += 1
+        if bitmaps is not None:
+            bitmaps.committed(self.epoch)
+        if self.first_commit_after_sync:
+            self.first_commit_after_sync = False
+            self.console.say(f"  epoch {self.epoch} committed: the secondary is protected")
+        self.epoch += 1
+        return True
+
+    # --- losing the secondary and getting it back ---------------------------------------
+    def _lose(self, e: PrimaryError) -> None:
+        """Drop the mirrors, keep the VM running, remember why."""
+        if isinstance(e, PrimaryGone):
+            raise e
+        if self.opts.retry_for == 0:
+            raise e  # --retry-for 0: the first outage ends protect, as before
+        self.report.outages += 1
+        self.in_step = False
+        self.lost_since = self.lost_since or time.monotonic()
+        self.lost_reason = e.desc
+        self.console.progress_end()
+        self.console.say(f"nbd-mc protect: secondary lost: {e.desc}; the VM runs on "
+                         "unprotected, retrying")
+        self.metrics.set_state("lost", self.report)
+        self._drop()
+        if self.ctl is not None:
+            self.ctl.close()
+            self.ctl = None
+
+    def _drop(self) -> None:
+        self.mirrors = None
+        try:
+            problems = drop(self.qmp, self.opts.drives, hard=True)
+            self.needs_drop = False
+            for p in problems:
+                self.report.problems.append(p)
+        except QmpTimeout as e:
+            self.needs_drop = True
+            self.console.say(f"  QEMU is alive but busy ({e.desc}); will retry")
+
+    def _reconnect(self) -> dict | None:
+        """Wait (with backoff) and try the secondary once; its status, or None."""
+        self._attempt = getattr(self, "_attempt", 0) + 1
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(self._attempt - 1, 10))
+        self.stop.sleep(delay)
+        if self.stop():
+            return None
+        if (self.opts.retry_for is not None and self.lost_since is not None
+                and time.monotonic() - self.lost_since > self.opts.retry_for):
+            raise PrimaryError(f"the secondary did not come back within "
+                               f"{self.opts.retry_for:g} s (--retry-for); last: "
+                               f"{self.lost_reason}")
+        if self.needs_drop:
+            self._drop()
+            if self.needs_drop:
+                return None
+        try:
+            self.ctl = self._connect(timeout=PROBE_TIMEOUT)
+        except SecondaryRefused:
+            raise
+        except PrimaryError:
+            return None
+        try:
+            status = secondary_status(self.ctl)
+            first_epoch(status, self.opts.drives)
+            check_sizes(self.sizes, status, self.opts.drives)
+        except SecondaryFailed:
+            self.ctl.close()
+            self.ctl = None
+            return None
+        self._attempt = 0
+        return status
+
+    def _connect(self, timeout: float | None = None) -> ControlClient:
+        return connect(self.opts.control, self.opts.tls_certificates,
+                       timeout=timeout or max(self.opts.stall_timeout, PROBE_TIMEOUT))
+
+    # --- syncing ------------------------------------------------------------------------------
+    def _sync(self, status: dict) -> bool:
+        """Bring the secondary in step with the VM and start the write-blocking mirrors.
+
+        Incremental when a bitmap of this group covers the secondary's committed
+        epoch, otherwise full; says which and why.  Returns False if a stop request
+        came first."""
+        opts, qmp, bitmaps, console = self.opts, self.qmp, self.bitmaps, self.console
+        committed = int(status["committed"])
+        group = status.get("group_id") or None
+        if self.ctl.timeout != opts.stall_timeout:
+            self.ctl.close()
+            self.ctl = self._connect()
+        previous = bitmaps.group
+        bitmaps.group = group
+        bitmaps.prune_foreign()
+        new_session(self.ctl, opts.stale_after)
+        self.epoch = committed + 1
+        t0 = time.monotonic()
+        self.metrics.set_state("resyncing" if self.report.resyncs else "syncing", self.report)
+        self._attach()
+        if opts.legacy_drive_mirror:
+            why = "--drive-mirror copies whole disks"
+        elif previous and group != previous:
+            why = f"a different secondary (group {group}, was {previous})"
+        elif group is None:
+            why = "the secondary has no group id"
+        elif committed == 0:
+            why = "the secondary holds no committed epoch yet"
+        elif not bitmaps.covers(committed):
+            have = sorted(bitmaps.epochs())
+            why = (f"no dirty bitmap of group {group} covers its committed epoch {committed}"
+                   + (f" (have: {', '.join(map(str, have))})" if have else ""))
+        else:
+            why = None
+        if why is None:
+            dirty = bitmaps.dirty_bytes(epoch_name(group, committed))
+            console.say(f"  resyncing {_mib(dirty)} changed since epoch {committed} "
+                        f"(incremental)")
+            r, self.mirrors = incremental(
+                qmp, opts.drives, bitmaps, committed,
+                lambda done, total: (console.progress("resync", done, total),
+                                     self.metrics.sync_progress(done, total, self.report)),
+                self.stop)
+        else:
+            total = sum(self.sizes.values())
+            console.say(f"  full sync of {_mib(total)}: {why}")
+            if not opts.legacy_drive_mirror:
+                bitmaps.drop_all()
+            self.mirrors = Mirrors(qmp, opts.drives)
+            self._start_full()
+            label = "initial sync" if not self.report.resyncs else "full resync"
+            if not self.mirrors.wait_ready(lambda d, t: (console.progress(label, d, t),
+                                                         self.metrics.sync_progress(d, t, self.report)),
+                                           self.stop):
+                return False
+            r = Resync(full=True, reason="", bytes=sum(self.mirrors.synced.values()))
+            r.seconds = time.monotonic() - t0
+        console.progress_end()
+        r.reason = self.lost_reason + ("" if why is None else f"; full: {why}")
+        self.report.resyncs.append(r)
+        if len(self.report.resyncs) == 1:
+            self.report.initial_sync_bytes = r.bytes
+        if self.lost_since is not None:
+            self.report.unprotected += time.monotonic() - self.lost_since
+        self.lost_since = None
+        self.in_step = True
+        self.first_commit_after_sync = True
+        self.metrics.set_state("checkpointing", self.report)
+        console.say(f"  in step: {_mib(r.bytes)} copied in {r.seconds:.1f} s; "
+                    f"checkpointing every {opts.interval * 1000:g} ms"
+                    + (f" for {opts.epochs} epochs" if opts.epochs else "")
+                    + " (Ctrl-C detaches)")
+        return True
+
+    def _attach(self) -> None:
+        opts, qmp = self.opts, self.qmp
+        if opts.legacy_drive_mirror:
+            if opts.target.tls:
+                raise PrimaryError("drive-mirror cannot take TLS credentials; use blockdev-mirror")
+            return
+        creds = None
+        if opts.target.tls:
+            if not opts.tls_certificates:
+                raise PrimaryError(f"{opts.target.uri} uses TLS: give --tls-certificates DIR")
+            creds = add_tls_creds(qmp, opts.tls_certificates)
+        attach(qmp, opts.target, opts.drives, creds)
+
+    def _start_full(self) -> None:
+        opts, qmp = self.opts, self.qmp
+        if opts.legacy_drive_mirror:
+            start_drive_mirrors(qmp, opts.target, opts.drives)
+            return
+        try:
+            start_mirrors(qmp, opts.drives)
+        except QmpCommandError as e:
+            raise SecondaryFailed(f"cannot start the mirror: {e.desc}") from None
+
+    # --- the end --------------------------------------------------------------------------
+    def _finish(self) -> None:
+        """Leave QEMU as we found it (the dirty bitmaps stay: a later protect resyncs
+        from them); close everything."""
+        report, qmp = self.report, self.qmp
+        self.console.progress_end()
+        if qmp is not None and report.attached:
+            if self.mirrors is not None:
+                report.mirrored_bytes = _mirrored_bytes(self.mirrors, report)
+            if not qmp.gone:
+                try:
+                    if self.mirrors is not None:
+                        report.problems += detach(qmp, self.mirrors)
+                    else:
+                        report.problems += drop(qmp, self.opts.drives)
+                except PrimaryError as e:
+                    report.problems.append(e.desc)
+        if self.watchdog is not None:
+            self.watchdog.close()
+        for c in (qmp, self.ctl):
+            if c is not None:
+                c.close()
+        if self.lost_since is not None and report.resyncs:
+            report.unprotected += time.monotonic() - self.lost_since
 
 
 def open_session(opts: Options):
@@ -96,7 +396,7 @@ def open_session(opts: Options):
 
 
 def protect(opts: Options, console: Console | None = None, stop: StopFlag | None = None) -> Report:
-    """Attach, sync, checkpoint until told to stop or something fails; detach.
+    """Attach, sync, checkpoint until told to stop or protection cannot go on; detach.
 
     Returns the report; ``report.outcome`` is "detached" (exit 0) or "failed" (exit 1,
     ``report.error`` says what happened; the VM runs on, unprotected).
@@ -104,91 +404,11 @@ def protect(opts: Options, console: Console | None = None, stop: StopFlag | None
     console = console or Console()
     own_stop = stop is None
     stop = stop or StopFlag().install()
-    report = Report()
-    t_start = time.monotonic()
-    ctl = qmp = mirrors = None
-    metrics = ProtectMetrics(opts.metrics_file, opts.libvirt or opts.qmp or "")
     try:
-        try:
-            metrics.start(report)
-        except OSError as e:
-            raise PrimaryError(f"--metrics-file: {e}") from None
-        ctl = connect(opts.control, opts.tls_certificates)
-        status = secondary_status(ctl)
-        next_epoch = first_epoch(status, opts.drives)
-        report.first_epoch = next_epoch
-        report.committed = next_epoch - 1
-        qmp, drives = open_session(opts)
-        opts = replace(opts, drives=drives)
-        sizes = check_drives(qmp, opts.drives)
-        check_sizes(sizes, status, opts.drives)
-        leftover = remove_leftovers(qmp, opts.drives)
-        if leftover:
-            console.say(f"nbd-mc protect: {leftover}")
-        mirrors = Mirrors(qmp, opts.drives)
-        state = ("not protected yet: epoch 0, the first commit after the sync makes it "
-                 "protected" if next_epoch == 1 else
-                 f"already protected at epoch {next_epoch - 1}: the full sync is kept as undo "
-                 f"until epoch {next_epoch} commits")
-        console.say(f"nbd-mc protect: {', '.join(f'{d.drive} -> {d.export}' for d in opts.drives)}"
-                    f" on {opts.target.describe()}; secondary {state}")
-        report.attached = True
-        _attach_and_mirror(qmp, opts, mirrors)
-        console.say(f"  mirroring {_mib(sum(sizes.values()))} (sync=full, write-blocking)")
-        metrics.set_state("syncing", report)
-        if not mirrors.wait_ready(lambda done, total: (console.sync_progress(done, total),
-                                                       metrics.sync_progress(done, total, report)),
-                                  stop):
-            report.outcome = "detached"
-            console.say("stopped before the initial sync finished: nothing was committed")
-            return report
-        report.initial_sync_bytes = sum(mirrors.synced.values())
-        console.say(f"  mirrors ready; checkpointing every {opts.interval * 1000:g} ms"
-                    + (f" for {opts.epochs} epochs" if opts.epochs else "") + " (Ctrl-C detaches)")
-        metrics.set_state("checkpointing", report)
-        Session(opts, qmp, ctl, mirrors, next_epoch, report, stop, console,
-                metrics).checkpoint_loop()
-        report.outcome = "detached"
-    except PrimaryError as e:
-        report.outcome = "failed"
-        report.error = e.desc
-        report.primary_gone = isinstance(e, PrimaryGone)
+        return Protector(opts, console, stop).run()
     finally:
-        if mirrors is not None and qmp is not None:
-            report.mirrored_bytes = _mirrored_bytes(mirrors, report)
-            if not qmp.gone:
-                try:
-                    report.problems += detach(qmp, mirrors)
-                except PrimaryError as e:
-                    report.problems.append(e.desc)
-        for c in (qmp, ctl):
-            if c is not None:
-                c.close()
         if own_stop:
             stop.restore()
-        report.seconds = time.monotonic() - t_start
-        metrics.set_state(report.outcome or "failed", report)
-        if metrics.error:
-            report.problems.append(metrics.error)
-    return report
-
-
-def _attach_and_mirror(qmp: Qmp, opts: Options, mirrors: Mirrors) -> None:
-    if opts.legacy_drive_mirror:
-        if opts.target.tls:
-            raise PrimaryError("drive-mirror cannot take TLS credentials; use blockdev-mirror")
-        start_drive_mirrors(qmp, opts.target, opts.drives)
-        return
-    creds = None
-    if opts.target.tls:
-        if not opts.tls_certificates:
-            raise PrimaryError(f"{opts.target.uri} uses TLS: give --tls-certificates DIR")
-        creds = add_tls_creds(qmp, opts.tls_certificates)
-    attach(qmp, opts.target, opts.drives, creds)
-    try:
-        start_mirrors(qmp, opts.drives)
-    except QmpCommandError as e:
-        raise PrimaryError(f"cannot start the mirror: {e.desc}") from None
 
 
 def _mirrored_bytes(mirrors: Mirrors, report: Report) -> int:

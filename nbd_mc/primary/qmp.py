@@ -10,12 +10,17 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import logging
 import threading
 import time
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
-from .errors import PrimaryGone, QmpCommandError, why as _why
+from .errors import PrimaryGone, QmpCommandError, QmpTimeout, why as _why
+
+# A reply that comes after its command timed out is dropped with a warning: not news.
+logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
+logging.getLogger("qemu.qmp").propagate = False
 
 #: QMP commands normally answer in milliseconds; ``stop`` drains all I/O and a
 #: ``blockdev-add`` connects over the network, so allow for a slow host.
@@ -101,20 +106,47 @@ class Qmp:
             raise
 
     # commands
-    def cmd(self, name: str, **arguments):
-        """Execute one command; QmpCommandError for QEMU's refusal, PrimaryGone if QEMU is."""
+    def cmd(self, name: str, /, **arguments):
+        """Execute one command; QmpCommandError for QEMU's refusal, PrimaryGone if QEMU is,
+        QmpTimeout if QEMU is there but did not answer in time."""
+        return self.execute(name, arguments)
+
+    def execute(self, name: str, arguments: dict | None = None, timeout: float | None = None,
+                oob: bool = False):
+        """cmd() with its own timeout; ``oob`` sends it out-of-band (``exec-oob``), which
+        QEMU answers even while its main loop is stuck (only for commands that allow
+        it, like ``yank``).
+
+        A timeout is not a dead QEMU: a ``stop`` that drains a write to a hung NBD
+        target waits for it.  QEMU is gone only when the connection closes.  A reply
+        that arrives after the timeout is dropped by qemu.qmp (unknown id).
+        """
         if self.gone:
             raise PrimaryGone(f"QEMU ({self.path}): {self.gone}")
+        timeout = self.timeout if timeout is None else timeout
         try:
-            return self._run(self._client.execute(name, arguments or None), self.timeout)
+            return self._run(self._client.execute(name, arguments or None, oob=oob), timeout)
         except ExecuteError as e:
             raise QmpCommandError(name, e.error_class, str(e)) from None
-        except (QMPError, OSError, EOFError, asyncio.TimeoutError, TimeoutError,
-                asyncio.CancelledError) as e:
+        except (asyncio.TimeoutError, TimeoutError) as e:
+            if self._connected():
+                raise QmpTimeout(f"QEMU did not answer {name} within {timeout:g} s "
+                                 f"(it is running: the QMP connection is open)") from None
+            with self._cond:
+                self.gone = self.gone or f"{name}: {_why(e)}"
+            raise PrimaryGone(f"lost the QMP connection to QEMU ({self.path}) during {name}: "
+                              f"the connection closed") from None
+        except (QMPError, OSError, EOFError, asyncio.CancelledError) as e:
             with self._cond:
                 self.gone = self.gone or f"{name}: {_why(e)}"
             raise PrimaryGone(f"lost the QMP connection to QEMU ({self.path}) during {name}: "
                               f"{_why(e)}") from None
+
+    def _connected(self) -> bool:
+        """The connection is open (QEMU is alive, if perhaps busy)."""
+        if self.gone:
+            return False
+        return self._client is not None and self._client.runstate == Runstate.RUNNING
 
     def hmp(self, command_line: str) -> str:
         """A human monitor command (tests use qemu-io through it to play a guest)."""

@@ -24,6 +24,10 @@ class Report:
     primary_gone: bool = False  # the failure was QEMU itself going away
     attached: bool = False  # we changed QEMU (added nodes / started mirrors)
     problems: list = field(default_factory=list)
+    resyncs: list = field(default_factory=list)  # resync.Resync, the initial sync first
+    outages: int = 0  # times the secondary was lost and protect carried on
+    unprotected: float = 0.0  # seconds between losing the secondary and its resync's end
+    refused: bool = False  # the secondary can never take our checkpoints again
 
     def as_dict(self) -> dict:
         p = sorted(self.pauses)
@@ -37,4 +41,6 @@ class Report:
                 "initial_sync_bytes": self.initial_sync_bytes,
                 "mirrored_bytes": self.mirrored_bytes, "seconds": round(self.seconds, 3),
                 "outcome": self.outcome, "error": self.error, "primary_gone": self.primary_gone,
-                "problems": self.problems}
+                "problems": self.problems,
+                "resyncs": [r.as_dict() for r in self.resyncs],
+                "outages": self.outages, "unprotected_seconds": round(self.unprotected, 3)}

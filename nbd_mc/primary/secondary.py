@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..control import ControlClient, ControlError, TlsFiles, parse_address
 from ..errors import NbdMcError
-from .errors import PrimaryError, SecondaryFailed, why as _why
+from .errors import PrimaryError, SecondaryFailed, SecondaryRefused, why as _why
 from .options import DriveSpec
 
 
@@ -42,13 +42,13 @@ def first_epoch(status: dict, drives: list[DriveSpec]) -> int:
     A partial group would be committed with disks nobody mirrors: refused.
     """
     if status.get("role") != "secondary":
-        raise PrimaryError("the secondary was promoted to primary by a failover: it takes no "
+        raise SecondaryRefused("the secondary was promoted to primary by a failover: it takes no "
                            "more checkpoints (start a fresh `nbd-mc serve` state directory)")
     if status.get("fenced"):
-        raise PrimaryError("the secondary is fenced: a failover or `nbd-mc fence` stopped "
+        raise SecondaryRefused("the secondary is fenced: a failover or `nbd-mc fence` stopped "
                            "protection; start a fresh secondary")
     if status.get("broken"):
-        raise PrimaryError(f"the secondary is unusable until it restarts: {status['broken']}")
+        raise SecondaryFailed(f"the secondary is unusable until it restarts: {status['broken']}")
     disks = [d["name"] for d in status.get("disks", [])]
     missing = [d.export for d in drives if d.export not in disks]
     if missing:
@@ -67,7 +67,24 @@ def commit(ctl: ControlClient, epoch: int) -> dict:
     try:
         return ctl.execute("commit", epoch=epoch)
     except ControlError as e:
+        if e.error_class == "Fenced":
+            raise SecondaryRefused(f"the secondary refused to commit epoch {epoch}: {e}") from None
         raise SecondaryFailed(f"the secondary refused to commit epoch {epoch}: {e}") from None
     except (OSError, NbdMcError) as e:
         raise SecondaryFailed(f"lost the control connection to the secondary while committing "
                               f"epoch {epoch}: {_why(e)}") from None
+
+
+def new_session(ctl: ControlClient, stale_after: float) -> dict:
+    """Tell the secondary a primary (re)attaches: NBD connections of earlier sessions
+    can no longer write (a hung secondary that comes back may still hold their
+    writes), and after ``stale_after`` seconds without a commit it reports its
+    protection stale.  Returns its generation, group id and committed epoch."""
+    try:
+        return ctl.execute("new-session", stale_after=stale_after)
+    except ControlError as e:
+        if e.error_class == "Fenced":
+            raise SecondaryRefused(f"the secondary refused the session: {e}") from None
+        raise SecondaryFailed(f"the secondary refused new-session: {e}") from None
+    except (OSError, NbdMcError) as e:
+        raise SecondaryFailed(f"lost the control connection to the secondary: {_why(e)}") from None

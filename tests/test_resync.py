@@ -1,0 +1,299 @@
+"""Self-healing protection with a real QEMU and the real secondary: outages of every
+kind while `nbd-mc protect` runs, and what it does about them by itself.
+
+Each scenario runs the real `nbd-mc protect` with the test as a guest that
+respects checkpoints (test_primary.Coordinated), makes the secondary (or protect)
+fail in one way, lets protection resume with no operator action, then kills the
+primary QEMU, runs `failover`, and compares the secondary's disks with the
+primary's disks recorded at the last acknowledged epoch.  It also checks what the
+resync copied against what the guest wrote (the dirty bitmap cannot mark more
+than the 64 KiB clusters written since the committed epoch, and an incremental
+resync copies less than the disks), and that no guest write failed (HMP
+qemu-io prints failures on QEMU's stdout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+from support.servers import describe, nbd_mc, read_file, wait_until
+from test_primary import (DEADLINE, EXPORTS, SIZES, Coordinated, PrimaryVM, _free_port,  # noqa: F401
+                          assert_secondary_is, committed, failover, finished, make_pair,
+                          procs, qemu_img_compare, start_protect, vms, wait_watchdog_done)
+
+pytestmark = pytest.mark.qemu
+
+GRANULE = 64 << 10  # QEMU's dirty-bitmap granularity on a raw image
+DISK_BYTES = sum(SIZES.values())
+
+
+class Tracked(Coordinated):
+    """Coordinated, also knowing exactly which requests came after which checkpoint.
+
+    The guest writes its request count to a file after every request, under the
+    guest lock; the checkpoint hook runs with that lock held and the VM paused, and
+    a wrapper copies the count to records/EPOCH.ops after it (the guest waits for
+    the VM to run again before its next request)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.count = os.path.join(self.root, "ops")
+        op = self.guest.op
+
+        def counted(complete=False):
+            op(complete)
+            with open(self.count, "w") as f:
+                f.write(str(len(self.guest.log)))
+        self.guest.op = counted
+
+    @property
+    def hook(self) -> str:
+        return (f"{super().hook} && {{ cat {self.count} 2>/dev/null || echo 0; }} "
+                f"> {self.records}/$NBD_MC_EPOCH.ops")
+
+    def clusters_since(self, epoch: int) -> int:
+        """Bytes of the 64 KiB clusters the guest wrote after checkpoint ``epoch``."""
+        first = int(read_file(os.path.join(self.records, f"{epoch}.ops")) or 0)
+        seen = set()
+        for drive, off, length in self.guest.log[first:]:
+            for c in range(off // GRANULE, (off + length - 1) // GRANULE + 1):
+                seen.add((drive, c))
+        return len(seen) * GRANULE
+
+
+def protect_json(procs, vm, server, root, co, *args, target=None):
+    argv = ["--interval", "20ms", "--checkpoint-hook", co.hook, "--json",
+            "--stall-timeout", "2s", *args]
+    if target:
+        proc = start_protect_target(procs, vm, server, root, target, *argv)
+    else:
+        proc = start_protect(procs, vm, server, root, *argv)
+    return proc
+
+
+def start_protect_target(procs, vm, server, root, target, *args):
+    """start_protect with another --target (TCP)."""
+    from support.servers import nbd_mc_argv, subprocess_env
+    argv = nbd_mc_argv() + ["protect", "--qmp", vm.qmp_path, "--target", target,
+                            "--control", server.control_path]
+    for d in ("drive0", "drive1"):
+        argv += ["--drive", f"{d}={EXPORTS[d]}"]
+    argv += [str(a) for a in args]
+    out = open(os.path.join(root, f"protect-{len(procs)}.out"), "w+")
+    err = open(os.path.join(root, f"protect-{len(procs)}.err"), "w+")
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                            env=subprocess_env(), text=True)
+    proc.out, proc.err = out, err
+    procs.append(proc)
+    return proc
+
+
+def progress(co, server, proc, commits: int) -> int:
+    """Play the guest until ``commits`` more epochs committed; the epoch reached."""
+    start = committed(server)
+    co.play(lambda: committed(server) >= start + commits or proc.poll() is not None)
+    assert proc.poll() is None, finished(proc)
+    return committed(server)
+
+
+def end_with_failover(servers, vm, server, proc, co) -> dict:
+    """Kill the primary; protect exits 1 saying QEMU is gone; failover; the disks are
+    exactly the primary's at the last acknowledged epoch.  Returns protect's report."""
+    vm.kill9()
+    rc, out, err = finished(proc)
+    assert rc == 1 and "The primary QEMU is gone" in err, (out, err)
+    report = json.loads(out)
+    acked = committed(server)
+    assert report["committed"] == acked and report["primary_gone"]
+    result = failover(server)
+    assert result["committed"] == acked
+    expected = co.record(acked)
+    assert_secondary_is(server, expected, server.disks, f"after failover at epoch {acked}")
+    qemu_img_compare(server.disks["vda"], "raw", expected["drive0"], servers.path("exp.raw"))
+    log = read_file(vm.log).decode(errors="replace")
+    assert "failed" not in log, log[-2000:]  # no guest write failed
+    return report
+
+
+def check_incremental(resync: dict, co: Tracked, since: int) -> None:
+    """An incremental resync from epoch ``since`` copied what the guest dirtied."""
+    assert resync["full"] is False, resync
+    assert 0 < resync["dirty_bytes"] <= co.clusters_since(since), (resync, co.clusters_since(since))
+    # every round copies clusters written since then, none twice within a round
+    assert resync["dirty_bytes"] <= resync["bytes"] <= resync["rounds"] * co.clusters_since(since)
+
+
+# --- 1. the secondary's nbdkit killed mid-epoch, then restarted ---------------------------------
+def test_secondary_killed_and_restarted(servers, vms, procs):
+    rng = random.Random("resync-kill9")
+    vm, server = make_pair(servers, vms, rng)
+    co = Tracked(servers.root, vm, rng)
+    proc = protect_json(procs, vm, server, servers.root, co)
+    progress(co, server, proc, 4)
+    co.play(lambda: False, ops=5)  # mid-epoch
+    last = committed(server)
+    server.kill9()
+    co.play(lambda: False, ops=10)  # the guest goes on: no write waits or fails
+    server.start()
+    after = progress(co, server, proc, 3)
+    assert after >= last + 3
+    report = end_with_failover(servers, vm, server, proc, co)
+    assert report["outages"] == 1 and len(report["resyncs"]) == 2
+    assert report["resyncs"][0]["full"]
+    assert report["resyncs"][0]["reason"] == ("initial sync; full: the secondary holds no "
+                                              "committed epoch yet")
+    check_incremental(report["resyncs"][1], co, last)
+
+
+# --- 2. `nbd-mc stop` on the secondary mid-protection -----------------------------------------
+def test_secondary_stopped_and_started(servers, vms, procs):
+    rng = random.Random("resync-stop")
+    vm, server = make_pair(servers, vms, rng)
+    co = Tracked(servers.root, vm, rng)
+    proc = protect_json(procs, vm, server, servers.root, co)
+    progress(co, server, proc, 3)
+    last = committed(server)
+    server.stop()
+    co.play(lambda: False, ops=8)
+    server.start()
+    progress(co, server, proc, 3)
+    report = end_with_failover(servers, vm, server, proc, co)
+    assert report["outages"] == 1
+    check_incremental(report["resyncs"][1], co, last)
+
+
+# --- 3. a hung secondary (SIGSTOP longer than the stall timeout), then SIGCONT ------------------
+def test_secondary_hung_then_continued(servers, vms, procs):
+    """Over TCP (a network secondary): a guest write stuck on the stopped nbdkit is
+    released by protect after --stall-timeout (yank); the VM keeps running, protect
+    does not call it a dead primary, and resyncs once the secondary continues."""
+    rng = random.Random("resync-hang")
+    vm, server = make_pair(servers, vms, rng)
+    server.stop()
+    port = _free_port()
+    server.args += ["--port", port, "--bind", "127.0.0.1"]
+    server.start()
+    co = Tracked(servers.root, vm, rng)
+    proc = protect_json(procs, vm, server, servers.root, co,
+                        target=f"nbd://127.0.0.1:{port}/")
+    progress(co, server, proc, 3)
+    last = committed(server)
+    server.close_clients()  # the test's own control connection must not hang either
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        # the first write waits on the hung secondary until protect drops it
+        # (interval + --stall-timeout); then the guest writes at full speed
+        co.play(lambda: False, ops=12)
+        assert vm.running() and proc.poll() is None
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    progress(co, server, proc, 3)
+    report = end_with_failover(servers, vm, server, proc, co)
+    assert report["outages"] >= 1
+    check_incremental(report["resyncs"][-1], co, last)
+
+
+# --- 4. protect itself killed -9, between checkpoints and inside one ----------------------------
+@pytest.mark.parametrize("where", ["between", "inside"])
+def test_protect_killed_and_restarted(servers, vms, procs, where):
+    rng = random.Random(f"resync-protect-{where}")
+    vm, server = make_pair(servers, vms, rng)
+    co = Tracked(servers.root, vm, rng)
+    proc = protect_json(procs, vm, server, servers.root, co)
+    progress(co, server, proc, 3)
+    if where == "inside":  # the VM is paused for a checkpoint (the hook runs)
+        wait_until(lambda: os.path.exists(co.paused) and not vm.running()
+                   or proc.poll() is not None, "protect to pause the VM", poll=0.0005)
+    proc.kill()
+    proc.wait(30)
+    last = committed(server)
+    wait_watchdog_done(vm)
+    assert vm.running()  # the watchdog resumed a VM protect left paused
+    co.play(lambda: False, ops=8)
+    st = server.execute("query-status")
+    assert st["protected"] and st["committed"] == last
+    proc = protect_json(procs, vm, server, servers.root, co)
+    progress(co, server, proc, 3)
+    report = end_with_failover(servers, vm, server, proc, co)
+    first = report["resyncs"][0]
+    assert first["reason"] == "initial sync"
+    check_incremental(first, co, last)
+
+
+# --- 5. the secondary replaced by a fresh image: a full sync ---------------------------------------
+def test_secondary_replaced_full_sync(servers, vms, procs):
+    rng = random.Random("resync-fresh")
+    vm, server = make_pair(servers, vms, rng)
+    co = Tracked(servers.root, vm, rng)
+    proc = protect_json(procs, vm, server, servers.root, co)
+    progress(co, server, proc, 3)
+    old_group = server.execute("query-status")["group_id"]
+    server.kill9()
+    shutil.rmtree(server.state_dir)
+    for path in server.disks.values():
+        with open(path, "wb") as f:
+            f.truncate(SIZES["drive0"] if path.endswith("vda.raw") else SIZES["drive1"])
+    server.start()
+    assert server.execute("query-status")["group_id"] != old_group
+    progress(co, server, proc, 3)
+    report = end_with_failover(servers, vm, server, proc, co)
+    again = report["resyncs"][1]
+    assert again["full"] is True and "full: a different secondary (group" in again["reason"], again
+    assert again["bytes"] >= DISK_BYTES
+
+
+# --- 6. repeated outages -------------------------------------------------------------------------
+OUTAGES = int(os.environ.get("NBD_MC_OUTAGES", "3"))
+
+
+def test_repeated_outages(servers, vms, procs):
+    """kill -9 / restart of the secondary again and again (NBD_MC_OUTAGES times;
+    `make soak` runs many): every time protect resyncs incrementally by itself."""
+    rng = random.Random("resync-repeat")
+    vm, server = make_pair(servers, vms, rng)
+    co = Tracked(servers.root, vm, rng)
+    proc = protect_json(procs, vm, server, servers.root, co)
+    progress(co, server, proc, 2)
+    lasts = []
+    for i in range(OUTAGES):
+        co.play(lambda: False, ops=rng.randrange(1, 6))
+        lasts.append(committed(server))
+        if rng.random() < 0.5:
+            server.kill9()
+        else:
+            server.stop()
+        co.play(lambda: False, ops=rng.randrange(0, 6))
+        server.start()
+        progress(co, server, proc, 2)
+    report = end_with_failover(servers, vm, server, proc, co)
+    assert report["outages"] == OUTAGES and len(report["resyncs"]) == OUTAGES + 1
+    for r, last in zip(report["resyncs"][1:], lasts):
+        check_incremental(r, co, last)
+
+
+def test_status_shows_commit_age_and_stale(servers, vms, procs):
+    """The secondary says how long ago the last commit was; with protect gone it
+    reports the protection stale (after new-session's stale_after)."""
+    rng = random.Random("resync-stale")
+    vm, server = make_pair(servers, vms, rng)
+    r = server.execute("query-status")
+    assert r["group_id"] and r["last_commit_age"] is None and r["stale"] is False
+    server.execute("new-session", stale_after=0.2)
+    server.execute("commit", epoch=1)
+    st = server.execute("query-status")
+    assert st["protected"] and st["last_commit_age"] < 60 and st["stale"] is False
+    wait_until(lambda: server.execute("query-status")["stale"], "stale protection")
+    out = server.cli("status")
+    assert out.returncode == 0 and "STALE" in out.stdout and st["group_id"] in out.stdout
+    with pytest.raises(Exception, match="stale_after"):
+        server.execute("new-session", stale_after=-1)
+    r = nbd_mc("status", "--state-dir", server.state_dir, "--json")
+    assert r.returncode == 0, describe(r)
+    assert json.loads(r.stdout)["stale"] is True
