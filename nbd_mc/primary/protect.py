@@ -41,6 +41,8 @@ from ..metrics import ProtectMetrics
 #: is resynced at once).
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 0.5
+#: QMP commands wait at least this long (a blockdev-add connects over the network).
+MIN_QMP_TIMEOUT = 2.0
 #: A probe of a secondary that may be hung must not hang protect.
 PROBE_TIMEOUT = 5.0
 
@@ -96,7 +98,9 @@ class Protector:
             next_epoch = first_epoch(status, opts.drives)
             report.first_epoch = next_epoch
             report.committed = next_epoch - 1
-            self.qmp, drives = open_session(opts)
+            # Every QMP command is bounded by the stall timeout: with I/O stuck on a hung
+            # secondary QEMU may not answer anything, and protect must get to the yank
+            self.qmp, drives = open_session(opts, max(opts.stall_timeout, MIN_QMP_TIMEOUT))
             self.opts = opts = replace(opts, drives=drives)
             sizes = check_drives(self.qmp, opts.drives)
             check_sizes(sizes, status, opts.drives)
@@ -195,8 +199,11 @@ class Protector:
             raise e
         if self.opts.retry_for == 0:
             raise e  # --retry-for 0: the first outage ends protect, as before
-        self.report.outages += 1
         self.in_step = False
+        if self.stop():  # a stop request interrupted a resync: not an outage
+            self._drop()
+            return
+        self.report.outages += 1
         self.lost_since = self.lost_since or time.monotonic()
         self.lost_reason = e.desc
         self.console.progress_end()
@@ -295,11 +302,14 @@ class Protector:
             dirty = bitmaps.dirty_bytes(epoch_name(group, committed))
             console.say(f"  resyncing {_mib(dirty)} changed since epoch {committed} "
                         f"(incremental)")
-            r, self.mirrors = incremental(
-                qmp, opts.drives, bitmaps, committed,
-                lambda done, total: (console.progress("resync", done, total),
-                                     self.metrics.sync_progress(done, total, self.report)),
-                self.stop)
+            try:
+                r, self.mirrors = incremental(
+                    qmp, opts.drives, bitmaps, committed,
+                    lambda done, total: (console.progress("resync", done, total),
+                                         self.metrics.sync_progress(done, total, self.report)),
+                    self.stop, opts.stall_timeout, self.watchdog)
+            except QmpCommandError as e:  # a refused copy job or mirror: the target's fault
+                raise SecondaryFailed(f"the resync failed: {e.desc}") from None
         else:
             total = sum(self.sizes.values())
             console.say(f"  full sync of {_mib(total)}: {why}")
@@ -380,14 +390,14 @@ class Protector:
             report.unprotected += time.monotonic() - self.lost_since
 
 
-def open_session(opts: Options):
+def open_session(opts: Options, timeout: float):
     """The QMP session protect drives and its drives as QEMU names them: QEMU's own
     socket (``--qmp``), or libvirt's QMP passthrough (``--libvirt``, libvirt.py, where
     each ``--drive`` names a disk target and is mapped to its node)."""
     if not opts.libvirt:
-        return Qmp(opts.qmp), opts.drives
+        return Qmp(opts.qmp, timeout=timeout), opts.drives
     from .libvirt import LibvirtQmp
-    qmp = LibvirtQmp(opts.libvirt, opts.connect)
+    qmp = LibvirtQmp(opts.libvirt, opts.connect, timeout=timeout)
     try:
         return qmp, qmp.resolve_drives(opts.drives)
     except BaseException:

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 from .bitmaps import Bitmaps, epoch_name, round_name
 from .checkpoint import resume
-from .errors import PrimaryGone, QmpCommandError, SecondaryFailed
-from .mirrors import BACKUP_PREFIX, Mirrors, cancel_mirrors, job_progress, start_mirrors
+from .errors import PrimaryGone, QmpCommandError, QmpTimeout, SecondaryFailed, SecondaryStalled
+from .mirrors import BACKUP_PREFIX, Mirrors, cancel_mirrors, job_progress, start_mirrors, yank
 from .options import DriveSpec
 from .qmp import Qmp
 
@@ -119,7 +119,8 @@ def _backup_actions(bitmaps: Bitmaps, drives: list[DriveSpec], source: str) -> l
 
 
 def incremental(qmp: Qmp, drives: list[DriveSpec], bitmaps: Bitmaps, committed: int,
-                progress=None, stop=lambda: False) -> tuple[Resync, Mirrors]:
+                progress=None, stop=lambda: False, stall_timeout: float | None = None,
+                watchdog=None) -> tuple[Resync, Mirrors]:
     """Copy what changed since ``committed`` into the (attached) NBD nodes, then
     start the write-blocking mirrors; returns what it did and the mirrors.  The
     epoch bitmap is left as it is: if this resync fails, the next one needs it."""
@@ -134,7 +135,8 @@ def incremental(qmp: Qmp, drives: list[DriveSpec], bitmaps: Bitmaps, committed: 
         while True:
             k += 1
             if k > MAX_ROUNDS or (k > 1 and dirty <= FINAL_BYTES):
-                copied, r.paused, mirrors = _final_round(qmp, drives, bitmaps, source, k, ids)
+                copied, r.paused, mirrors = _final_round(qmp, drives, bitmaps, source, k, ids,
+                                                         stall_timeout, watchdog)
                 r.bytes += copied
                 break
             nxt = round_name(group, k)
@@ -157,8 +159,8 @@ def incremental(qmp: Qmp, drives: list[DriveSpec], bitmaps: Bitmaps, committed: 
     return r, mirrors
 
 
-def _final_round(qmp: Qmp, drives, bitmaps: Bitmaps, source: str, k: int,
-                 ids) -> tuple[int, float, Mirrors]:
+def _final_round(qmp: Qmp, drives, bitmaps: Bitmaps, source: str, k: int, ids,
+                 stall_timeout: float | None, watchdog) -> tuple[int, float, Mirrors]:
     """With the VM paused: copy ``source``, start the write-blocking mirrors, cont.
     Returns (bytes copied, seconds paused, the mirrors).
 
@@ -168,9 +170,16 @@ def _final_round(qmp: Qmp, drives, bitmaps: Bitmaps, source: str, k: int,
     running = bool(qmp.cmd("query-status").get("running"))
     t0 = time.perf_counter()
     copied = 0
-    if running:
-        qmp.cmd("stop")
+    if running and watchdog:
+        watchdog.pausing()
     try:
+        if running:
+            try:
+                qmp.execute("stop", timeout=stall_timeout)
+            except QmpTimeout:
+                yank(qmp, drives)
+                raise SecondaryStalled("the secondary stalled during the final resync "
+                                       "round") from None
         for attempt in range(FINAL_TRIES):
             guard = round_name(bitmaps.group, k + attempt)
             cursor = qmp.cursor
@@ -191,4 +200,6 @@ def _final_round(qmp: Qmp, drives, bitmaps: Bitmaps, source: str, k: int,
                               "resync round")
     finally:
         if running:
-            resume(qmp)
+            resume(qmp, stall_timeout, drives)
+            if watchdog:
+                watchdog.resumed()
