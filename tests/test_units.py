@@ -17,13 +17,15 @@ import signal
 import socket
 import subprocess
 
-from support.servers import REPO, describe, nbd_mc, run, subprocess_env
+from support.servers import REPO, VENV_BIN, describe, nbd_mc, run, subprocess_env
 
 UNITS = ("nbd-mc-serve@.service", "nbd-mc-protect@.service")
 
 
 def install(dest: str) -> str:
-    r = run(["make", "-s", "-C", REPO, "install-units", f"DESTDIR={dest}"])
+    """make install-units into dest, ExecStart pointing at the nbd-mc being tested."""
+    r = run(["make", "-s", "-C", REPO, "install-units", f"DESTDIR={dest}",
+             f"NBD_MC_BIN={os.path.join(VENV_BIN, 'nbd-mc')}"])
     assert r.returncode == 0, describe(r)
     unitdir = os.path.join(dest, "etc", "systemd", "system")
     assert sorted(os.listdir(unitdir)) == sorted(UNITS)
