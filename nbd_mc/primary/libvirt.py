@@ -35,7 +35,6 @@ import errno
 import fcntl
 import json
 import os
-import queue
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -88,46 +87,36 @@ _STOPPED = {libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "QEMU crashed",
 
 
 class _Caller:
-    """Runs blocking libvirt calls on one worker thread so a caller can give up.
+    """Runs each blocking libvirt call on a thread of its own so a caller can give up.
 
     virDomainQemuMonitorCommand has no timeout of its own (a ``stop`` draining I/O
     to a hung NBD target waits as long as it takes); the QMP socket session gives
-    up after its timeout, and so must this one.  A call that timed out keeps the
-    worker, so the session is then marked gone and takes no further command.
-
-    State: ``_queue`` (thread-safe) hands (function, result box) to the worker.
+    up after its timeout, and so must this one.  A call that timed out finishes
+    (or not) on its own thread; the next call does not queue behind it.
+    No state: each call has its own result box.
     """
 
-    def __init__(self):
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="libvirt-qmp", daemon=True)
-        self._thread.start()
+    def call(self, fn, timeout: float):
+        box: list = []
+        done = threading.Event()
 
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            fn, box, done = item
+        def run():
             try:
                 box.append((True, fn()))
             except BaseException as e:  # handed to the caller
                 box.append((False, e))
             done.set()
 
-    def call(self, fn, timeout: float):
-        box: list = []
-        done = threading.Event()
-        self._queue.put((fn, box, done))
+        threading.Thread(target=run, name="libvirt-call", daemon=True).start()
         if not done.wait(timeout):
-            raise TimeoutError(f"no answer within {timeout:.0f} s")
+            raise TimeoutError(f"no answer within {timeout:g} s")
         ok, value = box[0]
         if ok:
             return value
         raise value
 
     def close(self) -> None:
-        self._queue.put(None)
+        pass
 
 
 class LibvirtQmp:
@@ -245,7 +234,7 @@ class LibvirtQmp:
         except TimeoutError as e:
             self._set_gone(f"{what}: {e}")
             raise PrimaryGone(f"libvirt did not answer {what} for domain {self.name} within "
-                              f"{self.timeout:.0f} s") from None
+                              f"{timeout if timeout is not None else self.timeout:g} s") from None
         except libvirt.libvirtError as e:
             if e.get_error_code() in _GONE_CODES:
                 self._set_gone(_msg(e))
