@@ -247,6 +247,11 @@ def test_protect_idle_domain(servers, domains, procs):
         proc = start_protect(servers.root, procs, name, server, ["vda", "vdb"],
                              "--interval", "20ms", "--checkpoint-hook", rec.hook, "--json",
                              "--metrics-file", mfile)
+        # no guest request while protect resyncs: HMP qemu-io in flight while a resync
+        # inserts or removes a filter can hang QEMU (see README, Known gaps)
+        wait_until(lambda: proc.poll() is not None or os.path.exists(mfile) and metrics_file(
+            mfile).get(("nbd_mc_protect_state", "checkpointing")) == 1, "protect in step",
+            DEADLINE)
         g.play(lambda: committed(server) >= 9 or proc.poll() is not None)
         m = metrics_file(mfile)
         assert m[("nbd_mc_protect_state", "checkpointing")] == 1, m
@@ -268,8 +273,8 @@ def test_protect_idle_domain(servers, domains, procs):
         assert m["nbd_mc_protect_pause_seconds_count"] == report["pause_ms"]["count"]
         assert m["nbd_mc_protect_max_pause_seconds"] * 1000 == \
             pytest.approx(report["pause_ms"]["worst"], abs=0.001)
-        assert m["nbd_mc_protect_initial_sync_bytes"] == report["initial_sync_bytes"] \
-            >= sum(sizes.values())
+        # a full sync, or an incremental one from the first run's dirty bitmaps
+        assert m["nbd_mc_protect_initial_sync_bytes"] == report["initial_sync_bytes"] > 0
         assert m["nbd_mc_protect_mirrored_bytes"] >= report["initial_sync_bytes"]
         assert_detached(s)
         last = report["committed"]
@@ -380,6 +385,8 @@ def test_protect_libvirt_killed_and_secondary_killed(servers, domains, procs):
         server.kill9()
         g.play(lambda: proc.poll() is not None, ops=5)  # the VM runs on, unprotected
         server.start()  # back at its last commit: protect resyncs and checkpoints again
+        wait_until(lambda: committed(server) > before or proc.poll() is not None,
+                   "protect in step again", DEADLINE)  # no guest request during the resync
         g.play(lambda: committed(server) >= before + 3 or proc.poll() is not None)
         proc.send_signal(signal.SIGTERM)
         g.play(lambda: proc.poll() is not None)
