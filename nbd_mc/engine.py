@@ -325,6 +325,7 @@ class Group:
         self._refresh_fast_path()
         self.stats = {"writes": 0, "zeroes": 0, "trims": 0, "bytes_written": 0,
                       "commits": 0, "rollbacks": 0, "refused_writes": 0, "errors": 0}
+        self.stats["refused_commits"] = 0  # commits refused or failed (metrics)
         try:
             self.recovered = self._recover()
         except BaseException:  # a refused or failed recovery keeps no fd and no lock
@@ -523,6 +524,13 @@ class Group:
 
     # --- checkpoint operations --------------------------------------------------------
     def commit(self, epoch: int) -> dict:
+        try:
+            return self._commit(epoch)
+        except NbdMcError:
+            self.stats["refused_commits"] += 1
+            raise
+
+    def _commit(self, epoch: int) -> dict:
         with self._control:
             self._refuse_if_fenced("commit")
             if epoch == self.state.committed:

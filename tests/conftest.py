@@ -5,3 +5,4 @@ here registers them for the whole suite, so a test module asks for ``servers``
 or ``workdir`` by argument and imports nothing for it."""
 
 from support.servers import servers, workdir  # noqa: F401  (fixtures)
+from support.libvirt import domains, libvirtd  # noqa: F401,E402  (fixtures)
