@@ -115,6 +115,7 @@ class Group:
         self._refresh_fast_path()
         self.stats = {"writes": 0, "zeroes": 0, "trims": 0, "bytes_written": 0,
                       "commits": 0, "rollbacks": 0, "refused_writes": 0, "errors": 0}
+        self.stats["refused_commits"] = 0  # commits refused or failed (metrics)
         try:
             self.recovered = self._recover()
         except BaseException:  # a refused or failed recovery keeps no fd and no lock
@@ -331,6 +332,13 @@ class Group:
         state file holds, read back after a failure).  The retry rule: after an
         error or a lost reply, send the same commit again; a reply means the epoch
         is committed (durably, in ``power`` mode: a retry re-syncs the state file)."""
+        try:
+            return self._commit(epoch)
+        except NbdMcError:
+            self._count("refused_commits")
+            raise
+
+    def _commit(self, epoch: int) -> dict:
         with self._control:
             try:
                 return self._commit_locked(epoch)

@@ -6,3 +6,4 @@ or ``workdir`` by argument and imports nothing for it."""
 
 from support.qemu_vm import qemu_vms  # noqa: F401  (fixture)
 from support.servers import servers, workdir  # noqa: F401  (fixtures)
+from support.libvirt import domains, libvirtd  # noqa: F401,E402  (fixtures)

@@ -6,7 +6,7 @@ PKGS="nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils qemu-syst
 fio python3-venv busybox-static cpio e2fsprogs gnutls-bin openssl \
 pacemaker corosync resource-agents crmsh pacemaker-cli-utils \
 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt \
-fuse3 python3-pyfuse3 libxml2-utils"
+fuse3 python3-pyfuse3 libxml2-utils systemd"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -16,11 +16,17 @@ from .common import Failure, json_wanted, main, size_option
 
 
 @main.command()
-@click.option("--qmp", "qmp_path", required=True, metavar="PATH",
+@click.option("--qmp", "qmp_path", metavar="PATH",
               help="The primary QEMU's QMP unix socket (-qmp unix:PATH,server=on,wait=off).")
+@click.option("--libvirt", "domain", metavar="DOMAIN",
+              help="Instead of --qmp: a running libvirt domain (QMP through libvirt; "
+                   "--drive names disk targets such as vda).")
+@click.option("--connect", "connect_uri", metavar="URI", default="qemu:///system",
+              show_default=True, help="libvirt connection URI for --libvirt.")
 @click.option("--drive", "drives", required=True, multiple=True, metavar="ID[=EXPORT]",
-              help="A QEMU drive to protect and the secondary's export for it (default: ID). "
-                   "Repeat for every disk of the consistency group.")
+              help="A QEMU drive (with --libvirt: a disk target, e.g. vda) to protect and the "
+                   "secondary's export for it (default: ID). Repeat for every disk of the "
+                   "consistency group.")
 @click.option("--target", required=True, metavar="NBD_URI",
               help="The secondary's NBD server: nbd+unix:///?socket=PATH or nbd://HOST:PORT/ "
                    "(nbds... for TLS).")
@@ -37,6 +43,9 @@ from .common import Failure, json_wanted, main, size_option
 @click.option("--tls-certificates", "tls_dir", metavar="DIR", type=click.Path(file_okay=False),
               help="x509 client certificates (ca-cert.pem, client-cert.pem, client-key.pem) for "
                    "an nbds:// target and a tcp:// control address.")
+@click.option("--metrics-file", metavar="PATH",
+              help="Prometheus textfile rewritten atomically after every checkpoint "
+                   "(see README, Metrics).")
 @click.option("--drive-mirror", "legacy", is_flag=True,
               help="Use the older drive-mirror command (QEMU opens the NBD URI itself).")
 @click.option("--stall-timeout", default="10s", show_default=True, metavar="DURATION",
@@ -53,9 +62,9 @@ from .common import Failure, json_wanted, main, size_option
               help="Bytes verified per checkpoint (copied while the VM is paused).")
 @click.option("--quiet", "-q", is_flag=True, help="Only the closing summary and errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the closing report as JSON.")
-def protect(qmp_path, drives, target, control, interval, epochs, hook, tls_dir, legacy,
-            stall_timeout, retry_for, quiet, as_json, verify=False, verify_slice="4M",
-            verify_passes=None):
+def protect(qmp_path, domain, connect_uri, drives, target, control, interval, epochs, hook,
+            tls_dir, metrics_file, legacy, stall_timeout, retry_for, quiet, as_json,
+            verify=False, verify_slice="4M", verify_passes=None):
     """Mirror a running QEMU's drives into the secondary and checkpoint them.
 
     Attaches the secondary's exports to QEMU, runs blockdev-mirror (sync=full,
@@ -68,12 +77,15 @@ def protect(qmp_path, drives, target, control, interval, epochs, hook, tls_dir, 
     the secondary refuses for good, or --retry-for runs out.
     """
     from .. import primary  # here: qemu.qmp and asyncio would slow every other command's start
+    if bool(qmp_path) == bool(domain):
+        raise click.UsageError("give --qmp PATH or --libvirt DOMAIN (one of them)")
     try:
         opts = primary.Options(
             qmp=qmp_path, drives=primary.parse_drives(drives),
             target=primary.parse_nbd_uri(target), control=control,
             interval=primary.parse_interval(interval), epochs=epochs, hook=hook,
-            tls_certificates=tls_dir, legacy_drive_mirror=legacy,
+            tls_certificates=tls_dir, legacy_drive_mirror=legacy, libvirt=domain,
+            connect=connect_uri, metrics_file=metrics_file,
             stall_timeout=primary.parse_interval(stall_timeout),
             retry_for=(None if retry_for == "forever"
                        else primary.parse_interval(retry_for, zero=True)),

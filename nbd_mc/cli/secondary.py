@@ -13,7 +13,7 @@ import click
 from .. import boot, engine, launch, writer
 from ..control import ControlClient, ControlError
 from ..disk import COMMITTED_SUFFIX, parse_disk_spec
-from ..errors import StateError
+from ..errors import NbdMcError, StateError
 from ..units import human_size
 from .common import (Failure, control_options, emit, json_wanted, main, refusals,
                      size_option)
@@ -91,6 +91,10 @@ def serve(disks, state_dir, socket_path, port, bind, control, cluster_size, subc
         text.append(f"  control: {opts.control}")
         emit(info, as_json, "\n".join(text))
         sys.stdout.flush()
+        if foreground:
+            from ..notify import notify
+            notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving, committed epoch "
+                   f"{st['committed']}")
 
     pid = launch.start(opts, on_ready=announce if foreground else None)
     if not foreground:
@@ -98,10 +102,28 @@ def serve(disks, state_dir, socket_path, port, bind, control, cluster_size, subc
 
 
 @main.command()
+@click.option("--prometheus", is_flag=True, help="Print Prometheus text exposition format "
+              "(for node_exporter's textfile collector; see README, Metrics).")
+@click.option("--group", "group_label", metavar="NAME",
+              help="The group label of --prometheus series (default: the control address).")
+@click.option("--stale-after", type=click.FloatRange(0), default=60.0, show_default=True,
+              metavar="SECONDS", help="--prometheus: nbd_mc_stale is 1 after this long "
+              "without a commit.")
+@click.option("--watch", is_flag=True, help="Refresh a live view until Ctrl-C (plain lines "
+              "when not on a terminal).")
+@click.option("--interval", "watch_interval", default="1s", show_default=True,
+              metavar="DURATION", help="--watch: time between refreshes.")
+@click.option("--count", type=click.IntRange(1), metavar="N",
+              help="--watch: stop after N refreshes.")
 @control_options
 @refusals
-def status(target, as_json):
+def status(target, as_json, prometheus, group_label, stale_after, watch, watch_interval, count):
     """Show the group: committed epoch, protection, role, fencing, per-disk undo."""
+    if prometheus or watch:
+        where = target.control if not target.control or "://" in target.control \
+            else os.path.abspath(target.control)
+        return _status_metrics_or_watch(target, prometheus, group_label or where,
+                                        stale_after, watch, watch_interval, count)
     st = target.execute("query-status")
     prot = "protected" if st["protected"] else "NOT protected"
     lines = [f"committed epoch {st['committed']} (open epoch {st['open_epoch']}), {prot}, "
@@ -118,6 +140,29 @@ def status(target, as_json):
         lines.append(f"{d['name']:<12} {human_size(d['size']):>10} {human_size(d['cluster_size']):>8} "
                      f"{d['preserved_clusters']:>10} {human_size(d['undo_bytes']):>10}  {d['image']}")
     emit(st, as_json, "\n".join(lines))
+
+
+def _status_metrics_or_watch(target, prometheus, group, stale_after, watch, interval, count):
+    """status --prometheus (metrics.py) and status --watch (watch.py)."""
+    if prometheus and watch:
+        raise click.UsageError("give --prometheus or --watch, not both")
+    if watch:
+        from ..primary import parse_interval
+        from ..watch import watch as run_watch
+        try:
+            seconds = parse_interval(interval)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        target.client().close()  # a wrong address is a usage error, not a view
+        run_watch(lambda: target.execute("query-status"), target.control, seconds, count)
+        return
+    from ..metrics import render_down, render_status
+    try:
+        st = target.execute("query-status")
+    except (Failure, NbdMcError, OSError) as e:
+        click.echo(render_down(group), nl=False)
+        raise Failure(getattr(e, "message", None) or getattr(e, "desc", None) or str(e)) from None
+    click.echo(render_status(st, group, stale_after=stale_after), nl=False)
 
 
 @main.command()

@@ -4,6 +4,8 @@ One concept per module:
   errors      -- what can stop protect (PrimaryError, PrimaryGone, ...)
   options     -- the command-line vocabulary (DriveSpec, NbdTarget, Options)
   qmp         -- a blocking QMP session on a private event-loop thread
+  libvirt     -- the same session through libvirt's API, for --libvirt DOMAIN
+                 (imported by protect only when used)
   secondary   -- the secondary's control channel: status, group check, commit
   mirrors     -- block-job plumbing: NBD nodes, write-blocking mirrors, detaching
   bitmaps     -- dirty bitmaps per epoch: what changed since the secondary's commit

@@ -52,7 +52,7 @@ def source_nodes(qmp: Qmp, drives: list[DriveSpec]) -> dict[str, str]:
         for name in (b.get("device"), ins.get("node-name")):
             if name:
                 nodes[name] = ins["node-name"]
-    return {d.drive: nodes[d.drive] for d in drives}
+    return {d.drive: nodes[d.source] for d in drives}
 
 
 class Bitmaps:

@@ -42,11 +42,11 @@ def check_drives(qmp: Qmp, drives: list[DriveSpec]) -> dict[str, int]:
         known.append(names[0])
         for n in names:
             sizes[n] = ins["image"]["virtual-size"]
-    missing = [d.drive for d in drives if d.drive not in sizes]
+    missing = [d.drive for d in drives if d.source not in sizes]
     if missing:
         raise PrimaryError(f"QEMU has no drive {', '.join(missing)} "
                            f"(its drives: {', '.join(known) or 'none'})")
-    return {d.drive: sizes[d.drive] for d in drives}
+    return {d.drive: sizes[d.source] for d in drives}
 
 
 def check_sizes(sizes: dict[str, int], status: dict, drives: list[DriveSpec]) -> None:
@@ -95,7 +95,7 @@ def start_mirrors(qmp: Qmp, drives: list[DriveSpec], sync: str = "full") -> None
     sync=none copies nothing: after an incremental resync (resync.py) the
     secondary already holds the disk."""
     for d in drives:
-        qmp.cmd("blockdev-mirror", **{"job-id": d.job, "device": d.drive, "target": d.node,
+        qmp.cmd("blockdev-mirror", **{"job-id": d.job, "device": d.source, "target": d.node,
                                       "sync": sync, "copy-mode": "write-blocking",
                                       "on-target-error": "report"})
 
@@ -108,7 +108,7 @@ def start_drive_mirrors(qmp: Qmp, target: NbdTarget, drives: list[DriveSpec]) ->
             uri = f"nbd+unix:///{urllib.parse.quote(d.export)}?socket={server['path']}"
         else:
             uri = f"nbd://{server['host']}:{server['port']}/{urllib.parse.quote(d.export)}"
-        qmp.cmd("drive-mirror", **{"job-id": d.job, "device": d.drive, "target": uri,
+        qmp.cmd("drive-mirror", **{"job-id": d.job, "device": d.source, "target": uri,
                                    "format": "raw", "mode": "existing", "sync": "full",
                                    "copy-mode": "write-blocking", "on-target-error": "report"})
 

@@ -16,6 +16,14 @@ class DriveSpec:
 
     drive: str
     export: str
+    #: QEMU's name for the disk when it is not ``drive``: under libvirt, ``--drive vda``
+    #: names the target and QEMU knows the disk as a node (``libvirt-1-format``).
+    device: str | None = None
+
+    @property
+    def source(self) -> str:
+        """What QMP commands name as the mirror's source (drive id or node name)."""
+        return self.device or self.drive
 
     @property
     def node(self) -> str:
@@ -111,7 +119,7 @@ def parse_nbd_uri(uri: str) -> NbdTarget:
 
 @dataclass
 class Options:
-    qmp: str
+    qmp: str | None  # QEMU's QMP socket, or None with ``libvirt``
     drives: list[DriveSpec]
     target: NbdTarget
     control: str
@@ -120,6 +128,9 @@ class Options:
     hook: str | None = None
     tls_certificates: str | None = None
     legacy_drive_mirror: bool = False
+    libvirt: str | None = None  # a libvirt domain instead of a QMP socket
+    connect: str = "qemu:///system"  # its libvirt connection URI
+    metrics_file: str | None = None  # Prometheus textfile rewritten after each checkpoint
     #: How long a ``stop`` may wait for writes stuck on the secondary (and a control
     #: command for its answer) before the secondary counts as hung.
     stall_timeout: float = 10.0

@@ -18,10 +18,12 @@ disks) or after --retry-for without a secondary.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from .. import verify
 from ..control import ControlClient
 from ..errors import NbdMcError
+from ..metrics import ProtectMetrics
 from .bitmaps import Bitmaps, epoch_name, source_nodes
 from .checkpoint import checkpoint, run_hook
 from .console import Console, StopFlag, _mib
@@ -90,12 +92,18 @@ class Protector:
         self.first_commit_after_sync = True
         self.writer_drives = opts.drives
         self.verifier = None
+        # --metrics-file (metrics.py); a no-op without a path
+        self.metrics = ProtectMetrics(opts.metrics_file, opts.libvirt or opts.qmp or "")
 
     # --- the run --------------------------------------------------------------------
     def run(self) -> Report:
         opts, report, console = self.opts, self.report, self.console
         t_start = time.monotonic()
         try:
+            try:
+                self.metrics.start(report)
+            except OSError as e:
+                raise PrimaryError(f"--metrics-file: {e}") from None
             self.ctl = self._connect()
             status = secondary_status(self.ctl)
             next_epoch = first_epoch(status, opts.drives)
@@ -103,7 +111,8 @@ class Protector:
             report.committed = next_epoch - 1
             # Every QMP command is bounded by the stall timeout: with I/O stuck on a hung
             # secondary QEMU may not answer anything, and protect must get to the yank
-            self.qmp = Qmp(opts.qmp, timeout=max(opts.stall_timeout, MIN_QMP_TIMEOUT))
+            self.qmp, drives = open_session(opts, max(opts.stall_timeout, MIN_QMP_TIMEOUT))
+            self.opts = opts = replace(opts, drives=drives)
             sizes = check_drives(self.qmp, opts.drives)
             check_sizes(sizes, status, opts.drives)
             self.sizes = sizes
@@ -113,7 +122,7 @@ class Protector:
             if opts.verify:  # (after the leftovers: a mirror filter hides the drive's file)
                 self.verifier = self._verifier()
             self.bitmaps = Bitmaps(self.qmp, opts.drives, source_nodes(self.qmp, opts.drives))
-            self.watchdog = Watchdog(opts.qmp)
+            self.watchdog = Watchdog(opts.qmp, opts.libvirt, opts.connect)
             state = ("not protected yet: epoch 0, the first commit after the sync makes it "
                      "protected" if next_epoch == 1 else
                      f"already protected at epoch {next_epoch - 1}: what the sync writes is "
@@ -140,6 +149,9 @@ class Protector:
         finally:
             self._finish()
             report.seconds = time.monotonic() - t_start
+            self.metrics.set_state(report.outcome or "failed", report)
+            if self.metrics.error:
+                report.problems.append(self.metrics.error)
         return report
 
     def _loop(self) -> None:
@@ -176,6 +188,8 @@ class Protector:
         cp = checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, hook,
                         bitmaps=bitmaps, stall_timeout=opts.stall_timeout,
                         watchdog=self.watchdog)
+        self.metrics.checkpointed(report, cp.committed, self.mirrors.progress()[0]
+                                  if self.metrics.path else None)
         report.pauses.append(cp.pause)
         if opts.hook:
             report.hook_times.append(cp.hook)
@@ -217,6 +231,7 @@ class Protector:
         self.console.progress_end()
         self.console.say(f"nbd-mc protect: secondary lost: {e.desc}; the VM runs on "
                          "unprotected, retrying")
+        self.metrics.set_state("lost", self.report)
         self._drop()
         if self.ctl is not None:
             self.ctl.close()
@@ -292,6 +307,7 @@ class Protector:
                                                     opts.stale_after)
         self.epoch = committed + 1
         t0 = time.monotonic()
+        self.metrics.set_state("resyncing" if self.report.resyncs else "syncing", self.report)
         self._attach()
         if opts.legacy_drive_mirror:
             why = "--drive-mirror copies whole disks"
@@ -314,8 +330,9 @@ class Protector:
             try:
                 r, self.mirrors = incremental(
                     qmp, opts.drives, bitmaps, committed,
-                    lambda done, total: console.progress("resync", done, total), self.stop,
-                    opts.stall_timeout, self.watchdog)
+                    lambda done, total: (console.progress("resync", done, total),
+                                         self.metrics.sync_progress(done, total, self.report)),
+                    self.stop, opts.stall_timeout, self.watchdog)
             except QmpCommandError as e:  # a refused copy job or mirror: the target's fault
                 raise SecondaryFailed(f"the resync failed: {e.desc}") from None
         else:
@@ -326,7 +343,9 @@ class Protector:
             self.mirrors = Mirrors(qmp, opts.drives)
             self._start_full()
             label = "initial sync" if not self.report.resyncs else "full resync"
-            if not self.mirrors.wait_ready(lambda d, t: console.progress(label, d, t), self.stop):
+            if not self.mirrors.wait_ready(lambda d, t: (console.progress(label, d, t),
+                                                         self.metrics.sync_progress(d, t, self.report)),
+                                           self.stop):
                 return False
             r = Resync(full=True, reason="", bytes=sum(self.mirrors.synced.values()))
             r.seconds = time.monotonic() - t0
@@ -341,6 +360,7 @@ class Protector:
         self.lost_since = None
         self.in_step = True
         self.first_commit_after_sync = True
+        self.metrics.set_state("checkpointing", self.report)
         console.say(f"  in step: {_mib(r.bytes)} copied in {r.seconds:.1f} s; "
                     f"checkpointing every {opts.interval * 1000:g} ms"
                     + (f" for {opts.epochs} epochs" if opts.epochs else "")
@@ -405,6 +425,21 @@ class Protector:
                 c.close()
         if self.lost_since is not None and report.resyncs:
             report.unprotected += time.monotonic() - self.lost_since
+
+
+def open_session(opts: Options, timeout: float):
+    """The QMP session protect drives and its drives as QEMU names them: QEMU's own
+    socket (``--qmp``), or libvirt's QMP passthrough (``--libvirt``, libvirt.py, where
+    each ``--drive`` names a disk target and is mapped to its node)."""
+    if not opts.libvirt:
+        return Qmp(opts.qmp, timeout=timeout), opts.drives
+    from .libvirt import LibvirtQmp
+    qmp = LibvirtQmp(opts.libvirt, opts.connect, timeout=timeout)
+    try:
+        return qmp, qmp.resolve_drives(opts.drives)
+    except BaseException:
+        qmp.close()
+        raise
 
 
 def protect(opts: Options, console: Console | None = None, stop: StopFlag | None = None) -> Report:

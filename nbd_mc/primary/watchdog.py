@@ -11,7 +11,8 @@ still paused.  QEMU serves one client per QMP socket, and the dead protect's
 connection closed with it, so the watchdog can connect then.
 
 Started as ``python -c ... QMP_PATH FD`` (the command line names
-nbd_mc.primary.watchdog, so it can be found with pgrep).
+nbd_mc.primary.watchdog, so it can be found with pgrep); for a libvirt domain
+``python -c ... - FD DOMAIN URI``: it resumes the domain through libvirt (libvirt.py).
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ class Watchdog:
     State: ``_w`` (the pipe's write end, -1 once closed) and ``proc`` are touched
     only by the thread that runs protect."""
 
-    def __init__(self, qmp_path: str):
+    def __init__(self, qmp_path: str | None, domain: str | None = None,
+                 uri: str | None = None):
         r, w = os.pipe()
+        vm = [qmp_path or "-", str(r)] + ([domain, uri] if domain else [])
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _RUN, qmp_path, str(r)],
+                [sys.executable, "-c", _RUN, *vm],
                 pass_fds=(r,), stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             os.close(r)
@@ -67,13 +70,17 @@ class Watchdog:
             self.proc.wait()
 
 
-def _resume(qmp_path: str) -> str:
+def _resume(qmp_path: str, domain: str | None = None, uri: str | None = None) -> str:
     from .errors import PrimaryError
     from .qmp import Qmp
     deadline = time.monotonic() + CONNECT_FOR
     while True:
         try:
-            q = Qmp(qmp_path, timeout=10)
+            if domain:
+                from .libvirt import LibvirtQmp
+                q = LibvirtQmp(domain, uri, timeout=10, exclusive=False)
+            else:
+                q = Qmp(qmp_path, timeout=10)
             break
         except PrimaryError as e:
             # no greeting: QEMU still serves the dead protect's connection; anything
@@ -95,6 +102,7 @@ def _resume(qmp_path: str) -> str:
 
 def main(argv: list[str]) -> int:
     qmp_path, fd = argv[0], int(argv[1])
+    domain, uri = (argv[2], argv[3]) if len(argv) > 3 else (None, None)
     paused = False
     while True:
         try:
@@ -108,7 +116,7 @@ def main(argv: list[str]) -> int:
                 return 0
             paused = b == ord("P") if b in b"PR" else paused
     if paused:
-        msg = _resume(qmp_path)
+        msg = _resume(qmp_path, domain, uri)
         if msg:
             print(f"nbd-mc protect watchdog: {msg}", file=sys.stderr, flush=True)
     return 0

@@ -54,6 +54,7 @@ class Target:
 
     def status(self) -> dict:
         st = self.srv.execute("query-status")
+        st["stats"].pop("refused_commits", None)  # counts these very refusals (metrics)
         for clock in ("last_commit_age", "stale"):  # they change with time, not requests
             st.pop(clock, None)
         return st
