@@ -29,20 +29,19 @@ connection).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import errno
 import fcntl
 import json
 import os
 import threading
-import time
 import xml.etree.ElementTree as ET
 
 import libvirt
 import libvirt_qemu
 
 from .errors import PrimaryError, PrimaryGone, QmpCommandError, QmpTimeout
+from .events import EventLog
 from .qmp import QMP_TIMEOUT
 
 DEFAULT_URI = "qemu:///system"
@@ -119,14 +118,11 @@ class _Caller:
         pass
 
 
-class LibvirtQmp:
+class LibvirtQmp(EventLog):
     """A blocking QMP session with a libvirt domain, like the ``--qmp`` session.
 
-    State (``_cond`` guards ``_events``, ``_seq`` and ``gone``; they are written by
-    libvirt's event thread and read by the caller):
-      _events   the last 4096 QMP events as (sequence number, event dict)
-      _seq      the sequence number of the newest event
-      gone      None while the domain runs; else why it (or libvirtd) went away
+    Events and ``gone`` (None while the domain runs, else why it or libvirtd went
+    away) are the EventLog's (events.py), written by libvirt's event thread.
     Set once in __init__ and only read afterwards: conn, dom, name, uri, path.
     """
 
@@ -139,10 +135,7 @@ class LibvirtQmp:
         self.uri = uri
         self.path = f"libvirt domain {domain} on {uri}"  # named in messages like a socket path
         self.timeout = timeout
-        self._cond = threading.Condition()
-        self._events: collections.deque = collections.deque(maxlen=4096)
-        self._seq = 0
-        self.gone: str | None = None
+        EventLog.__init__(self)
         self._callbacks: list[int] = []
         self._lifecycle: int | None = None
         self._lock_fd: int | None = None
@@ -207,12 +200,8 @@ class LibvirtQmp:
                 data = json.loads(details)
             except ValueError:
                 data = {"details": details}
-        e = {"event": event, "data": data,
-             "timestamp": {"seconds": seconds, "microseconds": micros}}
-        with self._cond:
-            self._seq += 1
-            self._events.append((self._seq, e))
-            self._cond.notify_all()
+        self._record({"event": event, "data": data,
+                      "timestamp": {"seconds": seconds, "microseconds": micros}})
 
     def _on_lifecycle(self, conn, dom, event, detail, opaque) -> None:
         # Only STOPPED means QEMU is gone (SHUTDOWN: the guest asked; QEMU still runs).
@@ -221,11 +210,6 @@ class LibvirtQmp:
 
     def _on_close(self, conn, reason, opaque) -> None:
         self._set_gone("the connection to libvirtd closed")
-
-    def _set_gone(self, why: str) -> None:
-        with self._cond:
-            self.gone = self.gone or why
-            self._cond.notify_all()
 
     # commands
     def _call(self, fn, what: str, timeout: float | None = None):
@@ -333,30 +317,6 @@ class LibvirtQmp:
         """The qdev path of the disk's BlockBackend: HMP ``qemu-io -d QDEV`` writes as
         the guest would, through the mirror (qemu-io on the node name would not)."""
         return self._block(target)["qdev"]
-
-    # events
-    @property
-    def cursor(self) -> int:
-        with self._cond:
-            return self._seq
-
-    def events_after(self, cursor: int) -> list[tuple[int, dict]]:
-        with self._cond:
-            return [(s, e) for s, e in self._events if s > cursor]
-
-    def wait_event(self, match, cursor: int, timeout: float) -> tuple[dict | None, int]:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for s, e in self._events:
-                    if s > cursor:
-                        cursor = s
-                        if match(e):
-                            return e, cursor
-                left = deadline - time.monotonic()
-                if left <= 0 or self.gone:
-                    return None, cursor
-                self._cond.wait(left)
 
     def close(self) -> None:
         conn = self.conn

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import collections
 import logging
 import threading
-import time
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
+from .events import EventLog
 from .errors import PrimaryGone, QmpCommandError, QmpTimeout, why as _why
 
 # A reply that comes after its command timed out is dropped with a warning: not news.
@@ -45,16 +44,14 @@ class _Recorder(EventListener):
         self._sink(event)
 
 
-class Qmp:
-    """A blocking QMP session; qemu.qmp's asyncio client on a private loop thread."""
+class Qmp(EventLog):
+    """A blocking QMP session; qemu.qmp's asyncio client on a private loop thread.
+    Its events and ``gone``: the EventLog (events.py)."""
 
     def __init__(self, path: str, timeout: float = QMP_TIMEOUT):
+        super().__init__()
         self.path = path
         self.timeout = timeout
-        self._cond = threading.Condition()
-        self._events: collections.deque = collections.deque(maxlen=4096)
-        self._seq = 0
-        self.gone: str | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="qmp", daemon=True)
         self._thread.start()
@@ -87,15 +84,7 @@ class Qmp:
         """Notice a dead QEMU even while nobody executes a command."""
         while self._client.runstate == Runstate.RUNNING:
             await self._client.runstate_changed()
-        with self._cond:
-            self.gone = self.gone or "the QMP connection closed (QEMU exited or was killed)"
-            self._cond.notify_all()
-
-    def _record(self, event) -> None:
-        with self._cond:
-            self._seq += 1
-            self._events.append((self._seq, dict(event)))
-            self._cond.notify_all()
+        self._set_gone("the QMP connection closed (QEMU exited or was killed)")
 
     def _run(self, coro, timeout):
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -132,13 +121,11 @@ class Qmp:
             if self._connected():
                 raise QmpTimeout(f"QEMU did not answer {name} within {timeout:g} s "
                                  f"(it is running: the QMP connection is open)") from None
-            with self._cond:
-                self.gone = self.gone or f"{name}: {_why(e)}"
+            self._set_gone(f"{name}: {_why(e)}")
             raise PrimaryGone(f"lost the QMP connection to QEMU ({self.path}) during {name}: "
                               f"the connection closed") from None
         except (QMPError, OSError, EOFError, asyncio.CancelledError) as e:
-            with self._cond:
-                self.gone = self.gone or f"{name}: {_why(e)}"
+            self._set_gone(f"{name}: {_why(e)}")
             raise PrimaryGone(f"lost the QMP connection to QEMU ({self.path}) during {name}: "
                               f"{_why(e)}") from None
 
@@ -151,34 +138,6 @@ class Qmp:
     def hmp(self, command_line: str) -> str:
         """A human monitor command (tests use qemu-io through it to play a guest)."""
         return self.cmd("human-monitor-command", **{"command-line": command_line})
-
-    # events
-    @property
-    def cursor(self) -> int:
-        """Events recorded so far; pass it to events_after() / wait_event()."""
-        with self._cond:
-            return self._seq
-
-    def events_after(self, cursor: int) -> list[tuple[int, dict]]:
-        """(sequence number, event) of every event recorded after ``cursor``."""
-        with self._cond:
-            return [(s, e) for s, e in self._events if s > cursor]
-
-    def wait_event(self, match, cursor: int, timeout: float) -> tuple[dict | None, int]:
-        """The first event after ``cursor`` with match(event) true, or None at the
-        timeout or when QEMU is gone; and the cursor after it."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for s, e in self._events:
-                    if s > cursor:
-                        cursor = s
-                        if match(e):
-                            return e, cursor
-                left = deadline - time.monotonic()
-                if left <= 0 or self.gone:
-                    return None, cursor
-                self._cond.wait(left)
 
     def close(self) -> None:
         atexit.unregister(self.close)
