@@ -286,6 +286,13 @@ class Group:
                 raise io_failure(f"zeroing image {disk.spec.image}", e) from None
             self._count("trims" if trim else "zeroes")
 
+    def request_failed(self, e: NbdMcError) -> None:
+        """A client's read, write, zero, trim or flush failed with ``e``: an I/O
+        failure counts in ``stats["errors"]`` (refusals are counted where they are
+        decided)."""
+        if isinstance(e, IOFailure):
+            self._count("errors")
+
     def _count(self, counter: str) -> None:
         with self._stats_lock:
             self.stats[counter] += 1

@@ -222,6 +222,11 @@ def _fail(e: NbdMcError):
     raise RuntimeError(e.desc) from None
 
 
+def _request_failed(e: NbdMcError):
+    _group.request_failed(e)
+    _fail(e)
+
+
 def pread(h, buf, offset, flags):
     try:
         if _group.state.role != "secondary":  # a failover may come while a client reads
@@ -234,21 +239,21 @@ def pread(h, buf, offset, flags):
         else:
             _group.read(h.disk, buf, offset)
     except NbdMcError as e:
-        _fail(e)
+        _request_failed(e)
 
 
 def pwrite(h, buf, offset, flags):
     try:
         _group.write(h.disk, h.generation, buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
     except NbdMcError as e:
-        _fail(e)
+        _request_failed(e)
 
 
 def flush(h, flags):
     try:
         _group.flush(h.disk)
     except NbdMcError as e:
-        _fail(e)
+        _request_failed(e)
 
 
 def trim(h, count, offset, flags):
@@ -256,7 +261,7 @@ def trim(h, count, offset, flags):
         _group.zero(h.disk, h.generation, count, offset, fua=bool(flags & nbdkit.FLAG_FUA),
                     trim=True)
     except NbdMcError as e:
-        _fail(e)
+        _request_failed(e)
 
 
 def zero(h, count, offset, flags):
@@ -264,7 +269,7 @@ def zero(h, count, offset, flags):
         _group.zero(h.disk, h.generation, count, offset, fua=bool(flags & nbdkit.FLAG_FUA),
                     fast=bool(flags & nbdkit.FLAG_FAST_ZERO))
     except NbdMcError as e:
-        _fail(e)
+        _request_failed(e)
 
 
 def extents(h, count, offset, flags):

@@ -148,6 +148,7 @@ def test_image_read_error_while_preserving(servers, workdir, mounts, durability)
     for c in (21, 37, 53):  # never read before, far apart: not in the page cache
         assert errno_of(lambda: h.pwrite(rng.randbytes(C), c * C)) == "EIO"
     assert errno_of(lambda: h.zero(C, 45 * C)) == "EIO"
+    assert srv.execute("query-status")["stats"]["errors"] == 4  # the four failed requests
     h.pwrite(b"\4" * C, 0)  # already preserved: no read of the image needed
     model.write("v", 0, b"\4" * C)
     assert srv.execute("query-status")["broken"] is None
