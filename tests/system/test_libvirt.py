@@ -16,7 +16,6 @@ import fcntl
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -27,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from demo import guest
 from nbd_mc.primary.libvirt import LibvirtQmp
+from support.hook import RECORDING_HOOK
 from support.libvirt import domain_xml
 from support.servers import (assert_bytes, describe, make_image, nbd_mc, nbd_mc_argv,
                              read_all, read_file, run, subprocess_env, wait_until)
@@ -36,24 +36,6 @@ pytestmark = pytest.mark.qemu
 MiB = 1 << 20
 DEADLINE = 60.0  # safety net for waits, never a synchronisation
 
-HOOK = r'''
-import fcntl, json, os, shutil, sys
-cfg = json.load(open(sys.argv[1]))
-epoch = int(os.environ["NBD_MC_EPOCH"])
-with open(cfg["lock"], "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)   # a guest request in progress finishes first
-    with open(cfg["paused"], "w") as f:  # ... and no new one starts until cont
-        f.write(str(epoch))
-    final = os.path.join(cfg["records"], str(epoch))
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for disk, path in cfg["images"].items():
-        shutil.copyfile(path, os.path.join(tmp, disk))
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    shutil.rmtree(os.path.join(cfg["records"], str(epoch - 3)), ignore_errors=True)
-'''
 
 
 class Recorder:
@@ -72,7 +54,7 @@ class Recorder:
                        "images": images}, f)
         self.script = os.path.join(root, "hook.py")
         with open(self.script, "w") as f:
-            f.write(HOOK)
+            f.write(RECORDING_HOOK)
 
     @property
     def hook(self) -> str:

@@ -29,6 +29,7 @@ import pytest
 from nbd_mc import primary
 from nbd_mc.control import ControlClient
 from nbd_mc.tls import TlsFiles
+from support.hook import RECORDING_HOOK
 from support.servers import (REPO, Server, assert_bytes, describe, make_image, nbd_mc, nbd_mc_argv,
                              read_all, read_file, run, subprocess_env, wait_until)
 
@@ -330,27 +331,6 @@ def test_kill_primary_then_failover(servers, vms, kill_point):
 
 
 # --- 2. the real `nbd-mc protect`, with the test as a guest that respects checkpoints -------
-HOOK = r'''
-import fcntl, json, os, shutil, sys
-cfg = json.load(open(sys.argv[1]))
-epoch = int(os.environ["NBD_MC_EPOCH"])
-if cfg.get("fail_once_at") == epoch and not os.path.exists(cfg["failed_marker"]):
-    open(cfg["failed_marker"], "w").close()
-    sys.exit(3)
-with open(cfg["lock"], "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)   # a guest request in progress finishes first
-    with open(cfg["paused"], "w") as f:  # ... and no new one starts until cont
-        f.write(str(epoch))
-    final = os.path.join(cfg["records"], str(epoch))
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for drive, path in cfg["images"].items():
-        shutil.copyfile(path, os.path.join(tmp, drive))
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    shutil.rmtree(os.path.join(cfg["records"], str(epoch - 3)), ignore_errors=True)
-'''
 
 
 class Coordinated:
@@ -377,7 +357,7 @@ class Coordinated:
                        "failed_marker": os.path.join(root, "hook-failed")}, f)
         self.script = os.path.join(root, "hook.py")
         with open(self.script, "w") as f:
-            f.write(HOOK)
+            f.write(RECORDING_HOOK)
 
     @property
     def hook(self) -> str:
