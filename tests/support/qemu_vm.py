@@ -15,8 +15,11 @@ from support.servers import read_file, wait_until
 
 
 class QemuVM:
-    def __init__(self, root: str, images: dict[str, str] | None = None, name: str = "vm"):
+    def __init__(self, root: str, images: dict[str, str] | None = None, name: str = "vm",
+                 drive_args: dict[str, str] | None = None, qmp_timeout: float = 60):
+        """``drive_args``: a whole -drive value for some drives (default: raw, if=none)."""
         self.images = dict(images or {})
+        self.qmp_timeout = qmp_timeout
         self.qmp_path = os.path.join(root, f"{name}.qmp")
         self.test_qmp_path = os.path.join(root, f"{name}-test.qmp")
         self.log = os.path.join(root, f"{name}.log")
@@ -24,13 +27,14 @@ class QemuVM:
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                 "-qmp", f"unix:{self.test_qmp_path},server=on,wait=off"]
         for drive, path in self.images.items():
-            argv += ["-drive", f"if=none,id={drive},file={path},format=raw"]
+            spec = (drive_args or {}).get(drive) or f"if=none,id={drive},file={path},format=raw"
+            argv += ["-drive", spec]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT)
         try:
             self.qmp = wait_until(self._connect, "QEMU's QMP socket")
-        except BaseException:
+        except BaseException:  # not yet known to the fixture: don't leak the process
             self.proc.kill()
             self.proc.wait(30)
             raise
@@ -41,7 +45,7 @@ class QemuVM:
         if not os.path.exists(self.test_qmp_path):
             return None
         try:
-            return primary.Qmp(self.test_qmp_path, timeout=60)
+            return primary.Qmp(self.test_qmp_path, timeout=self.qmp_timeout)
         except primary.PrimaryGone:
             return None
 

@@ -28,8 +28,9 @@ from demo import guest
 from nbd_mc.primary.libvirt import LibvirtQmp
 from support.hook import RECORDING_HOOK
 from support.libvirt import domain_xml
-from support.servers import (assert_bytes, describe, make_image, nbd_mc, nbd_mc_argv,
-                             read_all, read_file, run, subprocess_env, wait_until)
+from support.protect_proc import finished, spawn_protect
+from support.servers import (assert_bytes, describe, make_image, nbd_mc,
+                             read_all, read_file, run, wait_until)
 
 pytestmark = pytest.mark.qemu
 
@@ -121,36 +122,9 @@ class PlayedGuest:
 
 
 def start_protect(root: str, procs: list, domain: str, server, drives, *args):
-    argv = nbd_mc_argv() + ["protect", "--libvirt", domain, "--target", server.uri(),
-                            "--control", server.control_path]
-    for d in drives:
-        argv += ["--drive", d]
-    argv += [str(a) for a in args]
-    n = len(procs)
-    out = open(os.path.join(root, f"protect-{n}.out"), "w+")
-    err = open(os.path.join(root, f"protect-{n}.err"), "w+")
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                            env=subprocess_env(), text=True)
-    proc.out, proc.err = out, err
-    procs.append(proc)
-    return proc
-
-
-def finished(proc, timeout: float = DEADLINE) -> tuple[int, str, str]:
-    rc = proc.wait(timeout)
-    proc.out.seek(0)
-    proc.err.seek(0)
-    return rc, proc.out.read(), proc.err.read()
-
-
-@pytest.fixture
-def procs():
-    made = []
-    yield made
-    for p in made:
-        if p.poll() is None:
-            p.kill()
-        p.wait(30)
+    drive_args = [a for d in drives for a in ("--drive", d)]
+    return spawn_protect(procs, root, "--libvirt", domain, "--target", server.uri(),
+                         "--control", server.control_path, *drive_args, *args)
 
 
 def committed(server) -> int:

@@ -30,8 +30,10 @@ from nbd_mc import primary
 from nbd_mc.control import ControlClient
 from nbd_mc.tls import TlsFiles
 from support.hook import RECORDING_HOOK
-from support.servers import (REPO, Server, assert_bytes, describe, make_image, nbd_mc, nbd_mc_argv,
-                             read_all, read_file, run, subprocess_env, wait_until)
+from support.protect_proc import finished, spawn_protect
+from support.qemu_vm import QemuVM
+from support.servers import (REPO, Server, assert_bytes, describe, make_image, nbd_mc,
+                             read_all, read_file, run, wait_until)
 
 pytestmark = pytest.mark.qemu
 
@@ -43,42 +45,14 @@ DEADLINE = 60.0  # safety net for waits, never a synchronisation
 
 
 # --- the primary: QEMU without a guest ------------------------------------------------------
-class PrimaryVM:
+class PrimaryVM(QemuVM):
     """qemu-system-x86_64 -machine none with raw drives; one QMP socket for protect
     (``qmp_path``) and one for the test (``qmp``, a primary.Qmp)."""
 
     def __init__(self, root: str, images: dict[str, str], name: str = "primary",
                  drive_args: dict[str, str] | None = None):
         self.root = root
-        self.images = dict(images)
-        self.qmp_path = os.path.join(root, f"{name}.qmp")
-        self.test_qmp_path = os.path.join(root, f"{name}-test.qmp")
-        self.log = os.path.join(root, f"{name}.log")
-        argv = [QEMU, "-machine", "none", "-nodefaults", "-display", "none",
-                "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-                "-qmp", f"unix:{self.test_qmp_path},server=on,wait=off"]
-        for drive, path in images.items():
-            spec = (drive_args or {}).get(drive) or f"if=none,id={drive},file={path},format=raw"
-            argv += ["-drive", spec]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT)
-        try:
-            self.qmp = wait_until(self._connect, "QEMU's QMP socket")
-        except BaseException:  # not yet known to the fixture: don't leak the process
-            self.proc.kill()
-            self.proc.wait(30)
-            raise
-
-    def _connect(self):
-        if self.proc.poll() is not None:
-            pytest.fail(f"QEMU exited: {read_file(self.log).decode(errors='replace')}")
-        if not os.path.exists(self.test_qmp_path):
-            return None
-        try:
-            return primary.Qmp(self.test_qmp_path, timeout=30)
-        except primary.PrimaryGone:
-            return None
+        super().__init__(root, images, name, drive_args, qmp_timeout=30)
 
     def running(self) -> bool:
         return self.qmp.cmd("query-status")["running"]
@@ -126,17 +100,6 @@ def vms():
     yield lambda *a, **kw: made.append(PrimaryVM(*a, **kw)) or made[-1]
     for vm in made:
         vm.close()
-
-
-@pytest.fixture
-def procs():
-    """Background `nbd-mc protect` processes; killed at teardown."""
-    made = []
-    yield made
-    for p in made:
-        if p.poll() is None:
-            p.kill()
-        p.wait(30)
 
 
 # --- the guest, played through HMP qemu-io ---------------------------------------------------
@@ -395,25 +358,9 @@ class Coordinated:
 
 def start_protect(procs, vm: PrimaryVM, server: Server, root: str, *args,
                   drives=("drive0", "drive1")) -> subprocess.Popen:
-    argv = nbd_mc_argv() + ["protect", "--qmp", vm.qmp_path, "--target", server.uri(),
-                            "--control", server.control_path]
-    for d in drives:
-        argv += ["--drive", f"{d}={EXPORTS[d]}"]
-    argv += [str(a) for a in args]
-    out = open(os.path.join(root, f"protect-{len(procs)}.out"), "w+")
-    err = open(os.path.join(root, f"protect-{len(procs)}.err"), "w+")
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                            env=subprocess_env(), text=True)
-    proc.out, proc.err = out, err
-    procs.append(proc)
-    return proc
-
-
-def finished(proc: subprocess.Popen, timeout: float = DEADLINE) -> tuple[int, str, str]:
-    rc = proc.wait(timeout)
-    proc.out.seek(0)
-    proc.err.seek(0)
-    return rc, proc.out.read(), proc.err.read()
+    drive_args = [a for d in drives for a in ("--drive", f"{d}={EXPORTS[d]}")]
+    return spawn_protect(procs, root, "--qmp", vm.qmp_path, "--target", server.uri(),
+                         "--control", server.control_path, *drive_args, *args)
 
 
 def committed(server: Server) -> int:

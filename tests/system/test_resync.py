@@ -19,15 +19,15 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 
 import nbd
 import pytest
 
+from support.protect_proc import spawn_protect
 from support.servers import describe, nbd_mc, read_file, wait_until
 from test_primary import (DEADLINE, EXPORTS, SIZES, Coordinated, PrimaryVM, _free_port,  # noqa: F401
                           assert_secondary_is, committed, failover, finished, make_pair,
-                          procs, qemu_img_compare, start_protect, vms, wait_watchdog_done)
+                          qemu_img_compare, start_protect, vms, wait_watchdog_done)
 
 pytestmark = pytest.mark.qemu
 
@@ -81,19 +81,9 @@ def protect_json(procs, vm, server, root, co, *args, target=None):
 
 def start_protect_target(procs, vm, server, root, target, *args):
     """start_protect with another --target (TCP)."""
-    from support.servers import nbd_mc_argv, subprocess_env
-    argv = nbd_mc_argv() + ["protect", "--qmp", vm.qmp_path, "--target", target,
-                            "--control", server.control_path]
-    for d in ("drive0", "drive1"):
-        argv += ["--drive", f"{d}={EXPORTS[d]}"]
-    argv += [str(a) for a in args]
-    out = open(os.path.join(root, f"protect-{len(procs)}.out"), "w+")
-    err = open(os.path.join(root, f"protect-{len(procs)}.err"), "w+")
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                            env=subprocess_env(), text=True)
-    proc.out, proc.err = out, err
-    procs.append(proc)
-    return proc
+    drive_args = [a for d in ("drive0", "drive1") for a in ("--drive", f"{d}={EXPORTS[d]}")]
+    return spawn_protect(procs, root, "--qmp", vm.qmp_path, "--target", target,
+                         "--control", server.control_path, *drive_args, *args)
 
 
 def progress(co, server, proc, commits: int) -> int:
