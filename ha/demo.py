@@ -46,6 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     print("\nfailover times (kill -> VM running again / -> the guest's own check passed):")
     print(f"  QEMU kill -9:      {q['kill_to_vm_running_s']:.1f} s / {q['kill_to_guest_check_ok_s']:.1f} s")
     print(f"  whole node killed: {n['kill_to_vm_running_s']:.1f} s / {n['kill_to_guest_check_ok_s']:.1f} s")
+    i = figures["initial_sync"]
+    disk = figures["failback"]["node1"]["disk_bytes"]
+    print(f"\nresyncs (what protect copied into the replica; the disk is {disk / 2**20:.0f} MiB):")
+    print(f"  initial sync into node2:                   {i['mode']}, {i['bytes'] / 2**20:.1f} MiB")
+    for node, why in (("node1", "its QEMU was killed"), ("node2", "the node returned")):
+        f = figures["failback"][node]
+        print(f"  failback into {node} ({why + '):':22s} {f['mode']}, "
+              f"{f['bytes'] / 2**20:.1f} MiB ({100 * f['bytes'] / disk:.1f} % of the disk) "
+              f"in {f['seconds']:.1f} s")
     return 0
 
 

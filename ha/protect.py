@@ -9,9 +9,15 @@ returns (failback).  So start launches the supervisor and returns; it loops:
   1. find the peer (the node of ``addresses`` that is not this one);
   2. ask the peer's replica for its status (`nbd-mc status --json`); protect only
      a secondary that is not fenced;
-  3. run `nbd-mc protect` (full sync, then a checkpoint every ``interval``) until
-     it ends -- the VM died, the peer went away or was promoted -- and try again
-     ``retry`` seconds later.
+  3. run `nbd-mc protect` (a resync -- full, from a dirty bitmap, or by checksum
+     where the peer's image holds a near copy, as protect chooses -- then a
+     checkpoint every ``interval``) until it ends -- the VM died, the peer went
+     away or was promoted -- and try again ``retry`` seconds later.
+
+Each resync is logged once it is done (its mode, the bytes it copied, how long
+it took; read from protect's ``--metrics-file``) and the last one is kept in
+``$HA_RSCTMP/nbd-mc-protect-<instance>.resync.json``: after a failback this says
+whether the returning node's image was brought in step incrementally.
 
 Monitor reports the supervisor, not the protection: an unprotected VM is a
 degraded but running service (as DRBD's primary is when disconnected); the
@@ -23,6 +29,7 @@ removes the mirrors and leaves the VM running; then the supervisor exits.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -81,6 +88,13 @@ class Config:
         base = os.path.join(ocf.rsctmp(), f"nbd-mc-protect-{ocf.instance().replace('/', '_')}")
         self.status_file = base + ".status"
         self.log_file = base + ".log"
+        self.resync_file = base + ".resync.json"
+        # protect's metrics: the operator's --metrics-file if options has one
+        opts = shlex.split(p["options"])
+        given = [opts[i + 1] for i, o in enumerate(opts[:-1]) if o == "--metrics-file"]
+        given += [o.split("=", 1)[1] for o in opts if o.startswith("--metrics-file=")]
+        self.metrics_file = given[-1] if given else base + ".prom"
+        self.own_metrics = not given
 
     def validate(self) -> None:
         self.libvirt = "--libvirt" in shlex.split(self.p["options"])
@@ -179,6 +193,7 @@ def supervise() -> int:
                *[a for d in cfg.drives for a in ("--drive", d)],
                "--target", f"nbds://{addr}:{cfg.p['nbd_port']}/", "--control", control,
                "--tls-certificates", cfg.tls, "--interval", cfg.p["interval"] or "100ms",
+               *(["--metrics-file", cfg.metrics_file] if cfg.own_metrics else []),
                *shlex.split(cfg.p["options"])]
         ocf.log("info", f"protecting into {name} ({addr}): {shlex.join(cmd[1:])}")
         note(f"protecting into {name} ({addr}) since {time.strftime('%H:%M:%S')}")
@@ -202,22 +217,69 @@ def supervise() -> int:
 
 
 def watch_first_commit(p: subprocess.Popen, cfg: Config) -> None:
-    """Set nbd-mc-protected=1 once the peer reports a commit while protect runs."""
+    """While protect runs: set nbd-mc-protected=1 once the peer reports a commit, and
+    report every resync protect finishes (``report_resyncs``)."""
     def run():
         name, addr = cfg.peer()
         control = f"tcp://{addr}:{cfg.p['control_port']}"
         first = None
+        protected = False
+        seen = last_resync(cfg.metrics_file)  # a leftover of an earlier run
         while p.poll() is None:
-            rc, st, _ = ocf.nbd_mc("status", "--control", control, "--tls-certificates",
-                                   cfg.tls, timeout=10)
-            if rc == 0 and isinstance(st, dict) and st.get("protected"):
-                if first is None:
-                    first = st.get("committed")
-                elif st.get("committed", 0) > first:
-                    set_protected(True)
-                    return
+            seen = report_resync(cfg, name, seen)
+            if not protected:
+                rc, st, _ = ocf.nbd_mc("status", "--control", control, "--tls-certificates",
+                                       cfg.tls, timeout=10)
+                if rc == 0 and isinstance(st, dict) and st.get("protected"):
+                    if first is None:
+                        first = st.get("committed")
+                    elif st.get("committed", 0) > first:
+                        set_protected(True)
+                        protected = True
             time.sleep(0.5)
+        report_resync(cfg, name, seen)
     threading.Thread(target=run, daemon=True).start()
+
+
+def last_resync(path: str) -> dict | None:
+    """The last finished (re)sync in protect's metrics file: mode, bytes, seconds."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    try:
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == "nbd_mc_protect_last_resync_mode" and s.value == 1:
+                    out["mode"] = s.labels.get("nbd_mc_protect_last_resync_mode")
+                elif s.name == "nbd_mc_protect_last_resync_bytes":
+                    out["bytes"] = int(s.value)
+                elif s.name == "nbd_mc_protect_last_resync_duration_seconds":
+                    out["seconds"] = round(s.value, 3)
+    except ValueError:  # a half-written file cannot be (the library renames it in place)
+        return None
+    return out if "mode" in out else None
+
+
+def report_resync(cfg: Config, peer: str, seen: dict | None) -> dict | None:
+    """Log a resync protect finished since ``seen`` and keep it in the .resync.json
+    file; returns the resync now seen."""
+    r = last_resync(cfg.metrics_file)
+    if r is None or r == seen:
+        return seen
+    what = {"full": "a full sync", "bitmap": "an incremental resync from a dirty bitmap",
+            "checksum": "a checksum resync (only the blocks whose contents differed)"}
+    ocf.log("info", f"{peer}'s replica is in step after {what.get(r['mode'], r['mode'])}: "
+                    f"{r['bytes'] / 2**20:.1f} MiB copied in {r.get('seconds', 0):.1f} s")
+    record = {"peer": peer, "time": time.time(), **r}
+    tmp = cfg.resync_file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, cfg.resync_file)
+    return r
 
 
 def _tail(path: str) -> str:

@@ -10,22 +10,38 @@ VM runs where it is promoted.
   node's image was the live disk when the node stopped).  Nothing is served;
   the image is newer than any replica, so it gets the highest promotion score --
   unless another node is promoted already: then our image has diverged from the
-  live one (writes after the last checkpoint) and start or the next monitor
-  makes us a fresh secondary (the old state directory is kept as
-  ``STATE_DIR.discarded``), which the new primary protects with a full sync.
+  live one (writes after the last checkpoint, writes in flight at the crash) and
+  start or the next monitor makes this node a replica again (failback): the
+  group state moves to ``STATE_DIR.diverged``, a new group (epoch 0) is served
+  on the SAME image, and the new primary's protect brings it in step by
+  comparing contents (checksum resync: only the blocks that differ are copied).
+  Until the first commit after that resync the replica has no promotion score
+  and refuses promotion: an image half way through a resync is garbage.
 * **Promoted**: this node's images are the live disks the VM runs on.  Promote =
   ``nbd-mc failover`` (fence the old primary's connections, return every disk to
   the last commit, promote) then ``nbd-mc stop``: nothing serves the exports any
   more, nobody but the local VM writes them.
 
-Never promote garbage: a replica with no committed epoch (the initial sync never
-finished), a fenced, stale or broken group gets no promotion score, and the
-reason is logged (DRBD does the same for Inconsistent data).
+Both sides claiming primary (split brain) is never resolved silently.  Promote
+refuses while another node is promoted.  A promoted instance whose monitor or
+demote finds another node promoted too records it in ``STATE_DIR.split-brain``
+and logs an error; Pacemaker (promoted-max=1) demotes one of the two, and the
+demoted node keeps its image untouched -- not served, no promotion score -- until
+an operator decides (see README, Fencing and split brain): its writes since the
+split exist nowhere else.  The node that stays promoted clears its record.
+
+Never promote garbage: a replica with no committed epoch (the initial sync or
+the failback resync never finished), a fenced, stale or broken group gets no
+promotion score, and the reason is logged (DRBD does the same for Inconsistent
+data).
 
 Runtime state: ``$HA_RSCTMP/nbd-mc-replica-<instance>.state`` holds ``unpromoted``
 or ``promoted`` while the instance is started (absent: stopped).  The group's
 own state (committed epoch, role, fenced) lives in the state directory and is
-read only through ``nbd-mc status/inspect --json``.
+read only through ``nbd-mc status/inspect --json``; beside it the agent keeps
+``STATE_DIR.rolled-back/`` (what the last promotion rolled back),
+``STATE_DIR.diverged/`` (the group state of the last live disk given up) and
+``STATE_DIR.split-brain`` (see above).
 """
 
 from __future__ import annotations
@@ -184,14 +200,68 @@ class Config:
         ocf.log("warning", f"nbd-mc stop failed ({err}); terminating nbdkit pid {pid}")
         _terminate(pid)
 
-    def discard(self, why: str) -> None:
-        """Make this node a fresh secondary: its image will be overwritten by a full sync."""
-        old = self.state_dir.rstrip("/") + ".discarded"
-        ocf.log("warning", f"{why}: this node's images are no longer the live disks; the "
-                           f"group state moves to {old} and the replica starts empty "
-                           f"(a full sync from the promoted node follows)")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(self.state_dir, old)
+    @property
+    def diverged_dir(self) -> str:
+        return self.state_dir.rstrip("/") + ".diverged"
+
+    @property
+    def split_brain_file(self) -> str:
+        return self.state_dir.rstrip("/") + ".split-brain"
+
+    def rejoin(self, why: str) -> None:
+        """Failback: make this node a replica of the promoted node, keeping its image.
+
+        The image was the live disk until this node stopped; the promoted node's VM
+        went on from the last commit.  The old group (role primary) moves to
+        STATE_DIR.diverged and the caller serves a new group on the same image:
+        epoch 0, so no promotion score until the new primary's first commit after
+        its resync.  The image is not emptied: it differs from the live disk only
+        where the failover rolled back, where writes were in flight at the crash and
+        where the new primary wrote since, and protect's checksum resync finds and
+        copies exactly those blocks.
+        """
+        ocf.log("warning", f"{why}: this node's images are no longer the live disks; "
+                           f"keeping them as the replica images (group state moved to "
+                           f"{self.diverged_dir}): the promoted node's protect compares "
+                           f"them block by block and copies what differs; no promotion "
+                           f"until its first commit after that resync")
+        shutil.rmtree(self.diverged_dir, ignore_errors=True)
+        os.replace(self.state_dir, self.diverged_dir)
+
+    def split_brain(self) -> dict | None:
+        """The split-brain record, if this node saw another node promoted while it
+        held the live disks."""
+        try:
+            with open(self.split_brain_file) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"peer": "?", "seen_in": "an unreadable record"}
+
+    def mark_split_brain(self, peer: str, seen_in: str) -> None:
+        """Record (once) and log that both this node and ``peer`` claim primary."""
+        if self.split_brain() is not None:
+            return
+        record = {"peer": peer, "seen_in": seen_in, "time": time.time(), "node": local_node()}
+        tmp = self.split_brain_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.split_brain_file)
+        ocf.log("error", f"SPLIT BRAIN: {peer} is promoted while this node holds the live "
+                         f"disks ({seen_in}); recorded in {self.split_brain_file}.  Pacemaker "
+                         f"demotes one of us; the demoted node keeps its images untouched "
+                         f"and unserved until an operator decides")
+
+    def clear_split_brain(self) -> None:
+        sb = self.split_brain()
+        if sb is None:
+            return
+        os.unlink(self.split_brain_file)
+        ocf.log("warning", f"split brain with {sb.get('peer')} over: this node is the only "
+                           f"promoted one; its images are the live disks")
 
 
 def _server_pid(state_dir: str) -> int | None:
@@ -230,10 +300,12 @@ def primitive_id() -> str:
 
 
 def promoted_elsewhere() -> str | None:
-    """The node where another instance of this clone is promoted, if any."""
-    if not ocf.in_cluster():
-        return None
-    me = os.environ.get("OCF_RESKEY_CRM_meta_on_node") or ""
+    """The node where another instance of this clone is promoted, if any.
+
+    Asked whoever runs the action (Pacemaker, ocf-tester, a person on a node): the
+    rule "never two primaries" must not depend on the caller.  Without a cluster
+    crm_resource fails at once and the answer is None."""
+    me = local_node()
     rc, out = ocf.crm("crm_resource", "--resource", primitive_id(), "--locate")
     if rc != 0:
         return None
@@ -250,13 +322,13 @@ def promoted_elsewhere() -> str | None:
 _REASON_FILE_KIND = "replica-score"
 
 
-def set_score(score: int | None, why: str) -> None:
+def set_score(score: int | None, why: str, level: str = "info") -> None:
     """Publish (or withdraw) this node's promotion score; log when it changes."""
     note = ocf.Marker(_REASON_FILE_KIND)
     text = f"{score}: {why}"
     if note.get() != text:
         if score is None:
-            ocf.log("info", f"no promotion score: {why}")
+            ocf.log(level, f"no promotion score: {why}")
         else:
             ocf.log("info", f"promotion score {score}: {why}")
         note.set(text)
@@ -281,6 +353,9 @@ def score_for(cfg: Config, st: dict | None, serving: dict | None) -> tuple[int |
     if serving is None:
         return None, "the replica server does not answer"
     if not serving.get("committed"):
+        if os.path.isdir(cfg.diverged_dir):
+            return None, ("no epoch committed yet: the resync of this node's old live disk "
+                          "(failback) has not finished; until then the image is garbage")
         return None, "no epoch committed yet: the initial sync has not finished"
     if serving.get("fenced"):
         return None, f"the group is fenced (generation {serving.get('generation')})"
@@ -291,6 +366,35 @@ def score_for(cfg: Config, st: dict | None, serving: dict | None) -> tuple[int |
     if serving.get("handoff"):
         return None, "the disks were handed out by an instant failover"
     return REPLICA_SCORE, f"protected replica at committed epoch {serving['committed']}"
+
+
+def hold_live_disks(cfg: Config) -> bool:
+    """An unpromoted instance whose group has role primary: keep the images as the
+    live disks (True: nothing to serve), or give them up for a failback (False:
+    ``rejoin`` moved the group away, the caller serves a new one on the images).
+
+    * no other node promoted: ours are the newest disks, score 1000;
+    * another node promoted, no split-brain record: the normal failback -- this node
+      stopped being the live disk before the other was promoted, so its image is
+      behind by at most the writes after the last checkpoint: rejoin;
+    * a split-brain record: this node ran the VM while the other was promoted too.
+      Its writes since then exist nowhere else; nothing automatic may overwrite them
+      (DRBD's split-brain default, disconnect): no score, not served, an error.
+    """
+    sb = cfg.split_brain()
+    if sb is not None:
+        set_score(None, f"SPLIT BRAIN with {sb.get('peer')} ({sb.get('seen_in')}): this "
+                        f"node's images hold writes the other side has not; they stay "
+                        f"untouched and unserved until an operator removes "
+                        f"{cfg.split_brain_file} (README: Fencing and split brain)",
+                  level="error")
+        return True
+    other = promoted_elsewhere()
+    if other is None:
+        set_score(PRIMARY_SCORE, "this node holds the live disks (role primary)")
+        return True
+    cfg.rejoin(f"{other} is promoted")
+    return False
 
 
 # --- actions --------------------------------------------------------------------------
@@ -318,14 +422,18 @@ def action_monitor() -> int:
         if st.get("server_running"):
             ocf.log("error", "promoted, but an nbd-mc server serves the live disks")
             return ocf.FAILED_PROMOTED
+        other = promoted_elsewhere()
+        if other is not None:
+            # Both claim primary.  Pacemaker (promoted-max=1) demotes one of us; which
+            # one is its choice, not ours: failing here would stop both VMs.
+            cfg.mark_split_brain(other, "seen by the monitor of the promoted instance")
+        else:
+            cfg.clear_split_brain()
         set_score(PRIMARY_SCORE, "promoted: the VM's live disks are here")
         return ocf.RUNNING_PROMOTED
     if st is not None and st.get("role") == "primary":
-        other = promoted_elsewhere()
-        if other is None:
-            set_score(PRIMARY_SCORE, "this node holds the live disks (role primary)")
+        if hold_live_disks(cfg):
             return ocf.SUCCESS
-        cfg.discard(f"{other} is promoted")
         cfg.serve()
         st = cfg.offline()
     serving = cfg.status()
@@ -349,14 +457,10 @@ def action_start() -> int:
                                                  "instant failover: the overlays are the live "
                                                  "disks; resolve by hand")
     if st is not None and st.get("role") == "primary":
-        other = promoted_elsewhere()
-        if other is None:
+        if hold_live_disks(cfg):
             cfg.marker.set("unpromoted")
-            ocf.log("info", "holding the live disks (role primary): not serving, waiting "
-                            "for promotion")
-            set_score(PRIMARY_SCORE, "this node holds the live disks (role primary)")
+            ocf.log("info", "holding the live disks (role primary): not serving")
             return ocf.SUCCESS
-        cfg.discard(f"{other} is promoted")
         st = None
     if cfg.status() is None:
         cfg.serve()
@@ -387,6 +491,16 @@ def action_promote() -> int:
     role = cfg.marker.get()
     if role is None:
         raise ocf.AgentError(ocf.ERR_GENERIC, "promote of a stopped instance")
+    other = promoted_elsewhere()
+    if other is not None:  # before anything changes: no fence, no rollback
+        raise ocf.AgentError(ocf.ERR_GENERIC, f"refusing to promote: {other} is promoted; "
+                                              "two promoted nodes would both claim primary "
+                                              "(split brain)")
+    sb = cfg.split_brain()
+    if sb is not None:
+        raise ocf.AgentError(ocf.ERR_GENERIC, f"refusing to promote: split brain with "
+                                              f"{sb.get('peer')} recorded in "
+                                              f"{cfg.split_brain_file}; resolve it first")
     serving = cfg.status()  # answers on a replica; the live disks are never served
     st = serving if serving is not None else cfg.offline()
     if st is None:
@@ -457,10 +571,17 @@ def action_demote() -> int:
         raise ocf.AgentError(ocf.ERR_GENERIC, "demote of a stopped instance")
     # The VM is stopped (it is ordered after the promotion).  The images stay the
     # newest copy until another node is promoted; then monitor/start make this
-    # node a fresh secondary.  Nothing else here: a demotion is on the failover's
-    # critical path (the peer's promotion waits for it).
+    # node a replica again (failback).  Nothing slow here: a demotion is on the
+    # failover's critical path (the peer's promotion waits for it).  Pacemaker
+    # demotes before it promotes elsewhere, so a node promoted already means both
+    # sides claimed primary: this demotion is Pacemaker ending a split brain.
     cfg.marker.set("unpromoted")
-    set_score(PRIMARY_SCORE, "this node holds the live disks (role primary)")
+    other = promoted_elsewhere()
+    if other is not None:
+        cfg.mark_split_brain(other, "demoted while it was promoted")
+        hold_live_disks(cfg)  # the record keeps the images as they are, without a score
+    else:
+        set_score(PRIMARY_SCORE, "this node holds the live disks (role primary)")
     return ocf.SUCCESS
 
 

@@ -45,6 +45,14 @@ _COUNTERS = {
 #: secondary is away (the VM runs unprotected), "resyncing" when it is back.
 PROTECT_STATES = ("connecting", "syncing", "resyncing", "checkpointing", "lost", "detached",
                   "failed")
+#: How a (re)sync brought the secondary in step (protect --json ``resyncs[].mode``):
+#: everything, what a dirty bitmap marked, or what differed by content.
+RESYNC_MODES = ("full", "bitmap", "checksum")
+
+
+def resync_mode(r) -> str:
+    """A resync's mode; a protect without ``Resync.mode`` knew only full and bitmap."""
+    return getattr(r, "mode", None) or ("full" if r.full else "bitmap")
 
 
 class _Families:
@@ -199,6 +207,19 @@ class ProtectMetrics:
                            "full sync.", v, report.initial_sync_bytes, unit="bytes"))
         fams.append(_gauge("nbd_mc_protect_mirrored", "Bytes the mirror jobs copied so far.",
                            v, max(self.mirrored, report.mirrored_bytes), unit="bytes"))
+        if report.resyncs:
+            # the last finished (re)sync: how it was done and what it cost (the
+            # ocf:nbd-mc:protect supervisor reports a failback's resync from these)
+            last = report.resyncs[-1]
+            mode = StateSetMetricFamily("nbd_mc_protect_last_resync_mode", "How the last "
+                                        "(re)sync brought the secondary in step.",
+                                        labels=["vm"])
+            mode.add_metric([self.vm], {m: m == resync_mode(last) for m in RESYNC_MODES})
+            fams += [mode,
+                     _gauge("nbd_mc_protect_last_resync", "Bytes the last (re)sync copied.",
+                            v, last.bytes, unit="bytes"),
+                     _gauge("nbd_mc_protect_last_resync_duration", "How long the last "
+                            "(re)sync took.", v, last.seconds, unit="seconds")]
         if self.sync is not None:
             fams.append(_gauge("nbd_mc_protect_sync_done", "Bytes copied by the running "
                                "(re)sync.", v, self.sync[0], unit="bytes"))

@@ -10,11 +10,20 @@
 3. failure 1: QEMU on node1 is killed with SIGKILL once a commit covers records
    the guest reported durable.  Pacemaker moves the VM: node2 is promoted (fence,
    rollback to the last commit), the VM boots there, its own check passes;
-   node1's replica becomes a fresh secondary and node2 protects into it (full sync);
+   node1's replica rejoins as a replica keeping its image (failback) and node2
+   protects into it: a checksum resync copies only the blocks that differ;
 4. failure 2: the whole of node2 dies (cluster daemons, QEMU, everything).  node1
    is promoted and the VM boots there; its own check passes;
-5. node2 returns: it starts unpromoted, discards its diverged image and node1
-   protects into it.
+5. node2 returns: it starts unpromoted, gives up its role as the live disk but
+   keeps the image, and node1 protects into it (checksum resync again);
+6. both sides claim primary (``split_brain``): the replica agent, run as
+   Pacemaker runs it, refuses to promote node2 while node1 is promoted, and a
+   node that finds itself promoted beside node1 records the split brain and
+   keeps its image untouched until an operator decides.
+
+Every failback resync is read from the protect supervisor's record
+(``$HA_RSCTMP/nbd-mc-protect-protect.resync.json`` on the primary's node): its
+mode and the bytes it copied go into the figures (``failback``).
 
 Times are measured from the kill to the VM's QEMU running again (crm_mon shows
 it started) and to the guest's own verdict.
@@ -37,6 +46,9 @@ from .cluster import ADDRS, DATA, Cluster, ClusterError, wait_for
 REPO = Path(__file__).resolve().parents[2]
 CRM_TEMPLATE = REPO / "ha" / "cluster.crm"
 DISK_SIZE = 64 * 1024 * 1024
+RSCTMP = "/run/resource-agents"  # pacemaker-execd's HA_RSCTMP inside a node
+RESYNC_RECORD = f"{RSCTMP}/nbd-mc-protect-protect.resync.json"
+REPLICA_AGENT = "/usr/lib/ocf/resource.d/nbd-mc/replica"
 NBD_PORT = 10809
 CONTROL_PORT = 10810
 
@@ -183,6 +195,33 @@ class Story:
         self.figures.setdefault("resync_bytes", {})[secondary] = st["stats"]["bytes_written"]
         return e
 
+    def resync_record(self, primary: str, secondary: str, since: float) -> dict:
+        """The protect supervisor's record of its last resync into ``secondary``, made
+        after ``since`` (wall clock): mode, bytes copied, seconds."""
+        def read():
+            p = self.cluster.nodes[primary].sh(["cat", RESYNC_RECORD], check=False)
+            if p.returncode != 0:
+                return None
+            r = json.loads(p.stdout)
+            return r if r.get("peer") == secondary and r.get("time", 0) >= since else None
+        return wait_for(read, f"{primary}'s record of its resync into {secondary}", 30,
+                        self.cluster.describe)
+
+    def rolled_back(self, name: str) -> int:
+        """Bytes the last promotion of ``name`` rolled back (its STATE_DIR.rolled-back)."""
+        p = self.cluster.nodes[name].data / "state.rolled-back" / "summary.json"
+        if not p.exists():
+            return 0
+        s = json.loads(p.read_text())
+        return sum(d["preserved_clusters"] * d["cluster_size"] for d in s["disks"])
+
+    def record_failback(self, returning: str, primary: str, since: float) -> dict:
+        r = self.resync_record(primary, returning, since)
+        f = {"mode": r["mode"], "bytes": r["bytes"], "seconds": r.get("seconds"),
+             "disk_bytes": DISK_SIZE, "rolled_back_bytes": self.rolled_back(primary)}
+        self.figures.setdefault("failback", {})[returning] = f
+        return f
+
     def guest_progress(self, name: str, secondary: str, records: int = 5,
                        timeout: float = 90) -> int:
         """Wait for `records` new durable records, then for two commits after that;
@@ -216,8 +255,13 @@ class Story:
         self.configure()
         self.wait_vm("node1", 90)
         self.say("   node1 promoted, VM and protect running on node1")
+        t0 = time.time()
         e = self.wait_protected("node1", "node2")
-        self.say(f"   node2's replica is protected (committed epoch {e}, full sync done)")
+        r = self.resync_record("node1", "node2", t0)
+        self.figures["initial_sync"] = {"mode": r["mode"], "bytes": r["bytes"],
+                                        "seconds": r.get("seconds")}
+        self.say(f"   node2's replica is protected (committed epoch {e}; initial sync: "
+                 f"{r['mode']}, {r['bytes'] / 2**20:.1f} MiB)")
 
     def kill_qemu(self, primary: str, secondary: str) -> None:
         seq = self.guest_progress(primary, secondary)
@@ -259,31 +303,117 @@ class Story:
                  f"1..{result.maxseq}, every committed one there: >= {seq})")
         self.console(new_primary).wait_for(r"MC-WORK-START", 60)
 
-    def failback(self, returning: str, primary: str) -> None:
+    def failback(self, returning: str, primary: str, since: float) -> None:
         e = self.wait_protected(primary, returning, 120)
-        self.say(f"   {returning} is a secondary again; {primary} protects into it "
-                 f"(full sync: {self.figures['resync_bytes'][returning] / 2**20:.1f} MiB of data "
-                 f"written into it so far, the rest as zeroes; committed epoch {e})")
+        f = self.record_failback(returning, primary, since)
+        self.say(f"   {returning} is a secondary again, its image kept; {primary} protects "
+                 f"into it (failback resync: {f['mode']}, {f['bytes'] / 2**20:.1f} MiB copied "
+                 f"of the {DISK_SIZE >> 20} MiB disk; the promotion had rolled back "
+                 f"{f['rolled_back_bytes'] / 2**20:.1f} MiB; committed epoch {e})")
 
     def node_returns(self, name: str, primary: str) -> None:
         """A killed node boots again: it starts unpromoted, gives up its diverged image
         and the primary protects into it (full sync)."""
         self.say(f"5. {name} returns (corosync + pacemaker again, empty /run)")
         t0 = time.monotonic()
+        since = time.time()
         self.cluster.restart(name)
         e = self.wait_protected(primary, name, 120)
         self.figures["return_to_protected_s"] = round(time.monotonic() - t0, 2)
-        self.say(f"   {name} is a secondary again {time.monotonic() - t0:.1f} s later; {primary} "
-                 f"protects into it (full sync, committed epoch {e})")
+        f = self.record_failback(name, primary, since)
+        self.say(f"   {name} is a secondary again {time.monotonic() - t0:.1f} s later, its "
+                 f"image kept; {primary} protects into it (failback resync: {f['mode']}, "
+                 f"{f['bytes'] / 2**20:.1f} MiB copied of the {DISK_SIZE >> 20} MiB disk; "
+                 f"committed epoch {e})")
+
+    # --- both sides claim primary ----------------------------------------------------
+    def agent(self, node: str, action: str, params: dict, rsctmp: str,
+              as_pacemaker: bool) -> subprocess.CompletedProcess:
+        """Run the replica agent on a node with the environment pacemaker-execd gives it
+        (instance ``replica``: the clone's primitive, so it sees the real cluster).
+        Without ``as_pacemaker`` it is run as a person on the node runs it: it reads
+        the cluster but writes no promotion score into the CIB."""
+        env = ["OCF_ROOT=/usr/lib/ocf", "OCF_RESOURCE_INSTANCE=replica", f"HA_RSCTMP={rsctmp}",
+               *(f"OCF_RESKEY_{k}={v}" for k, v in params.items())]
+        if as_pacemaker:
+            env.append(f"OCF_RESKEY_CRM_meta_on_node={node}")
+        return self.cluster.nodes[node].sh(["env", *env, REPLICA_AGENT, action], check=False,
+                                           timeout=120)
+
+    def expect(self, p: subprocess.CompletedProcess, rc: int, text: str, what: str) -> None:
+        if p.returncode != rc or text not in p.stderr:
+            raise ClusterError(f"{what}: expected rc {rc} and {text!r}, got rc "
+                               f"{p.returncode}:\n{p.stderr}")
+
+    def split_brain(self, primary: str, other: str) -> None:
+        """Step 6 (see the module docstring): what the agent does when both claim primary."""
+        n = self.cluster.nodes[other]
+        self.say(f"6. both sides claim primary: the replica agent on {other}, while "
+                 f"{primary} is promoted")
+        before = wait_for(lambda: self.replica(other), f"status of {other}", 30)
+        run = f"{DATA}/split-brain-run"
+        n.sh(f"mkdir -p {run} && echo unpromoted > {run}/nbd-mc-replica-replica.state")
+        real = {"disks": f"vda={DATA}/vda.raw", "state_dir": f"{DATA}/state",
+                "addresses": f"node1={ADDRS['node1']} node2={ADDRS['node2']}",
+                "nbd_port": str(NBD_PORT), "control_port": str(CONTROL_PORT),
+                "tls_certificates": str(self.tls)}
+        self.expect(self.agent(other, "promote", real, run, as_pacemaker=True), 1,
+                    f"refusing to promote: {primary} is promoted", "promote beside a promoted node")
+        wait_for(lambda: (lambda st: st and st["role"] == "secondary" and not st["fenced"]
+                          and st["committed"] >= before["committed"] + 2)(self.replica(other)),
+                 f"{other} still a protected, unfenced secondary", 30, self.cluster.describe)
+        self.say(f"   promote of {other}'s replica (as Pacemaker runs it): refused, nothing "
+                 f"fenced, {primary} goes on committing into it")
+
+        # A node that finds itself promoted beside the promoted peer (after a partition
+        # without fencing): its own group holds live disks that ran on their own.
+        img, st = f"{DATA}/sb.raw", f"{DATA}/sb-state"
+        n.sh(f"truncate -s 8M {img} && printf only-here | dd of={img} conv=notrunc "
+             f"status=none && nbd-mc serve vda={img} --state-dir {st} >/dev/null && "
+             f"nbd-mc commit 1 --state-dir {st} >/dev/null && "
+             f"nbd-mc failover --state-dir {st} >/dev/null && "
+             f"nbd-mc stop --state-dir {st} >/dev/null")
+        run = f"{DATA}/split-brain-run2"
+        n.sh(f"mkdir -p {run} && echo promoted > {run}/nbd-mc-replica-replica.state")
+        params = {"disks": f"vda={img}", "state_dir": st}
+        self.expect(self.agent(other, "monitor", params, run, False), 8,
+                    f"SPLIT BRAIN: {primary} is promoted while this node holds the live disks",
+                    "monitor of a promoted instance beside a promoted peer")
+        self.expect(self.agent(other, "demote", params, run, False), 0,
+                    f"no promotion score: SPLIT BRAIN with {primary}", "demote in a split brain")
+        self.expect(self.agent(other, "monitor", params, run, False), 0, "", "monitor after it")
+        self.expect(self.agent(other, "promote", params, run, False), 1,
+                    f"refusing to promote: {primary} is promoted", "promote in a split brain")
+        info = json.loads(n.sh(["nbd-mc", "inspect", st, "--json"]).stdout)
+        if (info["role"] != "primary" or info["server_running"]
+                or (n.data / "sb-state.diverged").exists()):
+            raise ClusterError(f"the split-brain side was touched: {info}")
+        self.say(f"   a promoted instance on {other} that sees {primary} promoted too: SPLIT "
+                 f"BRAIN recorded ({st}.split-brain); demoted, it keeps its image untouched, "
+                 f"unserved, without a promotion score, and refuses promotion")
+        # The operator keeps the promoted side: removing the record lets it rejoin.
+        n.sh(["rm", f"{st}.split-brain"])
+        self.expect(self.agent(other, "monitor", params, run, False), 0,
+                    "keeping them as the replica images", "monitor after the operator's choice")
+        status = json.loads(n.sh(["nbd-mc", "status", "--state-dir", st, "--json"]).stdout)
+        kept = (n.data / "sb.raw").read_bytes()[:9] == b"only-here"
+        if status["role"] != "secondary" or status["committed"] != 0 or not kept:
+            raise ClusterError(f"after the record's removal: {status}, image kept: {kept}")
+        self.expect(self.agent(other, "stop", params, run, False), 0, "", "stop")
+        n.sh(f"rm -rf {img} {st} {st}.diverged {DATA}/split-brain-run {run}")
+        self.say(f"   record removed by the operator: it rejoins as a replica of {primary} "
+                 f"(new group at epoch 0, its image kept for the checksum resync)")
 
     def run(self) -> dict:
         """The whole story; returns the figures."""
         self.setup()
         self.first_start()
+        since = time.time()
         self.kill_qemu("node1", "node2")
-        self.failback("node1", "node2")
+        self.failback("node1", "node2", since)
         self.kill_node("node2", "node1")
         self.node_returns("node2", "node1")
+        self.split_brain("node1", "node2")
         return self.figures
 
     def agents_log(self) -> str:

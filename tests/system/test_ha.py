@@ -7,7 +7,10 @@
 * the story (tests/support/ha_story.py) on two real Pacemaker nodes: QEMU killed
   -9 and later a whole node killed; each time Pacemaker promotes the other replica,
   the VM boots there and its own check (fsck, every committed record) passes; the
-  nodes come back as secondaries and are protected again.
+  nodes come back as secondaries keeping their images and are protected again in
+  the other direction by a checksum resync that copies a small part of the disk
+  (failback); both sides claiming primary is refused or recorded, never resolved
+  silently.
 """
 
 from __future__ import annotations
@@ -144,6 +147,12 @@ def test_pacemaker_fails_the_vm_over_and_back(tmp, capsys):
     for kind in ("qemu_kill", "node_kill"):
         f = figures[kind]
         assert f["fsck"] == 0 and f["records_checked"] >= f["committed_seq"] > 0
+    # Failback: both returning nodes were brought in step incrementally, by content.
+    assert figures["initial_sync"]["mode"] == "full"
+    for node in ("node1", "node2"):
+        f = figures["failback"][node]
+        assert f["mode"] == "checksum", f
+        assert 0 < f["bytes"] < f["disk_bytes"] // 4, f
     report = os.environ.get("NBD_MC_HA_REPORT")
     if report:
         Path(report).write_text(json.dumps(figures, indent=2))
