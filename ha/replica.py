@@ -208,6 +208,32 @@ class Config:
     def split_brain_file(self) -> str:
         return self.state_dir.rstrip("/") + ".split-brain"
 
+    @property
+    def generation_file(self) -> str:
+        return self.state_dir.rstrip("/") + ".generation"
+
+    def generation(self) -> int:
+        """The live-disk generation of this node's images (0: bootstrapped by hand)."""
+        try:
+            with open(self.generation_file) as f:
+                return int(f.read().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def set_generation(self, gen: int | None) -> None:
+        if gen is None:
+            try:
+                os.unlink(self.generation_file)
+            except FileNotFoundError:
+                pass
+            return
+        tmp = self.generation_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{gen}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.generation_file)
+
     def rejoin(self, why: str) -> None:
         """Failback: make this node a replica of the promoted node, keeping its image.
 
@@ -227,6 +253,8 @@ class Config:
                            f"until its first commit after that resync")
         shutil.rmtree(self.diverged_dir, ignore_errors=True)
         os.replace(self.state_dir, self.diverged_dir)
+        self.set_generation(None)  # no live disk here any more
+        publish_generation(None)
 
     def split_brain(self) -> dict | None:
         """The split-brain record, if this node saw another node promoted while it
@@ -319,6 +347,62 @@ def promoted_elsewhere() -> str | None:
     return None
 
 
+def generation_attribute() -> str:
+    return f"nbd-mc-{primitive_id()}-live-generation"
+
+
+def generations() -> dict[str, int]:
+    """Every node's published live-disk generation (permanent node attributes)."""
+    rc, out = ocf.crm("crm_node", "--list")
+    nodes = [w[1] for w in (line.split() for line in out.splitlines()) if len(w) >= 2] \
+        if rc == 0 else []
+    gens = {}
+    for node in nodes:
+        rc, v = ocf.crm("crm_attribute", "--node", node, "--name", generation_attribute(),
+                        "--lifetime", "forever", "--query", "--quiet")
+        if rc == 0 and v.strip().isdigit():
+            gens[node] = int(v.strip())
+    return gens
+
+
+def publish_generation(gen: int | None, current: dict | None = None) -> None:
+    """Put this node's live-disk generation into the CIB (None: withdraw it).  Only
+    when Pacemaker runs us, like the promotion score."""
+    if not ocf.in_cluster():
+        return
+    me = local_node()
+    have = (current if current is not None else generations()).get(me)
+    if have == gen:
+        return
+    if gen is None:
+        ocf.crm("crm_attribute", "--node", me, "--name", generation_attribute(), "--lifetime",
+                "forever", "--delete", "--quiet")
+    else:
+        ocf.crm("crm_attribute", "--node", me, "--name", generation_attribute(), "--lifetime",
+                "forever", "--update", str(gen), "--quiet")
+
+
+def newer_elsewhere(cfg: Config) -> tuple[str, int, int] | None:
+    """(node, its generation, ours) when another node holds newer live disks.
+
+    Each promotion by failover takes a generation above every one in the CIB and
+    keeps it beside the state directory (STATE_DIR.generation) and as a permanent
+    node attribute; a node gives its generation up when it rejoins as a replica.
+    So when two nodes both hold role primary -- a cold start after a failover whose
+    old primary never rejoined -- the higher generation is the newer disk, and the
+    older one must not be promoted (its rejoin then overwrites only what is older).
+    """
+    mine = cfg.generation()
+    gens = generations()
+    publish_generation(mine, gens)
+    me = local_node()
+    newer = [(g, n) for n, g in gens.items() if n != me and g > mine]
+    if not newer:
+        return None
+    g, n = max(newer)
+    return n, g, mine
+
+
 _REASON_FILE_KIND = "replica-score"
 
 
@@ -373,7 +457,8 @@ def hold_live_disks(cfg: Config) -> bool:
     live disks (True: nothing to serve), or give them up for a failback (False:
     ``rejoin`` moved the group away, the caller serves a new one on the images).
 
-    * no other node promoted: ours are the newest disks, score 1000;
+    * no other node promoted and none with a newer generation (``newer_elsewhere``):
+      ours are the newest disks, score 1000; a newer one elsewhere: no score;
     * another node promoted, no split-brain record: the normal failback -- this node
       stopped being the live disk before the other was promoted, so its image is
       behind by at most the writes after the last checkpoint: rejoin;
@@ -390,11 +475,17 @@ def hold_live_disks(cfg: Config) -> bool:
                   level="error")
         return True
     other = promoted_elsewhere()
-    if other is None:
-        set_score(PRIMARY_SCORE, "this node holds the live disks (role primary)")
+    if other is not None:
+        cfg.rejoin(f"{other} is promoted")
+        return False
+    newer = newer_elsewhere(cfg)
+    if newer is not None:
+        set_score(None, f"{newer[0]} holds newer live disks (generation {newer[1]}, ours "
+                        f"{newer[2]}): once it is promoted this node rejoins as its replica",
+                  level="warning")
         return True
-    cfg.rejoin(f"{other} is promoted")
-    return False
+    set_score(PRIMARY_SCORE, "this node holds the live disks (role primary)")
+    return True
 
 
 # --- actions --------------------------------------------------------------------------
@@ -429,6 +520,7 @@ def action_monitor() -> int:
             cfg.mark_split_brain(other, "seen by the monitor of the promoted instance")
         else:
             cfg.clear_split_brain()
+        publish_generation(cfg.generation())
         set_score(PRIMARY_SCORE, "promoted: the VM's live disks are here")
         return ocf.RUNNING_PROMOTED
     if st is not None and st.get("role") == "primary":
@@ -505,7 +597,13 @@ def action_promote() -> int:
     st = serving if serving is not None else cfg.offline()
     if st is None:
         raise ocf.AgentError(ocf.ERR_GENERIC, "refusing to promote: no group state")
-    if st.get("role") != "primary":
+    if st.get("role") == "primary":
+        newer = newer_elsewhere(cfg)
+        if newer is not None:
+            raise ocf.AgentError(ocf.ERR_GENERIC, f"refusing to promote older live disks: "
+                                                  f"{newer[0]} holds generation {newer[1]}, "
+                                                  f"this node {newer[2]}")
+    else:
         info = st
         if not info.get("committed"):
             raise ocf.AgentError(ocf.ERR_GENERIC, "refusing to promote garbage: no epoch was "
@@ -526,6 +624,11 @@ def action_promote() -> int:
                         f"{data.get('seconds', 0) * 1000:.1f} ms)")
         if serving is not None or _server_pid(cfg.state_dir) is not None:
             cfg.stop_server()  # nobody but the local VM may write the live disks
+        gens = generations()
+        gen = max([cfg.generation(), *gens.values()]) + 1
+        cfg.set_generation(gen)
+        publish_generation(gen, gens)
+        ocf.log("info", f"live-disk generation {gen}")
         ocf.log("info", f"promoted in {time.monotonic() - t0:.2f} s: the images are the live "
                         "disks")
     cfg.marker.set("promoted")

@@ -21,6 +21,12 @@
    node that finds itself promoted beside node1 records the split brain and
    keeps its image untouched until an operator decides.
 
+7. a cold start with two live disks: node1 dies (node2 takes over at a newer
+   live-disk generation), then node2 dies too before node1 returned; both
+   nodes start again, both groups have role ``primary``: only node2 (the newer
+   generation) gets a promotion score, the VM boots there with every record it
+   wrote, and node1 rejoins as its replica (checksum resync).
+
 Every failback resync is read from the protect supervisor's record
 (``$HA_RSCTMP/nbd-mc-protect-protect.resync.json`` on the primary's node): its
 mode and the bytes it copied go into the figures (``failback``).
@@ -215,11 +221,12 @@ class Story:
         s = json.loads(p.read_text())
         return sum(d["preserved_clusters"] * d["cluster_size"] for d in s["disks"])
 
-    def record_failback(self, returning: str, primary: str, since: float) -> dict:
+    def record_failback(self, returning: str, primary: str, since: float,
+                        key: str = "failback") -> dict:
         r = self.resync_record(primary, returning, since)
         f = {"mode": r["mode"], "bytes": r["bytes"], "seconds": r.get("seconds"),
              "disk_bytes": DISK_SIZE, "rolled_back_bytes": self.rolled_back(primary)}
-        self.figures.setdefault("failback", {})[returning] = f
+        self.figures.setdefault(key, {})[returning] = f
         return f
 
     def guest_progress(self, name: str, secondary: str, records: int = 5,
@@ -404,6 +411,36 @@ class Story:
         self.say(f"   record removed by the operator: it rejoins as a replica of {primary} "
                  f"(new group at epoch 0, its image kept for the checksum resync)")
 
+    def cold_start(self, older: str, newer: str) -> None:
+        """Step 7 (see the module docstring)."""
+        self.say(f"7. cold start with two live disks: {older} dies, {newer} takes over, then "
+                 f"{newer} dies too")
+        seq = self.guest_progress(older, newer)
+        self.mark_console(newer)
+        t0 = time.monotonic()
+        self.cluster.nodes[older].kill()
+        self.after_kill(t0, newer, seq, "cold_start_failover")
+        log = self.console(newer)
+        log.wait_for(r"MC-WORK-START", 60)
+        seq = log.wait_seq(log.last_seq + 5, 90)  # only on the newer disk: nobody protects
+        self.say(f"   VM on {newer} wrote records up to {seq} with {older} away; now {newer} "
+                 f"dies as well")
+        self.cluster.nodes[newer].kill()
+        self.mark_console(newer)
+        since = time.time()
+        for name in (older, newer):
+            self.cluster.nodes[name].start()
+        self.cluster.wait_online({older, newer}, 90)
+        self.wait_vm(newer, 120)
+        result = self.check_after_boot(newer, seq)
+        self.say(f"   both back, both groups role primary: {newer} (newer live-disk "
+                 f"generation) promoted, its check passed with records 1..{result.maxseq} "
+                 f"(>= {seq})")
+        self.wait_protected(newer, older, 120)
+        f = self.record_failback(older, newer, since, key="cold_start")
+        self.say(f"   {older} rejoined as its replica (resync: {f['mode']}, "
+                 f"{f['bytes'] / 2**20:.1f} MiB copied)")
+
     def run(self) -> dict:
         """The whole story; returns the figures."""
         self.setup()
@@ -414,6 +451,7 @@ class Story:
         self.kill_node("node2", "node1")
         self.node_returns("node2", "node1")
         self.split_brain("node1", "node2")
+        self.cold_start("node1", "node2")
         return self.figures
 
     def agents_log(self) -> str:

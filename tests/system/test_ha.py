@@ -153,6 +153,10 @@ def test_pacemaker_fails_the_vm_over_and_back(tmp, capsys):
         f = figures["failback"][node]
         assert f["mode"] == "checksum", f
         assert 0 < f["bytes"] < f["disk_bytes"] // 4, f
+    # Cold start with both groups primary: the newer live disk won, every record there.
+    f = figures["cold_start_failover"]
+    assert f["fsck"] == 0 and f["records_checked"] >= f["committed_seq"] > 0
+    assert figures["cold_start"]["node1"]["mode"] == "checksum"
     report = os.environ.get("NBD_MC_HA_REPORT")
     if report:
         Path(report).write_text(json.dumps(figures, indent=2))
