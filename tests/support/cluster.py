@@ -8,6 +8,12 @@ data directory (``DATA``, where the node's disk images and nbd-mc state live)
 bind-mounted from ``ROOT/<node>/``.  Everything else of the file system is
 shared, like two hosts with the same software installed.
 
+Two checkouts on one machine may run their clusters at the same time: the
+namespaces' names carry a hash of the checkout's path, and each node bind-mounts
+its own copy of the nbd-mc OCF agents (wrappers that run this checkout's
+``ha/*.py``) over ``/usr/lib/ocf/resource.d/nbd-mc``, so another checkout's
+``make setup`` cannot swap the agents under a running cluster.
+
 corosync runs in the foreground with knet over the veth pair and
 ``two_node: 1``; pacemakerd starts once corosync answers.  Killing a node is
 SIGKILL to every process of its network namespace (cluster daemons, QEMU,
@@ -25,6 +31,7 @@ thread.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -37,7 +44,9 @@ from pathlib import Path
 
 ADDRS = {"node1": "10.88.0.1", "node2": "10.88.0.2"}
 DATA = "/var/lib/nbd-mc"  # the data directory, the same path on every node
-NS_PREFIX = "nbdmc-"
+REPO = Path(__file__).resolve().parents[2]
+NS_PREFIX = f"nbdmc-{hashlib.sha1(str(REPO).encode()).hexdigest()[:4]}-"
+OCF_AGENTS = "/usr/lib/ocf/resource.d/nbd-mc"  # where Pacemaker looks for ocf:nbd-mc:*
 VETH = ("nbdmc-v1", "nbdmc-v2")
 POLL = 0.1
 VENV_BIN = os.path.dirname(os.path.abspath(sys.executable))  # nbd-mc for Node.sh
@@ -127,6 +136,7 @@ class Node:
     stonith: bool = False
     proc: subprocess.Popen | None = None
     env: dict = field(default_factory=dict)
+    agents: Path | None = None  # this checkout's agent wrappers, mounted at OCF_AGENTS
 
     @property
     def ns(self) -> str:
@@ -166,6 +176,7 @@ mount --bind {r}/pacemaker /var/lib/pacemaker
 mount --bind {r}/log /var/log
 mkdir -p {DATA}
 mount --bind {r}/data {DATA}
+{f"mkdir -p {OCF_AGENTS} && mount --bind {self.agents} {OCF_AGENTS}" if self.agents else ""}
 mkdir -p /run/lock
 corosync -f > /var/log/corosync/stdout.log 2>&1 &
 echo $! > {r}/corosync.pid
@@ -290,8 +301,19 @@ class Cluster:
 
     def __init__(self, root: Path, stonith: bool = False, env: dict | None = None):
         self.root = Path(root)
-        self.nodes = {n: Node(n, a, self.root / n, stonith=stonith, env=dict(env or {}))
+        agents = self.root / "ocf-agents"
+        self.nodes = {n: Node(n, a, self.root / n, stonith=stonith, env=dict(env or {}),
+                              agents=agents)
                       for n, a in ADDRS.items()}
+
+    def write_agents(self) -> None:
+        """The wrappers tools/setup-ha.sh installs, for this checkout only."""
+        d = self.root / "ocf-agents"
+        d.mkdir(parents=True, exist_ok=True)
+        for agent in ("replica", "protect", "qemu"):
+            w = d / agent
+            w.write_text(f'#!/bin/sh\nexec {VENV_BIN}/python {REPO}/ha/{agent}.py "$@"\n')
+            w.chmod(0o755)
 
     # --- network ------------------------------------------------------------------------
     def setup_network(self) -> None:
@@ -339,6 +361,7 @@ class Cluster:
     # --- life cycle ---------------------------------------------------------------------
     def start(self, timeout: float = 90) -> None:
         self.setup_network()
+        self.write_agents()
         for node in self.nodes.values():
             node.prepare()
         for node in self.nodes.values():

@@ -259,10 +259,10 @@ class Story:
     # --- the failures ------------------------------------------------------------------
     def first_start(self) -> None:
         self.mark_console("node1")
+        t0 = time.time()
         self.configure()
         self.wait_vm("node1", 90)
         self.say("   node1 promoted, VM and protect running on node1")
-        t0 = time.time()
         e = self.wait_protected("node1", "node2")
         r = self.resync_record("node1", "node2", t0)
         self.figures["initial_sync"] = {"mode": r["mode"], "bytes": r["bytes"],
@@ -317,6 +317,15 @@ class Story:
                  f"into it (failback resync: {f['mode']}, {f['bytes'] / 2**20:.1f} MiB copied "
                  f"of the {DISK_SIZE >> 20} MiB disk; the promotion had rolled back "
                  f"{f['rolled_back_bytes'] / 2**20:.1f} MiB; committed epoch {e})")
+        # The VM failed on the returning node (migration-threshold=1): until that failure
+        # expires (failure-timeout, checked at the cluster-recheck-interval) the VM could
+        # not move back there.  The operator clears it, as after any failure.
+        self.cluster.nodes[primary].sh(["crm_resource", "--cleanup", "--resource", "vm",
+                                        "--node", returning])
+        self.cluster.wait(lambda st: not any(x.startswith(f"{returning}: vm_")
+                                             for x in st.failures()),
+                          f"vm's failure on {returning} cleared", 30, via=primary)
+        self.say(f"   crm resource cleanup vm: the VM may run on {returning} again")
 
     def node_returns(self, name: str, primary: str) -> None:
         """A killed node boots again: it starts unpromoted, gives up its diverged image
