@@ -158,6 +158,10 @@ def summary(report: Report) -> str:
         for m in v["mismatches"]:
             lines.append(f"  MISMATCH {m['disk']} offset {m['offset']} length {m['length']} "
                          f"(epoch {m['epoch']})")
+        rep = v.get("repaired") or {}
+        if rep.get("ranges"):
+            lines.append(f"verify: repaired {len(rep['ranges'])} range(s), "
+                         f"{rep['bytes']} bytes (a targeted resync at the next checkpoint)")
     for problem in report.problems:
         lines.append(f"warning: while detaching: {problem}")
     return "\n".join(lines)

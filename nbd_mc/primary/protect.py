@@ -33,6 +33,8 @@ from .mirrors import (Mirrors, add_tls_creds, attach, check_drives, check_sizes,
                       remove_leftovers, start_drive_mirrors, start_mirrors)
 from .options import Options
 from .qmp import Qmp
+from .ranges import RangeWriter
+from .repair import Repairs
 from .report import Report
 from .resync import Resync, incremental
 from .secondary import claim_writer, connect, first_epoch, secondary_status
@@ -71,6 +73,13 @@ class Protector:
       verifier -- --verify's walk (nbd_mc/verify.py), or None; it survives outages
                   (a slice captured at a checkpoint that did not commit is captured
                   again at the next one);
+      repairs  -- the targeted resync of what verify found (repair.py), or None
+                  (no --verify, or --no-repair); survives outages like the walk;
+      raw_paths -- {drive: its local raw image} (read by verify, repairs and the
+                  checksum sync), or None, with ``raw_refusal`` saying why;
+      ranges   -- the ranges.RangeWriter of the current claim (libnbd connections to
+                  the writer exports), opened on first use, None after a new claim
+                  or an outage;
       report, stop, console, watchdog -- output and control of the run.
     """
 
@@ -92,6 +101,10 @@ class Protector:
         self.first_commit_after_sync = True
         self.writer_drives = opts.drives
         self.verifier = None
+        self.repairs: Repairs | None = None
+        self.raw_paths: dict[str, str] | None = None
+        self.raw_refusal = ""
+        self.ranges: RangeWriter | None = None
         # --metrics-file (metrics.py); a no-op without a path
         self.metrics = ProtectMetrics(opts.metrics_file, opts.libvirt or opts.qmp or "")
 
@@ -119,7 +132,14 @@ class Protector:
             leftover = remove_leftovers(self.qmp, opts.drives)
             if leftover:
                 console.say(f"nbd-mc protect: {leftover}")
-            if opts.verify:  # (after the leftovers: a mirror filter hides the drive's file)
+            # (after the leftovers: a mirror filter hides the drive's file)
+            try:
+                self.raw_paths = verify.local_raw_images(self.qmp, opts.drives)
+            except ValueError as e:
+                self.raw_refusal = str(e)
+            if opts.resync == "checksum" and self.raw_paths is None:
+                raise PrimaryError(f"--resync checksum: {self.raw_refusal}")
+            if opts.verify:
                 self.verifier = self._verifier()
             self.bitmaps = Bitmaps(self.qmp, opts.drives, source_nodes(self.qmp, opts.drives))
             self.watchdog = Watchdog(opts.qmp, opts.libvirt, opts.connect)
@@ -173,7 +193,8 @@ class Protector:
                 break
             try:
                 if self._checkpoint() and (opts.epochs and report.commits >= opts.epochs
-                                           or self.verifier is not None and self.verifier.done):
+                                           or self.verifier is not None and self.verifier.done
+                                           and not (self.repairs and self.repairs.busy)):
                     break
             except (SecondaryFailed, QmpTimeout) as e:
                 self._lose(e)
@@ -183,8 +204,11 @@ class Protector:
         """Returns whether the epoch committed."""
         opts, report = self.opts, self.report
         bitmaps = None if opts.legacy_drive_mirror else self.bitmaps
-        # --verify copies its slice in the hook, with the VM stopped and drained
+        # --verify copies its slice in the hook, with the VM stopped and drained, and
+        # the repairs copy what an earlier slice found different
         hook = self.verifier.hook(opts.hook, run_hook) if self.verifier else opts.hook
+        if self.repairs is not None and self.repairs.busy:
+            hook = self._repair_hook(hook)
         cp = checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, hook,
                         bitmaps=bitmaps, stall_timeout=opts.stall_timeout,
                         watchdog=self.watchdog)
@@ -208,11 +232,35 @@ class Protector:
         self.epoch += 1
         if self.verifier is not None:  # the VM runs again: compare the slice with the commit
             try:
+                if self.repairs is not None:  # the ranges copied at this checkpoint
+                    self.repairs.after_commit(self.ctl, self.epoch - 1)
                 self.verifier.after_commit(self.ctl, self.epoch - 1)
             except (OSError, NbdMcError) as e:
                 raise SecondaryFailed(f"lost the control connection to the secondary while "
                                       f"verifying epoch {self.epoch - 1}: {why(e)}") from None
         return True
+
+    def _repair_hook(self, hook):
+        def at_checkpoint(epoch: int):
+            skipped = hook(epoch)
+            if not skipped:
+                self.repairs.at_checkpoint(self._ranges(), epoch)
+            return skipped
+        return at_checkpoint
+
+    def _ranges(self) -> RangeWriter:
+        """The libnbd writer connections of the current claim (ranges.py)."""
+        if self.ranges is None:
+            if self.raw_paths is None:
+                raise PrimaryError(f"cannot copy ranges: {self.raw_refusal}")
+            self.ranges = RangeWriter(self.opts.target, self.writer_drives, self.raw_paths,
+                                      self.opts.tls_certificates, self.opts.stall_timeout)
+        return self.ranges
+
+    def _close_ranges(self) -> None:
+        if self.ranges is not None:
+            self.ranges.close()
+            self.ranges = None
 
     # --- losing the secondary and getting it back ---------------------------------------
     def _lose(self, e: PrimaryError) -> None:
@@ -232,6 +280,9 @@ class Protector:
         self.console.say(f"nbd-mc protect: secondary lost: {e.desc}; the VM runs on "
                          "unprotected, retrying")
         self.metrics.set_state("lost", self.report)
+        self._close_ranges()
+        if self.repairs is not None:
+            self.repairs.abandon()
         self._drop()
         if self.ctl is not None:
             self.ctl.close()
@@ -303,6 +354,7 @@ class Protector:
         bitmaps.prune_foreign()
         # claim = new-session (older connections can no longer write) plus a new writer
         # id: every sync mirrors into exports that no earlier session can open
+        self._close_ranges()
         self.ctl, self.writer_drives = claim_writer(self.ctl, opts.drives, console.say,
                                                     opts.stale_after)
         self.epoch = committed + 1
@@ -393,10 +445,14 @@ class Protector:
     def _verifier(self) -> verify.Verifier:
         try:
             targets = verify.targets_for(self.qmp, self.opts.drives, self.sizes)
-            return verify.Verifier(targets, self.opts.verify_slice, self.opts.verify_passes,
-                                   self.console.say)
+            v = verify.Verifier(targets, self.opts.verify_slice, self.opts.verify_passes,
+                                self.console.say)
         except (ValueError, OSError) as e:
             raise PrimaryError(f"cannot verify: {e}") from None
+        if self.opts.repair:
+            self.repairs = Repairs(v.stats, self.console.say)
+            v.repair = self.repairs.queue
+        return v
 
     # --- the end --------------------------------------------------------------------------
     def _finish(self) -> None:
@@ -417,7 +473,12 @@ class Protector:
                     report.problems.append(e.desc)
         if self.verifier is not None:
             report.verify = self.verifier.stats.as_dict(self.verifier.slice_size)
+            if self.repairs is not None:
+                report.verify["repair_pending"] = [
+                    {"disk": p.target.disk, "offset": p.offset, "length": p.length}
+                    for p in self.repairs.pending + [p for p, _ in self.repairs.copied]]
             self.verifier.close()
+        self._close_ranges()
         if self.watchdog is not None:
             self.watchdog.close()
         for c in (qmp, self.ctl):
