@@ -64,6 +64,12 @@ from .common import Failure, json_wanted, main, size_option
               help="With --verify: copy each range found different from the primary's disk "
                    "at the next checkpoint and verify it again (protect: on by default; "
                    "nbd-mc verify: off by default, it only reports).")
+@click.option("--resync", "resync", type=click.Choice(["auto", "full", "checksum"]),
+              default="auto", show_default=True,
+              help="How to bring a secondary in step when no dirty bitmap covers its last "
+                   "commit: checksum compares both disks block by block and copies what "
+                   "differs, full copies everything; auto takes checksum when the "
+                   "secondary's image holds data, full when it is empty.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the closing summary and errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the closing report as JSON.")
 def protect(qmp_path, domain, connect_uri, drives, target, control, interval, epochs, hook,

@@ -146,7 +146,8 @@ def summary(report: Report) -> str:
     if report.outages:
         again = report.resyncs[1:]
         lines.append(f"secondary lost {report.outages} time(s); {len(again)} resync(s) "
-                     f"({sum(not r.full for r in again)} incremental) copied "
+                     f"({sum(r.mode == 'bitmap' for r in again)} incremental, "
+                     f"{sum(r.mode == 'checksum' for r in again)} by checksum) copied "
                      f"{_mib(sum(r.bytes for r in again))}; unprotected "
                      f"{report.unprotected:.1f} s in all")
     if report.verify:

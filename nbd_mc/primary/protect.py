@@ -36,7 +36,7 @@ from .qmp import Qmp
 from .ranges import RangeWriter
 from .repair import Repairs
 from .report import Report
-from .resync import Resync, incremental
+from .resync import Resync, checksum_sync, incremental
 from .secondary import claim_writer, connect, first_epoch, secondary_status
 from .watchdog import Watchdog
 
@@ -341,8 +341,8 @@ class Protector:
         """Bring the secondary in step with the VM and start the write-blocking mirrors.
 
         Incremental when a bitmap of this group covers the secondary's committed
-        epoch, otherwise full; says which and why.  Returns False if a stop request
-        came first."""
+        epoch, otherwise a checksum sync or a full one (_full_or_checksum); says which
+        and why in one line.  Returns False if a stop request came first."""
         opts, qmp, bitmaps, console = self.opts, self.qmp, self.bitmaps, self.console
         committed = int(status["committed"])
         group = status.get("group_id") or None
@@ -375,7 +375,8 @@ class Protector:
                    + (f" (have: {', '.join(map(str, have))})" if have else ""))
         else:
             why = None
-        if why is None:
+        mode, because = ("bitmap", "") if why is None else self._full_or_checksum()
+        if mode == "bitmap":
             dirty = bitmaps.dirty_bytes(epoch_name(group, committed))
             console.say(f"  resyncing {_mib(dirty)} changed since epoch {committed} "
                         f"(incremental)")
@@ -387,9 +388,24 @@ class Protector:
                     self.stop, opts.stall_timeout, self.watchdog)
             except QmpCommandError as e:  # a refused copy job or mirror: the target's fault
                 raise SecondaryFailed(f"the resync failed: {e.desc}") from None
+        elif mode == "checksum":
+            console.say(f"  checksum sync of {_mib(sum(self.sizes.values()))}: {why}; "
+                        f"{because}")
+            try:
+                done = checksum_sync(
+                    qmp, self.ctl, self._ranges(), opts.drives, self.sizes, bitmaps, committed,
+                    lambda d, t: (console.progress("checksum sync", d, t),
+                                  self.metrics.sync_progress(d, t, self.report)),
+                    self.stop, opts.stall_timeout, self.watchdog)
+            except QmpCommandError as e:
+                raise SecondaryFailed(f"the checksum sync failed: {e.desc}") from None
+            if done is None:
+                return False
+            r, self.mirrors = done
         else:
             total = sum(self.sizes.values())
-            console.say(f"  full sync of {_mib(total)}: {why}")
+            console.say(f"  full sync of {_mib(total)}: {why}" + (f" ({because})" if because
+                                                                    else ""))
             if not opts.legacy_drive_mirror:
                 bitmaps.drop_all()
             self.mirrors = Mirrors(qmp, opts.drives)
@@ -399,11 +415,12 @@ class Protector:
                                                          self.metrics.sync_progress(d, t, self.report)),
                                            self.stop):
                 return False
-            r = Resync(full=True, reason="", bytes=sum(self.mirrors.synced.values()))
+            r = Resync(full=True, reason="", bytes=sum(self.mirrors.synced.values()),
+                       mode="full")
             r.seconds = time.monotonic() - t0
         console.progress_end()
         r.from_epoch = committed
-        r.reason = self.lost_reason + ("" if why is None else f"; full: {why}")
+        r.reason = self.lost_reason + ("" if why is None else f"; {mode}: {why}")
         self.report.resyncs.append(r)
         if len(self.report.resyncs) == 1:
             self.report.initial_sync_bytes = r.bytes
@@ -418,6 +435,28 @@ class Protector:
                     + (f" for {opts.epochs} epochs" if opts.epochs else "")
                     + " (Ctrl-C detaches)")
         return True
+
+    def _full_or_checksum(self) -> tuple[str, str]:
+        """When no bitmap covers the secondary: "full" or "checksum", and why.
+
+        --resync auto takes the checksum sync when the secondary's image holds data
+        (it may be a near copy: a returning old primary) and the full sync when it
+        is empty (nothing to compare: hashing would only cost time)."""
+        opts = self.opts
+        if opts.legacy_drive_mirror:
+            return "full", ""
+        if opts.resync == "full":
+            return "full", "--resync full"
+        if self.raw_paths is None:  # (--resync checksum was refused at the start)
+            return "full", f"no checksum sync: {self.raw_refusal}"
+        if opts.resync == "checksum":
+            return "checksum", "--resync checksum: comparing block hashes, copying what differs"
+        ranges = self._ranges()
+        data = sum(ranges.allocated(d.drive, self.sizes[d.drive]) for d in opts.drives)
+        if not data:
+            return "full", "the secondary's image is empty"
+        return "checksum", (f"the secondary's image holds {_mib(data)} of data: comparing "
+                            "block hashes, copying only what differs")
 
     def _attach(self) -> None:
         opts, qmp = self.opts, self.qmp

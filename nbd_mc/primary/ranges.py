@@ -124,7 +124,8 @@ class RangeWriter:
             raise SecondaryFailed(f"the secondary refused {what}: {e.string}") from None
 
     # --- reading the primary's drive ---------------------------------------------------------
-    def _fd(self, drive: str) -> int:
+    def fd(self, drive: str) -> int:
+        """The primary's raw image of ``drive``, open for reading."""
         fd = self._fds.get(drive)
         if fd is None:
             try:
@@ -137,12 +138,15 @@ class RangeWriter:
     def read(self, drive: str, offset: int, length: int) -> bytearray:
         """``length`` bytes of the primary's drive at ``offset`` (its raw image)."""
         buf = bytearray(length)
+        self.read_into(drive, memoryview(buf), offset)
+        return buf
+
+    def read_into(self, drive: str, view, offset: int) -> None:
         try:
-            pread_into(self._fd(drive), memoryview(buf), offset)
+            pread_into(self.fd(drive), view, offset)
         except OSError as e:
             raise PrimaryError(f"reading drive {drive} ({self.paths[drive]}) at {offset}: "
                                f"{e.strerror}") from None
-        return buf
 
     # --- writing the secondary ---------------------------------------------------------------
     def write(self, drive: str, offset: int, data) -> None:
@@ -169,7 +173,7 @@ class RangeWriter:
         """Copy [offset, offset+length) of the primary's drive to the secondary; the
         bytes copied.  Holes of the primary's image are sent as write-zeroes."""
         end = offset + length
-        for start, n, data in data_extents(self._fd(drive), offset, end):
+        for start, n, data in data_extents(self.fd(drive), offset, end):
             for pos in range(start, start + n, CHUNK):
                 size = min(CHUNK, start + n - pos)
                 self.write(drive, pos, self.read(drive, pos, size) if data else bytes(size))
