@@ -70,11 +70,15 @@ class Guest(threading.Thread):
         self.failed = 0
 
     def run(self):
+        from nbd_mc.primary import PrimaryGone
         while not self.halt.is_set():
             c = self.rng.randrange(self.hot // GRANULE)
-            if not self.qmp.cmd("query-status")["running"]:
-                continue  # a guest does not write while paused
-            self.qmp.hmp(f'qemu-io drive0 "write -P {c % 251 + 1} {c * GRANULE} {GRANULE}"')
+            try:
+                if not self.qmp.cmd("query-status")["running"]:
+                    continue  # a guest does not write while paused
+                self.qmp.hmp(f'qemu-io drive0 "write -P {c % 251 + 1} {c * GRANULE} {GRANULE}"')
+            except PrimaryGone:
+                return  # QEMU killed (the failback case kills it on purpose)
             self.log.append((time.monotonic(), c))
 
     def dirty_between(self, t0: float, t1: float) -> int:

@@ -189,3 +189,77 @@ def test_checksum_range_survives_any_arguments(servers):
         srv.execute("checksum-range", disk="vda", offset=0, length=4096)
     assert e.value.error_class == "NotProtected"
     record("checksum-range: random arguments answered", 200, 0)
+
+
+def test_checksum_sync_recopies_writes_during_the_walk(servers, vms):
+    """protect's checksum sync driven step by step (resync.checksum_sync), into a
+    secondary that is already protected at epoch 1 and differs in three blocks:
+    exactly those blocks are found and copied; the copies are undo of the open
+    epoch (``NAME@committed`` still shows epoch 1, so a failover mid-sync returns
+    there); a guest write into a block the walk had already hashed is counted by
+    the bitmap started before the walk and copied again; after the next commit
+    the secondary is byte for byte the primary's disk at that checkpoint."""
+    from nbd_mc import primary
+    from nbd_mc.primary import resync
+    from nbd_mc.primary.bitmaps import Bitmaps, source_nodes
+    from nbd_mc.primary.ranges import RangeWriter
+    from nbd_mc.control import ControlClient
+    rng = random.Random("walk-writes")
+    images, replicas = {}, {}
+    differ = [("drive0", 5 * 65536 + 100, 3000), ("drive0", 100 * 65536, 65536),
+              ("drive1", 33 * 65536 + 65000, 500)]
+    for d in SIZES:
+        images[d] = servers.path(f"{d}.raw")
+        data = bytearray(make_image(images[d], SIZES[d], rng, data_fraction=0.6))
+        for drive, off, length in differ:
+            if drive == d:
+                data[off:off + length] = bytes(b ^ 0xA5 for b in data[off:off + length])
+        replicas[EXPORTS[d]] = servers.path(f"{EXPORTS[d]}.raw")
+        with open(replicas[EXPORTS[d]], "wb") as f:
+            f.write(data)
+    old = {EXPORTS[d]: read_file(p) for d, p in zip(SIZES, replicas.values())}
+    server = servers.new(replicas)
+    server.start()
+    server.execute("commit", epoch=1)  # the replica's state is consistent at epoch 1
+    vm = vms(servers.root, images)
+    drives = [primary.DriveSpec(d, EXPORTS[d]) for d in SIZES]
+    ctl = ControlClient(server.control_path, timeout=60)
+    status = primary.secondary_status(ctl)
+    qmp = primary.Qmp(vm.qmp_path)
+    sizes = primary.check_drives(qmp, drives)
+    bitmaps = Bitmaps(qmp, drives, source_nodes(qmp, drives))
+    bitmaps.group = status["group_id"]
+    ctl, writer_drives = primary.claim_writer(ctl, drives)
+    primary.attach(qmp, primary.parse_nbd_uri(server.uri()), writer_drives)
+    writer = RangeWriter(primary.parse_nbd_uri(server.uri()), writer_drives, images)
+    raced = (1 << 20, 65536)  # in drive0's first chunk: hashed before the write
+
+    def progress(done, total):
+        if done == resync.WALK_CHUNK:
+            # the walk copied drive0's differing blocks of chunk 0: undo, not committed
+            h = server.connect("vda@committed")
+            assert h.pread(65536, 5 * 65536) == old["vda"][5 * 65536:6 * 65536]
+            assert read_file(replicas["vda"])[5 * 65536:6 * 65536] == \
+                read_file(images["drive0"])[5 * 65536:6 * 65536]
+            vm.qemu_io("drive0", f"write -P 77 {raced[0]} {raced[1]}")
+    try:
+        r, mirrors = resync.checksum_sync(qmp, ctl, writer, drives, sizes, bitmaps, 1,
+                                          progress)
+        assert r.mode == "checksum" and r.hashed == sum(SIZES.values())
+        blocks = {(d, o // 65536) for d, off, n in differ for o in (off, off + n - 1)}
+        assert r.differing == len(blocks) * 65536, (r, blocks)
+        assert r.dirty == raced[1]  # the write during the walk, and nothing else
+        assert r.bytes >= r.differing + raced[1]
+        recorded = {}
+        cp = primary.checkpoint(qmp, ctl, mirrors, 2,
+                                hook=lambda epoch: recorded.update(vm.record()))
+        assert cp.committed, cp
+        for d in SIZES:
+            assert read_file(replicas[EXPORTS[d]]) == recorded[d], d
+        assert recorded["drive0"][raced[0]:raced[0] + raced[1]] == bytes([77]) * raced[1]
+        assert not [b for bm in bitmaps.listing().values() for b in bm if "checksum" in b]
+        primary.detach(qmp, mirrors)
+    finally:
+        writer.close()
+        qmp.close()
+        ctl.close()
