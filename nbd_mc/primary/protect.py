@@ -36,7 +36,7 @@ from .qmp import Qmp
 from .ranges import RangeWriter
 from .repair import Repairs
 from .report import Report
-from .resync import Resync, checksum_sync, incremental
+from .resync import ChecksumUnsupported, Resync, checksum_sync, incremental
 from .secondary import claim_writer, connect, first_epoch, secondary_status
 from .watchdog import Watchdog
 
@@ -399,10 +399,13 @@ class Protector:
                     self.stop, opts.stall_timeout, self.watchdog)
             except QmpCommandError as e:
                 raise SecondaryFailed(f"the checksum sync failed: {e.desc}") from None
+            except ChecksumUnsupported as e:
+                mode, because, done = "full", f"{e.desc}; nothing was copied yet", False
             if done is None:
                 return False
-            r, self.mirrors = done
-        else:
+            if done:
+                r, self.mirrors = done
+        if mode == "full":
             total = sum(self.sizes.values())
             console.say(f"  full sync of {_mib(total)}: {why}" + (f" ({because})" if because
                                                                     else ""))

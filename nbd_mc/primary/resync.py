@@ -88,6 +88,10 @@ WALK_CHUNK = 4 << 20
 BLOCK = checksum.DEFAULT_BLOCK
 
 
+class ChecksumUnsupported(SecondaryFailed):
+    """The secondary cannot hash its blocks (an older server): sync it in full."""
+
+
 @dataclass
 class Resync:
     """One (re)synchronisation, for the report's ``resyncs``."""
@@ -298,6 +302,9 @@ def _differing(ctl, writer: RangeWriter, d: DriveSpec, offset: int, length: int)
         theirs = ctl.execute("checksum-range", disk=d.export, offset=offset, length=length,
                              block=BLOCK)["blocks"]
     except ControlError as e:
+        if e.error_class == "CommandNotFound":
+            raise ChecksumUnsupported("the secondary's nbd-mc has no checksum-range (an older "
+                                      "version)") from None
         raise SecondaryFailed(f"the secondary refused checksum-range: {e}") from None
     except (OSError, NbdMcError) as e:
         raise SecondaryFailed(f"lost the control connection to the secondary during the "
