@@ -21,6 +21,15 @@ wrote since the last commit before the kill, up to the end of the resync; target
 <= 0.1).  The pull alternative (QEMU's NBD export of the drive with the bitmap as
 ``qemu:dirty-bitmap:NAME``, read with libnbd and written to the secondary) is
 timed on the same dirty set for comparison.
+
+    .venv/bin/python -m bench.resync --failback [--size 1G] [--hot 64M] [--seconds 3]
+
+The failback case: P1 protects into S (a full sync of SIZE: the reference), the
+guest writes the hot set, P1's QEMU is killed -9, S fails over, a new primary P2
+boots on S's image and writes the hot set for SECONDS, then P1's image is served as
+a fresh replica and P2 protects into it (the checksum sync, chosen automatically).
+Figures: bytes copied / disk size, bytes copied / bytes that really differ (the
+files compared before the sync), and the sync's seconds against the full sync's.
 """
 
 from __future__ import annotations
@@ -61,11 +70,15 @@ class Guest(threading.Thread):
         self.failed = 0
 
     def run(self):
+        from nbd_mc.primary import PrimaryGone
         while not self.halt.is_set():
             c = self.rng.randrange(self.hot // GRANULE)
-            if not self.qmp.cmd("query-status")["running"]:
-                continue  # a guest does not write while paused
-            self.qmp.hmp(f'qemu-io drive0 "write -P {c % 251 + 1} {c * GRANULE} {GRANULE}"')
+            try:
+                if not self.qmp.cmd("query-status")["running"]:
+                    continue  # a guest does not write while paused
+                self.qmp.hmp(f'qemu-io drive0 "write -P {c % 251 + 1} {c * GRANULE} {GRANULE}"')
+            except PrimaryGone:
+                return  # QEMU killed (the failback case kills it on purpose)
             self.log.append((time.monotonic(), c))
 
     def dirty_between(self, t0: float, t1: float) -> int:
@@ -215,6 +228,120 @@ def measure_pull(qmp, work: Path, st: Path, resync: dict) -> dict:
             "mib_per_s": round(copied / MiB / seconds, 1) if seconds else None}
 
 
+def _random_image(path: Path, size: int) -> None:
+    with open(path, "wb") as f:  # data everywhere: a full sync really copies SIZE
+        block = os.urandom(MiB)
+        for _ in range(size // MiB):
+            f.write(block)
+
+
+def _qemu(work: Path, name: str, img: Path):
+    qmp_p, qmp_t = work / f"{name}.qmp", work / f"{name}-t.qmp"
+    proc = subprocess.Popen(
+        ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+         "-qmp", f"unix:{qmp_p},server=on,wait=off", "-qmp", f"unix:{qmp_t},server=on,wait=off",
+         "-drive", f"if=none,id=drive0,file={img},format=raw"],
+        stdout=open(work / f"{name}.log", "w"), stderr=subprocess.STDOUT, env=util.env())
+    util.wait_for(lambda: util.unix_connectable(qmp_t), 30, "QEMU")
+    return proc, qmp_p, qmp_t
+
+
+def _protect(work: Path, name: str, qmp: Path, st: Path):
+    out = open(work / f"{name}.json", "w+")
+    proc = subprocess.Popen(
+        [str(util.VENV_BIN / "nbd-mc"), "protect", "--qmp", str(qmp), "--drive",
+         "drive0=vda", "--target", f"nbd+unix:///?socket={st}/nbd.sock", "--control",
+         str(st / "control.sock"), "--interval", "100ms", "--json"],
+        stdout=out, stderr=subprocess.STDOUT, env=util.env())
+    return proc, out
+
+
+def _report(proc, out) -> dict:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(120)
+    out.seek(0)
+    text = out.read()
+    return json.loads(text[text.index("{"):])
+
+
+def _differing(a: Path, b: Path) -> int:
+    """Bytes that differ between two files of the same size."""
+    n = 0
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(MiB), fb.read(MiB)
+            if not x:
+                return n
+            if x != y:
+                n += sum(p != q for p, q in zip(x, y))
+
+
+def measure_failback(work: Path, size: int, hot: int, seconds: float) -> dict:
+    from nbd_mc.control import ControlClient
+    from nbd_mc.primary import Qmp
+    subprocess.run(["rm", "-rf", str(work)], check=True)
+    work.mkdir(parents=True)
+    p1_img, s_img = work / "p1.raw", work / "s.raw"
+    _random_image(p1_img, size)
+    with open(s_img, "wb") as f:
+        f.truncate(size)
+    s_st, n1_st = work / "s-st", work / "n1-st"
+    nbd_mc = str(util.VENV_BIN / "nbd-mc")
+
+    def committed(st):
+        with ControlClient(str(st / "control.sock"), timeout=10) as c:
+            return c.execute("query-status")["committed"]
+    procs = []
+    try:
+        util.run([nbd_mc, "serve", f"vda={s_img}", "--state-dir", str(s_st)])
+        q1, qmp_p, qmp_t = _qemu(work, "p1", p1_img)
+        procs.append(q1)
+        t1 = Qmp(str(qmp_t))
+        pr, out = _protect(work, "protect1", qmp_p, s_st)
+        procs.append(pr)
+        util.wait_for(lambda: committed(s_st) >= 1, 600, "the full sync", interval=0.05)
+        guest = Guest(t1, hot, seed=1)
+        guest.start()
+        util.wait_for(lambda: committed(s_st) >= 10, 120, "ten commits", interval=0.05)
+        q1.kill()  # SIGKILL, mid-epoch: the guest writes all the time
+        q1.wait(30)
+        guest.halt.set()
+        guest.join(60)
+        t1.close()
+        full = _report(pr, out)["resyncs"][0]
+        util.run([nbd_mc, "failover", "--state-dir", str(s_st)])
+        util.run([nbd_mc, "stop", "--state-dir", str(s_st)])
+        q2, qmp_p, qmp_t = _qemu(work, "p2", s_img)
+        procs.append(q2)
+        t2 = Qmp(str(qmp_t))
+        guest = Guest(t2, hot, seed=2)
+        guest.start()
+        time.sleep(seconds)  # the new primary's unprotected writes being measured
+        guest.halt.set()
+        guest.join(60)
+        differ = _differing(p1_img, s_img)
+        util.run([nbd_mc, "serve", f"vda={p1_img}", "--state-dir", str(n1_st)])
+        pr, out = _protect(work, "protect2", qmp_p, n1_st)
+        procs.append(pr)
+        util.wait_for(lambda: committed(n1_st) >= 1, 600, "the checksum sync", interval=0.05)
+        sync = _report(pr, out)["resyncs"][0]
+        t2.close()
+        return {"size": size, "hot": hot, "seconds_p2_wrote": seconds,
+                "full_sync": full, "checksum_sync": sync, "really_differing_bytes": differ,
+                "copied_over_size": round(sync["bytes"] / size, 4),
+                "copied_over_differing": round(sync["bytes"] / differ, 3) if differ else None,
+                "seconds_over_full": round(sync["seconds"] / full["seconds"], 3)
+                if full["seconds"] else None}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
+        for st in (s_st, n1_st):
+            subprocess.run([nbd_mc, "stop", "--state-dir", str(st)], capture_output=True,
+                           env=util.env())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.resync", description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="1G")
@@ -222,7 +349,25 @@ def main(argv=None) -> int:
     ap.add_argument("--outage", type=float, default=10.0)
     ap.add_argument("--work", default=str(util.ROOT / "bench" / "work" / "resync"))
     ap.add_argument("--out", help="write the figures as JSON here")
+    ap.add_argument("--failback", action="store_true",
+                    help="the failback case: a checksum sync into the old primary's disk")
+    ap.add_argument("--seconds", type=float, default=3.0,
+                    help="--failback: how long the new primary writes before the sync")
     a = ap.parse_args(argv)
+    if a.failback:
+        res = measure_failback(Path(a.work + "-failback"), _size(a.size), _size(a.hot),
+                               a.seconds)
+        text = json.dumps(res, indent=2)
+        print(text)
+        if a.out:
+            Path(a.out).write_text(text + "\n")
+        c, f = res["checksum_sync"], res["full_sync"]
+        print(f"\nfailback: checksum sync copied {c['bytes'] / MiB:.1f} MiB of "
+              f"{res['size'] / MiB:.0f} MiB ({res['copied_over_size']}x the disk, "
+              f"{res['copied_over_differing']}x the {res['really_differing_bytes'] / MiB:.1f} "
+              f"MiB that differed) in {c['seconds']:.1f} s; the full sync took "
+              f"{f['seconds']:.1f} s ({res['seconds_over_full']}x)", file=sys.stderr)
+        return 0
     res = measure(Path(a.work), _size(a.size), _size(a.hot), a.outage)
     text = json.dumps(res, indent=2)
     print(text)

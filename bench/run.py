@@ -757,11 +757,16 @@ class Bench:
             big.unlink()
 
     def w11(self):
-        """Resync after a 10 s outage vs a full resync (bench/resync.py)."""
-        from .resync import measure
+        """Resync after a 10 s outage vs a full resync, and the failback's checksum
+        sync (bench/resync.py)."""
+        from .resync import measure, measure_failback
         log("workload 11 (resync after an outage)")
         self.guarded("workload 11", "nbd-mc", lambda: self.results["meta"].__setitem__(
             "w11", measure(self.work / "resync", GiB, 64 * MiB, 10.0)), None)
+        log("workload 11 (failback: checksum sync)")
+        self.guarded("workload 11 failback", "nbd-mc", lambda: self.results["meta"].__setitem__(
+            "w11_failback", measure_failback(self.work / "resync-failback", GiB, 64 * MiB,
+                                             3.0)), None)
 
     # -- driver -----------------------------------------------------------
 

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from . import __version__, boot, verify, writer
+from . import __version__, boot, checksum, verify, writer
 from .control.server import AfterReply
 from .errors import BadRequest, CommandNotFound
 
@@ -25,8 +25,8 @@ class Arg:
     """One argument: its name, JSON type and whether it must be given.
 
     ``kind`` is "epoch" (an integer >= 0), "boolean", "seconds" (a positive number),
-    or "any" (the command checks it itself: writer ids and verify-range's arguments,
-    see their modules).
+    or "any" (the command checks it itself: writer ids, the arguments of verify-range
+    and checksum-range, see their modules).
     """
 
     name: str
@@ -124,6 +124,10 @@ COMMANDS = {c.name: c for c in (
     Command("verify-range", "hash a range of a disk's committed view at an epoch (online verify)",
             lambda s, a: verify.verify_range(s.group, a),
             tuple(Arg(n, "any") for n in ("disk", "offset", "length", "epoch", "block"))),
+    Command("checksum-range", "hash each block of a range of a disk's live image (checksum "
+            "sync: which blocks differ from the primary's)",
+            lambda s, a: checksum.checksum_range(s.group, a),
+            tuple(Arg(n, "any") for n in ("disk", "offset", "length", "block"))),
     Command("quit", "reply, then stop serving (requests in flight finish first)",
             lambda s, a: AfterReply({}, s.on_quit)),
 )}

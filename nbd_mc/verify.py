@@ -21,7 +21,9 @@ verify, and so do we, while protection runs:
 The primary's side reads the drive's raw image file directly (it must be a local
 raw file: after ``stop`` has drained the I/O, the page cache holds every write --
 see README, the primary).  A mismatch is handed to ``repair`` (a callable, None by
-default) with the disk and range: the hook for a targeted resync.
+default) with the disk and range: protect passes its targeted resync
+(primary/repair.py), which copies the range at the next checkpoint and checks
+it again once that commits; what it repaired is counted in ``Stats.repaired``.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ def local_raw_images(qmp, drives) -> dict[str, str]:
                 found[n] = ins
     out = {}
     for d in drives:
-        ins = found.get(d.drive) or {}
+        ins = found.get(d.drive) or found.get(d.source) or {}
         path = ins.get("file") or ""
         if ins.get("drv") != "raw" or not os.path.isfile(path):
             raise ValueError(f"verify reads the primary's disk directly: drive {d.drive} must "
@@ -190,6 +192,7 @@ class Stats:
     slices: int = 0
     passes: int = 0
     mismatches: list = field(default_factory=list)
+    repaired: list = field(default_factory=list)      # Mismatch: the epoch that holds the fix
     capture_s: list = field(default_factory=list)   # VM paused: copying one slice
     check_s: list = field(default_factory=list)     # VM running: hash + verify-range
     refused: int = 0                                  # slices the secondary would not hash
@@ -203,6 +206,8 @@ class Stats:
             "verified_bytes": self.verified_bytes, "slices": self.slices,
             "passes": self.passes, "slice_bytes": slice_size, "refused": self.refused,
             "mismatches": [m.as_dict() for m in self.mismatches],
+            "repaired": {"ranges": [m.as_dict() for m in self.repaired],
+                         "bytes": sum(m.length for m in self.repaired)},
             "capture_ms": {"median": round(statistics.median(cap) * 1000, 3) if cap else None,
                            "worst": round(cap[-1] * 1000, 3) if cap else None,
                            "per_mib": round(statistics.median(cap) * 1000 * (1 << 20)

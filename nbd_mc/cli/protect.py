@@ -60,11 +60,21 @@ from .common import Failure, json_wanted, main, size_option
                    "the secondary's committed epoch, walking the whole disks over and over.")
 @click.option("--verify-slice", "verify_slice", default="4M", show_default=True, metavar="SIZE",
               help="Bytes verified per checkpoint (copied while the VM is paused).")
+@click.option("--repair/--no-repair", "repair", default=None,
+              help="With --verify: copy each range found different from the primary's disk "
+                   "at the next checkpoint and verify it again (protect: on by default; "
+                   "nbd-mc verify: off by default, it only reports).")
+@click.option("--resync", "resync", type=click.Choice(["auto", "full", "checksum"]),
+              default="auto", show_default=True,
+              help="How to bring a secondary in step when no dirty bitmap covers its last "
+                   "commit: checksum compares both disks block by block and copies what "
+                   "differs, full copies everything; auto takes checksum when the "
+                   "secondary's image holds data, full when it is empty.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the closing summary and errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the closing report as JSON.")
 def protect(qmp_path, domain, connect_uri, drives, target, control, interval, epochs, hook,
             tls_dir, metrics_file, legacy, stall_timeout, retry_for, quiet, as_json,
-            verify=False, verify_slice="4M", verify_passes=None):
+            verify=False, verify_slice="4M", verify_passes=None, repair=None, resync="auto"):
     """Mirror a running QEMU's drives into the secondary and checkpoint them.
 
     Attaches the secondary's exports to QEMU, runs blockdev-mirror (sync=full,
@@ -89,7 +99,8 @@ def protect(qmp_path, domain, connect_uri, drives, target, control, interval, ep
             stall_timeout=primary.parse_interval(stall_timeout),
             retry_for=(None if retry_for == "forever"
                        else primary.parse_interval(retry_for, zero=True)),
-            verify=verify, verify_slice=size_option(verify_slice), verify_passes=verify_passes)
+            verify=verify, verify_slice=size_option(verify_slice), verify_passes=verify_passes,
+            repair=True if repair is None else repair, resync=resync)
         parse_address(control)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
@@ -104,11 +115,26 @@ def protect(qmp_path, domain, connect_uri, drives, target, control, interval, ep
         raise Failure(primary.failure_advice(report))
     if not as_json:
         click.echo("detached: the mirrors are removed and the VM runs on without protection")
-    if verify_passes and (report.verify or {}).get("mismatches"):
-        raise Failure(f"verify: {len(report.verify['mismatches'])} range(s) differ between the "
+    unrepaired = _unrepaired(report.verify or {})
+    if verify_passes and unrepaired:
+        raise Failure(f"verify: {len(unrepaired)} range(s) differ between the "
                       "primary and the secondary's committed state (listed above)")
     if verify_passes and (report.verify or {}).get("passes", 0) < verify_passes:
         raise Failure("verify: stopped before a whole pass was checked")
+
+
+def _unrepaired(v: dict) -> list:
+    """The mismatches no repair covered (every one when nothing was repaired)."""
+    fixed = (v.get("repaired") or {}).get("ranges") or []
+
+    def covered(m):
+        end = m["offset"] + m["length"]
+        pos = m["offset"]
+        for r in sorted(fixed, key=lambda r: r["offset"]):
+            if r["disk"] == m["disk"] and r["offset"] <= pos < r["offset"] + r["length"]:
+                pos = r["offset"] + r["length"]
+        return pos >= end
+    return [m for m in v.get("mismatches") or [] if not covered(m)]
 
 
 def _verify_command() -> click.Command:
@@ -116,13 +142,14 @@ def _verify_command() -> click.Command:
 
     The same options as protect (a verify is a protection run: it needs the mirror
     and the checkpoints to have committed states to compare), minus --epochs and
-    --verify; exit 1 if any range differs.
+    --verify; exit 1 if any range differs (with --repair: differs and was not
+    repaired).
     """
     params = [p for p in protect.params if p.name not in ("epochs", "verify")]
 
-    def run(**kwargs):
+    def run(repair=None, **kwargs):
         click.get_current_context().invoke(protect, epochs=None, verify=True, verify_passes=1,
-                                           **kwargs)
+                                           repair=bool(repair), **kwargs)
     return click.Command(
         "verify", params=params, callback=run,
         help="Online verify (like drbdadm verify): protect until every drive has been "

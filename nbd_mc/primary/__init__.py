@@ -9,7 +9,10 @@ One concept per module:
   secondary   -- the secondary's control channel: status, group check, commit
   mirrors     -- block-job plumbing: NBD nodes, write-blocking mirrors, detaching
   bitmaps     -- dirty bitmaps per epoch: what changed since the secondary's commit
-  resync      -- bringing the secondary in step: incremental rounds or a full sync
+  resync      -- bringing the secondary in step: incremental rounds, a checksum sync
+                 or a full sync
+  ranges      -- copying chosen byte ranges into the secondary with libnbd, as its writer
+  repair      -- the targeted resync of ranges online verify found different
   checkpoint  -- one checkpoint: stop, drained, hook, commit, cont
   watchdog    -- a child that resumes the VM if protect dies while it is paused
   report      -- what protect did (summary and --json)

@@ -19,7 +19,9 @@ exactly what a resync after an outage or a protect restart needs.  The name
 carries the group id, so a later protect never uses a bitmap counted against
 another secondary.
 
-Resync rounds use ``nbd-mc.<group-id>.round<K>`` bitmaps (resync.py).
+Resync rounds use ``nbd-mc.<group-id>.round<K>`` bitmaps, and a checksum sync
+``nbd-mc.<group-id>.checksum`` (resync.py); like the rounds it lives only during
+one resync.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ def epoch_name(group: str, epoch: int) -> str:
 
 def round_name(group: str, k: int) -> str:
     return f"{PREFIX}{group}.round{k}"
+
+
+def checksum_name(group: str) -> str:
+    """The bitmap that counts guest writes during a checksum sync's walk."""
+    return f"{PREFIX}{group}.checksum"
 
 
 def source_nodes(qmp: Qmp, drives: list[DriveSpec]) -> dict[str, str]:

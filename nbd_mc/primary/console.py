@@ -146,7 +146,8 @@ def summary(report: Report) -> str:
     if report.outages:
         again = report.resyncs[1:]
         lines.append(f"secondary lost {report.outages} time(s); {len(again)} resync(s) "
-                     f"({sum(not r.full for r in again)} incremental) copied "
+                     f"({sum(r.mode == 'bitmap' for r in again)} incremental, "
+                     f"{sum(r.mode == 'checksum' for r in again)} by checksum) copied "
                      f"{_mib(sum(r.bytes for r in again))}; unprotected "
                      f"{report.unprotected:.1f} s in all")
     if report.verify:
@@ -158,6 +159,10 @@ def summary(report: Report) -> str:
         for m in v["mismatches"]:
             lines.append(f"  MISMATCH {m['disk']} offset {m['offset']} length {m['length']} "
                          f"(epoch {m['epoch']})")
+        rep = v.get("repaired") or {}
+        if rep.get("ranges"):
+            lines.append(f"verify: repaired {len(rep['ranges'])} range(s), "
+                         f"{rep['bytes']} bytes (a targeted resync at the next checkpoint)")
     for problem in report.problems:
         lines.append(f"warning: while detaching: {problem}")
     return "\n".join(lines)

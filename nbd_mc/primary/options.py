@@ -139,6 +139,11 @@ class Options:
     verify: bool = False  # online verify (nbd_mc/verify.py): one slice per checkpoint
     verify_slice: int = 4 << 20
     verify_passes: int | None = None  # stop after this many whole passes (None: never)
+    #: Copy the ranges verify finds different at the next checkpoint (repair.py).
+    repair: bool = True
+    #: How a secondary no dirty bitmap covers is brought in step: "auto" (checksum
+    #: when its image holds data, else full), "full" or "checksum" (resync.py).
+    resync: str = "auto"
 
     @property
     def stale_after(self) -> float:

@@ -33,8 +33,10 @@ from .mirrors import (Mirrors, add_tls_creds, attach, check_drives, check_sizes,
                       remove_leftovers, start_drive_mirrors, start_mirrors)
 from .options import Options
 from .qmp import Qmp
+from .ranges import RangeWriter
+from .repair import Repairs
 from .report import Report
-from .resync import Resync, incremental
+from .resync import ChecksumUnsupported, Resync, checksum_sync, incremental
 from .secondary import claim_writer, connect, first_epoch, secondary_status
 from .watchdog import Watchdog
 
@@ -71,6 +73,13 @@ class Protector:
       verifier -- --verify's walk (nbd_mc/verify.py), or None; it survives outages
                   (a slice captured at a checkpoint that did not commit is captured
                   again at the next one);
+      repairs  -- the targeted resync of what verify found (repair.py), or None
+                  (no --verify, or --no-repair); survives outages like the walk;
+      raw_paths -- {drive: its local raw image} (read by verify, repairs and the
+                  checksum sync), or None, with ``raw_refusal`` saying why;
+      ranges   -- the ranges.RangeWriter of the current claim (libnbd connections to
+                  the writer exports), opened on first use, None after a new claim
+                  or an outage;
       report, stop, console, watchdog -- output and control of the run.
     """
 
@@ -92,6 +101,10 @@ class Protector:
         self.first_commit_after_sync = True
         self.writer_drives = opts.drives
         self.verifier = None
+        self.repairs: Repairs | None = None
+        self.raw_paths: dict[str, str] | None = None
+        self.raw_refusal = ""
+        self.ranges: RangeWriter | None = None
         # --metrics-file (metrics.py); a no-op without a path
         self.metrics = ProtectMetrics(opts.metrics_file, opts.libvirt or opts.qmp or "")
 
@@ -119,7 +132,14 @@ class Protector:
             leftover = remove_leftovers(self.qmp, opts.drives)
             if leftover:
                 console.say(f"nbd-mc protect: {leftover}")
-            if opts.verify:  # (after the leftovers: a mirror filter hides the drive's file)
+            # (after the leftovers: a mirror filter hides the drive's file)
+            try:
+                self.raw_paths = verify.local_raw_images(self.qmp, opts.drives)
+            except ValueError as e:
+                self.raw_refusal = str(e)
+            if opts.resync == "checksum" and self.raw_paths is None:
+                raise PrimaryError(f"--resync checksum: {self.raw_refusal}")
+            if opts.verify:
                 self.verifier = self._verifier()
             self.bitmaps = Bitmaps(self.qmp, opts.drives, source_nodes(self.qmp, opts.drives))
             self.watchdog = Watchdog(opts.qmp, opts.libvirt, opts.connect)
@@ -173,7 +193,8 @@ class Protector:
                 break
             try:
                 if self._checkpoint() and (opts.epochs and report.commits >= opts.epochs
-                                           or self.verifier is not None and self.verifier.done):
+                                           or self.verifier is not None and self.verifier.done
+                                           and not (self.repairs and self.repairs.busy)):
                     break
             except (SecondaryFailed, QmpTimeout) as e:
                 self._lose(e)
@@ -183,8 +204,11 @@ class Protector:
         """Returns whether the epoch committed."""
         opts, report = self.opts, self.report
         bitmaps = None if opts.legacy_drive_mirror else self.bitmaps
-        # --verify copies its slice in the hook, with the VM stopped and drained
+        # --verify copies its slice in the hook, with the VM stopped and drained, and
+        # the repairs copy what an earlier slice found different
         hook = self.verifier.hook(opts.hook, run_hook) if self.verifier else opts.hook
+        if self.repairs is not None and self.repairs.busy:
+            hook = self._repair_hook(hook)
         cp = checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, hook,
                         bitmaps=bitmaps, stall_timeout=opts.stall_timeout,
                         watchdog=self.watchdog)
@@ -208,11 +232,35 @@ class Protector:
         self.epoch += 1
         if self.verifier is not None:  # the VM runs again: compare the slice with the commit
             try:
+                if self.repairs is not None:  # the ranges copied at this checkpoint
+                    self.repairs.after_commit(self.ctl, self.epoch - 1)
                 self.verifier.after_commit(self.ctl, self.epoch - 1)
             except (OSError, NbdMcError) as e:
                 raise SecondaryFailed(f"lost the control connection to the secondary while "
                                       f"verifying epoch {self.epoch - 1}: {why(e)}") from None
         return True
+
+    def _repair_hook(self, hook):
+        def at_checkpoint(epoch: int):
+            skipped = hook(epoch)
+            if not skipped:
+                self.repairs.at_checkpoint(self._ranges(), epoch)
+            return skipped
+        return at_checkpoint
+
+    def _ranges(self) -> RangeWriter:
+        """The libnbd writer connections of the current claim (ranges.py)."""
+        if self.ranges is None:
+            if self.raw_paths is None:
+                raise PrimaryError(f"cannot copy ranges: {self.raw_refusal}")
+            self.ranges = RangeWriter(self.opts.target, self.writer_drives, self.raw_paths,
+                                      self.opts.tls_certificates, self.opts.stall_timeout)
+        return self.ranges
+
+    def _close_ranges(self) -> None:
+        if self.ranges is not None:
+            self.ranges.close()
+            self.ranges = None
 
     # --- losing the secondary and getting it back ---------------------------------------
     def _lose(self, e: PrimaryError) -> None:
@@ -232,6 +280,9 @@ class Protector:
         self.console.say(f"nbd-mc protect: secondary lost: {e.desc}; the VM runs on "
                          "unprotected, retrying")
         self.metrics.set_state("lost", self.report)
+        self._close_ranges()
+        if self.repairs is not None:
+            self.repairs.abandon()
         self._drop()
         if self.ctl is not None:
             self.ctl.close()
@@ -290,8 +341,8 @@ class Protector:
         """Bring the secondary in step with the VM and start the write-blocking mirrors.
 
         Incremental when a bitmap of this group covers the secondary's committed
-        epoch, otherwise full; says which and why.  Returns False if a stop request
-        came first."""
+        epoch, otherwise a checksum sync or a full one (_full_or_checksum); says which
+        and why in one line.  Returns False if a stop request came first."""
         opts, qmp, bitmaps, console = self.opts, self.qmp, self.bitmaps, self.console
         committed = int(status["committed"])
         group = status.get("group_id") or None
@@ -303,6 +354,7 @@ class Protector:
         bitmaps.prune_foreign()
         # claim = new-session (older connections can no longer write) plus a new writer
         # id: every sync mirrors into exports that no earlier session can open
+        self._close_ranges()
         self.ctl, self.writer_drives = claim_writer(self.ctl, opts.drives, console.say,
                                                     opts.stale_after)
         self.epoch = committed + 1
@@ -323,7 +375,8 @@ class Protector:
                    + (f" (have: {', '.join(map(str, have))})" if have else ""))
         else:
             why = None
-        if why is None:
+        mode, because = ("bitmap", "") if why is None else self._full_or_checksum()
+        if mode == "bitmap":
             dirty = bitmaps.dirty_bytes(epoch_name(group, committed))
             console.say(f"  resyncing {_mib(dirty)} changed since epoch {committed} "
                         f"(incremental)")
@@ -335,9 +388,27 @@ class Protector:
                     self.stop, opts.stall_timeout, self.watchdog)
             except QmpCommandError as e:  # a refused copy job or mirror: the target's fault
                 raise SecondaryFailed(f"the resync failed: {e.desc}") from None
-        else:
+        elif mode == "checksum":
+            console.say(f"  checksum sync of {_mib(sum(self.sizes.values()))}: {why}; "
+                        f"{because}")
+            try:
+                done = checksum_sync(
+                    qmp, self.ctl, self._ranges(), opts.drives, self.sizes, bitmaps, committed,
+                    lambda d, t: (console.progress("checksum sync", d, t),
+                                  self.metrics.sync_progress(d, t, self.report)),
+                    self.stop, opts.stall_timeout, self.watchdog)
+            except QmpCommandError as e:
+                raise SecondaryFailed(f"the checksum sync failed: {e.desc}") from None
+            except ChecksumUnsupported as e:
+                mode, because, done = "full", f"{e.desc}; nothing was copied yet", False
+            if done is None:
+                return False
+            if done:
+                r, self.mirrors = done
+        if mode == "full":
             total = sum(self.sizes.values())
-            console.say(f"  full sync of {_mib(total)}: {why}")
+            console.say(f"  full sync of {_mib(total)}: {why}" + (f" ({because})" if because
+                                                                    else ""))
             if not opts.legacy_drive_mirror:
                 bitmaps.drop_all()
             self.mirrors = Mirrors(qmp, opts.drives)
@@ -347,11 +418,12 @@ class Protector:
                                                          self.metrics.sync_progress(d, t, self.report)),
                                            self.stop):
                 return False
-            r = Resync(full=True, reason="", bytes=sum(self.mirrors.synced.values()))
+            r = Resync(full=True, reason="", bytes=sum(self.mirrors.synced.values()),
+                       mode="full")
             r.seconds = time.monotonic() - t0
         console.progress_end()
         r.from_epoch = committed
-        r.reason = self.lost_reason + ("" if why is None else f"; full: {why}")
+        r.reason = self.lost_reason + ("" if why is None else f"; {mode}: {why}")
         self.report.resyncs.append(r)
         if len(self.report.resyncs) == 1:
             self.report.initial_sync_bytes = r.bytes
@@ -366,6 +438,28 @@ class Protector:
                     + (f" for {opts.epochs} epochs" if opts.epochs else "")
                     + " (Ctrl-C detaches)")
         return True
+
+    def _full_or_checksum(self) -> tuple[str, str]:
+        """When no bitmap covers the secondary: "full" or "checksum", and why.
+
+        --resync auto takes the checksum sync when the secondary's image holds data
+        (it may be a near copy: a returning old primary) and the full sync when it
+        is empty (nothing to compare: hashing would only cost time)."""
+        opts = self.opts
+        if opts.legacy_drive_mirror:
+            return "full", ""
+        if opts.resync == "full":
+            return "full", "--resync full"
+        if self.raw_paths is None:  # (--resync checksum was refused at the start)
+            return "full", f"no checksum sync: {self.raw_refusal}"
+        if opts.resync == "checksum":
+            return "checksum", "--resync checksum: comparing block hashes, copying what differs"
+        ranges = self._ranges()
+        data = sum(ranges.allocated(d.drive, self.sizes[d.drive]) for d in opts.drives)
+        if not data:
+            return "full", "the secondary's image is empty"
+        return "checksum", (f"the secondary's image holds {_mib(data)} of data: comparing "
+                            "block hashes, copying only what differs")
 
     def _attach(self) -> None:
         opts, qmp = self.opts, self.qmp
@@ -393,10 +487,14 @@ class Protector:
     def _verifier(self) -> verify.Verifier:
         try:
             targets = verify.targets_for(self.qmp, self.opts.drives, self.sizes)
-            return verify.Verifier(targets, self.opts.verify_slice, self.opts.verify_passes,
-                                   self.console.say)
+            v = verify.Verifier(targets, self.opts.verify_slice, self.opts.verify_passes,
+                                self.console.say)
         except (ValueError, OSError) as e:
             raise PrimaryError(f"cannot verify: {e}") from None
+        if self.opts.repair:
+            self.repairs = Repairs(v.stats, self.console.say)
+            v.repair = self.repairs.queue
+        return v
 
     # --- the end --------------------------------------------------------------------------
     def _finish(self) -> None:
@@ -417,7 +515,12 @@ class Protector:
                     report.problems.append(e.desc)
         if self.verifier is not None:
             report.verify = self.verifier.stats.as_dict(self.verifier.slice_size)
+            if self.repairs is not None:
+                report.verify["repair_pending"] = [
+                    {"disk": p.target.disk, "offset": p.offset, "length": p.length}
+                    for p in self.repairs.pending + [p for p, _ in self.repairs.copied]]
             self.verifier.close()
+        self._close_ranges()
         if self.watchdog is not None:
             self.watchdog.close()
         for c in (qmp, self.ctl):

@@ -1,4 +1,5 @@
-"""Bringing a secondary back in step: incremental from a dirty bitmap, or full.
+"""Bringing a secondary back in step: incremental from a dirty bitmap, a
+checksum sync, or full.
 
 QEMU 7.2's ``blockdev-mirror`` takes no bitmap, so an incremental resync is
 built from what 7.2 has, converging like migration pre-copy:
@@ -22,6 +23,37 @@ export to secure, and QEMU's copy-before-write gives each round a consistent
 point for free).
 
 A full sync is the initial sync: ``blockdev-mirror sync=full``.
+
+A *checksum sync* (DRBD's ``csums-alg``) is for a secondary whose image holds
+data although no bitmap says what changed -- above all the failback: the old
+primary's disk returns as a replica.  Why a bitmap cannot be enough there even
+in principle: the rolled-back clusters (recorded at failover) plus a dirty
+bitmap of everything the new primary wrote since it started miss the writes
+that were in flight when the old primary died.  Its write-blocking mirror
+writes QEMU's own disk *before* the target, so a guest write the crash cut off
+can be on the old primary's disk and never have reached the secondary: it is
+in no undo file and no bitmap, and a resync from the two sets would leave it
+there -- both sides "in step", different data (silent divergence).  So the
+checksum sync compares contents:
+
+1. bitmap R (bitmaps.checksum_name) starts on every drive, before anything is
+   read: from here every guest write is counted;
+2. the walk: chunk by chunk, protect hashes each block of the primary's local
+   raw image and asks the secondary (``checksum-range``, nbd_mc/checksum.py)
+   for the digests of the same blocks of its *current* image; holes cost no
+   read on either side;
+3. differing blocks are copied with ranges.RangeWriter (libnbd, into the writer
+   export): the contents just read and hashed;
+4. then the incremental path above runs from R: whatever the guest wrote during
+   the walk (including a block read torn by a racing write) is copied again by
+   the backup rounds, the last one paused, and the write-blocking mirror starts.
+
+The secondary's writes are those of its open epoch: on a group that has a
+committed epoch they are kept as undo (a failover during the sync returns to
+that commit); on a fresh group (epoch 0, what a returning node serves) nothing
+is consistent until the first commit after the sync, and `failover` refuses
+epoch 0 -- an unfinished checksum sync is never promotable, exactly like an
+unfinished full sync.
 """
 
 from __future__ import annotations
@@ -29,12 +61,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .bitmaps import Bitmaps, epoch_name, round_name
+from .. import checksum
+from ..control import ControlError
+from ..errors import NbdMcError
+from .bitmaps import Bitmaps, checksum_name, epoch_name, round_name
 from .checkpoint import resume
 from .errors import PrimaryGone, QmpCommandError, QmpTimeout, SecondaryFailed, SecondaryStalled
 from .mirrors import BACKUP_PREFIX, Mirrors, cancel_mirrors, job_progress, start_mirrors, yank
 from .options import DriveSpec
 from .qmp import Qmp
+from .ranges import RangeWriter
 
 #: Below this many dirty bytes the last round runs with the VM paused.
 FINAL_BYTES = 4 << 20
@@ -47,6 +83,13 @@ ROUND_POLL = 0.25
 FINAL_TRIES = 3
 #: A sync=none mirror is ready at once; bound the wait anyway.
 MIRROR_READY_TIMEOUT = 30.0
+#: The checksum walk asks for this much per request, in blocks of BLOCK.
+WALK_CHUNK = 4 << 20
+BLOCK = checksum.DEFAULT_BLOCK
+
+
+class ChecksumUnsupported(SecondaryFailed):
+    """The secondary cannot hash its blocks (an older server): sync it in full."""
 
 
 @dataclass
@@ -61,12 +104,17 @@ class Resync:
     paused: float = 0.0  # seconds the VM was paused for the final round
     rounds: int = 0
     from_epoch: int = 0  # the secondary's committed epoch when it started
+    mode: str = ""  # "bitmap" | "checksum" | "full" (default: from ``full``)
+    hashed: int = 0  # checksum: bytes compared by hash
+    differing: int = 0  # checksum: bytes the walk found different (and copied)
 
     def as_dict(self) -> dict:
         return {"full": self.full, "reason": self.reason, "bytes": self.bytes,
                 "from_epoch": self.from_epoch,
                 "dirty_bytes": self.dirty, "seconds": round(self.seconds, 3),
-                "pause_ms": round(self.paused * 1000, 3), "rounds": self.rounds}
+                "pause_ms": round(self.paused * 1000, 3), "rounds": self.rounds,
+                "mode": self.mode or ("full" if self.full else "bitmap"),
+                "hashed_bytes": self.hashed, "differing_bytes": self.differing}
 
 
 def backup_job(d: DriveSpec) -> str:
@@ -122,13 +170,14 @@ def _backup_actions(bitmaps: Bitmaps, drives: list[DriveSpec], source: str) -> l
 
 def incremental(qmp: Qmp, drives: list[DriveSpec], bitmaps: Bitmaps, committed: int,
                 progress=None, stop=lambda: False, stall_timeout: float | None = None,
-                watchdog=None) -> tuple[Resync, Mirrors]:
-    """Copy what changed since ``committed`` into the (attached) NBD nodes, then
-    start the write-blocking mirrors; returns what it did and the mirrors.  The
-    epoch bitmap is left as it is: if this resync fails, the next one needs it."""
+                watchdog=None, source: str | None = None) -> tuple[Resync, Mirrors]:
+    """Copy what changed since ``committed`` (or what bitmap ``source`` marks) into
+    the (attached) NBD nodes, then start the write-blocking mirrors; returns what
+    it did and the mirrors.  The epoch bitmap is left as it is: if this resync
+    fails, the next one needs it."""
     group = bitmaps.group
-    epoch_bitmap = source = epoch_name(group, committed)
-    r = Resync(full=False, reason="", dirty=bitmaps.dirty_bytes(source))
+    epoch_bitmap = source = source or epoch_name(group, committed)
+    r = Resync(full=False, reason="", dirty=bitmaps.dirty_bytes(source), mode="bitmap")
     t0 = time.monotonic()
     ids = {backup_job(d) for d in drives}
     k = 0
@@ -205,3 +254,74 @@ def _final_round(qmp: Qmp, drives, bitmaps: Bitmaps, source: str, k: int, ids,
             resume(qmp, stall_timeout, drives)
             if watchdog:
                 watchdog.resumed()
+
+
+def checksum_sync(qmp: Qmp, ctl, writer: RangeWriter, drives: list[DriveSpec],
+                  sizes: dict[str, int], bitmaps: Bitmaps, committed: int, progress=None,
+                  stop=lambda: False, stall_timeout: float | None = None,
+                  watchdog=None) -> tuple[Resync, Mirrors] | None:
+    """The checksum sync (module docstring): bitmap R, the walk, the copy of what
+    differs, then the incremental rounds from R and the write-blocking mirrors.
+
+    ``drives`` name the secondary's disks (``export``), ``writer`` writes its writer
+    exports.  Returns None if ``stop()`` became true during the walk."""
+    t0 = time.monotonic()
+    r_bitmap = checksum_name(bitmaps.group)
+    qmp.cmd("transaction", actions=bitmaps.add_actions(r_bitmap))
+    hashed = differing = 0
+    total = sum(sizes[d.drive] for d in drives)
+    done = 0
+    for d in drives:
+        for off in range(0, sizes[d.drive], WALK_CHUNK):
+            if stop():
+                bitmaps.remove_named(r_bitmap)
+                return None
+            n = min(WALK_CHUNK, sizes[d.drive] - off)
+            for start, length in _differing(ctl, writer, d, off, n):
+                writer.write(d.drive, start, writer.read(d.drive, start, length))
+                differing += length
+            hashed += n
+            done += n
+            if progress:
+                progress(done, total)
+    copied = writer.written
+    r, mirrors = incremental(qmp, drives, bitmaps, committed, None, stop, stall_timeout,
+                             watchdog, source=r_bitmap)
+    r.mode = "checksum"
+    r.hashed = hashed
+    r.differing = differing
+    r.bytes += copied
+    r.seconds = time.monotonic() - t0
+    return r, mirrors
+
+
+def _differing(ctl, writer: RangeWriter, d: DriveSpec, offset: int, length: int):
+    """(offset, length) of the blocks of [offset, offset+length) whose contents differ
+    between the primary's image and the secondary's disk, adjacent ones merged."""
+    try:
+        theirs = ctl.execute("checksum-range", disk=d.export, offset=offset, length=length,
+                             block=BLOCK)["blocks"]
+    except ControlError as e:
+        if e.error_class == "CommandNotFound":
+            raise ChecksumUnsupported("the secondary's nbd-mc has no checksum-range (an older "
+                                      "version)") from None
+        raise SecondaryFailed(f"the secondary refused checksum-range: {e}") from None
+    except (OSError, NbdMcError) as e:
+        raise SecondaryFailed(f"lost the control connection to the secondary during the "
+                              f"checksum sync: {e}") from None
+    ours, _ = checksum.digests(writer.fd(d.drive), offset, length, BLOCK,
+                               lambda view, pos: writer.read_into(d.drive, view, pos))
+    out: list[list[int]] = []
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        start = offset + i * BLOCK
+        n = min(BLOCK, offset + length - start)
+        if checksum.same(a, b, n):
+            continue
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1][1] += n
+        else:
+            out.append([start, n])
+    if len(ours) != len(theirs):
+        raise SecondaryFailed(f"checksum-range of {d.export} at {offset} answered "
+                              f"{len(theirs)} blocks, not {len(ours)}")
+    return [(a, n) for a, n in out]

@@ -12,10 +12,15 @@ import random
 import sys
 import time
 
+import shutil
+import subprocess
+
 import pytest
 
 from nbd_mc import primary, verify
 from nbd_mc.control import ControlClient, ControlError
+from nbd_mc.primary.ranges import RangeWriter
+from nbd_mc.primary.repair import Repairs
 from support.reliability import record
 from support.servers import describe, make_image, nbd_mc
 
@@ -96,7 +101,7 @@ class Walk:
     """protect's steps driven by the test (so the guest writes only between
     checkpoints: HMP qemu-io, unlike a guest, also writes while the VM is stopped)."""
 
-    def __init__(self, vm, server, slice_size=MiB):
+    def __init__(self, vm, server, slice_size=MiB, repair=False):
         self.vm = vm
         self.ctl = ControlClient(server.control_path, timeout=60)
         drives = [primary.DriveSpec(d, EXPORTS[d]) for d in SIZES]
@@ -112,6 +117,13 @@ class Walk:
         primary.start_mirrors(self.qmp, drives)
         assert self.mirrors.wait_ready()
         self.hook = self.v.hook()
+        self.repairs = self.writer = None
+        self.before_commit = None  # a callable(epoch) run last in the checkpoint's pause
+        if repair:  # protect's wiring: verify finds, the next checkpoint copies
+            self.writer = RangeWriter(primary.parse_nbd_uri(server.uri()), drives,
+                                      {t.drive: t.path for t in self.v.targets})
+            self.repairs = Repairs(self.v.stats, self.said.append)
+            self.v.repair = self.repairs.queue
 
     def guest(self, rng) -> None:
         for _ in range(rng.randrange(0, 4)):
@@ -121,8 +133,16 @@ class Walk:
             self.vm.qemu_io(drive, f"write -P {rng.randrange(256)} {off} {length}")
 
     def checkpoint(self) -> None:
-        cp = primary.checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, self.hook)
+        def hook(epoch):
+            self.hook(epoch)
+            if self.repairs:
+                self.repairs.at_checkpoint(self.writer, epoch)
+            if self.before_commit:
+                self.before_commit(epoch)
+        cp = primary.checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, hook)
         assert cp.committed, cp
+        if self.repairs:
+            self.repairs.after_commit(self.ctl, self.epoch)
         self.v.after_commit(self.ctl, self.epoch)
         self.epoch += 1
 
@@ -135,6 +155,8 @@ class Walk:
             self.checkpoint()
 
     def close(self) -> None:
+        if self.writer:
+            self.writer.close()
         primary.detach(self.qmp, self.mirrors)
         self.qmp.close()
         self.ctl.close()
@@ -196,6 +218,57 @@ def test_walk_finds_exactly_the_corrupted_sectors(servers, qemu_vms):
           file=sys.stderr)
 
 
+@pytest.mark.qemu
+def test_corrupted_sector_is_repaired(servers, qemu_vms):
+    """A sector corrupted behind the server's back is reported as exactly that range,
+    copied from the primary at the next checkpoint (targeted repair), found equal
+    again at that epoch; a later pass with guest writes finds nothing, and the
+    secondary fails over to exactly the primary's disk at the last checkpoint."""
+    vm, server = make_pair(servers, qemu_vms, "repair")
+    rng = random.Random("repair")
+    w = Walk(vm, server, repair=True)
+    bad = 2 * MiB + 7 * 512
+    try:
+        w.passes(1, rng)
+        assert w.v.stats.mismatches == [] and w.v.stats.repaired == []
+        corrupt_sector(server.image("vdb"), bad)
+        w.passes(1)  # no guest writes: one could overwrite the sector and hide it
+        assert [m.as_dict() for m in w.v.stats.mismatches] == [
+            {"disk": "vdb", "offset": bad, "length": 512, "epoch": w.v.stats.mismatches[0].epoch}]
+        found = w.v.stats.mismatches[0].epoch
+        while w.repairs.busy:  # (the slice of vdb is not the last one: already done)
+            w.checkpoint()
+        assert [m.as_dict() for m in w.v.stats.repaired] == [
+            {"disk": "vdb", "offset": bad, "length": 512, "epoch": found + 1}]
+        assert any(f"REPAIRED vdb offset {bad} length 512 (found at epoch {found}, committed "
+                   f"at epoch {found + 1})" in line for line in w.said), w.said
+        w.passes(1, rng)  # guest writes go on; the whole pass finds nothing
+        assert len(w.v.stats.mismatches) == 1, w.v.stats.mismatches
+        stats = w.v.stats.as_dict(w.v.slice_size)
+        assert stats["repaired"] == {"ranges": [{"disk": "vdb", "offset": bad, "length": 512,
+                                                 "epoch": found + 1}], "bytes": 512}
+        # the last checkpoint: keep the primary's disks as they are at that epoch
+        evidence = servers.path("evidence")
+        os.makedirs(evidence)
+        w.before_commit = lambda epoch: [shutil.copyfile(vm.images[d],
+                                                         os.path.join(evidence, EXPORTS[d]))
+                                         for d in SIZES]
+        w.checkpoint()
+        last = w.epoch - 1
+    finally:
+        w.close()
+    w.guest(random.Random(0))  # after the last commit: the failover must not show it
+    w.vm.qemu_io("drive1", f"write -P 99 {bad - 4096} 65536")
+    r = server.cli("failover", "--json")
+    assert r.returncode == 0, describe(r)
+    assert json.loads(r.stdout)["committed"] == last
+    for disk in ("vda", "vdb"):
+        c = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
+                            server.image(disk), os.path.join(evidence, disk)],
+                           capture_output=True, text=True)
+        assert c.returncode == 0, (disk, c.stdout, c.stderr)
+
+
 # --- the command line: nbd-mc verify, nbd-mc protect --verify ------------------------------------
 @pytest.mark.qemu
 def test_nbd_mc_verify_cli(servers, qemu_vms):
@@ -219,6 +292,18 @@ def test_nbd_mc_verify_cli(servers, qemu_vms):
     assert r.returncode == 1, describe(r)
     assert f"MISMATCH vda offset {bad} length 512" in r.stdout, describe(r)
     assert "1 range(s) differ" in r.stderr, describe(r)
+    # --repair: the same range reported, copied at the next checkpoint, checked again
+    r = nbd_mc("verify", *args, "--repair", "--json")
+    assert r.returncode == 0, describe(r)
+    rep = json.loads(r.stdout)["verify"]
+    assert [(m["disk"], m["offset"], m["length"]) for m in rep["mismatches"]] == \
+        [("vda", bad, 512)], rep
+    assert [(m["disk"], m["offset"], m["length"]) for m in rep["repaired"]["ranges"]] == \
+        [("vda", bad, 512)] and rep["repaired"]["bytes"] == 512, rep
+    assert rep["repair_pending"] == [], rep
+    r = nbd_mc("verify", *args, "--json")  # a pass after it finds nothing
+    assert r.returncode == 0, describe(r)
+    assert json.loads(r.stdout)["verify"]["mismatches"] == []
     # protect --verify keeps protecting and verifying; --epochs ends it
     r = nbd_mc("protect", *args, "--verify", "--epochs", "3", "--json")
     assert r.returncode == 0, describe(r)

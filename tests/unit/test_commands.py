@@ -11,7 +11,7 @@ from nbd_mc.engine import Group
 from nbd_mc.errors import BadRequest, CommandNotFound
 
 EXPECTED = {"query-status", "commit", "rollback", "fence", "failover", "new-session", "quit",
-            "claim", "verify-range"}
+            "claim", "verify-range", "checksum-range"}
 
 
 @pytest.fixture

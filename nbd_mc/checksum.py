@@ -1,0 +1,126 @@
+"""Checksum sync: which blocks of a disk differ between the primary and a replica.
+
+When no dirty bitmap can say what changed (the secondary is new to this QEMU,
+or the bitmaps died with a restarted QEMU) but the replica's image may hold a
+near copy of the disk -- the returning old primary after a failover is the case
+that matters -- protect compares contents instead of copying everything, like
+DRBD's ``csums-alg``: both sides hash the same blocks, only differing blocks
+cross the network.  The primary's walk is in primary/resync.py; this module is
+what both sides share and the secondary's half, the control command
+``checksum-range``:
+
+    checksum-range {disk, offset, length, block}
+        -> {blocks: [hex digest or null per block], data_bytes, ...}
+
+It hashes the *live* image (what the writer sees, not the committed view: the
+checksum sync writes the live image).  A block that is a hole in the image is
+``null`` and costs no read; the primary treats null as a block of zeros.
+
+Digests are BLAKE2b-128 (hashlib): unlike verify's per-sector hashes, which only
+localise a difference a whole-slice hash already proved, a collision here would
+leave a differing block uncopied, so they are long enough that accidents do not
+happen (2^-64 for a pair with 128 bits, birthday bound included).
+
+Standard library only: the secondary's half runs inside nbdkit's Python.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+
+from .errors import BadRequest, NotProtected
+from .fileio import data_extents
+
+DIGEST_SIZE = 16
+#: One request hashes this much at most (the secondary reads it block by block).
+MAX_LENGTH = 64 << 20
+MIN_BLOCK = 4096
+DEFAULT_BLOCK = 64 << 10
+
+
+def block_digest(data) -> str:
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def zero_digest(length: int) -> str:
+    """The digest of ``length`` zero bytes: what a hole hashes to."""
+    return block_digest(bytes(length))
+
+
+def hole_blocks(fd: int, offset: int, length: int, block: int) -> set[int]:
+    """Indexes of the blocks of [offset, offset+length) that lie entirely in holes."""
+    holes = set()
+    for start, n, data in data_extents(fd, offset, offset + length):
+        if data:
+            continue
+        first = -(-(start - offset) // block)          # first block starting in the hole
+        last = (start + n - offset) // block           # blocks ending inside it
+        if start + n == offset + length:
+            last = -(-length // block)                  # the short last block too
+        holes.update(range(first, last))
+    return holes
+
+
+def digests(fd: int, offset: int, length: int, block: int, read) -> tuple[list, int]:
+    """Per-block digests of [offset, offset+length) of the file ``fd`` (None for a
+    block that is a hole) and the bytes read.  ``read(view, offset)`` fills a view."""
+    holes = hole_blocks(fd, offset, length, block)
+    out: list = []
+    buf = bytearray(block)
+    read_bytes = 0
+    for i, pos in enumerate(range(offset, offset + length, block)):
+        if i in holes:
+            out.append(None)
+            continue
+        view = memoryview(buf)[:min(block, offset + length - pos)]
+        read(view, pos)
+        read_bytes += len(view)
+        out.append(block_digest(view))
+    return out, read_bytes
+
+
+def same(ours, theirs, length: int) -> bool:
+    """Do two block digests (None: a hole) describe the same ``length`` bytes?"""
+    return (ours or zero_digest(length)) == (theirs or zero_digest(length))
+
+
+# --- the secondary: control command checksum-range ------------------------------------------
+def _int_arg(arguments: dict, name: str, minimum: int = 0) -> int:
+    v = arguments.get(name)
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise BadRequest(f"checksum-range: '{name}' must be an integer >= {minimum}")
+    return v
+
+
+def checksum_range(group, arguments: dict) -> dict:
+    """Digest each ``block`` of [offset, offset+length) of ``disk``'s live image."""
+    name = arguments.get("disk")
+    if not isinstance(name, str) or name not in group.by_name:
+        raise BadRequest(f"checksum-range: 'disk' must be one of "
+                         f"{', '.join(d.name for d in group.disks)}")
+    disk = group.by_name[name]
+    offset = _int_arg(arguments, "offset")
+    length = _int_arg(arguments, "length", 1)
+    block = arguments.get("block")
+    block = DEFAULT_BLOCK if block is None else _int_arg(arguments, "block", MIN_BLOCK)
+    if block & (block - 1) or block > MAX_LENGTH:
+        raise BadRequest(f"checksum-range: 'block' must be a power of two from {MIN_BLOCK} "
+                         f"to {MAX_LENGTH}")
+    if length > MAX_LENGTH:
+        raise BadRequest(f"checksum-range: 'length' is at most {MAX_LENGTH} bytes")
+    if offset + length > disk.size:
+        raise BadRequest(f"checksum-range: {offset}+{length} is beyond the end of {name} "
+                         f"({disk.size} bytes)")
+    if group.state.role != "secondary" or group.state.handoff:
+        raise NotProtected("checksum-range refused: promoted by a failover, this is no "
+                           "replica any more")
+    t0 = time.perf_counter()
+    with group.io():
+        blocks, read_bytes = digests(disk.fd, offset, min(length, disk.size - offset), block,
+                                     lambda view, pos: group.read(disk, view, pos))
+    return {"disk": name, "offset": offset, "length": length, "block": block,
+            "blocks": blocks, "data_bytes": read_bytes,
+            "seconds": time.perf_counter() - t0}

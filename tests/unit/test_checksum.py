@@ -1,0 +1,71 @@
+"""The pieces of the checksum sync and the targeted repair that need no server:
+block digests over a sparse file, the hole map, the repair queue's budget and
+which verify mismatches count as repaired."""
+
+from __future__ import annotations
+
+import os
+
+from nbd_mc import checksum, verify
+from nbd_mc.cli.protect import _unrepaired
+from nbd_mc.primary.repair import Repairs
+
+K = 1 << 10
+
+
+def test_digests_of_a_sparse_file_skip_holes(tmp_path):
+    path = tmp_path / "img"
+    size = 1 << 20
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(200 * K)
+        f.write(b"x" * (10 * K))       # data inside block 3 (192..256 KiB)
+        f.seek(size - 4 * K)
+        f.write(b"y" * (4 * K))        # the last block
+    data = path.read_bytes()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        reads = []
+
+        def read(view, pos):
+            reads.append((pos, len(view)))
+            view[:] = data[pos:pos + len(view)]
+        # a range that starts and ends off block boundaries: the last block is short
+        blocks, read_bytes = checksum.digests(fd, 10 * K, size - 10 * K - 3 * K, 64 * K, read)
+    finally:
+        os.close(fd)
+    want = [checksum.block_digest(data[p:min(p + 64 * K, size - 3 * K)])
+            for p in range(10 * K, size - 3 * K, 64 * K)]
+    assert len(blocks) == len(want)
+    for i, (a, b) in enumerate(zip(blocks, want)):
+        n = min(64 * K, size - 3 * K - (10 * K + i * 64 * K))
+        assert checksum.same(a, b, n), i
+    # only the blocks touching data were read; holes came back as None
+    assert read_bytes == sum(n for _, n in reads) < size // 2
+    assert blocks.count(None) >= len(blocks) - 4
+    assert checksum.same(None, checksum.zero_digest(64 * K), 64 * K)
+    assert not checksum.same(None, checksum.block_digest(b"x" * 64 * K), 64 * K)
+
+
+def target(drive="d0", disk="vda"):
+    return verify.Target(drive, disk, "/nonexistent", 64 << 20)
+
+
+def test_repair_queue_splits_by_budget_and_ignores_repeats():
+    r = Repairs(verify.Stats(), budget=1 << 20)
+    r.queue(target(), verify.Mismatch("vda", 0, (2 << 20) + 512, 5))
+    assert [(p.offset, p.length) for p in r.pending] == [(0, 1 << 20), (1 << 20, 1 << 20),
+                                                          (2 << 20, 512)]
+    r.queue(target(), verify.Mismatch("vda", 1 << 20, 4096, 6))  # inside a queued piece
+    r.queue(target("d1", "vdb"), verify.Mismatch("vdb", 1 << 20, 4096, 6))  # another disk
+    assert len(r.pending) == 4 and r.busy
+
+
+def test_unrepaired_counts_only_ranges_no_repair_covered():
+    v = {"mismatches": [{"disk": "vda", "offset": 0, "length": 8192, "epoch": 3},
+                        {"disk": "vdb", "offset": 512, "length": 512, "epoch": 4}],
+         "repaired": {"ranges": [{"disk": "vda", "offset": 4096, "length": 4096, "epoch": 5},
+                                 {"disk": "vda", "offset": 0, "length": 4096, "epoch": 5}],
+                      "bytes": 8192}}
+    assert _unrepaired(v) == [v["mismatches"][1]]
+    assert _unrepaired({"mismatches": v["mismatches"]}) == v["mismatches"]
