@@ -272,8 +272,10 @@ def report_resync(cfg: Config, peer: str, seen: dict | None) -> dict | None:
         return seen
     what = {"full": "a full sync", "bitmap": "an incremental resync from a dirty bitmap",
             "checksum": "a checksum resync (only the blocks whose contents differed)"}
+    n = r["bytes"]
+    size = f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n // 1024} KiB"
     ocf.log("info", f"{peer}'s replica is in step after {what.get(r['mode'], r['mode'])}: "
-                    f"{r['bytes'] / 2**20:.1f} MiB copied in {r.get('seconds', 0):.1f} s")
+                    f"{size} copied in {r.get('seconds', 0):.1f} s")
     record = {"peer": peer, "time": time.time(), **r}
     tmp = cfg.resync_file + ".tmp"
     with open(tmp, "w") as f:

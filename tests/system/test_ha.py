@@ -144,6 +144,9 @@ def test_pacemaker_fails_the_vm_over_and_back(tmp, capsys):
         story.stop()
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+    report = os.environ.get("NBD_MC_HA_REPORT")
+    if report:  # the figures first: a failing assertion below still leaves them
+        Path(report).write_text(json.dumps(figures, indent=2))
     for kind in ("qemu_kill", "node_kill"):
         f = figures[kind]
         assert f["fsck"] == 0 and f["records_checked"] >= f["committed_seq"] > 0
@@ -152,14 +155,14 @@ def test_pacemaker_fails_the_vm_over_and_back(tmp, capsys):
     for node in ("node1", "node2"):
         f = figures["failback"][node]
         assert f["mode"] == "checksum", f
-        assert 0 < f["bytes"] < f["disk_bytes"] // 4, f
+        # (it may copy nothing: a walk done before the new VM wrote, after a rollback
+        # of nothing, finds both images equal)
+        assert f["bytes"] < f["disk_bytes"] // 4, f
     # Cold start with both groups primary: the newer live disk won, every record there.
     f = figures["cold_start_failover"]
     assert f["fsck"] == 0 and f["records_checked"] >= f["committed_seq"] > 0
-    assert figures["cold_start"]["node1"]["mode"] == "checksum"
-    report = os.environ.get("NBD_MC_HA_REPORT")
-    if report:
-        Path(report).write_text(json.dumps(figures, indent=2))
+    f = figures["cold_start"]["node1"]
+    assert f["mode"] == "checksum" and f["bytes"] < f["disk_bytes"] // 4, f
 
 
 def test_promotion_fails_over_records_the_rollback_and_monitor_sees_8_then_9(tmp):
