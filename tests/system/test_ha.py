@@ -175,6 +175,8 @@ def test_promotion_fails_over_records_the_rollback_and_monitor_sees_8_then_9(tmp
         assert "failover: the disks hold committed epoch 2" in promote.stderr
         summary = json.loads((tmp / "st.rolled-back" / "summary.json").read_text())
         assert summary["committed"] == 2 and summary["disks"][0]["name"] == "vda"
+        # a promotion by failover starts a live-disk generation (no cluster: 0 + 1)
+        assert (tmp / "st.generation").read_text().strip() == "1"
         assert agent("replica", "monitor", dict(params)).returncode == 8  # running promoted
         # Something serves the live disks behind Pacemaker's back: failed promoted.
         nbd_mc("serve", "--state-dir", st)
@@ -220,3 +222,32 @@ def test_ocf_tester_passes_on_the_protect_agent(tmp):
                         str(OCF_DIR / "protect")],
                        capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_a_split_brain_record_keeps_the_live_disks_untouched(tmp):
+    """A node that recorded a split brain (it saw another node promoted while it held
+    the live disks) neither serves, scores nor promotes its images until the record
+    is removed (the cluster-side rules are in the story, step 6)."""
+    disks, st = committed_replica(tmp)
+    nbd_mc("serve", "--state-dir", st)
+    nbd_mc("failover", "--state-dir", st)
+    nbd_mc("stop", "--state-dir", st)  # role primary: this node's images are live disks
+    (tmp / "st.split-brain").write_text(json.dumps({"peer": "node2", "seen_in": "a test"}))
+    params = {"disks": disks, "state_dir": st, "_rsctmp": str(tmp / "run")}
+    try:
+        start = agent("replica", "start", dict(params))
+        assert start.returncode == 0, start.stderr
+        assert "no promotion score: SPLIT BRAIN with node2 (a test)" in start.stderr
+        promote = agent("replica", "promote", dict(params))
+        assert promote.returncode == 1
+        assert "refusing to promote: split brain with node2 recorded" in promote.stderr
+        info = json.loads(nbd_mc("inspect", st, "--json").stdout)
+        assert info["role"] == "primary" and not info["server_running"]
+        assert not (tmp / "st.diverged").exists()
+        # The record removed, no other node promoted: the newest live disks again.
+        (tmp / "st.split-brain").unlink()
+        mon = agent("replica", "monitor", dict(params))
+        assert mon.returncode == 0
+        assert "promotion score 1000: this node holds the live disks" in mon.stderr
+    finally:
+        assert agent("replica", "stop", dict(params)).returncode == 0
