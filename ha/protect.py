@@ -44,12 +44,20 @@ from ocf import Param  # noqa: E402
 
 PARAMS = [
     Param("qmp", "QMP socket of the VM",
-          "The VM's QMP unix socket (as ocf:nbd-mc:qemu qmp).  Leave it empty for a libvirt "
-          "domain (ocf:heartbeat:VirtualDomain) and give options=\"--libvirt DOMAIN\" "
-          "(needs an nbd-mc protect with --libvirt).", default="", unique=True),
+          "The VM's QMP unix socket (as ocf:nbd-mc:qemu qmp).  Empty with domain.",
+          default="", unique=True),
+    Param("domain", "libvirt domain of the VM",
+          "The VM as a libvirt domain (ocf:heartbeat:VirtualDomain): protect talks to it "
+          "through libvirt (`nbd-mc protect --libvirt DOMAIN`), which owns its QMP "
+          "monitor.  Give qmp or domain, not both.", default="", unique=True),
+    Param("connect", "libvirt URI",
+          "With domain: the libvirt connection (`nbd-mc protect --connect`), e.g. "
+          "qemu:///system (VirtualDomain's hypervisor).  Empty: protect's default.",
+          default=""),
     Param("drives", "ID[=EXPORT] ...",
           "The VM's drives to protect, space-separated ID[=EXPORT] words (`nbd-mc protect "
-          "--drive`): every disk of the replica's group.", required=True),
+          "--drive`): every disk of the replica's group; with domain, IDs are the disks' "
+          "targets (vda ...).", required=True),
     Param("addresses", "NODE=ADDRESS ...",
           "The pair's nodes and the address each one's replica serves on, e.g. "
           "\"node1=10.0.0.1 node2=10.0.0.2\"; the supervisor protects into the node that "
@@ -81,6 +89,7 @@ class Config:
         p = ocf.params(PARAMS)
         self.p = p
         self.qmp = p["qmp"]
+        self.domain = p["domain"]
         self.drives = shlex.split(p["drives"])
         self.peers = dict(w.split("=", 1) for w in shlex.split(p["addresses"]) if "=" in w)
         self.tls = p["tls_certificates"]
@@ -97,10 +106,11 @@ class Config:
         self.own_metrics = not given
 
     def validate(self) -> None:
-        self.libvirt = "--libvirt" in shlex.split(self.p["options"])
+        self.libvirt = bool(self.domain) or "--libvirt" in shlex.split(self.p["options"])
         if not self.drives or not (self.qmp or self.libvirt):
-            raise ocf.AgentError(ocf.ERR_CONFIGURED, "drives and qmp (or options=--libvirt "
-                                                     "DOMAIN) are required")
+            raise ocf.AgentError(ocf.ERR_CONFIGURED, "drives and qmp (or domain) are required")
+        if self.qmp and self.libvirt:
+            raise ocf.AgentError(ocf.ERR_CONFIGURED, "give qmp or domain, not both")
         if len(self.peers) < 2:
             raise ocf.AgentError(ocf.ERR_CONFIGURED, "addresses needs NODE=ADDRESS for both nodes")
         for k in ("nbd_port", "control_port"):
@@ -110,6 +120,15 @@ class Config:
             raise ocf.AgentError(ocf.ERR_INSTALLED, f"no client-cert.pem in {self.tls!r}")
         if not os.access(ocf.nbd_mc_binary(), os.X_OK):
             raise ocf.AgentError(ocf.ERR_INSTALLED, f"{ocf.nbd_mc_binary()} not found")
+
+    def vm_args(self) -> list[str]:
+        """How protect reaches the VM: its QMP socket or its libvirt domain."""
+        if self.qmp:
+            return ["--qmp", self.qmp]
+        if self.domain:
+            return ["--libvirt", self.domain, *(["--connect", self.p["connect"]]
+                                                if self.p["connect"] else [])]
+        return []  # options has --libvirt DOMAIN
 
     def peer(self) -> tuple[str, str] | None:
         me = local_node()
@@ -189,7 +208,7 @@ def supervise() -> int:
             stopping.wait(retry)
             continue
         last_wait = None
-        cmd = [ocf.nbd_mc_binary(), "protect", *(["--qmp", cfg.qmp] if cfg.qmp else []),
+        cmd = [ocf.nbd_mc_binary(), "protect", *cfg.vm_args(),
                *[a for d in cfg.drives for a in ("--drive", d)],
                "--target", f"nbds://{addr}:{cfg.p['nbd_port']}/", "--control", control,
                "--tls-certificates", cfg.tls, "--interval", cfg.p["interval"] or "100ms",

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,85 @@ def test_a_split_brain_record_keeps_the_live_disks_untouched(tmp):
         assert "promotion score 1000: this node holds the live disks" in mon.stderr
     finally:
         assert agent("replica", "stop", dict(params)).returncode == 0
+
+
+def _free_port(host: str) -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def test_the_protect_agent_protects_a_libvirt_domain(tmp, domains):
+    """ocf:nbd-mc:protect with domain= (the VM of ocf:heartbeat:VirtualDomain): the
+    supervisor runs `nbd-mc protect --libvirt`, syncs the domain's disk into the
+    peer's replica over TLS and commits; stop detaches and the domain runs on; the
+    replica is the disk (qemu-img compare)."""
+    from support.libvirt import domain_xml
+    img, rep = tmp / "vda.raw", tmp / "replica-vda.raw"
+    with open(img, "wb") as f:
+        f.truncate(8 << 20)
+        for off in (0, 3 << 20, (8 << 20) - 65536):
+            f.seek(off)
+            f.write(os.urandom(65536))
+    with open(rep, "wb") as f:
+        f.truncate(8 << 20)
+    tls = tmp / "tls"
+    subprocess.run([str(REPO / "tools" / "make-certs.sh"), str(tls), "127.0.0.2"], check=True,
+                   capture_output=True)
+    peer = "127.0.0.2"
+    nbd_port, control_port = _free_port(peer), _free_port(peer)
+    control = f"tcp://{peer}:{control_port}"
+    st = tmp / "st"
+    nbd_mc("serve", f"vda={rep}", "--state-dir", str(st), "--port", str(nbd_port), "--bind",
+           peer, "--tls", "require", "--tls-certificates", str(tls), "--control", control)
+    name = f"nbdmc-ha-{os.getpid()}"
+    domains.create(domain_xml(name, {"vda": str(img)}))
+    me = os.uname().nodename  # no cluster: the agent falls back to the host name
+    params = {"domain": name, "connect": "qemu:///system", "drives": "vda",
+              "addresses": f"{me}=127.0.0.1 peer={peer}", "nbd_port": str(nbd_port),
+              "control_port": str(control_port), "tls_certificates": str(tls),
+              "interval": "100ms", "retry": "0.5", "_rsctmp": str(tmp / "run")}
+    record = tmp / "run" / "nbd-mc-protect-t-protect.resync.json"
+
+    def status():
+        return json.loads(nbd_mc("status", "--control", control, "--tls-certificates",
+                                 str(tls), "--json").stdout)
+    try:
+        _protect_domain_into_replica(name, params, record, status, tmp)
+    finally:
+        nbd_mc("stop", "--control", control, "--tls-certificates", str(tls), check=False)
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(img), str(rep)],
+                         capture_output=True, text=True)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+
+
+def _protect_domain_into_replica(name, params, record, status, tmp):
+    from nbd_mc.primary.libvirt import LibvirtQmp
+    try:
+        assert agent("protect", "validate-all", dict(params)).returncode == 0
+        both = agent("protect", "validate-all", dict(params, qmp=str(tmp / "vm.qmp")))
+        assert both.returncode == 6 and "give qmp or domain, not both" in both.stderr
+        start = agent("protect", "start", dict(params))
+        assert start.returncode == 0, start.stderr
+        deadline = time.monotonic() + 120
+        while not (record.exists() and status()["committed"] >= 2):
+            assert time.monotonic() < deadline, (tmp / "run").joinpath(
+                "nbd-mc-protect-t-protect.log").read_text()[-3000:]
+            time.sleep(0.2)
+        r = json.loads(record.read_text())
+        assert r["peer"] == "peer" and r["mode"] == "full" and r["bytes"] == 8 << 20, r
+        log = (tmp / "run" / "nbd-mc-protect-t-protect.log").read_text()
+        assert f"--libvirt {name} --connect qemu:///system" in log
+        assert agent("protect", "monitor", dict(params)).returncode == 0
+    finally:
+        stop = agent("protect", "stop", dict(params))
+    assert stop.returncode == 0, stop.stderr
+    assert agent("protect", "monitor", dict(params)).returncode == 7
+    s = LibvirtQmp(name, exclusive=False)
+    try:  # detached: the domain runs on, no job of ours is left
+        assert s.cmd("query-status")["running"]
+        assert s.cmd("query-block-jobs") == []
+    finally:
+        s.close()
+    assert status()["committed"] >= 2
