@@ -40,8 +40,9 @@ or ``promoted`` while the instance is started (absent: stopped).  The group's
 own state (committed epoch, role, fenced) lives in the state directory and is
 read only through ``nbd-mc status/inspect --json``; beside it the agent keeps
 ``STATE_DIR.rolled-back/`` (what the last promotion rolled back),
-``STATE_DIR.diverged/`` (the group state of the last live disk given up) and
-``STATE_DIR.split-brain`` (see above).
+``STATE_DIR.diverged/`` (the group state of the last live disk given up),
+``STATE_DIR.generation`` (the live-disk generation, see ``newer_elsewhere``)
+and ``STATE_DIR.split-brain`` (see above).
 """
 
 from __future__ import annotations
@@ -613,6 +614,12 @@ def action_promote() -> int:
         t0 = time.monotonic()
         if serving is not None:
             record_rollback(cfg, serving)
+        # The new live-disk generation is on disk before the images become live disks:
+        # a crash in between leaves a replica with a generation (harmless: only role
+        # primary groups are compared), never live disks with an old one.
+        gens = generations()
+        gen = max([cfg.generation(), *gens.values()]) + 1
+        cfg.set_generation(gen)
         args = ["failover", "--state-dir", cfg.state_dir]
         if serving is not None:
             args += cfg.client_args()
@@ -624,9 +631,6 @@ def action_promote() -> int:
                         f"{data.get('seconds', 0) * 1000:.1f} ms)")
         if serving is not None or _server_pid(cfg.state_dir) is not None:
             cfg.stop_server()  # nobody but the local VM may write the live disks
-        gens = generations()
-        gen = max([cfg.generation(), *gens.values()]) + 1
-        cfg.set_generation(gen)
         publish_generation(gen, gens)
         ocf.log("info", f"live-disk generation {gen}")
         ocf.log("info", f"promoted in {time.monotonic() - t0:.2f} s: the images are the live "
