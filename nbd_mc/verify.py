@@ -178,7 +178,7 @@ def local_raw_images(qmp, drives) -> dict[str, str]:
         ins = found.get(d.drive) or found.get(d.source) or {}
         path = ins.get("file") or ""
         if ins.get("drv") != "raw" or not os.path.isfile(path):
-            raise ValueError(f"verify reads the primary's disk directly: drive {d.drive} must "
+            raise ValueError(f"the primary's disk is read directly: drive {d.drive} must "
                              f"be a local raw image file (it is {ins.get('drv')} {path!r})")
         out[d.drive] = path
     return out

@@ -107,6 +107,7 @@ class RangeWriter:
                                    f"{self.timeout:g} s")
         h.poll(max(1, int(left * 1000)))
         if h.aio_is_dead():
+            self._drop_handle(h)
             raise SecondaryFailed(f"lost the NBD connection to the secondary while {what}")
 
     def _drop_handle(self, h) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 
 import pytest
 
@@ -263,3 +264,56 @@ def test_checksum_sync_recopies_writes_during_the_walk(servers, vms):
         writer.close()
         qmp.close()
         ctl.close()
+
+
+def test_resync_option_chooses(servers, vms, procs):
+    """--resync: auto takes the checksum sync for a replica holding data (and the
+    full sync for an empty one, see the failback test), full and checksum force
+    it; a qcow2 drive cannot be hashed from its file: auto falls back to full and
+    says why, checksum is refused up front."""
+    from support.servers import nbd_mc
+    rng = random.Random("resync-option")
+    images, replicas = {}, {}
+    for d in SIZES:
+        images[d] = servers.path(f"{d}.raw")
+        make_image(images[d], SIZES[d], rng, data_fraction=0.5)
+        replicas[EXPORTS[d]] = servers.path(f"{EXPORTS[d]}.raw")
+        make_image(replicas[EXPORTS[d]], SIZES[d], rng, data_fraction=0.2)
+    server = servers.new(replicas)
+    server.start()
+    vm = None
+    cases = (((), "checksum", "the secondary holds no committed epoch yet"),
+             (("--resync", "full"), "full", "no dirty bitmap of group"),
+             (("--resync", "checksum"), "checksum", "no dirty bitmap of group"),
+             ((), "bitmap", None))  # the same QEMU again: its bitmaps cover the commit
+    for i, (option, mode, why) in enumerate(cases):
+        if why is not None:  # a new QEMU has no bitmaps
+            if vm is not None:
+                vm.quit()
+            vm = vms(servers.root, images, name=f"vm{i}")
+        proc = start_protect(procs, vm, server, servers.root, "--interval", "20ms",
+                             "--epochs", "1", "--json", *option)
+        rc, out, err = finished(proc)
+        assert rc == 0, (out, err)
+        sync = json.loads(out)["resyncs"][0]
+        assert sync["mode"] == mode, sync
+        if why:
+            assert sync["reason"].startswith(f"initial sync; {mode}: {why}"), sync
+    qcow2 = servers.path("q.qcow2")
+    r = subprocess.run(["qemu-img", "convert", "-O", "qcow2", images["drive1"], qcow2],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    vm.quit()
+    vm = vms(servers.root, {"drive0": images["drive0"], "drive1": qcow2}, name="qcow2",
+             drive_args={"drive1": f"if=none,id=drive1,file={qcow2},format=qcow2"})
+    proc = start_protect(procs, vm, server, servers.root, "--interval", "20ms", "--epochs", "1",
+                         "--json")
+    rc, out, err = finished(proc)
+    assert rc == 0, (out, err)
+    assert json.loads(out)["resyncs"][0]["mode"] == "full"
+    r = nbd_mc("protect", "--qmp", vm.qmp_path, "--drive", "drive0=vda", "--drive", "drive1=vdb",
+               "--target", server.uri(), "--control", server.control_path, "--resync",
+               "checksum", "--epochs", "1")
+    assert r.returncode == 1 and "--resync checksum: the primary's disk is read directly" in r.stderr, \
+        describe(r)
+    assert "Traceback" not in r.stderr
