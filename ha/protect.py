@@ -237,7 +237,7 @@ def supervise() -> int:
 
 def watch_first_commit(p: subprocess.Popen, cfg: Config) -> None:
     """While protect runs: set nbd-mc-protected=1 once the peer reports a commit, and
-    report every resync protect finishes (``report_resyncs``)."""
+    report every resync protect finishes (``report_resync``)."""
     def run():
         name, addr = cfg.peer()
         control = f"tcp://{addr}:{cfg.p['control_port']}"
