@@ -2,7 +2,8 @@
 #   make setup     also installs the OCF agents ocf:nbd-mc:{replica,protect,qemu}
 #                  (tools/setup-ha.sh: wrappers that run ha/*.py with this venv)
 #   make demo-ha   two Pacemaker nodes on this machine (network + mount namespaces),
-#                  a protected VM, kill -9 of the primary, failover by Pacemaker
+#                  a protected VM, kill -9 of the primary, failover by Pacemaker,
+#                  failback by checksum sync (it prints failover times and resync bytes)
 .PHONY: ha-agents demo-ha
 setup: ha-agents
 ha-agents: $(STAMP)
