@@ -305,7 +305,27 @@ def drop(qmp: Qmp, drives: list[DriveSpec], hard: bool = False) -> list[str]:
     ids = {d.job for d in drives} | {BACKUP_PREFIX + d.drive for d in drives}
     problems = cancel_mirrors(qmp, _Jobs(ids), timeout=CANCEL_TIMEOUT, force=True)
     problems += remove_nodes(qmp, drives)
+    if hard:
+        resume_after_copy_error(qmp)
     return problems
+
+
+def resume_after_copy_error(qmp: Qmp) -> bool:
+    """Continue a VM that a failed copy into the secondary stopped; True if it did.
+
+    A resync's backup round copies through QEMU's copy-before-write filter, and in
+    QEMU 7.2 that filter fails the guest's own write when its copy to the target
+    fails (``blockdev-backup`` has no ``on-cbw-error``).  With the default
+    ``werror=enospc`` a secondary that answers ENOSPC (its undo file system is
+    full) so stops the VM with status ``io-error``, and nothing would ever
+    continue it: checkpoints leave a VM they did not pause alone.  Called once
+    our jobs are gone (no filter left): ``cont`` retries the write, which now goes
+    to the VM's own disk only (found by the chaos soak's full undo file system).
+    """
+    if qmp.cmd("query-status").get("status") != "io-error":
+        return False
+    qmp.cmd("cont")
+    return True
 
 
 class _Jobs:
