@@ -79,8 +79,12 @@ FAULTS = ("secondary_kill", "secondary_stop", "protect_kill", "control_drop", "f
           "failover")
 STOP_HOLD = (0.2, 1.0)  # seconds a secondary stays SIGSTOPped: well below protect's
 # default --stall-timeout (10 s), so the guest's writes just wait for it
-UNDO_FS_SIZE = "160m"  # the undo overlays' own file system: room for the undo of a
-# full sync of the 64 MiB disk into a replica that holds data (after a failover)
+MiB = 1 << 20
+GUEST_MIB_PER_SECOND = 0.4  # what the guest's records fill of its ext4 per second of
+# chaos, about (40-50 fsync'd records of up to 8 KiB a second): a long soak gets a
+# bigger disk, or the guest's file system fills up and the guest stops
+UNDO_FS_SPARE = 64 * MiB  # the undo overlays' own file system holds the undo of a
+# full sync into a replica that holds data (after a failover: the disk's data) + this
 FULL_FS_DEADLINE = 60.0  # a full file system must make the secondary refuse a write
 # by then (it takes well under a second to a few seconds: see full_fs)
 
@@ -169,8 +173,12 @@ class ChaosStory(demo.Story):
     ``failovers`` and ``full_fs_hits`` the evidence of those classes.
     """
 
-    def __init__(self, workdir: Path, seconds: float, seed: str, say=print):
+    def __init__(self, workdir: Path, seconds: float, seed: str, say=print,
+                 rounds: int | None = None):
         super().__init__(workdir, seconds, say)
+        self.rounds = rounds
+        need = 32 * MiB + int(seconds * GUEST_MIB_PER_SECOND * MiB)  # ext4's own + records
+        self.disk_size = max(demo.DISK_SIZE, -(-need // (16 * MiB)) * 16 * MiB)
         self.rng = random.Random(seed)
         self.seed = seed
         self.samples: list[tuple[int, int]] = []
@@ -201,10 +209,17 @@ class ChaosStory(demo.Story):
         return self.files
 
     def make_disks(self) -> None:
-        super().make_disks()
-        self.undo_fs = Tmpfs(str(self.undo_dir), UNDO_FS_SIZE)
+        self.step("Two disks of the same size",
+                  "the primary's is formatted ext4; the secondary's replica starts empty")
+        guest.format_disk(self.primary_img, self.disk_size)
+        with open(self.secondary_img, "wb") as f:
+            f.truncate(self.disk_size)
+        self.detail(f"{self.primary_img.name} {self.disk_size // MiB} MiB, ext4; "
+                    f"{self.secondary_img.name} the same size, empty (sparse)")
+        size = self.disk_size + UNDO_FS_SPARE
+        self.undo_fs = Tmpfs(str(self.undo_dir), f"{size // MiB}m")
         self.detail(f"the secondary's state directory (undo overlays) on its own "
-                    f"{UNDO_FS_SIZE} tmpfs: {self.undo_dir}")
+                    f"{size // MiB} MiB tmpfs: {self.undo_dir.name}/")
 
     # --- protect, restartable ------------------------------
     def start_protect(self) -> None:
@@ -234,11 +249,13 @@ class ChaosStory(demo.Story):
 
     # --- the chaos phase ---------------------------------------------------------
     def let_it_work(self) -> None:
-        self.step(f"Chaos for {self.seconds:g} s (seed {self.seed!r})")
+        self.step(f"Chaos: {self.rounds} round(s) of every fault class" if self.rounds else
+                  f"Chaos for {self.seconds:g} s", f"seed {self.seed!r}")
         self.serial_log.wait_for(r"MC-WORK-START", demo.DEADLINE, self.qemu)
         self._wait(lambda: self._committed() >= 1, "the first commit (initial sync done)",
                    self.qemu)
         start = time.monotonic()
+        done = 0
         while True:
             order = list(FAULTS)
             self.rng.shuffle(order)
@@ -255,13 +272,14 @@ class ChaosStory(demo.Story):
                 # and the guest still works: no fault may freeze it (a VM stopped on
                 # an I/O error would go on being checkpointed, writing nothing)
                 seq = self.samples[-1][0]
-                self._wait(lambda: self.serial_log.poll() is None or
-                           self.serial_log.last_seq > seq, f"a guest record after {fault}",
+                self._wait(lambda: self._guest_wrote(seq), f"a guest record after {fault}",
                            self.qemu)
                 self.detail(f"t={time.monotonic() - start:5.1f}s {fault:<15} in step again "
                             f"after {time.monotonic() - t0:4.1f} s: epoch {self.samples[-1][1]}"
                             f", guest record {self.samples[-1][0]}")
-            if time.monotonic() - start >= self.seconds:
+            done += 1
+            if (done >= self.rounds) if self.rounds else \
+                    time.monotonic() - start >= self.seconds:
                 break
         self.chaos_seconds = time.monotonic() - start
         self.detail(f"{sum(self.counts.values())} faults in {self.chaos_seconds:.1f} s: "
@@ -285,6 +303,10 @@ class ChaosStory(demo.Story):
         self.serial_log.poll()
         seq = self.serial_log.last_seq
         self.samples.append((seq, self._committed()))
+
+    def _guest_wrote(self, seq: int) -> bool:
+        self.serial_log.poll()
+        return self.serial_log.last_seq > seq
 
     def committed_seq(self, final: int) -> int:
         return max((s for s, c in self.samples if c + 1 <= final), default=0)
@@ -395,6 +417,7 @@ class ChaosStory(demo.Story):
         t0 = time.monotonic()
         self._kill_moment()
         self.kill_primary()
+        self.qemu = self.protect = None  # both gone (kill_primary reaped them)
         self.fail_over()
         self.compare()
         r = self.result
@@ -443,6 +466,14 @@ class ChaosStory(demo.Story):
                     f"{stats['zeroes']} zero request(s) until the first commit; failover "
                     f"cycle {fo.seconds:.1f} s")
 
+    def _alive(self) -> None:
+        try:
+            super()._alive()
+        except DemoFailed as e:
+            if self.qemu is not None and self.qemu.poll() is not None:
+                raise DemoFailed(f"{e}{self.serial_log._qemu_output()}") from None
+            raise
+
     def _boot(self, mode: str) -> None:
         drive = ["-drive", f"if=none,id=drive0,file={self.primary_img},format=raw,"
                            "cache=writeback", "-device", "virtio-blk-pci,drive=drive0"]
@@ -471,11 +502,12 @@ class ChaosStory(demo.Story):
                 self.undo_fs = None
 
 
-def run(workdir: str | os.PathLike, seconds: float, seed: str = "chaos",
-        say=print) -> ChaosResult:
-    """The chaos story in ``workdir`` (short path, for sockets); kills what it started
-    and unmounts the undo file system, also when it fails."""
-    story = ChaosStory(Path(workdir), seconds, seed, say)
+def run(workdir: str | os.PathLike, seconds: float = 0.0, seed: str = "chaos",
+        say=print, rounds: int | None = None) -> ChaosResult:
+    """The chaos story in ``workdir`` (short path, for sockets): whole rounds of
+    faults until ``seconds`` have passed, or exactly ``rounds`` rounds.  Kills what
+    it started and unmounts the undo file system, also when it fails."""
+    story = ChaosStory(Path(workdir), seconds, seed, say, rounds)
     try:
         res = story.run()
     finally:
