@@ -291,6 +291,10 @@ class ChaosStory(demo.Story):
         self._kill_moment()
 
     def _kill_moment(self) -> None:
+        """Wait until this segment has a record known to be committed (a failover
+        right after the previous one would otherwise prove nothing), then for the
+        middle of an epoch."""
+        self._wait(self._record_committed, "a guest record in a committed epoch", self.qemu)
         ctl = ControlClient(str(self.state / "control.sock"))
         try:
             self._sample()
@@ -303,6 +307,10 @@ class ChaosStory(demo.Story):
         self.serial_log.poll()
         seq = self.serial_log.last_seq
         self.samples.append((seq, self._committed()))
+
+    def _record_committed(self) -> bool:
+        self._sample()
+        return self.committed_seq(self._committed()) >= 1
 
     def _guest_wrote(self, seq: int) -> bool:
         self.serial_log.poll()
@@ -470,7 +478,8 @@ class ChaosStory(demo.Story):
         try:
             super()._alive()
         except DemoFailed as e:
-            if self.qemu is not None and self.qemu.poll() is not None:
+            if self.qemu is not None and self.qemu.poll() is not None and \
+                    hasattr(self, "serial_log"):
                 raise DemoFailed(f"{e}{self.serial_log._qemu_output()}") from None
             raise
 
