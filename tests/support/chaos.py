@@ -532,9 +532,10 @@ def report(res: ChaosResult) -> str:
     lines = [res.table()]
     for i, f in enumerate(res.failovers, 1):
         rs = f.resync
-        how = (f"protect's sync: {'full' if rs.get('full') else 'incremental'}, "
-               f"{rs.get('bytes', 0) / (1 << 20):.1f} MiB" if rs else
-               f"the new secondary got {f.synced_bytes / (1 << 20):.1f} MiB")
+        how = f"the new secondary was sent {f.synced_bytes / MiB:.1f} MiB to its first commit"
+        if rs:
+            how += (f" (protect's {rs.get('mode') or ('full' if rs.get('full') else 'bitmap')}"
+                    f" sync: {rs.get('bytes', 0) / MiB:.1f} MiB copied)")
         lines.append(f"failover {i} (generation {f.generation}): commit {f.commit}, records "
                      f"committed 1..{f.committed_seq}, on the disk 1..{f.maxseq}; then {how}; "
                      f"{f.seconds:.1f} s")
