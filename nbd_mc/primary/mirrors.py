@@ -25,6 +25,9 @@ TLS_OBJECT = "nbd-mc-tls"
 JOB_END_EVENTS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
 #: Resync copies (resync.py) run as backup jobs named BACKUP_PREFIX + drive.
 BACKUP_PREFIX = "nbd-mc-backup-"
+#: The report's ``problems`` entry when drop() continued a VM (resume_after_copy_error).
+RESUMED_AFTER_COPY_ERROR = ("the VM had stopped on a write error from a resync copy into the "
+                            "secondary (QEMU 7.2 copy-before-write); continued it")
 
 
 def check_drives(qmp: Qmp, drives: list[DriveSpec]) -> dict[str, int]:
@@ -305,8 +308,8 @@ def drop(qmp: Qmp, drives: list[DriveSpec], hard: bool = False) -> list[str]:
     ids = {d.job for d in drives} | {BACKUP_PREFIX + d.drive for d in drives}
     problems = cancel_mirrors(qmp, _Jobs(ids), timeout=CANCEL_TIMEOUT, force=True)
     problems += remove_nodes(qmp, drives)
-    if hard:
-        resume_after_copy_error(qmp)
+    if hard and resume_after_copy_error(qmp):
+        problems.append(RESUMED_AFTER_COPY_ERROR)
     return problems
 
 

@@ -69,6 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nbd_mc.control import ControlClient
+from nbd_mc.primary.mirrors import RESUMED_AFTER_COPY_ERROR
 
 from demo import guest
 from demo import story as demo
@@ -127,6 +128,7 @@ class ChaosResult:
     committed_seq: int = 0  # highest record known to be in a committed epoch at the end
     failovers: list = field(default_factory=list)  # FailoverCheck, mid-run ones
     full_fs: list = field(default_factory=list)  # FullFsHit, one per injection
+    copy_error_resumes: int = 0  # see ChaosStory.copy_error_resumes
     seed: str = ""
     chaos_seconds: float = 0.0
 
@@ -186,6 +188,8 @@ class ChaosStory(demo.Story):
         self.chaos_seconds = 0.0
         self.failovers: list[FailoverCheck] = []
         self.full_fs_hits: list[FullFsHit] = []
+        self.copy_error_resumes = 0  # VMs protect continued after a failed resync copy
+        # stopped them (counted from the protects that report: at a kill of the primary)
         self.undo_fs: Tmpfs | None = None
         self.undo_dir = self.dir / "undo"
         # the two disks: "a" starts as the primary's, "b" as the replica
@@ -241,6 +245,8 @@ class ChaosStory(demo.Story):
 
     def kill_primary(self) -> None:
         super().kill_primary()
+        self.copy_error_resumes += (self.result.protect.get("problems") or []).count(
+            RESUMED_AFTER_COPY_ERROR)
         # the protect that synced after the last failover reported: keep its sync
         if self._sync_failover is not None and self._sync_protect is self.protect:
             resyncs = self.result.protect.get("resyncs") or []
@@ -523,7 +529,8 @@ def run(workdir: str | os.PathLike, seconds: float = 0.0, seed: str = "chaos",
         story.cleanup()
     out = ChaosResult(demo=res, counts=story.counts, seed=seed,
                       chaos_seconds=story.chaos_seconds, failovers=story.failovers,
-                      full_fs=story.full_fs_hits)
+                      full_fs=story.full_fs_hits,
+                      copy_error_resumes=story.copy_error_resumes)
     out.committed_seq = story.committed_seq(res.last_commit)
     return out
 
@@ -543,6 +550,8 @@ def report(res: ChaosResult) -> str:
         lines.append(f"full undo fs {i}: the secondary refused a write {h.seconds_to_hit:.2f} s "
                      f"after the fill; {h.errors} request(s) failed and protect claimed it "
                      f"{h.claims} time(s) in the {h.held:.2f} s it was full")
+    lines.append(f"VM stopped by a failed resync copy and continued by protect: "
+                 f"{res.copy_error_resumes} time(s) (as the protects that reported saw it)")
     d = res.demo
     lines.append(f"final commit {d.last_commit}; records committed before it: "
                  f"{res.committed_seq}; on the disk after failover: "

@@ -45,7 +45,8 @@ def test_chaos(workdir):
     record("chaos: faults on a protected Linux guest", sum(res.counts.values()),
            0 if ok else 1, seconds=round(res.chaos_seconds),
            committed=d.last_commit, records=d.check.maxseq if d.check else 0,
-           records_checked=res.records_checked, lost=res.lost, **res.counts)
+           records_checked=res.records_checked, lost=res.lost,
+           vm_resumed_after_copy_error=res.copy_error_resumes, **res.counts)
     assert not os.path.ismount(os.path.join(workdir, "undo")), "the undo fs is still mounted"
     assert d.ok and d.identical, text
     assert all(n >= 1 for n in res.counts.values()), res.counts
