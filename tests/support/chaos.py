@@ -172,7 +172,10 @@ class ChaosStory(demo.Story):
     faults injected per class; ``generation`` the current primary (1 = the
     first; the images swap roles at each failover and ``primary_img``,
     ``secondary_img``, ``state``, ``qmp``, ``serial``, ``records`` follow it);
-    ``failovers`` and ``full_fs_hits`` the evidence of those classes.
+    ``failovers``, ``full_fs_hits`` and ``copy_error_resumes`` the evidence;
+    ``undo_fs`` the mounted tmpfs (None before it is mounted and after cleanup).
+    Fixed at construction: ``rounds`` (or None: until ``seconds`` passed),
+    ``disk_size``, ``undo_dir``.
     """
 
     def __init__(self, workdir: Path, seconds: float, seed: str, say=print,
