@@ -10,7 +10,10 @@
 #     made durable; the same in process mode, where violations are expected;
 #   * the fault, corrupt-file, hostile-input (fuzz x10), TLS and fencing tests;
 #   * one writer (claims racing writers) and online verify (sectors corrupted
-#     behind the server's back, found exactly), for SOAK_SECONDS each.
+#     behind the server's back, found exactly), for SOAK_SECONDS each;
+#   * the chaos soak (tests/system/test_chaos.py): a protected Linux guest through
+#     rounds of six fault classes (secondary kill/SIGSTOP, protect kill, control
+#     drop, a full undo file system, failover/failback) for SOAK_SECONDS.
 # The table of fault classes, cases and failures: build/soak/report.md (also printed).
 SOAK_SECONDS ?= 600
 SOAK_DIR := build/soak

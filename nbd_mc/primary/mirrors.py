@@ -25,6 +25,9 @@ TLS_OBJECT = "nbd-mc-tls"
 JOB_END_EVENTS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
 #: Resync copies (resync.py) run as backup jobs named BACKUP_PREFIX + drive.
 BACKUP_PREFIX = "nbd-mc-backup-"
+#: The report's ``problems`` entry when drop() continued a VM (resume_after_copy_error).
+RESUMED_AFTER_COPY_ERROR = ("the VM had stopped on a write error from a resync copy into the "
+                            "secondary (QEMU 7.2 copy-before-write); continued it")
 
 
 def check_drives(qmp: Qmp, drives: list[DriveSpec]) -> dict[str, int]:
@@ -305,7 +308,27 @@ def drop(qmp: Qmp, drives: list[DriveSpec], hard: bool = False) -> list[str]:
     ids = {d.job for d in drives} | {BACKUP_PREFIX + d.drive for d in drives}
     problems = cancel_mirrors(qmp, _Jobs(ids), timeout=CANCEL_TIMEOUT, force=True)
     problems += remove_nodes(qmp, drives)
+    if hard and resume_after_copy_error(qmp):
+        problems.append(RESUMED_AFTER_COPY_ERROR)
     return problems
+
+
+def resume_after_copy_error(qmp: Qmp) -> bool:
+    """Continue a VM that a failed copy into the secondary stopped; True if it did.
+
+    A resync's backup round copies through QEMU's copy-before-write filter, and in
+    QEMU 7.2 that filter fails the guest's own write when its copy to the target
+    fails (``blockdev-backup`` has no ``on-cbw-error``).  With the default
+    ``werror=enospc`` a secondary that answers ENOSPC (its undo file system is
+    full) so stops the VM with status ``io-error``, and nothing would ever
+    continue it: checkpoints leave a VM they did not pause alone.  Called once
+    our jobs are gone (no filter left): ``cont`` retries the write, which now goes
+    to the VM's own disk only (found by the chaos soak's full undo file system).
+    """
+    if qmp.cmd("query-status").get("status") != "io-error":
+        return False
+    qmp.cmd("cont")
+    return True
 
 
 class _Jobs:

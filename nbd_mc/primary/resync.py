@@ -67,7 +67,8 @@ from ..errors import NbdMcError
 from .bitmaps import Bitmaps, checksum_name, epoch_name, round_name
 from .checkpoint import resume
 from .errors import PrimaryGone, QmpCommandError, QmpTimeout, SecondaryFailed, SecondaryStalled
-from .mirrors import BACKUP_PREFIX, Mirrors, cancel_mirrors, job_progress, start_mirrors, yank
+from .mirrors import (BACKUP_PREFIX, Mirrors, cancel_mirrors, job_progress,
+                      resume_after_copy_error, start_mirrors, yank)
 from .options import DriveSpec
 from .qmp import Qmp
 from .ranges import RangeWriter
@@ -205,6 +206,7 @@ def incremental(qmp: Qmp, drives: list[DriveSpec], bitmaps: Bitmaps, committed: 
                 k = MAX_ROUNDS
     finally:
         bitmaps.remove_rounds()
+    resume_after_copy_error(qmp)  # a round's copy failed a guest write (the jobs are gone)
     r.rounds = k
     r.seconds = time.monotonic() - t0
     return r, mirrors

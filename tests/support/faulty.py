@@ -2,6 +2,8 @@
 
 * ``Tmpfs``: a small tmpfs mounted under the test's directory (we are root), so a
   file system really fills up (ENOSPC from the kernel);
+* ``Filler``: a file that takes every free block of a file system, and keeps
+  taking what others give back, until it is removed;
 * ``FaultyFile``: a regular file whose reads or writes fail with EIO on demand --
   nbdkit's file plugin behind its error filter (errors only while a trigger file
   exists), mounted as a file with nbdfuse.  The engine opens it like any image or
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -54,6 +57,54 @@ class Tmpfs:
         if os.path.ismount(self.path):
             r = subprocess.run(["umount", self.path], capture_output=True, text=True)
             assert r.returncode == 0, f"umount {self.path}: {r.stderr}"
+
+
+class Filler:
+    """A file that holds every free block of its file system.
+
+    ``fill`` takes what is free now and is cheap when nothing is: call it again
+    while the file system must stay full, since others give space back (the undo
+    overlay returns the clusters no recent epoch used, a state file is replaced).
+    ``remove`` gives it all back.  fallocate takes the bulk at once; the last
+    blocks are written one page at a time until the kernel says ENOSPC.
+    """
+
+    PAGE = 4096
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.size = 0
+
+    def free(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def fill(self) -> None:
+        free = self.free()
+        if free <= 0:
+            return
+        try:
+            os.posix_fallocate(self.fd, self.size, free)
+            self.size += free
+        except OSError:
+            pass  # less than that is left (or no fallocate): page by page below
+        page = b"\xf1" * self.PAGE
+        while True:
+            try:
+                os.pwrite(self.fd, page, self.size)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                return
+            self.size += self.PAGE
+
+    def remove(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if os.path.exists(self.path):
+            os.unlink(self.path)
 
 
 class FaultyFile:
