@@ -18,9 +18,10 @@ verify, and so do we, while protection runs:
 * slice after slice (one per checkpoint) the walk covers every drive, with
   progress and an ETA, then starts over.
 
-The primary's side reads the drive's raw image file directly (it must be a local
-raw file: after ``stop`` has drained the I/O, the page cache holds every write --
-see README, the primary).  A mismatch is handed to ``repair`` (a callable, None by
+The primary's side reads the drive through the primary's data source
+(primary/source.py): its local raw image file when it is one, otherwise a
+read-only NBD export of the drive's node made by QEMU itself; with the VM
+stopped and drained both give exactly the state of the checkpoint.  A mismatch is handed to ``repair`` (a callable, None by
 default) with the disk and range: protect passes its targeted resync
 (primary/repair.py), which copies the range at the next checkpoint and checks
 it again once that commits; what it repaired is counted in ``Stats.repaired``.
@@ -29,7 +30,6 @@ it again once that commits; what it repaired is counted in ``Stats.repaired``.
 from __future__ import annotations
 
 import hashlib
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -156,32 +156,13 @@ class Mismatch:
 
 @dataclass
 class Target:
-    """One drive to verify: its raw image on the primary and its disk on the secondary."""
+    """One drive to verify: the primary's drive and its disk on the secondary;
+    ``where`` says where its data is read from (for messages)."""
 
     drive: str
     disk: str
-    path: str
+    where: str
     size: int
-
-
-def local_raw_images(qmp, drives) -> dict[str, str]:
-    """{drive: path of its raw image file}, from query-block, before any mirror is
-    added (refuses what verify cannot read directly: non-raw formats, non-files)."""
-    found = {}
-    for b in qmp.cmd("query-block"):
-        ins = b.get("inserted") or {}
-        for n in (b.get("device"), ins.get("node-name")):
-            if n:
-                found[n] = ins
-    out = {}
-    for d in drives:
-        ins = found.get(d.drive) or found.get(d.source) or {}
-        path = ins.get("file") or ""
-        if ins.get("drv") != "raw" or not os.path.isfile(path):
-            raise ValueError(f"the primary's disk is read directly: drive {d.drive} must "
-                             f"be a local raw image file (it is {ins.get('drv')} {path!r})")
-        out[d.drive] = path
-    return out
 
 
 @dataclass
@@ -225,8 +206,11 @@ class Verifier:
     touched only by protect's checkpoint thread.
     """
 
-    def __init__(self, targets: list[Target], slice_size: int = DEFAULT_SLICE,
+    def __init__(self, targets: list[Target], source, slice_size: int = DEFAULT_SLICE,
                  passes: int | None = None, say=lambda text: None, repair=None):
+        """``source``: how the primary's drives are read (primary/source.py's
+        PrimarySource, or anything with ``read_into(drive, view, offset)``); the
+        caller owns it and closes it."""
         if slice_size < SECTOR or slice_size % SECTOR or slice_size > MAX_LENGTH:
             raise ValueError(f"verify slice must be a multiple of {SECTOR} bytes, at most "
                              f"{MAX_LENGTH >> 20} MiB")
@@ -239,7 +223,7 @@ class Verifier:
         self.total = sum(t.size for t in targets)
         self._pos = (0, 0)
         self._pass_done = 0
-        self._fds = {t.drive: os.open(t.path, os.O_RDONLY) for t in targets}
+        self.source = source
         self._buf = bytearray(slice_size)
         self._captured = None
         self._periods: list[float] = []
@@ -275,13 +259,7 @@ class Verifier:
         if self.stats.started is None:
             self.stats.started = time.monotonic()
         t0 = time.perf_counter()
-        view = memoryview(self._buf)[:n]
-        got = 0
-        while got < n:
-            r = os.preadv(self._fds[t.drive], [view[got:]], off + got)
-            if r <= 0:
-                raise OSError(f"short read of {t.path} at {off + got}")
-            got += r
+        self.source.read_into(t.drive, memoryview(self._buf)[:n], off)
         self.stats.capture_s.append(time.perf_counter() - t0)
         self._captured = (i, off, n)
 
@@ -358,17 +336,15 @@ class Verifier:
                      + (f", ETA {eta:.0f} s" if eta is not None else ""))
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
+        """Nothing of its own to close (the source is the caller's)."""
 
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-def targets_for(qmp, drives, sizes: dict[str, int]) -> list[Target]:
+def targets_for(drives, sizes: dict[str, int], source) -> list[Target]:
     """The drives protect mirrors, as verify targets (call before the claim renames
-    the exports, so ``d.export`` is the secondary's disk name)."""
-    paths = local_raw_images(qmp, drives)
-    return [Target(d.drive, d.export, paths[d.drive], sizes[d.drive]) for d in drives]
+    the exports, so ``d.export`` is the secondary's disk name); ``source`` is the
+    PrimarySource that reads them."""
+    return [Target(d.drive, d.export, source.where(d.drive), sizes[d.drive]) for d in drives]

@@ -21,6 +21,7 @@ from nbd_mc import primary, verify
 from nbd_mc.control import ControlClient, ControlError
 from nbd_mc.primary.ranges import RangeWriter
 from nbd_mc.primary.repair import Repairs
+from nbd_mc.primary.source import NbdExport, PrimarySource, RawFile
 from support.reliability import record
 from support.servers import describe, make_image, nbd_mc
 
@@ -101,16 +102,22 @@ class Walk:
     """protect's steps driven by the test (so the guest writes only between
     checkpoints: HMP qemu-io, unlike a guest, also writes while the VM is stopped)."""
 
-    def __init__(self, vm, server, slice_size=MiB, repair=False):
+    def __init__(self, vm, server, slice_size=MiB, repair=False, model=None,
+                 prefer_export=False):
+        """``model``: {drive: bytearray} kept up to date with the guest's writes;
+        ``prefer_export``: read even raw drives through QEMU's NBD export."""
         self.vm = vm
+        self.model = model
         self.ctl = ControlClient(server.control_path, timeout=60)
         drives = [primary.DriveSpec(d, EXPORTS[d]) for d in SIZES]
         self.epoch = primary.first_epoch(primary.secondary_status(self.ctl), drives)
         self.qmp = primary.Qmp(vm.qmp_path)
         sizes = primary.check_drives(self.qmp, drives)
         self.said = []
-        self.v = verify.Verifier(verify.targets_for(self.qmp, drives, sizes), slice_size,
-                                 say=self.said.append)
+        self.source = PrimarySource.open(self.qmp, drives, "test:" + vm.qmp_path,
+                                         prefer_export=prefer_export)
+        self.v = verify.Verifier(verify.targets_for(drives, sizes, self.source), self.source,
+                                 slice_size, say=self.said.append)
         self.ctl, drives = primary.claim_writer(self.ctl, drives)
         self.mirrors = primary.Mirrors(self.qmp, drives)
         primary.attach(self.qmp, primary.parse_nbd_uri(server.uri()), drives)
@@ -121,7 +128,7 @@ class Walk:
         self.before_commit = None  # a callable(epoch) run last in the checkpoint's pause
         if repair:  # protect's wiring: verify finds, the next checkpoint copies
             self.writer = RangeWriter(primary.parse_nbd_uri(server.uri()), drives,
-                                      {t.drive: t.path for t in self.v.targets})
+                                      self.source)
             self.repairs = Repairs(self.v.stats, self.said.append)
             self.v.repair = self.repairs.queue
 
@@ -130,7 +137,10 @@ class Walk:
             drive = rng.choice(sorted(SIZES))
             length = rng.choice((512, 4096, 65536, 300000))
             off = rng.randrange(0, SIZES[drive] - length) & ~511
-            self.vm.qemu_io(drive, f"write -P {rng.randrange(256)} {off} {length}")
+            pattern = rng.randrange(256)
+            self.vm.qemu_io(drive, f"write -P {pattern} {off} {length}")
+            if self.model is not None:
+                self.model[drive][off:off + length] = bytes([pattern]) * length
 
     def checkpoint(self) -> None:
         def hook(epoch):
@@ -158,6 +168,7 @@ class Walk:
         if self.writer:
             self.writer.close()
         primary.detach(self.qmp, self.mirrors)
+        assert self.source.close() == []
         self.qmp.close()
         self.ctl.close()
         self.v.close()
