@@ -359,3 +359,98 @@ def test_verify_range_survives_any_arguments(servers):
     assert open(image, "rb").read() == data
     assert classes.get("BadRequest") and classes.get("ok"), classes
     record("verify-range: random arguments answered", 300, 0)
+
+
+# --- a drive that is no local raw file: read through QEMU's own NBD export ------------------
+def make_qcow2_pair(servers, qemu_vms, seed):
+    """drive0 is a qcow2 image (the libvirt norm), drive1 raw; empty replicas.
+    Returns the VM, the server, the qcow2 path and the model of both drives."""
+    rng = random.Random(seed)
+    images, replicas, model = {}, {}, {}
+    for d, size in SIZES.items():
+        images[d] = servers.path(f"{d}.raw")
+        model[d] = bytearray(make_image(images[d], size, rng, data_fraction=0.5))
+        replicas[EXPORTS[d]] = servers.path(f"{EXPORTS[d]}.raw")
+        with open(replicas[EXPORTS[d]], "wb") as f:
+            f.truncate(size)
+    qcow2 = servers.path("drive0.qcow2")
+    r = subprocess.run(["qemu-img", "convert", "-O", "qcow2", images["drive0"], qcow2],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    images["drive0"] = qcow2
+    server = servers.new(replicas)
+    server.start()
+    vm = qemu_vms(servers.root, images,
+                  drive_args={"drive0": f"if=none,id=drive0,file={qcow2},format=qcow2"})
+    return vm, server, qcow2, model
+
+
+@pytest.mark.qemu
+def test_qcow2_drive_verified_and_repaired_through_qemu_export(servers, qemu_vms):
+    """A qcow2 primary drive is read through QEMU's read-only NBD export (the raw one
+    still from its file): whole passes with guest writes find nothing; a sector of
+    its replica corrupted behind the server's back is reported as exactly that range
+    and repaired from the export at the next checkpoint; the failover shows exactly
+    the primary's disk at the last checkpoint (the model, and `qemu-img compare`
+    with the qcow2 file); the export and QEMU's NBD server are gone afterwards."""
+    vm, server, qcow2, model = make_qcow2_pair(servers, qemu_vms, "qcow2")
+    rng = random.Random("qcow2")
+    w = Walk(vm, server, repair=True, model=model)
+    bad = 4 * MiB + 11 * 512  # in vda, the qcow2 drive's replica
+    try:
+        assert isinstance(w.source["drive0"], NbdExport), w.source.describe()
+        assert isinstance(w.source["drive1"], RawFile), w.source.describe()
+        exports = w.qmp.cmd("query-block-exports")
+        assert [(e["type"], e["id"].startswith("nbd-mc.")) for e in exports] == [("nbd", True)]
+        w.passes(1, rng)
+        assert w.v.stats.mismatches == [], w.v.stats.mismatches
+        corrupt_sector(server.image("vda"), bad)
+        w.passes(1)  # no guest writes: one could overwrite the sector and hide it
+        assert [(m.disk, m.offset, m.length) for m in w.v.stats.mismatches] == \
+            [("vda", bad, 512)], w.v.stats.mismatches
+        found = w.v.stats.mismatches[0].epoch
+        while w.repairs.busy:
+            w.checkpoint()
+        assert [m.as_dict() for m in w.v.stats.repaired] == [
+            {"disk": "vda", "offset": bad, "length": 512, "epoch": found + 1}]
+        w.passes(1, rng)
+        assert len(w.v.stats.mismatches) == 1, w.v.stats.mismatches
+        w.checkpoint()
+        last = w.epoch - 1
+    finally:
+        w.close()
+    assert vm.qmp.cmd("query-block-exports") == []
+    with pytest.raises(primary.QmpCommandError):  # QEMU's NBD server was stopped too
+        vm.qmp.cmd("nbd-server-stop")
+    assert not os.path.exists(w.source.socket)
+    r = server.cli("failover", "--json")
+    assert r.returncode == 0, describe(r)
+    assert json.loads(r.stdout)["committed"] == last
+    for d in SIZES:
+        assert open(server.image(EXPORTS[d]), "rb").read() == bytes(model[d]), d
+    vm.qemu_io("drive0", "flush")  # qcow2 metadata to the file, for qemu-img
+    c = subprocess.run(["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", qcow2,
+                        server.image("vda")], capture_output=True, text=True)
+    assert c.returncode == 0, (c.stdout, c.stderr)
+
+
+@pytest.mark.qemu
+def test_nbd_mc_verify_cli_qcow2(servers, qemu_vms):
+    """`nbd-mc verify` on a qcow2 drive: no refusal, one clean pass read through
+    QEMU's export (it says so), and nothing of ours left in QEMU afterwards."""
+    vm, server, qcow2, model = make_qcow2_pair(servers, qemu_vms, "cli-qcow2")
+    args = ["--qmp", vm.qmp_path, "--drive", "drive0=vda", "--drive", "drive1=vdb",
+            "--target", server.uri(), "--control", server.control_path, "--interval", "10ms",
+            "--verify-slice", "2M"]
+    r = nbd_mc("verify", *args, "--json")
+    assert r.returncode == 0, describe(r)
+    rep = json.loads(r.stdout)
+    assert rep["verify"]["passes"] == 1 and rep["verify"]["mismatches"] == [], rep["verify"]
+    assert rep["verify"]["verified_bytes"] == sum(SIZES.values())
+    assert rep["problems"] == [], rep["problems"]
+    r = nbd_mc("verify", *args)  # the console says where it reads from
+    assert r.returncode == 0, describe(r)
+    assert "reading drive0 through QEMU's read-only NBD export" in r.stdout + r.stderr, \
+        describe(r)
+    assert vm.qmp.cmd("query-block-exports") == []
+    assert vm.qmp.cmd("query-block-jobs") == []
