@@ -454,3 +454,32 @@ def test_nbd_mc_verify_cli_qcow2(servers, qemu_vms):
         describe(r)
     assert vm.qmp.cmd("query-block-exports") == []
     assert vm.qmp.cmd("query-block-jobs") == []
+
+
+@pytest.mark.qemu
+def test_export_left_by_a_killed_protect_is_reused_then_removed(servers, qemu_vms, procs):
+    """protect --verify on a qcow2 drive, killed -9: QEMU keeps our NBD server and
+    export.  The next run recognises the server on its own socket, replaces the
+    leftover export, verifies a whole pass and leaves nothing behind."""
+    from support.protect_proc import finished, spawn_protect
+    from support.servers import wait_until
+    vm, server, qcow2, model = make_qcow2_pair(servers, qemu_vms, "leftover")
+    args = ["--qmp", vm.qmp_path, "--drive", "drive0=vda", "--drive", "drive1=vdb",
+            "--target", server.uri(), "--control", server.control_path, "--interval", "10ms",
+            "--verify-slice", "1M"]
+    proc = spawn_protect(procs, servers.root, *args, "--verify")
+    wait_until(lambda: server.execute("query-status")["committed"] >= 3
+               or proc.poll() is not None, "three commits")
+    proc.kill()
+    rc, out, err = finished(proc)
+    assert rc == -9, (out, err)
+    left = [e["id"] for e in vm.qmp.cmd("query-block-exports")]
+    assert len(left) == 1 and left[0].startswith("nbd-mc."), left
+    r = nbd_mc("verify", *args, "--json")
+    assert r.returncode == 0, describe(r)
+    rep = json.loads(r.stdout)
+    assert rep["verify"]["passes"] == 1 and rep["verify"]["mismatches"] == [], rep["verify"]
+    assert rep["problems"] == [], rep["problems"]
+    assert vm.qmp.cmd("query-block-exports") == []
+    with pytest.raises(primary.QmpCommandError):  # the server was ours: stopped too
+        vm.qmp.cmd("nbd-server-stop")
