@@ -376,11 +376,13 @@ class PrimarySource:
             problems.append(f"removing QEMU's NBD export of the drives: {e.desc}")
         self.exports = []
         self.server_started = False
-        if self.socket:
-            try:
-                os.unlink(self.socket)
-            except OSError:
-                pass
+        if self.socket:  # the socket and its directory (kept if someone else's is in it)
+            for remove, path in ((os.unlink, self.socket),
+                                 (os.rmdir, os.path.dirname(self.socket))):
+                try:
+                    remove(path)
+                except OSError:
+                    pass
         return problems
 
 

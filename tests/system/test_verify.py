@@ -483,3 +483,56 @@ def test_export_left_by_a_killed_protect_is_reused_then_removed(servers, qemu_vm
     assert vm.qmp.cmd("query-block-exports") == []
     with pytest.raises(primary.QmpCommandError):  # the server was ours: stopped too
         vm.qmp.cmd("nbd-server-stop")
+
+
+@pytest.mark.qemu
+def test_export_socket_of_a_qemu_running_as_another_user(servers, qemu_vms):
+    """QEMU running as libvirt-qemu (as libvirt runs it) must create the NBD socket:
+    its directory is given to QEMU's user (found from the owner of its QMP socket),
+    we connect as root, and read exactly the qcow2 drive's contents, holes reported
+    as such; without knowing QEMU's user the socket cannot be made, and the refusal
+    says so.  Closing removes the export, the server, the socket and its directory."""
+    import pwd
+    from nbd_mc.primary.source import SourceUnavailable, qemu_owner_of_socket
+    user = pwd.getpwnam("libvirt-qemu")
+    os.chmod(servers.root, 0o711)  # QEMU's user may pass through (not list) the test root
+    home = servers.path("qemu-home")
+    os.makedirs(home)
+    rng = random.Random("user")
+    raw = os.path.join(home, "d.raw")
+    data = make_image(raw, 4 * MiB, rng, data_fraction=0.3)
+    qcow2 = os.path.join(home, "d.qcow2")
+    r = subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, qcow2],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for path in (home, qcow2):
+        os.chown(path, user.pw_uid, user.pw_gid)
+    vm = qemu_vms(home, {"drive0": qcow2}, user="libvirt-qemu",
+                  drive_args={"drive0": f"if=none,id=drive0,file={qcow2},format=qcow2"})
+    drives = [primary.DriveSpec("drive0", "vda")]
+    owner = qemu_owner_of_socket(vm.qmp_path)
+    assert owner == (user.pw_uid, user.pw_gid)
+    qmp = primary.Qmp(vm.qmp_path)
+    try:
+        with pytest.raises(SourceUnavailable) as e:  # a root-only directory: no socket
+            PrimarySource.open(qmp, drives, "user-test-" + home, None)
+        assert "QEMU cannot start its NBD server" in e.value.desc, e.value.desc
+        assert qmp.cmd("query-block-exports") == []
+        src = PrimarySource.open(qmp, drives, "user-test-" + home, owner)
+        try:
+            st = os.stat(os.path.dirname(src.socket))
+            assert (st.st_uid, st.st_mode & 0o777) == (user.pw_uid, 0o700)
+            assert isinstance(src["drive0"], NbdExport)
+            assert bytes(src.read("drive0", 0, len(data))) == data
+            runs = src.extents("drive0", 0, len(data))
+            assert sum(n for _, n, _ in runs) == len(data)
+            for start, n, is_data in runs:
+                if not is_data:
+                    assert data[start:start + n] == bytes(n), (start, n)
+            assert any(not d for _, _, d in runs)
+        finally:
+            assert src.close() == []
+        assert qmp.cmd("query-block-exports") == []
+        assert not os.path.exists(os.path.dirname(src.socket))
+    finally:
+        qmp.close()
