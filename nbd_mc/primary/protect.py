@@ -40,7 +40,7 @@ from .report import Report
 from .resync import ChecksumUnsupported, Resync, checksum_sync, incremental
 from .secondary import claim_writer, connect, first_epoch, secondary_status
 from .source import (READ_TIMEOUT, NbdExport, PrimarySource, SourceUnavailable,
-                     qemu_owner_from_xml, qemu_owner_of_socket)
+                     qemu_owner_from_xml, qemu_owner_of_pidfile, qemu_owner_of_socket)
 from .watchdog import Watchdog
 
 #: Retry delays after losing the secondary: doubling from the first to the last (a
@@ -581,10 +581,13 @@ def qemu_identity(qmp, opts: Options) -> tuple[str, tuple[int, int] | None]:
     if not opts.libvirt:
         return "qmp:" + os.path.realpath(opts.qmp), qemu_owner_of_socket(opts.qmp)
     try:
-        return ("libvirt:" + qmp.dom.UUIDString(),
-                qemu_owner_from_xml(qmp.dom.XMLDesc(0)))
+        key, xml = "libvirt:" + qmp.dom.UUIDString(), qmp.dom.XMLDesc(0)
     except Exception:  # libvirt errors: the name alone still works
-        return "libvirt:" + opts.libvirt, None
+        key, xml = "libvirt:" + opts.libvirt, ""
+    # the DAC label names QEMU's user; without one (no security driver), the QEMU
+    # process itself does, through the pid file of a local libvirtd
+    return key, (qemu_owner_from_xml(xml)
+                 or qemu_owner_of_pidfile(f"/run/libvirt/qemu/{opts.libvirt}.pid"))
 
 
 def protect(opts: Options, console: Console | None = None, stop: StopFlag | None = None) -> Report:

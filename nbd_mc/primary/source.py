@@ -433,6 +433,17 @@ def qemu_owner_of_socket(path: str) -> tuple[int, int] | None:
     return st.st_uid, st.st_gid
 
 
+def qemu_owner_of_pidfile(path: str) -> tuple[int, int] | None:
+    """Who the process whose pid is in ``path`` runs as (libvirt writes one per
+    running domain: /run/libvirt/qemu/NAME.pid)."""
+    try:
+        with open(path) as f:
+            st = os.stat(f"/proc/{int(f.read().strip())}")
+    except (OSError, ValueError):
+        return None
+    return st.st_uid, st.st_gid
+
+
 def qemu_owner_from_xml(xml: str) -> tuple[int, int] | None:
     """Who a libvirt domain's QEMU runs as, from its live XML's DAC label
     (``<seclabel model='dac'><label>+64055:+64055</label>``); None if not shown."""
