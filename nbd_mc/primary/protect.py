@@ -81,7 +81,9 @@ class Protector:
       source   -- how the primary's drives are read by verify, repairs and the
                   checksum sync (source.PrimarySource: local raw files or QEMU's
                   read-only NBD export), or None, with ``source_refusal`` saying
-                  why; opened at the start, closed (exports removed) at the end;
+                  why; with --verify open for the whole run, otherwise only
+                  during a sync that may need it (QEMU runs one NBD server:
+                  ours should not sit there longer than it is used);
       ranges   -- the ranges.RangeWriter of the current claim (libnbd connections to
                   the writer exports), opened on first use, None after a new claim
                   or an outage;
@@ -138,7 +140,8 @@ class Protector:
             if leftover:
                 console.say(f"nbd-mc protect: {leftover}")
             # (after the leftovers: a mirror filter hides the drive's file)
-            self._open_source()
+            if opts.verify or opts.resync == "checksum" and not opts.legacy_drive_mirror:
+                self._open_source()
             if opts.resync == "checksum" and self.source is None:
                 raise PrimaryError(f"--resync checksum: {self.source_refusal}")
             if opts.verify:
@@ -340,6 +343,16 @@ class Protector:
 
     # --- syncing ------------------------------------------------------------------------------
     def _sync(self, status: dict) -> bool:
+        """_sync_now; without --verify nothing reads the drives until the next sync:
+        the libnbd connections and the source (QEMU's export, if any) go."""
+        try:
+            return self._sync_now(status)
+        finally:
+            if self.verifier is None:
+                self._close_ranges()
+                self._close_source()
+
+    def _sync_now(self, status: dict) -> bool:
         """Bring the secondary in step with the VM and start the write-blocking mirrors.
 
         Incremental when a bitmap of this group covers the secondary's committed
@@ -452,6 +465,8 @@ class Protector:
             return "full", ""
         if opts.resync == "full":
             return "full", "--resync full"
+        if self.source is None:
+            self._open_source()
         if self.source is None:  # (--resync checksum was refused at the start)
             return "full", f"no checksum sync: {self.source_refusal}"
         if opts.resync == "checksum":
@@ -492,9 +507,6 @@ class Protector:
         file is read through QEMU's own read-only NBD export; if that cannot be set
         up either, ``source_refusal`` says why."""
         opts = self.opts
-        if not opts.verify and (opts.resync == "full" or opts.legacy_drive_mirror):
-            self.source_refusal = "not needed (--resync full, no --verify)"
-            return
         key, owner = qemu_identity(self.qmp, opts)
         try:
             self.source = PrimarySource.open(self.qmp, opts.drives, key, owner,
@@ -508,6 +520,11 @@ class Protector:
         if exported:
             self.console.say(f"nbd-mc protect: reading {', '.join(exported)} through QEMU's "
                              f"read-only NBD export ({self.source.socket})")
+
+    def _close_source(self) -> None:
+        if self.source is not None:
+            self.report.problems += self.source.close()
+            self.source = None
 
     def _verifier(self) -> verify.Verifier:
         if self.source is None:
@@ -548,9 +565,7 @@ class Protector:
                     for p in self.repairs.pending + [p for p, _ in self.repairs.copied]]
             self.verifier.close()
         self._close_ranges()
-        if self.source is not None:
-            report.problems += self.source.close()
-            self.source = None
+        self._close_source()
         if self.watchdog is not None:
             self.watchdog.close()
         for c in (qmp, self.ctl):
