@@ -21,10 +21,11 @@ verify, and so do we, while protection runs:
 The primary's side reads the drive through the primary's data source
 (primary/source.py): its local raw image file when it is one, otherwise a
 read-only NBD export of the drive's node made by QEMU itself; with the VM
-stopped and drained both give exactly the state of the checkpoint.  A mismatch is handed to ``repair`` (a callable, None by
-default) with the disk and range: protect passes its targeted resync
-(primary/repair.py), which copies the range at the next checkpoint and checks
-it again once that commits; what it repaired is counted in ``Stats.repaired``.
+stopped and drained both give exactly the state of the checkpoint.  A mismatch
+is handed to ``repair`` (a callable, None by default) with the disk and range:
+protect passes its targeted resync (primary/repair.py), which copies the range
+at the next checkpoint and checks it again once that commits; what it repaired
+is counted in ``Stats.repaired``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from .errors import BadRequest, EpochMismatch, NotProtected
+from .errors import BadRequest, EpochMismatch, NbdMcError, NotProtected
 
 DIGEST_SIZE = 32          # the slice hash: BLAKE2b-256
 BLOCK_DIGEST_SIZE = 8     # per-sector hashes only localise a difference already found
@@ -177,6 +178,7 @@ class Stats:
     capture_s: list = field(default_factory=list)   # VM paused: copying one slice
     check_s: list = field(default_factory=list)     # VM running: hash + verify-range
     refused: int = 0                                  # slices the secondary would not hash
+    unread: int = 0                                   # captures the primary's source failed
     started: float | None = None                      # the first capture (after the sync)
 
     def as_dict(self, slice_size: int) -> dict:
@@ -186,6 +188,7 @@ class Stats:
         return {
             "verified_bytes": self.verified_bytes, "slices": self.slices,
             "passes": self.passes, "slice_bytes": slice_size, "refused": self.refused,
+            "unread": self.unread,
             "mismatches": [m.as_dict() for m in self.mismatches],
             "repaired": {"ranges": [m.as_dict() for m in self.repaired],
                          "bytes": sum(m.length for m in self.repaired)},
@@ -252,14 +255,27 @@ class Verifier:
         return at_checkpoint
 
     def capture(self) -> None:
-        """With the VM stopped and drained: copy the next slice of the primary's disk."""
+        """With the VM stopped and drained: copy the next slice of the primary's disk.
+
+        A read that fails (the source's error: an I/O error, QEMU's export not
+        answering) leaves nothing captured -- the same slice is tried at the next
+        checkpoint -- and is counted and said (the first time and every 100th):
+        protection goes on, only this checkpoint verifies nothing."""
         i, off = self._pos
         t = self.targets[i]
         n = min(self.slice_size, t.size - off)
         if self.stats.started is None:
             self.stats.started = time.monotonic()
         t0 = time.perf_counter()
-        self.source.read_into(t.drive, memoryview(self._buf)[:n], off)
+        self._captured = None
+        try:
+            self.source.read_into(t.drive, memoryview(self._buf)[:n], off)
+        except NbdMcError as e:
+            self.stats.unread += 1
+            if self.stats.unread % 100 == 1:
+                self.say(f"  verify: {t.drive} [{off}, +{n}) not read ({self.stats.unread} "
+                         f"time(s) so far): {e.desc}")
+            return
         self.stats.capture_s.append(time.perf_counter() - t0)
         self._captured = (i, off, n)
 

@@ -39,7 +39,7 @@ from .repair import Repairs
 from .report import Report
 from .resync import ChecksumUnsupported, Resync, checksum_sync, incremental
 from .secondary import claim_writer, connect, first_epoch, secondary_status
-from .source import (READ_TIMEOUT, NbdExport, PrimarySource, SourceUnavailable,
+from .source import (READ_TIMEOUT, NbdExport, PrimarySource, SourceError, SourceUnavailable,
                      qemu_owner_from_xml, qemu_owner_of_pidfile, qemu_owner_of_socket)
 from .watchdog import Watchdog
 
@@ -416,6 +416,9 @@ class Protector:
                 raise SecondaryFailed(f"the checksum sync failed: {e.desc}") from None
             except ChecksumUnsupported as e:
                 mode, because, done = "full", f"{e.desc}; nothing was copied yet", False
+            except SourceError as e:  # the full sync rewrites whatever the walk copied
+                mode, because, done = "full", f"the checksum sync could not read: {e.desc}", \
+                    False
             if done is None:
                 return False
             if done:

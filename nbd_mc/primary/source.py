@@ -65,7 +65,12 @@ READ_CHUNK = 1 << 20
 READ_TIMEOUT = 30.0
 
 
-class SourceUnavailable(PrimaryError):
+class SourceError(PrimaryError):
+    """Reading the primary's drive failed (an I/O error, QEMU not answering): the
+    reader skips what it wanted and tries again later; protection goes on."""
+
+
+class SourceUnavailable(SourceError):
     """No way to read the primary's drive: not a local raw file, and QEMU's own NBD
     export could not be set up."""
 
@@ -94,12 +99,16 @@ class RawFile:
         try:
             pread_into(self.fd, view, offset)
         except OSError as e:
-            raise PrimaryError(f"reading drive {self.drive} ({self.path}) at {offset}: "
-                               f"{e.strerror}") from None
+            raise SourceError(f"reading drive {self.drive} ({self.path}) at {offset}: "
+                              f"{e.strerror}") from None
 
     def extents(self, offset: int, end: int):
         """(start, length, data) runs of [offset, end); not data = reads as zeros."""
-        return data_extents(self.fd, offset, end)
+        try:
+            return list(data_extents(self.fd, offset, end))
+        except OSError as e:
+            raise SourceError(f"the data/hole map of drive {self.drive} ({self.path}): "
+                              f"{e.strerror}") from None
 
     def close(self) -> None:
         if self.fd is not None:
@@ -110,9 +119,11 @@ class RawFile:
 class NbdExport:
     """A drive read through QEMU's own read-only NBD export of its node (libnbd).
 
-    State: ``_h`` the libnbd handle (None once closed); used by protect's single
-    thread.  Every wait is bounded by ``timeout``: a QEMU that stops answering
-    makes a read fail with PrimaryError, never hang protect.
+    State: ``_h`` the libnbd handle, None after a failure (the next read connects
+    again) or close; used by protect's single thread.  Every wait is bounded by
+    ``timeout``: a QEMU that stops answering makes a read fail with SourceError,
+    never hang protect.  A failed read drops its connection before it returns, so
+    a late answer can never land in a buffer the caller has reused.
     """
 
     kind = "QEMU NBD export"
@@ -125,42 +136,64 @@ class NbdExport:
         self.node = node
         self.timeout = timeout
         self.where = f"QEMU's NBD export {export} of node {node}"
+        self._h = None
+        try:
+            self._h = self._connect()
+        except SourceError as e:
+            raise SourceUnavailable(e.desc) from None
+
+    def _connect(self):
         nbd = _nbd()
         h = nbd.NBD()
         try:
-            h.set_export_name(export)
+            h.set_export_name(self.export)
             h.add_meta_context("base:allocation")
-            h.aio_connect_unix(socket)
-            deadline = time.monotonic() + timeout
+            h.aio_connect_unix(self.socket)
+            deadline = time.monotonic() + self.timeout
             while h.aio_is_connecting():
-                self._poll(h, deadline, "connecting")
+                self._poll(h, deadline, "connecting to")
             if not h.aio_is_ready():
-                raise SourceUnavailable(f"cannot open {self.where} at {socket}")
+                raise SourceError(f"cannot open {self.where} at {self.socket}")
         except nbd.Error as e:
-            raise SourceUnavailable(f"cannot open {self.where} at {socket}: {e.string}") \
+            raise SourceError(f"cannot open {self.where} at {self.socket}: {e.string}") \
                 from None
-        self._h = h
+        return h
+
+    def _handle(self):
+        if self._h is None:
+            self._h = self._connect()
+        return self._h
 
     def _poll(self, h, deadline: float, what: str) -> None:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise PrimaryError(f"QEMU did not answer within {self.timeout:g} s while {what} "
-                               f"drive {self.drive} ({self.where})")
+            raise SourceError(f"QEMU did not answer within {self.timeout:g} s while {what} "
+                              f"drive {self.drive} ({self.where})")
         h.poll(max(1, int(left * 1000)))
         if h.aio_is_dead():
-            raise PrimaryError(f"QEMU closed its NBD export while {what} drive {self.drive} "
-                               f"({self.where})")
+            raise SourceError(f"QEMU closed its NBD export while {what} drive {self.drive} "
+                              f"({self.where})")
 
-    def _wait_all(self, cookies: list[int], what: str) -> None:
+    def _run(self, send, what: str):
+        """Send requests (``send(handle)`` returns their cookies and whatever must stay
+        alive meanwhile) and wait for all of them; on any failure drop the
+        connection (its requests die with it) and raise SourceError."""
         nbd = _nbd()
-        deadline = time.monotonic() + self.timeout
         try:
+            h = self._handle()
+            cookies, keep = send(h)
+            deadline = time.monotonic() + self.timeout
             for c in cookies:
-                while not self._h.aio_command_completed(c):
-                    self._poll(self._h, deadline, what)
+                while not h.aio_command_completed(c):
+                    self._poll(h, deadline, what)
+            return keep
         except nbd.Error as e:
-            raise PrimaryError(f"QEMU refused {what} drive {self.drive} ({self.where}): "
-                               f"{e.string}") from None
+            self._h = None
+            raise SourceError(f"QEMU refused {what} drive {self.drive} ({self.where}): "
+                              f"{e.string}") from None
+        except BaseException:
+            self._h = None
+            raise
 
     def read_into(self, view, offset: int) -> None:
         """Fill ``view`` from ``offset``: READ_CHUNK requests, all sent at once (QEMU
@@ -168,15 +201,14 @@ class NbdExport:
         transfers), each read by libnbd straight into its part of ``view``."""
         nbd = _nbd()
         view = memoryview(view).cast("B")
-        buffers = []  # kept alive until every request completed
-        try:
+
+        def send(h):
+            buffers, cookies = [], []  # the buffers stay alive until all completed
             for pos in range(0, len(view), READ_CHUNK):
-                buf = nbd.Buffer.from_buffer(view[pos:pos + READ_CHUNK])
-                buffers.append((buf, self._h.aio_pread(buf, offset + pos)))
-        except nbd.Error as e:
-            raise PrimaryError(f"reading drive {self.drive} ({self.where}) at {offset}: "
-                               f"{e.string}") from None
-        self._wait_all([c for _, c in buffers], f"reading {len(view)} bytes at {offset} of")
+                buffers.append(nbd.Buffer.from_buffer(view[pos:pos + READ_CHUNK]))
+                cookies.append(h.aio_pread(buffers[-1], offset + pos))
+            return cookies, buffers
+        self._run(send, f"reading {len(view)} bytes at {offset} of")
 
     def extents(self, offset: int, end: int):
         """(start, length, data) runs of [offset, end) from NBD block status: not data
@@ -191,12 +223,8 @@ class NbdExport:
                 if metacontext == "base:allocation":
                     found.extend(entries)
                 return 0
-            try:
-                cookie = self._h.aio_block_status(min(end - pos, 1 << 30), pos, extent)
-            except nbd.Error as e:
-                raise PrimaryError(f"block status of drive {self.drive} ({self.where}): "
-                                   f"{e.string}") from None
-            self._wait_all([cookie], "asking block status of")
+            self._run(lambda h: ([h.aio_block_status(min(end - pos, 1 << 30), pos, extent)],
+                                 None), "asking block status of")
             advanced = 0
             for i in range(0, len(found) - 1, 2):
                 n = min(found[i], end - pos - advanced)

@@ -536,3 +536,29 @@ def test_export_socket_of_a_qemu_running_as_another_user(servers, qemu_vms):
         assert not os.path.exists(os.path.dirname(src.socket))
     finally:
         qmp.close()
+
+
+@pytest.mark.qemu
+def test_export_lost_behind_protects_back_skips_a_slice_not_protection(servers, qemu_vms):
+    """QEMU's export of the qcow2 drive removed behind protect's back: the capture
+    fails, the checkpoint still commits, the failure is counted and said; once the
+    export is back (same name) the same slice is verified at the next checkpoint."""
+    vm, server, qcow2, model = make_qcow2_pair(servers, qemu_vms, "lost-export")
+    w = Walk(vm, server)
+    try:
+        w.checkpoint()  # drive0's first slice, through the export
+        assert w.v.stats.slices == 1 and w.v.stats.unread == 0
+        export = w.source["drive0"]
+        vm.qmp.cmd("block-export-del", id=export.export, mode="hard")
+        w.checkpoint()
+        w.checkpoint()
+        assert w.v.stats.unread == 2 and w.v.stats.slices == 1, w.v.stats
+        assert w.v.progress()[0] == MiB  # still at drive0's second slice
+        assert sum("not read (1 time(s) so far)" in line for line in w.said) == 1, w.said
+        vm.qmp.cmd("block-export-add", type="nbd", id=export.export, name=export.export,
+                   writable=False, **{"node-name": export.node})
+        w.passes(1)
+        assert w.v.stats.unread == 2 and w.v.stats.mismatches == [], w.v.stats
+        assert w.v.stats.verified_bytes == sum(SIZES.values())
+    finally:
+        w.close()
