@@ -254,10 +254,11 @@ class Protector:
         return at_checkpoint
 
     def _ranges(self) -> RangeWriter:
-        """The libnbd writer connections of the current claim (ranges.py)."""
+        """The libnbd writer connections of the current claim (ranges.py), reading
+        the primary's drives from the current source (None: it cannot read)."""
+        if self.ranges is not None and self.ranges.source is not self.source:
+            self._close_ranges()
         if self.ranges is None:
-            if self.source is None:
-                raise PrimaryError(f"cannot copy ranges: {self.source_refusal}")
             self.ranges = RangeWriter(self.opts.target, self.writer_drives, self.source,
                                       self.opts.tls_certificates, self.opts.stall_timeout)
         return self.ranges
@@ -468,18 +469,20 @@ class Protector:
             return "full", ""
         if opts.resync == "full":
             return "full", "--resync full"
+        if opts.resync == "auto":
+            ranges = self._ranges()
+            data = sum(ranges.allocated(d.drive, self.sizes[d.drive]) for d in opts.drives)
+            if not data:  # (asked first: an empty replica needs no source)
+                return "full", "the secondary's image is empty"
+            because = (f"the secondary's image holds {_mib(data)} of data: comparing block "
+                       "hashes, copying only what differs")
+        else:
+            because = "--resync checksum: comparing block hashes, copying what differs"
         if self.source is None:
             self._open_source()
-        if self.source is None:  # (--resync checksum was refused at the start)
+        if self.source is None:  # (--resync checksum: refused at the start if so)
             return "full", f"no checksum sync: {self.source_refusal}"
-        if opts.resync == "checksum":
-            return "checksum", "--resync checksum: comparing block hashes, copying what differs"
-        ranges = self._ranges()
-        data = sum(ranges.allocated(d.drive, self.sizes[d.drive]) for d in opts.drives)
-        if not data:
-            return "full", "the secondary's image is empty"
-        return "checksum", (f"the secondary's image holds {_mib(data)} of data: comparing "
-                            "block hashes, copying only what differs")
+        return "checksum", because
 
     def _attach(self) -> None:
         opts, qmp = self.opts, self.qmp

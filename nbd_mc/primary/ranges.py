@@ -33,6 +33,7 @@ import time
 
 from .errors import PrimaryError, SecondaryFailed, SecondaryStalled
 from .options import DriveSpec, NbdTarget
+from .source import SourceError
 
 #: Largest single NBD write, and the read buffer.
 CHUNK = 4 << 20
@@ -48,8 +49,8 @@ class RangeWriter:
     """NBD connections to the writer exports of one claim, opened on first use.
 
     State (protect's single thread): ``_handles`` {drive: nbd.NBD} of the
-    current claim.  ``source`` (source.PrimarySource) reads the primary's
-    drives; it is the caller's and outlives claims.  A new claim (another
+    current claim.  ``source`` (source.PrimarySource, or None: nothing is read)
+    reads the primary's drives; it is the caller's.  A new claim (another
     writer id) needs a new RangeWriter: close this one.
     """
 
@@ -126,10 +127,20 @@ class RangeWriter:
     # --- reading the primary's drive ---------------------------------------------------------
     def read(self, drive: str, offset: int, length: int) -> bytearray:
         """``length`` bytes of the primary's drive at ``offset`` (from the source)."""
-        return self.source.read(drive, offset, length)
+        return self._source().read(drive, offset, length)
 
     def read_into(self, drive: str, view, offset: int) -> None:
-        self.source.read_into(drive, view, offset)
+        self._source().read_into(drive, view, offset)
+
+    def extents(self, drive: str, offset: int, end: int):
+        """(start, length, data) runs of the primary's drive (not data: reads as zeros)."""
+        return self._source().extents(drive, offset, end)
+
+    def _source(self):
+        if self.source is None:  # (a writer made only to ask the secondary something)
+            raise SourceError("this range writer has no source to read the primary's "
+                              "drives from")
+        return self.source
 
     # --- writing the secondary ---------------------------------------------------------------
     def write(self, drive: str, offset: int, data) -> None:
@@ -156,7 +167,7 @@ class RangeWriter:
         """Copy [offset, offset+length) of the primary's drive to the secondary; the
         bytes copied.  What reads as zeros on the primary is sent as write-zeroes."""
         end = offset + length
-        for start, n, data in self.source.extents(drive, offset, end):
+        for start, n, data in self.extents(drive, offset, end):
             for pos in range(start, start + n, CHUNK):
                 size = min(CHUNK, start + n - pos)
                 self.write(drive, pos, self.read(drive, pos, size) if data else bytes(size))

@@ -310,7 +310,7 @@ def _differing(ctl, writer: RangeWriter, d: DriveSpec, offset: int, length: int)
     except (OSError, NbdMcError) as e:
         raise SecondaryFailed(f"lost the control connection to the secondary during the "
                               f"checksum sync: {e}") from None
-    ours, _ = checksum.digests(lambda a, b: writer.source.extents(d.drive, a, b), offset,
+    ours, _ = checksum.digests(lambda a, b: writer.extents(d.drive, a, b), offset,
                                length, BLOCK, lambda view, pos: writer.read_into(d.drive, view, pos))
     out: list[list[int]] = []
     for i, (a, b) in enumerate(zip(ours, theirs)):

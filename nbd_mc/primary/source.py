@@ -309,7 +309,9 @@ class PrimarySource:
         out = cls({}, qmp)
         try:
             need = {}
-            for d, ins in zip(drives, drive_nodes(qmp, drives).values()):
+            nodes = drive_nodes(qmp, drives)
+            for d in drives:
+                ins = nodes[d.drive]
                 if not ins:
                     raise SourceUnavailable(f"QEMU shows no medium for drive {d.drive}")
                 path = local_raw_file(ins)
