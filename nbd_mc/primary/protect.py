@@ -602,8 +602,8 @@ def qemu_identity(qmp, opts: Options) -> tuple[str, tuple[int, int] | None]:
     if not opts.libvirt:
         return "qmp:" + os.path.realpath(opts.qmp), qemu_owner_of_socket(opts.qmp)
     try:
-        key, xml = "libvirt:" + qmp.dom.UUIDString(), qmp.dom.XMLDesc(0)
-    except Exception:  # libvirt errors: the name alone still works
+        key, xml = "libvirt:" + qmp.dom.UUIDString(), qmp.live_xml()
+    except Exception:  # libvirt's errors (or PrimaryError): the name alone still works
         key, xml = "libvirt:" + opts.libvirt, ""
     # the DAC label names QEMU's user; without one (no security driver), the QEMU
     # process itself does, through the pid file of a local libvirtd
