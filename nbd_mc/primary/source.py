@@ -395,14 +395,13 @@ class PrimarySource:
             r.close()
         problems = []
         qmp, self.qmp = self.qmp, None
-        if qmp is None or getattr(qmp, "gone", None):
-            return problems
-        try:
-            if self.server_started:  # stopping the server ends its exports too
-                qmp.cmd("nbd-server-stop")
-            else:
-                for export in self.exports:
-                    qmp.cmd("block-export-del", id=export, mode="hard")
+        try:  # (nothing to remove from a QEMU that is gone)
+            if qmp is not None and not getattr(qmp, "gone", None):
+                if self.server_started:  # stopping the server ends its exports too
+                    qmp.cmd("nbd-server-stop")
+                else:
+                    for export in self.exports:
+                        qmp.cmd("block-export-del", id=export, mode="hard")
         except (QmpCommandError, PrimaryError) as e:
             problems.append(f"removing QEMU's NBD export of the drives: {e.desc}")
         self.exports = []
