@@ -50,10 +50,20 @@ def zero_digest(length: int) -> str:
     return block_digest(bytes(length))
 
 
-def hole_blocks(fd: int, offset: int, length: int, block: int) -> set[int]:
-    """Indexes of the blocks of [offset, offset+length) that lie entirely in holes."""
+def _extents(extents, offset: int, end: int):
+    if isinstance(extents, int):  # a file descriptor: its SEEK_DATA/SEEK_HOLE map
+        return data_extents(extents, offset, end)
+    return extents(offset, end)
+
+
+def hole_blocks(extents, offset: int, length: int, block: int) -> set[int]:
+    """Indexes of the blocks of [offset, offset+length) that lie entirely in holes.
+
+    ``extents``: a file descriptor, or a callable(offset, end) giving (start,
+    length, data) runs like fileio.data_extents (the primary reads its drive
+    through a source that may not be a file: primary/source.py)."""
     holes = set()
-    for start, n, data in data_extents(fd, offset, offset + length):
+    for start, n, data in _extents(extents, offset, offset + length):
         if data:
             continue
         first = -(-(start - offset) // block)          # first block starting in the hole
@@ -64,10 +74,11 @@ def hole_blocks(fd: int, offset: int, length: int, block: int) -> set[int]:
     return holes
 
 
-def digests(fd: int, offset: int, length: int, block: int, read) -> tuple[list, int]:
-    """Per-block digests of [offset, offset+length) of the file ``fd`` (None for a
-    block that is a hole) and the bytes read.  ``read(view, offset)`` fills a view."""
-    holes = hole_blocks(fd, offset, length, block)
+def digests(extents, offset: int, length: int, block: int, read) -> tuple[list, int]:
+    """Per-block digests of [offset, offset+length) (None for a block that is a
+    hole) and the bytes read.  ``extents`` is what hole_blocks takes (a file
+    descriptor or a callable); ``read(view, offset)`` fills a view."""
+    holes = hole_blocks(extents, offset, length, block)
     out: list = []
     buf = bytearray(block)
     read_bytes = 0

@@ -18,23 +18,24 @@ verify, and so do we, while protection runs:
 * slice after slice (one per checkpoint) the walk covers every drive, with
   progress and an ETA, then starts over.
 
-The primary's side reads the drive's raw image file directly (it must be a local
-raw file: after ``stop`` has drained the I/O, the page cache holds every write --
-see README, the primary).  A mismatch is handed to ``repair`` (a callable, None by
-default) with the disk and range: protect passes its targeted resync
-(primary/repair.py), which copies the range at the next checkpoint and checks
-it again once that commits; what it repaired is counted in ``Stats.repaired``.
+The primary's side reads the drive through the primary's data source
+(primary/source.py): its local raw image file when it is one, otherwise a
+read-only NBD export of the drive's node made by QEMU itself; with the VM
+stopped and drained both give exactly the state of the checkpoint.  A mismatch
+is handed to ``repair`` (a callable, None by default) with the disk and range:
+protect passes its targeted resync (primary/repair.py), which copies the range
+at the next checkpoint and checks it again once that commits; what it repaired
+is counted in ``Stats.repaired``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
 
-from .errors import BadRequest, EpochMismatch, NotProtected
+from .errors import BadRequest, EpochMismatch, NbdMcError, NotProtected
 
 DIGEST_SIZE = 32          # the slice hash: BLAKE2b-256
 BLOCK_DIGEST_SIZE = 8     # per-sector hashes only localise a difference already found
@@ -156,32 +157,13 @@ class Mismatch:
 
 @dataclass
 class Target:
-    """One drive to verify: its raw image on the primary and its disk on the secondary."""
+    """One drive to verify: the primary's drive and its disk on the secondary;
+    ``where`` says where its data is read from (for messages)."""
 
     drive: str
     disk: str
-    path: str
+    where: str
     size: int
-
-
-def local_raw_images(qmp, drives) -> dict[str, str]:
-    """{drive: path of its raw image file}, from query-block, before any mirror is
-    added (refuses what verify cannot read directly: non-raw formats, non-files)."""
-    found = {}
-    for b in qmp.cmd("query-block"):
-        ins = b.get("inserted") or {}
-        for n in (b.get("device"), ins.get("node-name")):
-            if n:
-                found[n] = ins
-    out = {}
-    for d in drives:
-        ins = found.get(d.drive) or found.get(d.source) or {}
-        path = ins.get("file") or ""
-        if ins.get("drv") != "raw" or not os.path.isfile(path):
-            raise ValueError(f"the primary's disk is read directly: drive {d.drive} must "
-                             f"be a local raw image file (it is {ins.get('drv')} {path!r})")
-        out[d.drive] = path
-    return out
 
 
 @dataclass
@@ -196,6 +178,7 @@ class Stats:
     capture_s: list = field(default_factory=list)   # VM paused: copying one slice
     check_s: list = field(default_factory=list)     # VM running: hash + verify-range
     refused: int = 0                                  # slices the secondary would not hash
+    unread: int = 0                                   # captures the primary's source failed
     started: float | None = None                      # the first capture (after the sync)
 
     def as_dict(self, slice_size: int) -> dict:
@@ -205,6 +188,7 @@ class Stats:
         return {
             "verified_bytes": self.verified_bytes, "slices": self.slices,
             "passes": self.passes, "slice_bytes": slice_size, "refused": self.refused,
+            "unread": self.unread,
             "mismatches": [m.as_dict() for m in self.mismatches],
             "repaired": {"ranges": [m.as_dict() for m in self.repaired],
                          "bytes": sum(m.length for m in self.repaired)},
@@ -225,8 +209,11 @@ class Verifier:
     touched only by protect's checkpoint thread.
     """
 
-    def __init__(self, targets: list[Target], slice_size: int = DEFAULT_SLICE,
+    def __init__(self, targets: list[Target], source, slice_size: int = DEFAULT_SLICE,
                  passes: int | None = None, say=lambda text: None, repair=None):
+        """``source``: how the primary's drives are read (primary/source.py's
+        PrimarySource, or anything with ``read_into(drive, view, offset)``); the
+        caller owns it and closes it."""
         if slice_size < SECTOR or slice_size % SECTOR or slice_size > MAX_LENGTH:
             raise ValueError(f"verify slice must be a multiple of {SECTOR} bytes, at most "
                              f"{MAX_LENGTH >> 20} MiB")
@@ -239,7 +226,7 @@ class Verifier:
         self.total = sum(t.size for t in targets)
         self._pos = (0, 0)
         self._pass_done = 0
-        self._fds = {t.drive: os.open(t.path, os.O_RDONLY) for t in targets}
+        self.source = source
         self._buf = bytearray(slice_size)
         self._captured = None
         self._periods: list[float] = []
@@ -268,20 +255,27 @@ class Verifier:
         return at_checkpoint
 
     def capture(self) -> None:
-        """With the VM stopped and drained: copy the next slice of the primary's disk."""
+        """With the VM stopped and drained: copy the next slice of the primary's disk.
+
+        A read that fails (the source's error: an I/O error, QEMU's export not
+        answering) leaves nothing captured -- the same slice is tried at the next
+        checkpoint -- and is counted and said (the first time and every 100th):
+        protection goes on, only this checkpoint verifies nothing."""
         i, off = self._pos
         t = self.targets[i]
         n = min(self.slice_size, t.size - off)
         if self.stats.started is None:
             self.stats.started = time.monotonic()
         t0 = time.perf_counter()
-        view = memoryview(self._buf)[:n]
-        got = 0
-        while got < n:
-            r = os.preadv(self._fds[t.drive], [view[got:]], off + got)
-            if r <= 0:
-                raise OSError(f"short read of {t.path} at {off + got}")
-            got += r
+        self._captured = None
+        try:
+            self.source.read_into(t.drive, memoryview(self._buf)[:n], off)
+        except NbdMcError as e:
+            self.stats.unread += 1
+            if self.stats.unread % 100 == 1:
+                self.say(f"  verify: {t.drive} [{off}, +{n}) not read ({self.stats.unread} "
+                         f"time(s) so far): {e.desc}")
+            return
         self.stats.capture_s.append(time.perf_counter() - t0)
         self._captured = (i, off, n)
 
@@ -358,17 +352,15 @@ class Verifier:
                      + (f", ETA {eta:.0f} s" if eta is not None else ""))
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
+        """Nothing of its own to close (the source is the caller's)."""
 
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-def targets_for(qmp, drives, sizes: dict[str, int]) -> list[Target]:
+def targets_for(drives, sizes: dict[str, int], source) -> list[Target]:
     """The drives protect mirrors, as verify targets (call before the claim renames
-    the exports, so ``d.export`` is the secondary's disk name)."""
-    paths = local_raw_images(qmp, drives)
-    return [Target(d.drive, d.export, paths[d.drive], sizes[d.drive]) for d in drives]
+    the exports, so ``d.export`` is the secondary's disk name); ``source`` is the
+    PrimarySource that reads them."""
+    return [Target(d.drive, d.export, source.where(d.drive), sizes[d.drive]) for d in drives]

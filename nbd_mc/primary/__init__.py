@@ -11,6 +11,8 @@ One concept per module:
   bitmaps     -- dirty bitmaps per epoch: what changed since the secondary's commit
   resync      -- bringing the secondary in step: incremental rounds, a checksum sync
                  or a full sync
+  source      -- reading a drive from outside QEMU: its local raw file, or QEMU's own
+                 read-only NBD export of its node (verify, repair, checksum sync)
   ranges      -- copying chosen byte ranges into the secondary with libnbd, as its writer
   repair      -- the targeted resync of ranges online verify found different
   checkpoint  -- one checkpoint: stop, drained, hook, commit, cont

@@ -267,9 +267,13 @@ class LibvirtQmp(EventLog):
             "human-monitor-command")
 
     # disks
+    def live_xml(self) -> str:
+        """The running domain's XML (its disks, aliases, security labels)."""
+        return self._call(lambda: self.dom.XMLDesc(0), "XMLDesc")
+
     def disks(self) -> dict[str, str | None]:
         """target dev -> device alias (``virtio-disk0``), from the live domain XML."""
-        root = ET.fromstring(self._call(lambda: self.dom.XMLDesc(0), "XMLDesc"))
+        root = ET.fromstring(self.live_xml())
         found = {}
         for disk in root.findall("./devices/disk"):
             target = disk.find("target")

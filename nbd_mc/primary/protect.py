@@ -17,6 +17,7 @@ disks) or after --retry-for without a secondary.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 
@@ -38,6 +39,8 @@ from .repair import Repairs
 from .report import Report
 from .resync import ChecksumUnsupported, Resync, checksum_sync, incremental
 from .secondary import claim_writer, connect, first_epoch, secondary_status
+from .source import (READ_TIMEOUT, NbdExport, PrimarySource, SourceError, SourceUnavailable,
+                     qemu_owner_from_xml, qemu_owner_of_pidfile, qemu_owner_of_socket)
 from .watchdog import Watchdog
 
 #: Retry delays after losing the secondary: doubling from the first to the last (a
@@ -75,8 +78,12 @@ class Protector:
                   again at the next one);
       repairs  -- the targeted resync of what verify found (repair.py), or None
                   (no --verify, or --no-repair); survives outages like the walk;
-      raw_paths -- {drive: its local raw image} (read by verify, repairs and the
-                  checksum sync), or None, with ``raw_refusal`` saying why;
+      source   -- how the primary's drives are read by verify, repairs and the
+                  checksum sync (source.PrimarySource: local raw files or QEMU's
+                  read-only NBD export), or None, with ``source_refusal`` saying
+                  why; with --verify open for the whole run, otherwise only
+                  during a sync that may need it (QEMU runs one NBD server:
+                  ours should not sit there longer than it is used);
       ranges   -- the ranges.RangeWriter of the current claim (libnbd connections to
                   the writer exports), opened on first use, None after a new claim
                   or an outage;
@@ -102,8 +109,8 @@ class Protector:
         self.writer_drives = opts.drives
         self.verifier = None
         self.repairs: Repairs | None = None
-        self.raw_paths: dict[str, str] | None = None
-        self.raw_refusal = ""
+        self.source: PrimarySource | None = None
+        self.source_refusal = ""
         self.ranges: RangeWriter | None = None
         # --metrics-file (metrics.py); a no-op without a path
         self.metrics = ProtectMetrics(opts.metrics_file, opts.libvirt or opts.qmp or "")
@@ -133,12 +140,10 @@ class Protector:
             if leftover:
                 console.say(f"nbd-mc protect: {leftover}")
             # (after the leftovers: a mirror filter hides the drive's file)
-            try:
-                self.raw_paths = verify.local_raw_images(self.qmp, opts.drives)
-            except ValueError as e:
-                self.raw_refusal = str(e)
-            if opts.resync == "checksum" and self.raw_paths is None:
-                raise PrimaryError(f"--resync checksum: {self.raw_refusal}")
+            if opts.verify or opts.resync == "checksum" and not opts.legacy_drive_mirror:
+                self._open_source()
+            if opts.resync == "checksum" and self.source is None:
+                raise PrimaryError(f"--resync checksum: {self.source_refusal}")
             if opts.verify:
                 self.verifier = self._verifier()
             self.bitmaps = Bitmaps(self.qmp, opts.drives, source_nodes(self.qmp, opts.drives))
@@ -249,11 +254,12 @@ class Protector:
         return at_checkpoint
 
     def _ranges(self) -> RangeWriter:
-        """The libnbd writer connections of the current claim (ranges.py)."""
+        """The libnbd writer connections of the current claim (ranges.py), reading
+        the primary's drives from the current source (None: it cannot read)."""
+        if self.ranges is not None and self.ranges.source is not self.source:
+            self._close_ranges()
         if self.ranges is None:
-            if self.raw_paths is None:
-                raise PrimaryError(f"cannot copy ranges: {self.raw_refusal}")
-            self.ranges = RangeWriter(self.opts.target, self.writer_drives, self.raw_paths,
+            self.ranges = RangeWriter(self.opts.target, self.writer_drives, self.source,
                                       self.opts.tls_certificates, self.opts.stall_timeout)
         return self.ranges
 
@@ -338,6 +344,16 @@ class Protector:
 
     # --- syncing ------------------------------------------------------------------------------
     def _sync(self, status: dict) -> bool:
+        """_sync_now; without --verify nothing reads the drives until the next sync:
+        the libnbd connections and the source (QEMU's export, if any) go."""
+        try:
+            return self._sync_now(status)
+        finally:
+            if self.verifier is None:
+                self._close_ranges()
+                self._close_source()
+
+    def _sync_now(self, status: dict) -> bool:
         """Bring the secondary in step with the VM and start the write-blocking mirrors.
 
         Incremental when a bitmap of this group covers the secondary's committed
@@ -401,6 +417,9 @@ class Protector:
                 raise SecondaryFailed(f"the checksum sync failed: {e.desc}") from None
             except ChecksumUnsupported as e:
                 mode, because, done = "full", f"{e.desc}; nothing was copied yet", False
+            except SourceError as e:  # the full sync rewrites whatever the walk copied
+                mode, because, done = "full", f"the checksum sync could not read: {e.desc}", \
+                    False
             if done is None:
                 return False
             if done:
@@ -450,16 +469,20 @@ class Protector:
             return "full", ""
         if opts.resync == "full":
             return "full", "--resync full"
-        if self.raw_paths is None:  # (--resync checksum was refused at the start)
-            return "full", f"no checksum sync: {self.raw_refusal}"
-        if opts.resync == "checksum":
-            return "checksum", "--resync checksum: comparing block hashes, copying what differs"
-        ranges = self._ranges()
-        data = sum(ranges.allocated(d.drive, self.sizes[d.drive]) for d in opts.drives)
-        if not data:
-            return "full", "the secondary's image is empty"
-        return "checksum", (f"the secondary's image holds {_mib(data)} of data: comparing "
-                            "block hashes, copying only what differs")
+        if opts.resync == "auto":
+            ranges = self._ranges()
+            data = sum(ranges.allocated(d.drive, self.sizes[d.drive]) for d in opts.drives)
+            if not data:  # (asked first: an empty replica needs no source)
+                return "full", "the secondary's image is empty"
+            because = (f"the secondary's image holds {_mib(data)} of data: comparing block "
+                       "hashes, copying only what differs")
+        else:
+            because = "--resync checksum: comparing block hashes, copying what differs"
+        if self.source is None:
+            self._open_source()
+        if self.source is None:  # (--resync checksum: refused at the start if so)
+            return "full", f"no checksum sync: {self.source_refusal}"
+        return "checksum", because
 
     def _attach(self) -> None:
         opts, qmp = self.opts, self.qmp
@@ -484,11 +507,38 @@ class Protector:
         except QmpCommandError as e:
             raise SecondaryFailed(f"cannot start the mirror: {e.desc}") from None
 
-    def _verifier(self) -> verify.Verifier:
+    def _open_source(self) -> None:
+        """The primary's data source (source.py), when something may read it: verify,
+        or a checksum sync (--resync auto|checksum).  A drive that is no local raw
+        file is read through QEMU's own read-only NBD export; if that cannot be set
+        up either, ``source_refusal`` says why."""
+        opts = self.opts
+        key, owner = qemu_identity(self.qmp, opts)
         try:
-            targets = verify.targets_for(self.qmp, self.opts.drives, self.sizes)
-            v = verify.Verifier(targets, self.opts.verify_slice, self.opts.verify_passes,
-                                self.console.say)
+            self.source = PrimarySource.open(self.qmp, opts.drives, key, owner,
+                                             timeout=max(opts.stall_timeout, READ_TIMEOUT))
+        except SourceUnavailable as e:
+            self.source_refusal = (f"the primary's drives cannot be read: {e.desc} (they are "
+                                   "read from a local raw image file, or else through a "
+                                   "read-only NBD export QEMU makes of the drive)")
+            return
+        exported = [d for d, r in self.source.drives.items() if isinstance(r, NbdExport)]
+        if exported:
+            self.console.say(f"nbd-mc protect: reading {', '.join(exported)} through QEMU's "
+                             f"read-only NBD export ({self.source.socket})")
+
+    def _close_source(self) -> None:
+        if self.source is not None:
+            self.report.problems += self.source.close()
+            self.source = None
+
+    def _verifier(self) -> verify.Verifier:
+        if self.source is None:
+            raise PrimaryError(f"cannot verify: {self.source_refusal}")
+        try:
+            targets = verify.targets_for(self.opts.drives, self.sizes, self.source)
+            v = verify.Verifier(targets, self.source, self.opts.verify_slice,
+                                self.opts.verify_passes, self.console.say)
         except (ValueError, OSError) as e:
             raise PrimaryError(f"cannot verify: {e}") from None
         if self.opts.repair:
@@ -521,6 +571,7 @@ class Protector:
                     for p in self.repairs.pending + [p for p, _ in self.repairs.copied]]
             self.verifier.close()
         self._close_ranges()
+        self._close_source()
         if self.watchdog is not None:
             self.watchdog.close()
         for c in (qmp, self.ctl):
@@ -543,6 +594,21 @@ def open_session(opts: Options, timeout: float):
     except BaseException:
         qmp.close()
         raise
+
+
+def qemu_identity(qmp, opts: Options) -> tuple[str, tuple[int, int] | None]:
+    """What names this QEMU for source.py's NBD socket, and who QEMU runs as (the
+    owner of its QMP socket; under libvirt its DAC label), if we can tell."""
+    if not opts.libvirt:
+        return "qmp:" + os.path.realpath(opts.qmp), qemu_owner_of_socket(opts.qmp)
+    try:
+        key, xml = "libvirt:" + qmp.dom.UUIDString(), qmp.live_xml()
+    except Exception:  # libvirt's errors (or PrimaryError): the name alone still works
+        key, xml = "libvirt:" + opts.libvirt, ""
+    # the DAC label names QEMU's user; without one (no security driver), the QEMU
+    # process itself does, through the pid file of a local libvirtd
+    return key, (qemu_owner_from_xml(xml)
+                 or qemu_owner_of_pidfile(f"/run/libvirt/qemu/{opts.libvirt}.pid"))
 
 
 def protect(opts: Options, console: Console | None = None, stop: StopFlag | None = None) -> Report:

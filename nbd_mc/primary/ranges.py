@@ -13,8 +13,9 @@ same writer export the mirror uses (``NAME@WRITER``, granted by ``claim``):
 the write is refused the moment a newer claim or a failover supersedes this
 protect, exactly like the mirror's.
 
-The data comes from the drive's local raw image file (verify.local_raw_images:
-the same source online verify reads).  Callers make sure what they read is
+The data comes from the primary's data source (source.py: the drive's local
+raw image file, or QEMU's read-only NBD export of its node -- the same source
+online verify reads).  Callers make sure what they read is
 stable -- a repair copies with the VM paused and the mirrors drained; the
 checksum sync records every guest write that races its read in a dirty bitmap
 and copies those again afterwards.
@@ -30,9 +31,9 @@ from __future__ import annotations
 import os
 import time
 
-from ..fileio import data_extents, pread_into
 from .errors import PrimaryError, SecondaryFailed, SecondaryStalled
 from .options import DriveSpec, NbdTarget
+from .source import SourceError
 
 #: Largest single NBD write, and the read buffer.
 CHUNK = 4 << 20
@@ -48,20 +49,19 @@ class RangeWriter:
     """NBD connections to the writer exports of one claim, opened on first use.
 
     State (protect's single thread): ``_handles`` {drive: nbd.NBD} of the
-    current claim; ``_fds`` {drive: fd of the local raw image}.  A new claim
-    (another writer id) needs a new RangeWriter: close this one.
+    current claim.  ``source`` (source.PrimarySource, or None: nothing is read)
+    reads the primary's drives; it is the caller's.  A new claim (another
+    writer id) needs a new RangeWriter: close this one.
     """
 
     def __init__(self, target: NbdTarget, writer_drives: list[DriveSpec],
-                 paths: dict[str, str], tls_certificates: str | None = None,
-                 timeout: float = 10.0):
+                 source, tls_certificates: str | None = None, timeout: float = 10.0):
         self.target = target
         self.exports = {d.drive: d.export for d in writer_drives}
-        self.paths = dict(paths)
+        self.source = source
         self.tls_certificates = tls_certificates
         self.timeout = timeout
         self._handles: dict = {}
-        self._fds: dict[str, int] = {}
         self.written = 0  # bytes sent (data and zeroes)
 
     # --- the connections -----------------------------------------------------------------
@@ -125,29 +125,22 @@ class RangeWriter:
             raise SecondaryFailed(f"the secondary refused {what}: {e.string}") from None
 
     # --- reading the primary's drive ---------------------------------------------------------
-    def fd(self, drive: str) -> int:
-        """The primary's raw image of ``drive``, open for reading."""
-        fd = self._fds.get(drive)
-        if fd is None:
-            try:
-                fd = self._fds[drive] = os.open(self.paths[drive], os.O_RDONLY)
-            except OSError as e:
-                raise PrimaryError(f"cannot read drive {drive} ({self.paths[drive]}): "
-                                   f"{e.strerror}") from None
-        return fd
-
     def read(self, drive: str, offset: int, length: int) -> bytearray:
-        """``length`` bytes of the primary's drive at ``offset`` (its raw image)."""
-        buf = bytearray(length)
-        self.read_into(drive, memoryview(buf), offset)
-        return buf
+        """``length`` bytes of the primary's drive at ``offset`` (from the source)."""
+        return self._source().read(drive, offset, length)
 
     def read_into(self, drive: str, view, offset: int) -> None:
-        try:
-            pread_into(self.fd(drive), view, offset)
-        except OSError as e:
-            raise PrimaryError(f"reading drive {drive} ({self.paths[drive]}) at {offset}: "
-                               f"{e.strerror}") from None
+        self._source().read_into(drive, view, offset)
+
+    def extents(self, drive: str, offset: int, end: int):
+        """(start, length, data) runs of the primary's drive (not data: reads as zeros)."""
+        return self._source().extents(drive, offset, end)
+
+    def _source(self):
+        if self.source is None:  # (a writer made only to ask the secondary something)
+            raise SourceError("this range writer has no source to read the primary's "
+                              "drives from")
+        return self.source
 
     # --- writing the secondary ---------------------------------------------------------------
     def write(self, drive: str, offset: int, data) -> None:
@@ -172,9 +165,9 @@ class RangeWriter:
 
     def copy(self, drive: str, offset: int, length: int) -> int:
         """Copy [offset, offset+length) of the primary's drive to the secondary; the
-        bytes copied.  Holes of the primary's image are sent as write-zeroes."""
+        bytes copied.  What reads as zeros on the primary is sent as write-zeroes."""
         end = offset + length
-        for start, n, data in data_extents(self.fd(drive), offset, end):
+        for start, n, data in self.extents(drive, offset, end):
             for pos in range(start, start + n, CHUNK):
                 size = min(CHUNK, start + n - pos)
                 self.write(drive, pos, self.read(drive, pos, size) if data else bytes(size))
@@ -221,6 +214,3 @@ class RangeWriter:
         # Dropping a handle closes its socket; no NBD_CMD_DISC (nbd.shutdown waits
         # for the server, which may be the hung one we are leaving).
         self._handles = {}
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from .. import verify
 from ..errors import NbdMcError
+from .source import SourceError
 
 #: Bytes copied per checkpoint, at most (the VM is paused while they are sent).
 BUDGET = 4 << 20
@@ -73,14 +74,21 @@ class Repairs:
     def at_checkpoint(self, writer, epoch: int) -> None:
         """VM stopped, mirrors drained, before commit ``epoch``: copy up to the budget.
 
-        ``writer`` is the current claim's ranges.RangeWriter.  Raises what it raises
-        (SecondaryFailed...): the pieces stay queued for after the outage."""
+        ``writer`` is the current claim's ranges.RangeWriter.  Raises what the
+        secondary's side raises (SecondaryFailed...): the pieces stay queued for
+        after the outage.  A failed read of the primary's drive (SourceError) is
+        said and leaves them queued for the next checkpoint."""
         self.abandon()
         budget = self.budget
         while self.pending and self.pending[0].length <= budget:
             p = self.pending.pop(0)
             try:
                 data = bytes(writer.read(p.target.drive, p.offset, p.length))
+            except SourceError as e:
+                self.pending.insert(0, p)
+                self.say(f"  verify: repair of {p.target.disk} offset {p.offset} waits: {e.desc}")
+                return
+            try:
                 writer.write(p.target.drive, p.offset, data)
             except BaseException:
                 self.pending.insert(0, p)

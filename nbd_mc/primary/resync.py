@@ -38,8 +38,9 @@ checksum sync compares contents:
 
 1. bitmap R (bitmaps.checksum_name) starts on every drive, before anything is
    read: from here every guest write is counted;
-2. the walk: chunk by chunk, protect hashes each block of the primary's local
-   raw image and asks the secondary (``checksum-range``, nbd_mc/checksum.py)
+2. the walk: chunk by chunk, protect hashes each block of the primary's drive
+   (read through source.py: its local raw image, or QEMU's read-only NBD
+   export of a qcow2 or network drive) and asks the secondary (``checksum-range``, nbd_mc/checksum.py)
    for the digests of the same blocks of its *current* image; holes cost no
    read on either side;
 3. differing blocks are copied with ranges.RangeWriter (libnbd, into the writer
@@ -311,8 +312,8 @@ def _differing(ctl, writer: RangeWriter, d: DriveSpec, offset: int, length: int)
     except (OSError, NbdMcError) as e:
         raise SecondaryFailed(f"lost the control connection to the secondary during the "
                               f"checksum sync: {e}") from None
-    ours, _ = checksum.digests(writer.fd(d.drive), offset, length, BLOCK,
-                               lambda view, pos: writer.read_into(d.drive, view, pos))
+    ours, _ = checksum.digests(lambda a, b: writer.extents(d.drive, a, b), offset,
+                               length, BLOCK, lambda view, pos: writer.read_into(d.drive, view, pos))
     out: list[list[int]] = []
     for i, (a, b) in enumerate(zip(ours, theirs)):
         start = offset + i * BLOCK

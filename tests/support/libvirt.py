@@ -164,17 +164,19 @@ def domains(libvirtd):
 
 def domain_xml(name: str, disks: dict[str, str], *, kernel: str | None = None,
                initrd: str | None = None, cmdline: str = "", serial: str | None = None,
-               memory_mib: int = 256) -> str:
-    """A ``<domain type='qemu'>`` (TCG, no KVM) with raw virtio disks by target
-    (``{"vda": PATH}``); direct kernel boot when ``kernel`` is given, else an idle
-    machine whose firmware finds nothing to boot and waits (no reboot)."""
+               memory_mib: int = 256, formats: dict[str, str] | None = None) -> str:
+    """A ``<domain type='qemu'>`` (TCG, no KVM) with virtio disks by target
+    (``{"vda": PATH}``), raw unless ``formats`` says otherwise (``{"vda": "qcow2"}``);
+    direct kernel boot when ``kernel`` is given, else an idle machine whose firmware
+    finds nothing to boot and waits (no reboot)."""
     if kernel:
         boot = (f"<kernel>{kernel}</kernel><initrd>{initrd}</initrd>"
                 f"<cmdline>{cmdline}</cmdline>")
     else:
         boot = "<bios rebootTimeout='-1'/>"
     disk_xml = "".join(
-        f"<disk type='file' device='disk'><driver name='qemu' type='raw' cache='writeback'/>"
+        f"<disk type='file' device='disk'><driver name='qemu' "
+        f"type='{(formats or {}).get(target, 'raw')}' cache='writeback'/>"
         f"<source file='{path}'/><target dev='{target}' bus='virtio'/></disk>"
         for target, path in disks.items())
     serial_xml = (f"<serial type='file'><source path='{serial}'/><target port='0'/></serial>"

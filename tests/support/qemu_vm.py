@@ -16,16 +16,19 @@ from support.servers import read_file, wait_until
 
 class QemuVM:
     def __init__(self, root: str, images: dict[str, str] | None = None, name: str = "vm",
-                 drive_args: dict[str, str] | None = None, qmp_timeout: float = 60):
-        """``drive_args``: a whole -drive value for some drives (default: raw, if=none)."""
+                 drive_args: dict[str, str] | None = None, qmp_timeout: float = 60,
+                 user: str | None = None):
+        """``drive_args``: a whole -drive value for some drives (default: raw, if=none);
+        ``user``: run QEMU as this user (as libvirt runs it as ``libvirt-qemu``)."""
         self.images = dict(images or {})
         self.qmp_timeout = qmp_timeout
         self.qmp_path = os.path.join(root, f"{name}.qmp")
         self.test_qmp_path = os.path.join(root, f"{name}-test.qmp")
         self.log = os.path.join(root, f"{name}.log")
-        argv = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
-                "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-                "-qmp", f"unix:{self.test_qmp_path},server=on,wait=off"]
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"] if user else []
+        argv += ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+                 "-qmp", f"unix:{self.test_qmp_path},server=on,wait=off"]
         for drive, path in self.images.items():
             spec = (drive_args or {}).get(drive) or f"if=none,id={drive},file={path},format=raw"
             argv += ["-drive", spec]

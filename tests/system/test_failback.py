@@ -204,6 +204,7 @@ def test_checksum_sync_recopies_writes_during_the_walk(servers, vms):
     from nbd_mc.primary import resync
     from nbd_mc.primary.bitmaps import Bitmaps, source_nodes
     from nbd_mc.primary.ranges import RangeWriter
+    from nbd_mc.primary.source import PrimarySource
     from nbd_mc.control import ControlClient
     rng = random.Random("walk-writes")
     images, replicas = {}, {}
@@ -232,7 +233,8 @@ def test_checksum_sync_recopies_writes_during_the_walk(servers, vms):
     bitmaps.group = status["group_id"]
     ctl, writer_drives = primary.claim_writer(ctl, drives)
     primary.attach(qmp, primary.parse_nbd_uri(server.uri()), writer_drives)
-    writer = RangeWriter(primary.parse_nbd_uri(server.uri()), writer_drives, images)
+    source = PrimarySource.raw_files(images)
+    writer = RangeWriter(primary.parse_nbd_uri(server.uri()), writer_drives, source)
     raced = (1 << 20, 65536)  # in drive0's first chunk: hashed before the write
 
     def progress(done, total):
@@ -262,6 +264,7 @@ def test_checksum_sync_recopies_writes_during_the_walk(servers, vms):
         primary.detach(qmp, mirrors)
     finally:
         writer.close()
+        source.close()
         qmp.close()
         ctl.close()
 
@@ -269,8 +272,9 @@ def test_checksum_sync_recopies_writes_during_the_walk(servers, vms):
 def test_resync_option_chooses(servers, vms, procs):
     """--resync: auto takes the checksum sync for a replica holding data (and the
     full sync for an empty one, see the failback test), full and checksum force
-    it; a qcow2 drive cannot be hashed from its file: auto falls back to full and
-    says why, checksum is refused up front."""
+    it; a qcow2 drive is hashed through QEMU's read-only NBD export (a replica
+    with near data gets exactly the differing blocks); when QEMU already runs an
+    NBD server nbd-mc did not start, checksum is refused up front."""
     from support.servers import nbd_mc
     rng = random.Random("resync-option")
     images, replicas = {}, {}
@@ -304,16 +308,50 @@ def test_resync_option_chooses(servers, vms, procs):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     vm.quit()
+    # the replica of the qcow2 drive holds near data (a failback): 3 blocks differ
+    near = bytearray(read_file(images["drive1"]))
+    for off in (0, 17 * 65536 + 5, 40 * 65536 - 3):
+        near[off:off + 100] = bytes(b ^ 0x3C for b in near[off:off + 100])
+    server.cli("stop")
+    with open(replicas["vdb"], "wb") as f:
+        f.write(near)
+    server = servers.new(replicas, state_dir=servers.path("st-qcow2"))
+    server.start()
     vm = vms(servers.root, {"drive0": images["drive0"], "drive1": qcow2}, name="qcow2",
              drive_args={"drive1": f"if=none,id=drive1,file={qcow2},format=qcow2"})
     proc = start_protect(procs, vm, server, servers.root, "--interval", "20ms", "--epochs", "1",
                          "--json")
     rc, out, err = finished(proc)
     assert rc == 0, (out, err)
-    assert json.loads(out)["resyncs"][0]["mode"] == "full"
+    sync = json.loads(out)["resyncs"][0]
+    # a qcow2 drive is hashed through QEMU's read-only NBD export: no fallback to full
+    assert sync["mode"] == "checksum", sync
+    assert sync["hashed_bytes"] == DISK_BYTES, sync
+    # drive0 was already in step (the runs above); vdb: 3 blocks of 64 KiB (one
+    # change straddles two blocks: 4), nothing else
+    assert 3 * 65536 <= sync["differing_bytes"] <= 4 * 65536, sync
+    assert read_file(replicas["vdb"]) == read_file(images["drive1"])
+    assert read_file(replicas["vda"]) == read_file(images["drive0"])
+    assert vm.qmp.cmd("query-block-exports") == []  # protect removed its export
+    # an NBD server someone else started: QEMU 7.2 cannot say where it listens, so
+    # the qcow2 drive cannot be read; auto falls back to full and says why,
+    # checksum is refused up front
+    vm.qmp.cmd("nbd-server-start", addr={"type": "unix",
+                                         "data": {"path": servers.path("theirs.sock")}})
+    server.cli("stop")  # a fresh group again: no dirty bitmap covers it
+    server = servers.new(replicas, state_dir=servers.path("st-qcow2-b"))
+    server.start()
+    base = ["--qmp", vm.qmp_path, "--drive", "drive0=vda", "--drive", "drive1=vdb",
+            "--target", server.uri(), "--control", server.control_path, "--epochs", "1"]
+    r = nbd_mc("protect", *base, "--interval", "20ms")
+    assert r.returncode == 0, describe(r)
+    assert "no checksum sync: the primary's drives cannot be read: QEMU already runs an NBD " \
+           "server that nbd-mc did not start" in r.stdout + r.stderr, describe(r)
     r = nbd_mc("protect", "--qmp", vm.qmp_path, "--drive", "drive0=vda", "--drive", "drive1=vdb",
                "--target", server.uri(), "--control", server.control_path, "--resync",
                "checksum", "--epochs", "1")
-    assert r.returncode == 1 and "--resync checksum: the primary's disk is read directly" in r.stderr, \
-        describe(r)
+    assert r.returncode == 1, describe(r)
+    assert "--resync checksum: the primary's drives cannot be read: QEMU already runs an NBD " \
+           "server that nbd-mc did not start" in r.stderr, describe(r)
     assert "Traceback" not in r.stderr
+    assert vm.qmp.cmd("query-block-exports") == []  # the refused attempt left nothing

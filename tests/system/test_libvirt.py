@@ -396,3 +396,48 @@ def test_protect_libvirt_killed_and_secondary_killed(servers, domains, procs):
                      f"vda after a secondary outage, resync and failover (epoch {acked})")
     finally:
         s.close()
+
+
+def test_verify_libvirt_qcow2_disk(servers, domains):
+    """libvirt's norm, a qcow2 disk (vda; vdb raw): `nbd-mc verify --libvirt` reads it
+    through QEMU's read-only NBD export made over libvirt's QMP passthrough, in a
+    socket directory given to QEMU's user; a clean pass, then a sector of the
+    replica corrupted behind the server's back is found exactly and repaired, and
+    the domain is left with no export, no job, no node of ours."""
+    rng = random.Random("libvirt-qcow2")
+    sizes = {"vda": 6 * MiB, "vdb": 2 * MiB}
+    images, server = replica_pair(servers, sizes, rng)
+    qcow2 = servers.path("primary-vda.qcow2")
+    assert run(["qemu-img", "convert", "-O", "qcow2", images["vda"], qcow2]).returncode == 0
+    want = {"vda": read_file(images["vda"]), "vdb": read_file(images["vdb"])}
+    images["vda"] = qcow2
+    name = f"nbdmc-qcow2-{os.getpid()}"
+    domains.create(domain_xml(name, images, formats={"vda": "qcow2"}))
+    s = LibvirtQmp(name, exclusive=False)
+    args = ["--libvirt", name, "--drive", "vda", "--drive", "vdb", "--target", server.uri(),
+            "--control", server.control_path, "--interval", "20ms", "--verify-slice", "2M"]
+    try:
+        r = nbd_mc("verify", *args)
+        assert r.returncode == 0, describe(r)
+        assert "reading vda through QEMU's read-only NBD export" in r.stdout, describe(r)
+        assert "MISMATCH" not in r.stdout, describe(r)
+        for target, data in want.items():  # the idle guest wrote nothing: the images
+            assert_bytes(read_file(server.image(target)), data, target)
+        bad = 5 * MiB + 9 * 512
+        fd = os.open(server.image("vda"), os.O_RDWR)
+        try:
+            os.pwrite(fd, bytes(b ^ 0x5A for b in os.pread(fd, 512, bad)), bad)
+        finally:
+            os.close(fd)
+        r = nbd_mc("verify", *args, "--repair", "--json")
+        assert r.returncode == 0, describe(r)
+        rep = json.loads(r.stdout)["verify"]
+        assert [(m["disk"], m["offset"], m["length"]) for m in rep["mismatches"]] == \
+            [("vda", bad, 512)], rep
+        assert [(m["disk"], m["offset"], m["length"]) for m in rep["repaired"]["ranges"]] == \
+            [("vda", bad, 512)], rep
+        assert_bytes(read_file(server.image("vda")), want["vda"], "vda after the repair")
+        assert s.cmd("query-block-exports") == []
+        assert_detached(s)
+    finally:
+        s.close()

@@ -21,6 +21,7 @@ from nbd_mc import primary, verify
 from nbd_mc.control import ControlClient, ControlError
 from nbd_mc.primary.ranges import RangeWriter
 from nbd_mc.primary.repair import Repairs
+from nbd_mc.primary.source import NbdExport, PrimarySource, RawFile
 from support.reliability import record
 from support.servers import describe, make_image, nbd_mc
 
@@ -101,16 +102,22 @@ class Walk:
     """protect's steps driven by the test (so the guest writes only between
     checkpoints: HMP qemu-io, unlike a guest, also writes while the VM is stopped)."""
 
-    def __init__(self, vm, server, slice_size=MiB, repair=False):
+    def __init__(self, vm, server, slice_size=MiB, repair=False, model=None,
+                 prefer_export=False):
+        """``model``: {drive: bytearray} kept up to date with the guest's writes;
+        ``prefer_export``: read even raw drives through QEMU's NBD export."""
         self.vm = vm
+        self.model = model
         self.ctl = ControlClient(server.control_path, timeout=60)
         drives = [primary.DriveSpec(d, EXPORTS[d]) for d in SIZES]
         self.epoch = primary.first_epoch(primary.secondary_status(self.ctl), drives)
         self.qmp = primary.Qmp(vm.qmp_path)
         sizes = primary.check_drives(self.qmp, drives)
         self.said = []
-        self.v = verify.Verifier(verify.targets_for(self.qmp, drives, sizes), slice_size,
-                                 say=self.said.append)
+        self.source = PrimarySource.open(self.qmp, drives, "test:" + vm.qmp_path,
+                                         prefer_export=prefer_export)
+        self.v = verify.Verifier(verify.targets_for(drives, sizes, self.source), self.source,
+                                 slice_size, say=self.said.append)
         self.ctl, drives = primary.claim_writer(self.ctl, drives)
         self.mirrors = primary.Mirrors(self.qmp, drives)
         primary.attach(self.qmp, primary.parse_nbd_uri(server.uri()), drives)
@@ -121,7 +128,7 @@ class Walk:
         self.before_commit = None  # a callable(epoch) run last in the checkpoint's pause
         if repair:  # protect's wiring: verify finds, the next checkpoint copies
             self.writer = RangeWriter(primary.parse_nbd_uri(server.uri()), drives,
-                                      {t.drive: t.path for t in self.v.targets})
+                                      self.source)
             self.repairs = Repairs(self.v.stats, self.said.append)
             self.v.repair = self.repairs.queue
 
@@ -130,7 +137,10 @@ class Walk:
             drive = rng.choice(sorted(SIZES))
             length = rng.choice((512, 4096, 65536, 300000))
             off = rng.randrange(0, SIZES[drive] - length) & ~511
-            self.vm.qemu_io(drive, f"write -P {rng.randrange(256)} {off} {length}")
+            pattern = rng.randrange(256)
+            self.vm.qemu_io(drive, f"write -P {pattern} {off} {length}")
+            if self.model is not None:
+                self.model[drive][off:off + length] = bytes([pattern]) * length
 
     def checkpoint(self) -> None:
         def hook(epoch):
@@ -158,6 +168,7 @@ class Walk:
         if self.writer:
             self.writer.close()
         primary.detach(self.qmp, self.mirrors)
+        assert self.source.close() == []
         self.qmp.close()
         self.ctl.close()
         self.v.close()
@@ -348,3 +359,206 @@ def test_verify_range_survives_any_arguments(servers):
     assert open(image, "rb").read() == data
     assert classes.get("BadRequest") and classes.get("ok"), classes
     record("verify-range: random arguments answered", 300, 0)
+
+
+# --- a drive that is no local raw file: read through QEMU's own NBD export ------------------
+def make_qcow2_pair(servers, qemu_vms, seed):
+    """drive0 is a qcow2 image (the libvirt norm), drive1 raw; empty replicas.
+    Returns the VM, the server, the qcow2 path and the model of both drives."""
+    rng = random.Random(seed)
+    images, replicas, model = {}, {}, {}
+    for d, size in SIZES.items():
+        images[d] = servers.path(f"{d}.raw")
+        model[d] = bytearray(make_image(images[d], size, rng, data_fraction=0.5))
+        replicas[EXPORTS[d]] = servers.path(f"{EXPORTS[d]}.raw")
+        with open(replicas[EXPORTS[d]], "wb") as f:
+            f.truncate(size)
+    qcow2 = servers.path("drive0.qcow2")
+    r = subprocess.run(["qemu-img", "convert", "-O", "qcow2", images["drive0"], qcow2],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    images["drive0"] = qcow2
+    server = servers.new(replicas)
+    server.start()
+    vm = qemu_vms(servers.root, images,
+                  drive_args={"drive0": f"if=none,id=drive0,file={qcow2},format=qcow2"})
+    return vm, server, qcow2, model
+
+
+@pytest.mark.qemu
+def test_qcow2_drive_verified_and_repaired_through_qemu_export(servers, qemu_vms):
+    """A qcow2 primary drive is read through QEMU's read-only NBD export (the raw one
+    still from its file): whole passes with guest writes find nothing; a sector of
+    its replica corrupted behind the server's back is reported as exactly that range
+    and repaired from the export at the next checkpoint; the failover shows exactly
+    the primary's disk at the last checkpoint (the model, and `qemu-img compare`
+    with the qcow2 file); the export and QEMU's NBD server are gone afterwards."""
+    vm, server, qcow2, model = make_qcow2_pair(servers, qemu_vms, "qcow2")
+    rng = random.Random("qcow2")
+    w = Walk(vm, server, repair=True, model=model)
+    bad = 4 * MiB + 11 * 512  # in vda, the qcow2 drive's replica
+    try:
+        assert isinstance(w.source["drive0"], NbdExport), w.source.describe()
+        assert isinstance(w.source["drive1"], RawFile), w.source.describe()
+        exports = w.qmp.cmd("query-block-exports")
+        assert [(e["type"], e["id"].startswith("nbd-mc.")) for e in exports] == [("nbd", True)]
+        w.passes(1, rng)
+        assert w.v.stats.mismatches == [], w.v.stats.mismatches
+        corrupt_sector(server.image("vda"), bad)
+        w.passes(1)  # no guest writes: one could overwrite the sector and hide it
+        assert [(m.disk, m.offset, m.length) for m in w.v.stats.mismatches] == \
+            [("vda", bad, 512)], w.v.stats.mismatches
+        found = w.v.stats.mismatches[0].epoch
+        while w.repairs.busy:
+            w.checkpoint()
+        assert [m.as_dict() for m in w.v.stats.repaired] == [
+            {"disk": "vda", "offset": bad, "length": 512, "epoch": found + 1}]
+        w.passes(1, rng)
+        assert len(w.v.stats.mismatches) == 1, w.v.stats.mismatches
+        w.checkpoint()
+        last = w.epoch - 1
+    finally:
+        w.close()
+    assert vm.qmp.cmd("query-block-exports") == []
+    with pytest.raises(primary.QmpCommandError):  # QEMU's NBD server was stopped too
+        vm.qmp.cmd("nbd-server-stop")
+    assert not os.path.exists(w.source.socket)
+    r = server.cli("failover", "--json")
+    assert r.returncode == 0, describe(r)
+    assert json.loads(r.stdout)["committed"] == last
+    for d in SIZES:
+        assert open(server.image(EXPORTS[d]), "rb").read() == bytes(model[d]), d
+    vm.qemu_io("drive0", "flush")  # qcow2 metadata to the file, for qemu-img
+    c = subprocess.run(["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", qcow2,
+                        server.image("vda")], capture_output=True, text=True)
+    assert c.returncode == 0, (c.stdout, c.stderr)
+
+
+@pytest.mark.qemu
+def test_nbd_mc_verify_cli_qcow2(servers, qemu_vms):
+    """`nbd-mc verify` on a qcow2 drive: no refusal, one clean pass read through
+    QEMU's export (it says so), and nothing of ours left in QEMU afterwards."""
+    vm, server, qcow2, model = make_qcow2_pair(servers, qemu_vms, "cli-qcow2")
+    args = ["--qmp", vm.qmp_path, "--drive", "drive0=vda", "--drive", "drive1=vdb",
+            "--target", server.uri(), "--control", server.control_path, "--interval", "10ms",
+            "--verify-slice", "2M"]
+    r = nbd_mc("verify", *args, "--json")
+    assert r.returncode == 0, describe(r)
+    rep = json.loads(r.stdout)
+    assert rep["verify"]["passes"] == 1 and rep["verify"]["mismatches"] == [], rep["verify"]
+    assert rep["verify"]["verified_bytes"] == sum(SIZES.values())
+    assert rep["problems"] == [], rep["problems"]
+    r = nbd_mc("verify", *args)  # the console says where it reads from
+    assert r.returncode == 0, describe(r)
+    assert "reading drive0 through QEMU's read-only NBD export" in r.stdout + r.stderr, \
+        describe(r)
+    assert vm.qmp.cmd("query-block-exports") == []
+    assert vm.qmp.cmd("query-block-jobs") == []
+
+
+@pytest.mark.qemu
+def test_export_left_by_a_killed_protect_is_reused_then_removed(servers, qemu_vms, procs):
+    """protect --verify on a qcow2 drive, killed -9: QEMU keeps our NBD server and
+    export.  The next run recognises the server on its own socket, replaces the
+    leftover export, verifies a whole pass and leaves nothing behind."""
+    from support.protect_proc import finished, spawn_protect
+    from support.servers import wait_until
+    vm, server, qcow2, model = make_qcow2_pair(servers, qemu_vms, "leftover")
+    args = ["--qmp", vm.qmp_path, "--drive", "drive0=vda", "--drive", "drive1=vdb",
+            "--target", server.uri(), "--control", server.control_path, "--interval", "10ms",
+            "--verify-slice", "1M"]
+    proc = spawn_protect(procs, servers.root, *args, "--verify")
+    wait_until(lambda: server.execute("query-status")["committed"] >= 3
+               or proc.poll() is not None, "three commits")
+    proc.kill()
+    rc, out, err = finished(proc)
+    assert rc == -9, (out, err)
+    left = [e["id"] for e in vm.qmp.cmd("query-block-exports")]
+    assert len(left) == 1 and left[0].startswith("nbd-mc."), left
+    r = nbd_mc("verify", *args, "--json")
+    assert r.returncode == 0, describe(r)
+    rep = json.loads(r.stdout)
+    assert rep["verify"]["passes"] == 1 and rep["verify"]["mismatches"] == [], rep["verify"]
+    assert rep["problems"] == [], rep["problems"]
+    assert vm.qmp.cmd("query-block-exports") == []
+    with pytest.raises(primary.QmpCommandError):  # the server was ours: stopped too
+        vm.qmp.cmd("nbd-server-stop")
+
+
+@pytest.mark.qemu
+def test_export_socket_of_a_qemu_running_as_another_user(servers, qemu_vms):
+    """QEMU running as libvirt-qemu (as libvirt runs it) must create the NBD socket:
+    its directory is given to QEMU's user (found from the owner of its QMP socket),
+    we connect as root, and read exactly the qcow2 drive's contents, holes reported
+    as such; without knowing QEMU's user the socket cannot be made, and the refusal
+    says so.  Closing removes the export, the server, the socket and its directory."""
+    import pwd
+    from nbd_mc.primary.source import SourceUnavailable, qemu_owner_of_socket
+    user = pwd.getpwnam("libvirt-qemu")
+    os.chmod(servers.root, 0o711)  # QEMU's user may pass through (not list) the test root
+    home = servers.path("qemu-home")
+    os.makedirs(home)
+    rng = random.Random("user")
+    raw = os.path.join(home, "d.raw")
+    data = make_image(raw, 4 * MiB, rng, data_fraction=0.3)
+    qcow2 = os.path.join(home, "d.qcow2")
+    r = subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, qcow2],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for path in (home, qcow2):
+        os.chown(path, user.pw_uid, user.pw_gid)
+    vm = qemu_vms(home, {"drive0": qcow2}, user="libvirt-qemu",
+                  drive_args={"drive0": f"if=none,id=drive0,file={qcow2},format=qcow2"})
+    drives = [primary.DriveSpec("drive0", "vda")]
+    owner = qemu_owner_of_socket(vm.qmp_path)
+    assert owner == (user.pw_uid, user.pw_gid)
+    qmp = primary.Qmp(vm.qmp_path)
+    try:
+        with pytest.raises(SourceUnavailable) as e:  # a root-only directory: no socket
+            PrimarySource.open(qmp, drives, "user-test-" + home, None)
+        assert "QEMU cannot start its NBD server" in e.value.desc, e.value.desc
+        assert qmp.cmd("query-block-exports") == []
+        src = PrimarySource.open(qmp, drives, "user-test-" + home, owner)
+        try:
+            st = os.stat(os.path.dirname(src.socket))
+            assert (st.st_uid, st.st_mode & 0o777) == (user.pw_uid, 0o700)
+            assert isinstance(src["drive0"], NbdExport)
+            assert bytes(src.read("drive0", 0, len(data))) == data
+            runs = src.extents("drive0", 0, len(data))
+            assert sum(n for _, n, _ in runs) == len(data)
+            for start, n, is_data in runs:
+                if not is_data:
+                    assert data[start:start + n] == bytes(n), (start, n)
+            assert any(not d for _, _, d in runs)
+        finally:
+            assert src.close() == []
+        assert qmp.cmd("query-block-exports") == []
+        assert not os.path.exists(os.path.dirname(src.socket))
+    finally:
+        qmp.close()
+
+
+@pytest.mark.qemu
+def test_export_lost_behind_protects_back_skips_a_slice_not_protection(servers, qemu_vms):
+    """QEMU's export of the qcow2 drive removed behind protect's back: the capture
+    fails, the checkpoint still commits, the failure is counted and said; once the
+    export is back (same name) the same slice is verified at the next checkpoint."""
+    vm, server, qcow2, model = make_qcow2_pair(servers, qemu_vms, "lost-export")
+    w = Walk(vm, server)
+    try:
+        w.checkpoint()  # drive0's first slice, through the export
+        assert w.v.stats.slices == 1 and w.v.stats.unread == 0
+        export = w.source["drive0"]
+        vm.qmp.cmd("block-export-del", id=export.export, mode="hard")
+        w.checkpoint()
+        w.checkpoint()
+        assert w.v.stats.unread == 2 and w.v.stats.slices == 1, w.v.stats
+        assert w.v.progress()[0] == MiB  # still at drive0's second slice
+        assert sum("not read (1 time(s) so far)" in line for line in w.said) == 1, w.said
+        vm.qmp.cmd("block-export-add", type="nbd", id=export.export, name=export.export,
+                   writable=False, **{"node-name": export.node})
+        w.passes(1)
+        assert w.v.stats.unread == 2 and w.v.stats.mismatches == [], w.v.stats
+        assert w.v.stats.verified_bytes == sum(SIZES.values())
+    finally:
+        w.close()
