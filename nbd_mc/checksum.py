@@ -30,8 +30,9 @@ import functools
 import hashlib
 import time
 
-from .errors import BadRequest, NotProtected
+from .errors import NotProtected
 from .fileio import data_extents
+from .rangeargs import block_arg, disk_range
 
 DIGEST_SIZE = 16
 #: One request hashes this much at most (the secondary reads it block by block).
@@ -99,32 +100,11 @@ def same(ours, theirs, length: int) -> bool:
 
 
 # --- the secondary: control command checksum-range ------------------------------------------
-def _int_arg(arguments: dict, name: str, minimum: int = 0) -> int:
-    v = arguments.get(name)
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise BadRequest(f"checksum-range: '{name}' must be an integer >= {minimum}")
-    return v
-
-
 def checksum_range(group, arguments: dict) -> dict:
     """Digest each ``block`` of [offset, offset+length) of ``disk``'s live image."""
-    name = arguments.get("disk")
-    if not isinstance(name, str) or name not in group.by_name:
-        raise BadRequest(f"checksum-range: 'disk' must be one of "
-                         f"{', '.join(d.name for d in group.disks)}")
-    disk = group.by_name[name]
-    offset = _int_arg(arguments, "offset")
-    length = _int_arg(arguments, "length", 1)
-    block = arguments.get("block")
-    block = DEFAULT_BLOCK if block is None else _int_arg(arguments, "block", MIN_BLOCK)
-    if block & (block - 1) or block > MAX_LENGTH:
-        raise BadRequest(f"checksum-range: 'block' must be a power of two from {MIN_BLOCK} "
-                         f"to {MAX_LENGTH}")
-    if length > MAX_LENGTH:
-        raise BadRequest(f"checksum-range: 'length' is at most {MAX_LENGTH} bytes")
-    if offset + length > disk.size:
-        raise BadRequest(f"checksum-range: {offset}+{length} is beyond the end of {name} "
-                         f"({disk.size} bytes)")
+    r = disk_range("checksum-range", group, arguments, MAX_LENGTH)
+    name, disk, offset, length = r.name, r.disk, r.offset, r.length
+    block = block_arg("checksum-range", arguments, MIN_BLOCK, MAX_LENGTH, DEFAULT_BLOCK)
     if group.state.role != "secondary" or group.state.handoff:
         raise NotProtected("checksum-range refused: promoted by a failover, this is no "
                            "replica any more")

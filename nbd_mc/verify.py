@@ -35,7 +35,8 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from .errors import BadRequest, EpochMismatch, NbdMcError, NotProtected
+from .errors import EpochMismatch, NbdMcError, NotProtected
+from .rangeargs import block_arg, disk_range, int_arg
 
 DIGEST_SIZE = 32          # the slice hash: BLAKE2b-256
 BLOCK_DIGEST_SIZE = 8     # per-sector hashes only localise a difference already found
@@ -76,37 +77,16 @@ def differing_ranges(ours: list[str], theirs: list[str], offset: int, block: int
 
 
 # --- the secondary: control command verify-range ------------------------------------------
-def _int_arg(arguments: dict, name: str, minimum: int = 0) -> int:
-    v = arguments.get(name)
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise BadRequest(f"verify-range: '{name}' must be an integer >= {minimum}")
-    return v
-
-
 def verify_range(group, arguments: dict) -> dict:
     """Hash [offset, offset+length) of ``disk``'s committed view at ``epoch``.
 
     Runs while writes of the next epoch go on: the committed view is read the way
     ``NAME@committed`` is (overlay over image, safe against a racing preserve).
     """
-    name = arguments.get("disk")
-    if not isinstance(name, str) or name not in group.by_name:
-        raise BadRequest(f"verify-range: 'disk' must be one of "
-                         f"{', '.join(d.name for d in group.disks)}")
-    disk = group.by_name[name]
-    offset = _int_arg(arguments, "offset")
-    length = _int_arg(arguments, "length", 1)
-    epoch = _int_arg(arguments, "epoch")
-    block = arguments.get("block")
-    if length > MAX_LENGTH:
-        raise BadRequest(f"verify-range: 'length' is at most {MAX_LENGTH} bytes")
-    if offset + length > disk.size:
-        raise BadRequest(f"verify-range: {offset}+{length} is beyond the end of {name} "
-                         f"({disk.size} bytes)")
-    if block is not None:
-        block = _int_arg(arguments, "block", SECTOR)
-        if block & (block - 1):
-            raise BadRequest("verify-range: 'block' must be a power of two >= 512")
+    r = disk_range("verify-range", group, arguments, MAX_LENGTH)
+    name, disk, offset, length = r.name, r.disk, r.offset, r.length
+    epoch = int_arg("verify-range", arguments, "epoch")
+    block = block_arg("verify-range", arguments, SECTOR, MAX_LENGTH, None)
     if group.state.role != "secondary" or group.state.handoff:
         raise NotProtected("verify-range refused: promoted by a failover, there is no "
                            "committed view")
