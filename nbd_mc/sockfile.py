@@ -1,0 +1,100 @@
+"""Unix socket files a server listens on: in use, left by a dead server, or free.
+
+A socket file outlives the server that bound it (kill -9 leaves it), so starting a
+server means telling a live server's file (refuse: taking its path would leave it
+running but unreachable) from a dead one's (remove it, or every crash would need a
+hand to clean up).  Only the kernel's answer to a connect tells them apart: a
+listening socket takes the connection (or queues it: a blocking connect waits while
+the accept queue is full, however loaded the machine), a dead one refuses it.
+Anything else -- no permission, an interrupted or timed-out call -- means "cannot
+tell", never "free".
+
+The probe alone still races with a server that has bound its file but not yet
+called listen(): a connect in between is refused, exactly as by a dead server.  So
+every nbd-mc process that probes, removes or creates a socket file does it holding
+an exclusive flock on the file's directory (``claimed``): a probe then never falls
+into another nbd-mc server's bind-to-listen window, and two servers starting at
+once never both remove the same stale file and then one of them the other's fresh
+socket.  nbdkit binds the NBD socket itself, outside this lock; it calls listen()
+right after bind() in C, a window of microseconds that remains.
+"""
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import stat
+import time
+
+#: How long to wait for another nbd-mc process to finish claiming a socket in the
+#: same directory; it holds the lock only for a probe, an unlink and a bind.
+LOCK_TIMEOUT = 30.0
+_LOCK_POLL = 0.01
+
+
+@contextlib.contextmanager
+def claimed(path: str):
+    """Hold the exclusive claim on socket files in the directory of ``path``.
+
+    flock rather than a lock file: nothing is left behind, and the lock goes with
+    the process that holds it, also on kill -9.  Polled with a deadline instead of
+    a blocking flock, so a stuck or foreign holder gives an error, not a hang.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise OSError(errno.EBUSY, f"cannot claim socket {path}: another process "
+                                  f"has held the lock of {directory} for {LOCK_TIMEOUT:.0f} s") from None
+                time.sleep(_LOCK_POLL)  # waiting for the holder's claim, bounded by the deadline
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def answers(path: str) -> bool:
+    """Whether a server listens on the socket file ``path``.
+
+    False only when the kernel says nobody does (connection refused, or no file);
+    OSError when it cannot be told (e.g. permission denied).
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)  # blocking: a full accept queue makes it wait, not fail
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError as e:
+        raise OSError(e.errno, f"{path}: cannot tell whether a server uses it: "
+                               f"{e.strerror}") from e
+    finally:
+        probe.close()
+
+
+def remove_stale(path: str, what: str) -> None:
+    """Make ``path`` free for a new socket: remove a dead server's socket file.
+
+    Raises OSError (EADDRINUSE) if a server answers on it, FileExistsError if it is
+    not a socket, OSError if it cannot be told.  Call it inside ``claimed(path)``.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, f"{what} path {path} exists and is not a socket")
+    try:
+        live = answers(path)
+    except OSError as e:
+        raise OSError(e.errno, f"{what} {e.strerror}") from e
+    if live:
+        raise OSError(errno.EADDRINUSE, f"{what} {path} is in use by another server")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
