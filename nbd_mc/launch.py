@@ -184,8 +184,14 @@ def wait_ready(opts: ServeOptions, proc: subprocess.Popen | None, log_offset: in
     Both sockets listen before nbdkit writes its pidfile, but only the greeting's
     pid proves that the server answering is the nbdkit we started: another
     server on the same address would answer as well.
+
+    READY_TIMEOUT bounds only the wait after the pidfile: before it, nbdkit opens
+    and recovers the group, which takes as long as the undo data needs (loaded
+    machine, large undo).  In the background `start` waits for that in
+    proc.wait(); in the foreground (``proc``) this loop waits as long, for as long
+    as nbdkit lives.
     """
-    deadline = time.monotonic() + READY_TIMEOUT
+    deadline = None if proc is not None else time.monotonic() + READY_TIMEOUT
     tls = control_tls(opts)
     while True:
         if proc is not None and proc.poll() is not None:
@@ -193,6 +199,8 @@ def wait_ready(opts: ServeOptions, proc: subprocess.Popen | None, log_offset: in
         pid = _read_pid(opts.pidfile)
         if pid and not pid_alive(pid):
             raise StateError(f"nbdkit died: {_nbdkit_failure(_read_new(opts.log_path, log_offset))}")
+        if pid and deadline is None:
+            deadline = time.monotonic() + READY_TIMEOUT
         if pid:
             try:
                 with ControlClient(opts.control, tls=tls, timeout=5) as c:
@@ -206,10 +214,10 @@ def wait_ready(opts: ServeOptions, proc: subprocess.Popen | None, log_offset: in
                 raise StateError(f"control address {opts.control} is answered by another "
                                  f"server (pid {theirs}), not by the nbdkit just started "
                                  f"(pid {pid}, stopped)")
-        if time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() > deadline:
             raise StateError(f"nbdkit did not become ready within {READY_TIMEOUT:.0f} s; "
                              f"see {opts.log_path}")
-        time.sleep(POLL)  # polling a socket for readiness, bounded by the deadline
+        time.sleep(POLL)  # polling for readiness, bounded by the deadline or nbdkit's life
 
 
 def _stop(pid: int) -> None:
@@ -272,7 +280,11 @@ def start(opts: ServeOptions, on_ready=None) -> int:
         if rc != 0:
             raise StateError(f"nbdkit failed: {_nbdkit_failure(_read_new(opts.log_path, offset))}")
         return wait_ready(opts, None, offset)
-    pid = wait_ready(opts, proc, offset)
+    try:
+        pid = wait_ready(opts, proc, offset)
+    except BaseException:
+        proc.terminate()  # our child, and not serving: do not leave it behind
+        raise
     if on_ready:
         on_ready(pid)
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -204,6 +204,29 @@ def test_serve_never_reports_another_servers_answer(workdir):
         other.close()
 
 
+def test_foreground_readiness_deadline_starts_after_recovery(workdir, monkeypatch):
+    """In the foreground, nbdkit opens and recovers the group before it writes its
+    pidfile, for as long as the undo data needs: that must not count against the
+    readiness deadline (in the background, serve waits for it without one)."""
+    control = os.path.join(workdir, "ctl.sock")
+    opts = launch.ServeOptions(state_dir=os.path.join(workdir, "st"), control=control,
+                               foreground=True)
+    opts.resolve()
+    os.makedirs(opts.state_dir)
+    # stands in for nbdkit -f: "recovers" for a while, then writes its pidfile
+    recovering = subprocess.Popen(["sh", "-c", f"sleep 1; echo $$ > {opts.pidfile}; exec sleep 600"])
+    answering = ControlServer(control, lambda name, args: {},
+                              lambda: {"pid": int(read_file(opts.pidfile))})
+    answering.start()
+    monkeypatch.setattr(launch, "READY_TIMEOUT", 0.2)  # far less than the "recovery"
+    try:
+        assert launch.wait_ready(opts, recovering, 0) == recovering.pid
+    finally:
+        recovering.kill()
+        recovering.wait()
+        answering.close()
+
+
 def test_serve_after_kill9_reuses_stale_sockets(servers):
     s, _ = group(servers)
     s.start()
