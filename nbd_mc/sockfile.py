@@ -3,11 +3,12 @@
 A socket file outlives the server that bound it (kill -9 leaves it), so starting a
 server means telling a live server's file (refuse: taking its path would leave it
 running but unreachable) from a dead one's (remove it, or every crash would need a
-hand to clean up).  Only the kernel's answer to a connect tells them apart: a
-listening socket takes the connection (or queues it: a blocking connect waits while
-the accept queue is full, however loaded the machine), a dead one refuses it.
-Anything else -- no permission, an interrupted or timed-out call -- means "cannot
-tell", never "free".
+hand to clean up).  Only the kernel's answer to a connect tells them apart, and
+it answers at once, however loaded the machine: a listening socket takes the
+connection into its accept queue (EAGAIN if that queue is full: still a live
+server), a dead one refuses it.  Anything else -- e.g. no permission -- means
+"cannot tell", never "free"; no answer is ever awaited, so no timeout can turn
+a slow server into a free path.
 
 The probe alone still races with a server that has bound its file but not yet
 called listen(): a connect in between is refused, exactly as by a dead server.  So
@@ -42,7 +43,11 @@ def claimed(path: str):
     a blocking flock, so a stuck or foreign holder gives an error, not a hang.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot claim socket {path}: directory {directory}: "
+                               f"{e.strerror}") from None
     try:
         deadline = time.monotonic() + LOCK_TIMEOUT
         while True:
@@ -63,11 +68,15 @@ def answers(path: str) -> bool:
     """Whether a server listens on the socket file ``path``.
 
     False only when the kernel says nobody does (connection refused, or no file);
-    OSError when it cannot be told (e.g. permission denied).
+    OSError when it cannot be told (e.g. permission denied).  Non-blocking: a
+    wedged server with a full accept queue is "in use" at once, not a hang.
     """
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
     try:
-        probe.connect(path)  # blocking: a full accept queue makes it wait, not fail
+        probe.connect(path)  # a unix connect completes (or fails) at once
+        return True
+    except BlockingIOError:  # EAGAIN: a listener whose accept queue is full
         return True
     except (ConnectionRefusedError, FileNotFoundError):
         return False

@@ -720,6 +720,32 @@ def test_a_starting_servers_socket_is_not_taken(make_server, short_dir, counter,
     starting.close()
 
 
+def test_a_server_with_a_full_accept_queue_is_in_use(short_dir, counter):
+    """A busy (or stopped) server that accepts nothing for a while is still there:
+    its socket is refused at once, neither taken nor waited for."""
+    path = str(short_dir / "ctl.sock")
+    busy = socket.socket(socket.AF_UNIX)
+    busy.bind(path)
+    busy.listen(0)
+    queued = []
+    while True:                                 # fill its accept queue
+        c = socket.socket(socket.AF_UNIX)
+        c.setblocking(False)
+        queued.append(c)
+        try:
+            c.connect(path)
+        except BlockingIOError:
+            break
+    assert sockfile.answers(path)
+    second = ControlServer(path, counter, greeting_of(counter))
+    with pytest.raises(OSError, match="is in use"):
+        second.listen()
+    second.close()
+    for c in queued:
+        c.close()
+    busy.close()
+
+
 def test_listen_queues_connections_until_start(short_dir, counter):
     """The plugin listens before nbdkit forks and accepts only after it."""
     path = str(short_dir / "ctl.sock")
