@@ -178,12 +178,16 @@ def _nbdkit_failure(log_text: str) -> str:
     return (errors or lines or ["nbdkit exited without a message"])[-1]
 
 
-def wait_ready(opts: ServeOptions, proc: subprocess.Popen | None, log_offset: int) -> int:
+def wait_ready(opts: ServeOptions, proc: subprocess.Popen | None, log_offset: int,
+               nbd_listener: int | None = None) -> int:
     """Wait until our nbdkit greets us on the control address.  Returns its pid.
 
     Both sockets listen before nbdkit writes its pidfile, but only the greeting's
     pid proves that the server answering is the nbdkit we started: another
-    server on the same address would answer as well.
+    server on the same address would answer as well.  Likewise a unix NBD socket
+    must be the one ``nbd_listener`` (the nbdkit process we ran, which binds it
+    before forking) listens on: nbdkit binds it outside nbd_mc/sockfile.py's
+    claim, so a second server's probe could still have taken its path.
 
     READY_TIMEOUT bounds only the wait after the pidfile: before it, nbdkit opens
     and recovers the group, which takes as long as the undo data needs (loaded
@@ -208,6 +212,7 @@ def wait_ready(opts: ServeOptions, proc: subprocess.Popen | None, log_offset: in
             except (OSError, NbdMcError):
                 theirs = None
             if theirs == pid:
+                _check_nbd_socket(opts, nbd_listener, pid)
                 return pid
             if theirs is not None:
                 _stop(pid)  # unreachable on its own control address: useless
@@ -218,6 +223,19 @@ def wait_ready(opts: ServeOptions, proc: subprocess.Popen | None, log_offset: in
             raise StateError(f"nbdkit did not become ready within {READY_TIMEOUT:.0f} s; "
                              f"see {opts.log_path}")
         time.sleep(POLL)  # polling for readiness, bounded by the deadline or nbdkit's life
+
+
+def _check_nbd_socket(opts: ServeOptions, listener: int | None, pid: int) -> None:
+    if not opts.socket or listener is None:
+        return
+    try:
+        holder = sockfile.listener_pid(opts.socket)
+    except OSError:
+        holder = None
+    if holder != listener:
+        _stop(pid)  # unreachable on its own NBD socket: useless
+        raise StateError(f"NBD socket {opts.socket} is not served by the nbdkit just started "
+                         f"(pid {pid}, stopped) but by pid {holder}")
 
 
 def _stop(pid: int) -> None:
@@ -279,9 +297,9 @@ def start(opts: ServeOptions, on_ready=None) -> int:
         rc = proc.wait()
         if rc != 0:
             raise StateError(f"nbdkit failed: {_nbdkit_failure(_read_new(opts.log_path, offset))}")
-        return wait_ready(opts, None, offset)
+        return wait_ready(opts, None, offset, nbd_listener=proc.pid)
     try:
-        pid = wait_ready(opts, proc, offset)
+        pid = wait_ready(opts, proc, offset, nbd_listener=proc.pid)
     except BaseException:
         proc.terminate()  # our child, and not serving: do not leave it behind
         raise

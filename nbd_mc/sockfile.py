@@ -16,8 +16,10 @@ every nbd-mc process that probes, removes or creates a socket file does it holdi
 an exclusive flock on the file's directory (``claimed``): a probe then never falls
 into another nbd-mc server's bind-to-listen window, and two servers starting at
 once never both remove the same stale file and then one of them the other's fresh
-socket.  nbdkit binds the NBD socket itself, outside this lock; it calls listen()
-right after bind() in C, a window of microseconds that remains.
+socket.  nbdkit binds the NBD socket itself, outside this lock (it calls listen()
+right after bind() in C, a window of microseconds): `serve` checks afterwards that
+the process listening there is the nbdkit it ran (``listener_pid``), so a server
+whose path was taken in that window is refused, not reported as serving.
 """
 
 import contextlib
@@ -26,6 +28,7 @@ import fcntl
 import os
 import socket
 import stat
+import struct
 import time
 
 #: How long to wait for another nbd-mc process to finish claiming a socket in the
@@ -83,6 +86,22 @@ def answers(path: str) -> bool:
     except OSError as e:
         raise OSError(e.errno, f"{path}: cannot tell whether a server uses it: "
                                f"{e.strerror}") from e
+    finally:
+        probe.close()
+
+
+def listener_pid(path: str) -> int | None:
+    """The pid of the process that called listen() on the socket at ``path``
+    (SO_PEERCRED of a connection to it); None if nobody listens."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None
+        creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[0]
     finally:
         probe.close()
 

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 
 import nbd
@@ -182,26 +183,33 @@ def test_concurrent_serves_on_one_control_socket(servers):
     assert f"serving {list(winner.disks)[0]} (pid {winner.pid})" in results[served[0]][1]
 
 
-def test_serve_never_reports_another_servers_answer(workdir):
-    """Readiness is our nbdkit's own greeting: a process whose pidfile is written but
-    whose control address another server answers is not reported as serving (and,
-    unreachable, is stopped)."""
-    control = os.path.join(workdir, "ctl.sock")
-    other = ControlServer(control, lambda name, args: {}, lambda: {"pid": os.getpid()})
-    other.start()
+@pytest.mark.parametrize("foreign", ["control", "nbd"])
+def test_serve_never_reports_another_servers_answer(workdir, foreign):
+    """Readiness is our nbdkit's own answer: a process whose pidfile is written but
+    whose control address (or unix NBD socket) another server answers is not
+    reported as serving (and, unreachable, is stopped)."""
     started = subprocess.Popen(["sleep", "600"])  # stands in for the nbdkit just started
+    opts = launch.ServeOptions(state_dir=os.path.join(workdir, "st"),
+                               control=os.path.join(workdir, "ctl.sock"))
+    opts.resolve()
+    os.makedirs(opts.state_dir)
+    write_file(opts.pidfile, f"{started.pid}\n".encode())
+    answering = os.getpid() if foreign == "control" else started.pid
+    control = ControlServer(opts.control, lambda name, args: {}, lambda: {"pid": answering})
+    control.start()
+    nbd_sock = socket.socket(socket.AF_UNIX)  # listened on by this process, not by `started`
+    nbd_sock.bind(opts.socket)
+    nbd_sock.listen(8)
     try:
-        opts = launch.ServeOptions(state_dir=os.path.join(workdir, "st"), control=control)
-        opts.resolve()
-        os.makedirs(opts.state_dir)
-        write_file(opts.pidfile, f"{started.pid}\n".encode())
-        with pytest.raises(StateError, match="answered by another server"):
-            launch.wait_ready(opts, None, 0)
+        with pytest.raises(StateError, match="answered by another server" if foreign == "control"
+                           else f"NBD socket {opts.socket} is not served by"):
+            launch.wait_ready(opts, None, 0, nbd_listener=started.pid)
         assert started.wait(timeout=60) == -signal.SIGTERM
     finally:
         started.kill()
         started.wait()
-        other.close()
+        control.close()
+        nbd_sock.close()
 
 
 def test_foreground_readiness_deadline_starts_after_recovery(workdir, monkeypatch):
