@@ -171,7 +171,8 @@ INSTANCE = os.urandom(8).hex()
 
 
 def greeting(group) -> dict:
-    """The first line a client reads: who we are, which run of the server, and
-    where the group stands."""
+    """The first line a client reads: who we are, which run of the server (and
+    which process: `serve` knows its nbdkit is the one answering), and where the
+    group stands."""
     return {"version": __version__, "committed": group.committed,
-            "disks": [d.name for d in group.disks], "instance": INSTANCE}
+            "disks": [d.name for d in group.disks], "instance": INSTANCE, "pid": os.getpid()}

@@ -27,8 +27,8 @@ from contextlib import contextmanager
 from . import crashpoints, qcow2, writer
 from .errors import (BadRequest, EpochMismatch, Fenced, IOFailure, NbdMcError, NotProtected,
                      StateError, io_failure)
-from .fileio import pread_into, punch_hole, pwrite_all
-from .state import DirLock, GroupState, StateFile, fsync_dir, load, save
+from .fileio import fsync_dir, pread_into, punch_hole, pwrite_all
+from .state import DirLock, GroupState, StateFile, load, save
 from .sync import Gate
 from .disk import COMMITTED_SUFFIX, Disk, plan_group, subclusters_for, undo_status
 

@@ -11,6 +11,15 @@ import errno
 import os
 
 
+def fsync_dir(path: str) -> None:
+    """Make the entries of directory ``path`` (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def pread_into(fd: int, view: memoryview, offset: int) -> None:
     """Fill ``view`` from ``fd``; bytes past end of file read as zeros."""
     done = 0

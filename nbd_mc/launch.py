@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
-from . import disk
+from . import disk, sockfile
 from .address import UNIX_PATH_MAX, default_control, parse_address
 from .control import ControlClient
 from .errors import NbdMcError, StateError
@@ -122,27 +121,17 @@ def control_tls(opts: ServeOptions) -> TlsFiles | None:
     return None
 
 
-def _unix_socket_answers(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 def _claim_unix_socket(path: str, what: str) -> None:
-    """Refuse a socket another server answers on; remove one left by a dead server."""
-    if not os.path.exists(path):
-        # 0700 like the state directory it usually is: it holds the overlays, whose
-        # undo data is guest data (this runs before Group creates the directory)
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        return
-    if _unix_socket_answers(path):
-        raise StateError(f"{what} socket {path} is in use by another server")
-    os.unlink(path)
+    """Refuse a socket another server answers on (or one we cannot tell about);
+    remove one left by a dead server (nbd_mc/sockfile.py says how they differ)."""
+    # 0700 like the state directory it usually is: it holds the overlays, whose
+    # undo data is guest data (this runs before Group creates the directory)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        with sockfile.claimed(path):
+            sockfile.remove_stale(path, f"{what} socket")
+    except OSError as e:
+        raise StateError(e.strerror or str(e)) from None
 
 
 def preflight(opts: ServeOptions) -> tuple:
@@ -189,10 +178,24 @@ def _nbdkit_failure(log_text: str) -> str:
     return (errors or lines or ["nbdkit exited without a message"])[-1]
 
 
-def wait_ready(opts: ServeOptions, proc: subprocess.Popen | None, log_offset: int) -> int:
-    """Wait until the control socket greets us (the NBD socket is bound before the
-    fork, the control socket only after it).  Returns nbdkit's pid."""
-    deadline = time.monotonic() + READY_TIMEOUT
+def wait_ready(opts: ServeOptions, proc: subprocess.Popen | None, log_offset: int,
+               nbd_listener: int | None = None) -> int:
+    """Wait until our nbdkit greets us on the control address.  Returns its pid.
+
+    Both sockets listen before nbdkit writes its pidfile, but only the greeting's
+    pid proves that the server answering is the nbdkit we started: another
+    server on the same address would answer as well.  Likewise a unix NBD socket
+    must be the one ``nbd_listener`` (the nbdkit process we ran, which binds it
+    before forking) listens on: nbdkit binds it outside nbd_mc/sockfile.py's
+    claim, so a second server's probe could still have taken its path.
+
+    READY_TIMEOUT bounds only the wait after the pidfile: before it, nbdkit opens
+    and recovers the group, which takes as long as the undo data needs (loaded
+    machine, large undo).  In the background `start` waits for that in
+    proc.wait(); in the foreground (``proc``) this loop waits as long, for as long
+    as nbdkit lives.
+    """
+    deadline = None if proc is not None else time.monotonic() + READY_TIMEOUT
     tls = control_tls(opts)
     while True:
         if proc is not None and proc.poll() is not None:
@@ -200,16 +203,46 @@ def wait_ready(opts: ServeOptions, proc: subprocess.Popen | None, log_offset: in
         pid = _read_pid(opts.pidfile)
         if pid and not pid_alive(pid):
             raise StateError(f"nbdkit died: {_nbdkit_failure(_read_new(opts.log_path, log_offset))}")
+        if pid and deadline is None:
+            deadline = time.monotonic() + READY_TIMEOUT
         if pid:
             try:
-                ControlClient(opts.control, tls=tls, timeout=5).close()
-                return pid
+                with ControlClient(opts.control, tls=tls, timeout=5) as c:
+                    theirs = c.greeting.get("pid")
             except (OSError, NbdMcError):
-                pass
-        if time.monotonic() > deadline:
+                theirs = None
+            if theirs == pid:
+                _check_nbd_socket(opts, nbd_listener, pid)
+                return pid
+            if theirs is not None:
+                _stop(pid)  # unreachable on its own control address: useless
+                raise StateError(f"control address {opts.control} is answered by another "
+                                 f"server (pid {theirs}), not by the nbdkit just started "
+                                 f"(pid {pid}, stopped)")
+        if deadline is not None and time.monotonic() > deadline:
             raise StateError(f"nbdkit did not become ready within {READY_TIMEOUT:.0f} s; "
                              f"see {opts.log_path}")
-        time.sleep(POLL)  # polling a socket for readiness, bounded by the deadline
+        time.sleep(POLL)  # polling for readiness, bounded by the deadline or nbdkit's life
+
+
+def _check_nbd_socket(opts: ServeOptions, listener: int | None, pid: int) -> None:
+    if not opts.socket or listener is None:
+        return
+    try:
+        holder = sockfile.listener_pid(opts.socket)
+    except OSError:
+        holder = None
+    if holder != listener:
+        _stop(pid)  # unreachable on its own NBD socket: useless
+        raise StateError(f"NBD socket {opts.socket} is not served by the nbdkit just started "
+                         f"(pid {pid}, stopped) but by pid {holder}")
+
+
+def _stop(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
 
 
 def _read_pid(path: str) -> int | None:
@@ -264,8 +297,12 @@ def start(opts: ServeOptions, on_ready=None) -> int:
         rc = proc.wait()
         if rc != 0:
             raise StateError(f"nbdkit failed: {_nbdkit_failure(_read_new(opts.log_path, offset))}")
-        return wait_ready(opts, None, offset)
-    pid = wait_ready(opts, proc, offset)
+        return wait_ready(opts, None, offset, nbd_listener=proc.pid)
+    try:
+        pid = wait_ready(opts, proc, offset, nbd_listener=proc.pid)
+    except BaseException:
+        proc.terminate()  # our child, and not serving: do not leave it behind
+        raise
     if on_ready:
         on_ready(pid)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -275,13 +312,20 @@ def start(opts: ServeOptions, on_ready=None) -> int:
     return pid
 
 
+def _answers(path: str) -> bool:
+    try:
+        return sockfile.answers(path)
+    except OSError:
+        return True  # cannot tell: not gone yet
+
+
 def wait_gone(control: str, state_dir: str | None, timeout: float = 30.0) -> None:
     """After quit: wait until the server no longer answers and its lock is free
     (it closes the control socket before it has let go of the state directory)."""
     deadline = time.monotonic() + timeout
     unix = parse_address(control)
     while time.monotonic() < deadline:
-        answers = unix[0] == "unix" and _unix_socket_answers(unix[1])
+        answers = unix[0] == "unix" and _answers(unix[1])
         if not answers and not (state_dir and lock_held(state_dir)):
             return
         time.sleep(POLL)  # polling for the process to go, bounded by the deadline

@@ -73,32 +73,43 @@ def thread_model():
 
 
 def get_ready() -> None:
-    """Open the group (recovering it) before nbdkit forks, so errors reach `serve`.
+    """Open the group (recovering it) and listen on the control address before
+    nbdkit forks, so errors reach `serve`: after the fork nbdkit's stderr is
+    /dev/null, and its pidfile would already say the server runs.
 
     A refusal exits with a one-line message instead of a Python traceback.
     """
-    global _group
+    global _group, _control
     try:
         _group = Group(_config["state_dir"], _config["disks"] or None,
                        cluster_size=_config["cluster_size"], durability=_config["durability"],
                        subclusters=_config["subclusters"])
     except (NbdMcError, ValueError) as e:
-        sys.stderr.write(f"nbd-mc: {getattr(e, 'desc', e)}\n")
-        sys.stderr.flush()
-        os._exit(1)
+        _refuse(getattr(e, "desc", e))
+    try:
+        tls = TlsFiles(_config["control_tls"]) if _config["control_tls"] else None
+        session = commands.Session(_group, on_quit=_quit, nbd_uri=_config["nbd_uri"])
+        _control = ControlServer(_config["control"], commands.handler(session),
+                                 lambda: commands.greeting(_group), tls=tls)
+        _control.listen()
+    except (NbdMcError, ValueError, OSError) as e:
+        _group.close()
+        _refuse(getattr(e, "desc", None) or getattr(e, "strerror", None) or e)
     rec = _group.recovered
     if rec["restored_clusters"] or rec["stale_dropped"]:
         nbdkit.debug(f"nbd-mc: recovered to epoch {rec['committed']}: {rec}")
 
 
+def _refuse(why) -> None:
+    """Exit before serving, with the one line `serve` shows as the reason."""
+    sys.stderr.write(f"nbd-mc: {why}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def after_fork() -> None:
     """Threads may start only now (a thread started before the fork would be lost)."""
-    global _control
     _group.lock.record_pid()
-    tls = TlsFiles(_config["control_tls"]) if _config["control_tls"] else None
-    session = commands.Session(_group, on_quit=_quit, nbd_uri=_config["nbd_uri"])
-    _control = ControlServer(_config["control"], commands.handler(session),
-                             lambda: commands.greeting(_group), tls=tls)
     _control.start()
 
 

@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, field
 
 from .errors import StateError
+from .fileio import fsync_dir
 
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
@@ -139,15 +140,6 @@ def save(state_dir: str, state: GroupState, durable: bool = True) -> None:
     if durable:
         fsync_dir(state_dir)
     _make_spare(tmp, len(data))
-
-
-def fsync_dir(path: str) -> None:
-    """Make the entries of directory ``path`` (creations, renames) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _make_spare(tmp: str, size: int) -> None:

@@ -16,13 +16,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+from .units import human_size
 
 
 class _Rates:
@@ -55,7 +49,7 @@ def plain_line(st: dict | None, error: str | None, rate: float | None) -> str:
     prot = "protected" if st["protected"] else "NOT protected"
     flags = "".join([", FENCED" if st["fenced"] else "",
                      f", BROKEN: {st['broken']}" if st.get("broken") else ""])
-    disks = " ".join(f"{d['name']}={_size(d['undo_bytes'])}/{d['preserved_clusters']}cl"
+    disks = " ".join(f"{d['name']}={human_size(d['undo_bytes'])}/{d['preserved_clusters']}cl"
                      for d in st["disks"])
     rate_text = f", {rate:.1f} commits/s" if rate is not None else ""
     return (f"{stamp} epoch {st['committed']} {prot}, role {st['role']}{flags}; "
@@ -81,8 +75,8 @@ def live_view(st: dict | None, error: str | None, rate: float | None, where: str
                          ("preserved", "right"), ("undo", "right"), ("image", "left")):
         table.add_column(col, justify=justify)
     for d in st["disks"]:
-        table.add_row(d["name"], _size(d["size"]), _size(d["cluster_size"]),
-                      str(d["preserved_clusters"]), _size(d["undo_bytes"]), d["image"])
+        table.add_row(d["name"], human_size(d["size"]), human_size(d["cluster_size"]),
+                      str(d["preserved_clusters"]), human_size(d["undo_bytes"]), d["image"])
     return Group(head, sub, table)
 
 

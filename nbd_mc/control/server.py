@@ -11,10 +11,10 @@ import os
 import selectors
 import socket
 import ssl
-import stat
 import struct
 import threading
 
+from nbd_mc import sockfile
 from nbd_mc.address import check_unix_path, format_address, parse_address
 from nbd_mc.errors import NbdMcError
 from nbd_mc.tls import TlsFiles
@@ -77,8 +77,9 @@ class ControlServer:
     the server that sends the reply) returns an AfterReply.
 
     State: ``_lock`` (a Condition) guards ``_clients``, ``_closing``,
-    ``_started``, ``_accept_thread`` and each client's ``sock`` swap; the
-    listener and the wake pipe belong to the accept thread once it runs.
+    ``_listening``, ``_started``, ``_listener`` until the accept thread runs,
+    ``_accept_thread`` and each client's ``sock`` swap; the listener and the
+    wake pipe belong to the accept thread once it runs.
     """
 
     def __init__(self, address: str, handler, greeting, tls: "TlsFiles | None" = None,
@@ -106,6 +107,7 @@ class ControlServer:
         self._lock = threading.Condition()
         self._clients = set()
         self._closing = False
+        self._listening = False
         self._started = False
         self._listener = None
         self._socket_id = None          # (st_dev, st_ino) of the socket file we made
@@ -117,8 +119,29 @@ class ControlServer:
 
     # lifecycle
 
+    def listen(self) -> None:
+        """Bind and listen now (errors raise here); connections queue until start().
+
+        The plugin calls it in get_ready, before nbdkit forks into the
+        background: an address in use then fails `nbd-mc serve` with its reason
+        (after the fork nbdkit's stderr is /dev/null) before any pidfile says the
+        server runs.
+        """
+        with self._lock:
+            if self._listening:
+                raise RuntimeError("control server already listening")
+            self._listening = True
+        listener = self._listen_unix() if self._parsed[0] == "unix" else self._listen_tcp()
+        listener.setblocking(False)
+        with self._lock:
+            if not self._closing:
+                self._listener = listener
+                return
+        listener.close()                # close() raced with listen()
+        self._unlink_own_socket()
+
     def start(self) -> None:
-        """Bind and listen now (errors raise here), then accept in a daemon thread.
+        """Accept in a daemon thread, after listen() (called here if it was not).
 
         Called from the plugin's after_fork: a thread started before nbdkit
         forks would not exist in the daemon.
@@ -127,15 +150,17 @@ class ControlServer:
             if self._started:
                 raise RuntimeError("control server already started")
             self._started = True
-        listener = self._listen_unix() if self._parsed[0] == "unix" else self._listen_tcp()
-        listener.setblocking(False)
-        self._listener = listener
+            listening = self._listening
+        if not listening:
+            self.listen()
         thread = threading.Thread(target=self._accept_loop,
                                   name=f"nbd-mc-control-accept {self.address}", daemon=True)
         with self._lock:
             if self._closing:           # close() raced with start()
-                listener.close()
-                self._unlink_own_socket()
+                listener, self._listener = self._listener, None
+                if listener is not None:
+                    listener.close()
+                    self._unlink_own_socket()
                 return
             self._wake_r, self._wake_w = os.pipe()
             self._accept_thread = thread
@@ -154,6 +179,12 @@ class ControlServer:
             self._closing = True
             clients = list(self._clients)
             thread = self._accept_thread
+            idle = self._listener if thread is None else None  # listen() without start()
+            if idle is not None:
+                self._listener = None
+        if idle is not None:
+            idle.close()
+            self._unlink_own_socket()
         if thread is not None:
             os.write(self._wake_w, b"x")
             self._join(thread, timeout)
@@ -197,57 +228,30 @@ class ControlServer:
 
     def _listen_unix(self) -> socket.socket:
         path = self._parsed[1]
-        self._remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            try:
-                sock.bind(path)
-            except OSError as e:
-                raise OSError(e.errno, f"cannot create control socket {path}: {e.strerror}") from e
-            # Nobody can connect before listen(), so chmod-then-listen leaves no
-            # window in which the socket is open to other users; umask would,
-            # being process-wide while other threads create files.
-            os.chmod(path, 0o600)
-            st = os.stat(path)
-            self._socket_id = (st.st_dev, st.st_ino)
-            sock.listen(min(self._max_clients, socket.SOMAXCONN))
+            # Probe, bind and listen as one claim (nbd_mc/sockfile.py): another
+            # nbd-mc server's probe never sees this file bound but not listening,
+            # which it could not tell from a dead server's and would remove.
+            with sockfile.claimed(path):
+                sockfile.remove_stale(path, "control socket")
+                try:
+                    sock.bind(path)
+                except OSError as e:
+                    raise OSError(e.errno, f"cannot create control socket {path}: "
+                                           f"{e.strerror}") from e
+                # Nobody can connect before listen(), so chmod-then-listen leaves no
+                # window in which the socket is open to other users; umask would,
+                # being process-wide while other threads create files.
+                os.chmod(path, 0o600)
+                st = os.stat(path)
+                self._socket_id = (st.st_dev, st.st_ino)
+                sock.listen(min(self._max_clients, socket.SOMAXCONN))
         except BaseException:
             sock.close()
             self._unlink_own_socket()
             raise
         return sock
-
-    @staticmethod
-    def _remove_stale_socket(path: str) -> None:
-        """Replace the socket file of a dead server, never a live one.
-
-        nbdkit killed with -9 leaves its socket file behind; refusing to start
-        then would make every crash need manual cleanup.
-        """
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(errno.EEXIST,
-                                  f"control socket path {path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            pass
-        except OSError as e:
-            raise OSError(e.errno, f"control socket {path}: cannot tell whether it is in use: "
-                          f"{e.strerror}") from e
-        else:
-            raise OSError(errno.EADDRINUSE,
-                          f"control socket {path} is in use by another server")
-        finally:
-            probe.close()
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
 
     def _listen_tcp(self) -> socket.socket:
         _, host, port = self._parsed

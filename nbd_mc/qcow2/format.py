@@ -27,7 +27,7 @@ import struct
 from dataclasses import dataclass, field
 
 from ..errors import CorruptOverlay
-from ..fileio import pwrite_all
+from ..fileio import fsync_dir, pwrite_all
 
 MAGIC = b"QFI\xfb"
 HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQII")  # the 104 bytes of a v3 header
@@ -216,14 +216,6 @@ def resolve_backing(overlay_path: str, name: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(overlay_path)), name)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def create(path: str, image_path: str, size: int, cluster_size: int = 65536,
            epoch: int = 0, subclusters: bool = False) -> None:
     """Create an empty overlay atomically (temp file, fsync, rename).
@@ -273,7 +265,7 @@ def create(path: str, image_path: str, size: int, cluster_size: int = 65536,
         raise
     os.close(fd)
     os.rename(tmp, path)
-    _fsync_dir(path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 @dataclass

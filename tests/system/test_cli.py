@@ -8,12 +8,19 @@ import errno
 import json
 import os
 import random
+import signal
+import socket
+import subprocess
 
 import nbd
 import pytest
 
+from nbd_mc import launch
+from nbd_mc.control import ControlClient, ControlServer
+from nbd_mc.errors import StateError
 from support.servers import (GroupModel, assert_bytes, assert_check, assert_compare, describe,
-                             make_image, nbd_mc, pid_alive, read_all, read_file, write_file)
+                             make_image, nbd_mc, nbd_mc_argv, pid_alive, read_all, read_file,
+                             subprocess_env, write_file)
 
 
 MiB = 1 << 20
@@ -147,6 +154,85 @@ def test_serve_refuses_sockets_in_use(servers):
     h.pwrite(b"still here", 0)
     # recover refuses a directory a server is using
     refused(s.cli("recover"), "in use")
+
+
+def test_concurrent_serves_on_one_control_socket(servers):
+    """Two serves started at once on one control socket: one serves, the other
+    says why it does not -- never both "serving" while one nbdkit answers for both."""
+    control = servers.path("ctl.sock")
+    procs = []
+    for name in ("a", "b"):
+        img = servers.path(f"{name}.raw")
+        make_image(img, 1 * MiB)
+        servers.new({name: img}, state_dir=servers.path(f"st-{name}"))  # stopped at teardown
+        procs.append(subprocess.Popen(
+            nbd_mc_argv() + ["serve", f"{name}={img}", "--state-dir", servers.path(f"st-{name}"),
+                             "--control", control], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env=subprocess_env()))
+    outputs = [p.communicate(timeout=120) for p in procs]
+    results = [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+    served = [i for i, (rc, _, _) in enumerate(results) if rc == 0]
+    assert len(served) == 1, results
+    rc, _, err = results[1 - served[0]]
+    assert rc == 1 and "control socket" in err and "in use" in err, results
+    winner = servers.made[served[0]]
+    winner.pid = int(read_file(winner.pidfile).strip())
+    with ControlClient(control, timeout=60) as c:
+        assert c.greeting["pid"] == winner.pid
+        assert c.greeting["disks"] == list(winner.disks)
+    assert f"serving {list(winner.disks)[0]} (pid {winner.pid})" in results[served[0]][1]
+
+
+@pytest.mark.parametrize("foreign", ["control", "nbd"])
+def test_serve_never_reports_another_servers_answer(workdir, foreign):
+    """Readiness is our nbdkit's own answer: a process whose pidfile is written but
+    whose control address (or unix NBD socket) another server answers is not
+    reported as serving (and, unreachable, is stopped)."""
+    started = subprocess.Popen(["sleep", "600"])  # stands in for the nbdkit just started
+    opts = launch.ServeOptions(state_dir=os.path.join(workdir, "st"),
+                               control=os.path.join(workdir, "ctl.sock"))
+    opts.resolve()
+    os.makedirs(opts.state_dir)
+    write_file(opts.pidfile, f"{started.pid}\n".encode())
+    answering = os.getpid() if foreign == "control" else started.pid
+    control = ControlServer(opts.control, lambda name, args: {}, lambda: {"pid": answering})
+    control.start()
+    nbd_sock = socket.socket(socket.AF_UNIX)  # listened on by this process, not by `started`
+    nbd_sock.bind(opts.socket)
+    nbd_sock.listen(8)
+    try:
+        with pytest.raises(StateError, match="answered by another server" if foreign == "control"
+                           else f"NBD socket {opts.socket} is not served by"):
+            launch.wait_ready(opts, None, 0, nbd_listener=started.pid)
+        assert started.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        started.kill()
+        started.wait()
+        control.close()
+        nbd_sock.close()
+
+
+def test_foreground_readiness_deadline_starts_after_recovery(workdir, monkeypatch):
+    """In the foreground, nbdkit opens and recovers the group before it writes its
+    pidfile, for as long as the undo data needs: that must not count against the
+    readiness deadline (in the background, serve waits for it without one)."""
+    control = os.path.join(workdir, "ctl.sock")
+    opts = launch.ServeOptions(state_dir=os.path.join(workdir, "st"), control=control,
+                               foreground=True)
+    opts.resolve()
+    os.makedirs(opts.state_dir)
+    # stands in for nbdkit -f: "recovers" for a while, then writes its pidfile
+    recovering = subprocess.Popen(["sh", "-c", f"sleep 1; echo $$ > {opts.pidfile}; exec sleep 600"])
+    answering = ControlServer(control, lambda name, args: {},
+                              lambda: {"pid": int(read_file(opts.pidfile))})
+    answering.start()
+    monkeypatch.setattr(launch, "READY_TIMEOUT", 0.2)  # far less than the "recovery"
+    try:
+        assert launch.wait_ready(opts, recovering, 0) == recovering.pid
+    finally:
+        recovering.kill()
+        recovering.wait()
+        answering.close()
 
 
 def test_serve_after_kill9_reuses_stale_sockets(servers):

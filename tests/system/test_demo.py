@@ -47,4 +47,3 @@ def test_demo_story(workdir):
     if result.last_commit == result.kill_epoch:
         assert check.maxseq < result.seq_after_commit, text
     assert "failover done" in result.failover["text"]
-    assert result.seconds < 120, text

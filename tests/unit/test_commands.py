@@ -3,6 +3,8 @@ checked before anything runs, bound to a real Group without nbdkit."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from nbd_mc import commands
@@ -69,7 +71,8 @@ def test_commands_run_on_the_group(session, group):
     assert handle("rollback", {})["restored_clusters"] == 0
     assert handle("fence", {}) == {"generation": 1}
     assert commands.greeting(group) == {"version": commands.__version__, "committed": 1,
-                                        "disks": ["vda"], "instance": commands.INSTANCE}
+                                        "disks": ["vda"], "instance": commands.INSTANCE,
+                                        "pid": os.getpid()}
 
 
 def test_failover_replies_with_the_drive_option_qemu_needs(session, group):

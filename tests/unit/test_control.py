@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
+from nbd_mc import sockfile
 from nbd_mc.address import format_address, parse_address
 from nbd_mc.control import (AfterReply, ControlClient, ControlError, ControlProtocolError,
                             ControlServer)
@@ -694,6 +695,80 @@ def test_socket_of_a_live_server_is_not_taken(make_server, short_dir, counter):
         second.start()
     second.close()
     assert still_answers(first.address)
+
+
+def test_a_starting_servers_socket_is_not_taken(make_server, short_dir, counter, monkeypatch):
+    """A server between bind() and listen() is refused like a dead one: a probe
+    then must not happen, or the path would be taken from a server about to serve."""
+    path = str(short_dir / "ctl.sock")
+    starting = socket.socket(socket.AF_UNIX)
+    with sockfile.claimed(path):                # what a starting server holds
+        starting.bind(path)                     # bound, not listening yet
+        inode = os.stat(path).st_ino
+        monkeypatch.setattr(sockfile, "LOCK_TIMEOUT", 0.2)
+        second = ControlServer(path, counter, greeting_of(counter))
+        with pytest.raises(OSError, match="cannot claim"):
+            second.listen()
+        second.close()
+        assert os.stat(path).st_ino == inode    # still the starting server's file
+        starting.listen(1)
+    third = ControlServer(path, counter, greeting_of(counter))
+    with pytest.raises(OSError, match="is in use"):
+        third.listen()
+    third.close()
+    assert os.stat(path).st_ino == inode
+    starting.close()
+
+
+def test_a_server_with_a_full_accept_queue_is_in_use(short_dir, counter):
+    """A busy (or stopped) server that accepts nothing for a while is still there:
+    its socket is refused at once, neither taken nor waited for."""
+    path = str(short_dir / "ctl.sock")
+    busy = socket.socket(socket.AF_UNIX)
+    busy.bind(path)
+    busy.listen(0)
+    queued = []
+    while True:                                 # fill its accept queue
+        c = socket.socket(socket.AF_UNIX)
+        c.setblocking(False)
+        queued.append(c)
+        try:
+            c.connect(path)
+        except BlockingIOError:
+            break
+    assert sockfile.answers(path)
+    second = ControlServer(path, counter, greeting_of(counter))
+    with pytest.raises(OSError, match="is in use"):
+        second.listen()
+    second.close()
+    for c in queued:
+        c.close()
+    busy.close()
+
+
+def test_listen_queues_connections_until_start(short_dir, counter):
+    """The plugin listens before nbdkit forks and accepts only after it."""
+    path = str(short_dir / "ctl.sock")
+    server = ControlServer(path, counter, greeting_of(counter))
+    server.listen()
+    try:
+        early = socket.socket(socket.AF_UNIX)
+        early.settimeout(WIRE_TIMEOUT)
+        early.connect(path)                     # queued by the kernel
+        server.start()
+        assert json.loads(early.makefile().readline())["nbd-mc"]["version"] == "test"
+        early.close()
+    finally:
+        server.close()
+    assert not os.path.exists(path)
+
+
+def test_close_after_listen_alone_removes_the_socket(short_dir, counter):
+    path = str(short_dir / "ctl.sock")
+    server = ControlServer(path, counter, greeting_of(counter))
+    server.listen()
+    server.close()
+    assert not os.path.exists(path)
 
 
 def test_a_file_that_is_not_a_socket_is_left_alone(short_dir, counter):
