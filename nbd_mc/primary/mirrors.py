@@ -303,17 +303,19 @@ def cancel_mirrors(qmp: Qmp, mirrors: Mirrors, timeout: float = CANCEL_TIMEOUT,
                    force: bool = False, watchdog=None) -> list[str]:
     """block-job-cancel each mirror and wait for it to end.  After READY that ends the
     job cleanly without a pivot: the VM goes on using its own disk.  ``force`` does not
-    copy what is still dirty first (the secondary is lost anyway); a forced cancel of a
-    mirror happens only with the VM paused (HeldStill: a QEMU 7.2 bug), and
-    ``watchdog`` is told about that pause.  Returns problems."""
+    copy what is still dirty first (the secondary is lost anyway).  A forced cancel of a
+    mirror, and any cancel of one not READY yet (QEMU forces those), happens only with
+    the VM paused (HeldStill: a QEMU 7.2 bug); ``watchdog`` is told about that pause.
+    Returns problems."""
     problems = []
     start = qmp.cursor
     running = jobs(qmp)
     live = set(running) & mirrors.ids
     still = HeldStill(qmp, watchdog)
     try:
-        if force:
-            still.hold(live, running)
+        # (QEMU cancels a mirror that is not READY yet as if forced)
+        still.hold(live if force else {j for j in live if not running[j].get("ready")},
+                   running)
         for j in sorted(live):
             try:
                 qmp.cmd("block-job-cancel", device=j, **({"force": True} if force else {}))
