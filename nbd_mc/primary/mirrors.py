@@ -12,7 +12,7 @@ import os
 import time
 import urllib.parse
 
-from .errors import PrimaryError, PrimaryGone, QmpCommandError, SecondaryFailed
+from .errors import PrimaryError, PrimaryGone, QmpCommandError, QmpTimeout, SecondaryFailed
 from .options import DriveSpec, NbdTarget
 from .qmp import Qmp
 
@@ -21,6 +21,9 @@ DRAIN_TIMEOUT = 10.0
 DRAIN_POLL = 0.001
 #: Cancelling a READY mirror copies what is still dirty; bound the wait.
 CANCEL_TIMEOUT = 30.0
+#: Pausing the VM before a forced cancel (HeldStill) waits for the guest writes in
+#: flight to the secondary; a hung one makes the cancel wait behind it (see there).
+HOLD_TIMEOUT = 10.0
 TLS_OBJECT = "nbd-mc-tls"
 JOB_END_EVENTS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
 #: Resync copies (resync.py) run as backup jobs named BACKUP_PREFIX + drive.
@@ -233,42 +236,128 @@ class Mirrors:
             time.sleep(DRAIN_POLL)  # polling a counter with a deadline
 
 
+class HeldStill:
+    """The VM paused around a forced cancel of a write-blocking mirror.
+
+    Why: in QEMU 7.2 (and upstream since, block/mirror.c) a mirror job that leaves
+    its loop because it was force-cancelled waits only for its own background
+    copies, then frees its in-flight bitmap -- while a guest write copied by the
+    write-blocking filter may still be waiting for the secondary.  When that write
+    settles it clears its bits in the freed bitmap: heap corruption, and QEMU dies
+    later (SIGSEGV or SIGABRT "malloc(): unaligned tcache chunk detected", found by
+    the chaos soak in about 1 run in 10) or, worse, goes on with a corrupt heap.
+    ``stop`` drains every guest write (each one settles before it returns) and
+    keeps new ones out, so a job cancelled while the VM is paused has no write in
+    flight to race.  A VM that does not run (paused by a checkpoint, stopped by an
+    I/O error) is left as it is: it has nothing in flight either.
+
+    If ``stop`` itself waits longer than HOLD_TIMEOUT (a write stuck on a hung
+    secondary), QmpTimeout propagates from the next command, which QEMU runs only
+    after the stop: the cancel never overtakes the drain.  The caller retries (protect's
+    needs_drop); the ``cont`` sent by release() runs after them.
+
+    State (the caller's thread): ``stopped`` -- we sent a ``stop`` that release() must
+    undo; ``watchdog`` (watchdog.py, or None) is told so that a protect killed in
+    between does not leave the VM paused.
+    """
+
+    def __init__(self, qmp: Qmp, watchdog=None, timeout: float = HOLD_TIMEOUT):
+        self.qmp = qmp
+        self.watchdog = watchdog
+        self.timeout = timeout
+        self.stopped = False
+
+    def hold(self, ids, running: dict[str, dict]) -> None:
+        """Pause the VM if any of ``ids`` is a live mirror job and the VM runs."""
+        if self.stopped or not any((running.get(j) or {}).get("type") == "mirror"
+                                   for j in ids):
+            return
+        if self.qmp.cmd("query-status").get("status") != "running":
+            return
+        if self.watchdog:
+            self.watchdog.pausing()
+        self.stopped = True
+        try:
+            self.qmp.execute("stop", timeout=self.timeout)
+        except QmpTimeout:
+            pass  # queued: QEMU runs the cancel after it (see the class docstring)
+
+    def release(self) -> None:
+        """``cont`` if we paused the VM (unless QEMU is gone)."""
+        if not self.stopped:
+            return
+        self.stopped = False
+        if self.qmp.gone:
+            return
+        try:
+            self.qmp.execute("cont", timeout=self.timeout)
+        except QmpTimeout:
+            return  # queued behind a stop still draining: it runs when that ends
+        except PrimaryGone:
+            return
+        if self.watchdog:
+            self.watchdog.resumed()
+
+
 def cancel_mirrors(qmp: Qmp, mirrors: Mirrors, timeout: float = CANCEL_TIMEOUT,
-                   force: bool = False) -> list[str]:
+                   force: bool = False, watchdog=None) -> list[str]:
     """block-job-cancel each mirror and wait for it to end.  After READY that ends the
     job cleanly without a pivot: the VM goes on using its own disk.  ``force`` does not
-    copy what is still dirty first (the secondary is lost anyway).  Returns problems."""
+    copy what is still dirty first (the secondary is lost anyway).  A forced cancel of a
+    mirror, and any cancel of one not READY yet (QEMU forces those), happens only with
+    the VM paused (HeldStill: a QEMU 7.2 bug); ``watchdog`` is told about that pause.
+    Returns problems."""
     problems = []
     start = qmp.cursor
-    live = set(jobs(qmp)) & mirrors.ids
-    for j in sorted(live):
-        try:
-            qmp.cmd("block-job-cancel", device=j, **({"force": True} if force else {}))
-        except QmpCommandError as e:
-            if e.qmp_class != "DeviceNotActive":  # not: it ended meanwhile (a failed mirror)
-                problems.append(e.desc)
-            live.discard(j)
-    pending = set(live)
-    deadline = time.monotonic() + timeout
-    cursor = start
-    while pending and not qmp.gone:
-        ev, cursor = qmp.wait_event(
-            lambda e: e.get("event") in JOB_END_EVENTS and (e.get("data") or {}).get("device")
-            in pending, cursor, max(0.0, deadline - time.monotonic()))
-        if ev is None:
-            if time.monotonic() >= deadline:
-                for j in sorted(pending):  # a target that no longer answers: force it
-                    try:
-                        qmp.cmd("block-job-cancel", device=j, force=True)
-                    except QmpCommandError:
-                        pass
-                pending &= set(jobs(qmp))
-                if pending:
-                    problems.append(f"mirror(s) {', '.join(sorted(pending))} did not end")
-                break
-            continue
-        pending.discard(ev["data"]["device"])
+    running = jobs(qmp)
+    live = set(running) & mirrors.ids
+    still = HeldStill(qmp, watchdog)
+    try:
+        # (QEMU cancels a mirror that is not READY yet as if forced)
+        still.hold(live if force else {j for j in live if not running[j].get("ready")},
+                   running)
+        for j in sorted(live):
+            try:
+                qmp.cmd("block-job-cancel", device=j, **({"force": True} if force else {}))
+            except QmpCommandError as e:
+                if e.qmp_class != "DeviceNotActive":  # not: it ended meanwhile (failed)
+                    problems.append(e.desc)
+                live.discard(j)
+        pending = set(live)
+        deadline = time.monotonic() + timeout
+        cursor = start
+        while pending and not qmp.gone:
+            ev, cursor = qmp.wait_event(
+                lambda e: e.get("event") in JOB_END_EVENTS and
+                (e.get("data") or {}).get("device") in pending, cursor,
+                max(0.0, deadline - time.monotonic()))
+            if ev is None:
+                if time.monotonic() >= deadline:
+                    still.hold(pending, jobs(qmp))
+                    for j in sorted(pending):  # a target that no longer answers: force it
+                        try:
+                            qmp.cmd("block-job-cancel", device=j, force=True)
+                        except QmpCommandError:
+                            pass
+                    pending = _wait_gone(qmp, pending)
+                    if pending:
+                        problems.append(f"mirror(s) {', '.join(sorted(pending))} did not end")
+                    break
+                continue
+            pending.discard(ev["data"]["device"])
+    finally:
+        still.release()
     return problems
+
+
+def _wait_gone(qmp: Qmp, ids, timeout: float = HOLD_TIMEOUT) -> set:
+    """Wait (bounded) until the jobs ``ids`` are gone from query-block-jobs; those left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = set(ids) & set(jobs(qmp))
+        if not left or time.monotonic() >= deadline:
+            return left
+        qmp.wait_event(lambda e: e.get("event") in JOB_END_EVENTS, qmp.cursor, 0.1)
 
 
 def remove_nodes(qmp: Qmp, drives: list[DriveSpec]) -> list[str]:
@@ -299,14 +388,16 @@ def yank(qmp: Qmp, drives: list[DriveSpec], timeout: float = 5.0) -> None:
             pass
 
 
-def drop(qmp: Qmp, drives: list[DriveSpec], hard: bool = False) -> list[str]:
+def drop(qmp: Qmp, drives: list[DriveSpec], hard: bool = False, watchdog=None) -> list[str]:
     """The secondary is lost: remove our mirrors, resync copies and NBD nodes, without
     waiting for the secondary (``hard`` first yanks the connections).  The VM keeps
-    running on its own disks; the dirty bitmaps stay.  Returns problems."""
+    running on its own disks (paused for the moment of the forced cancel, see
+    HeldStill; ``watchdog`` is told); the dirty bitmaps stay.  Returns problems."""
     if hard:
         yank(qmp, drives)
     ids = {d.job for d in drives} | {BACKUP_PREFIX + d.drive for d in drives}
-    problems = cancel_mirrors(qmp, _Jobs(ids), timeout=CANCEL_TIMEOUT, force=True)
+    problems = cancel_mirrors(qmp, _Jobs(ids), timeout=CANCEL_TIMEOUT, force=True,
+                              watchdog=watchdog)
     problems += remove_nodes(qmp, drives)
     if hard and resume_after_copy_error(qmp):
         problems.append(RESUMED_AFTER_COPY_ERROR)
@@ -338,7 +429,7 @@ class _Jobs:
         self.ids = set(ids)
 
 
-def remove_leftovers(qmp: Qmp, drives: list[DriveSpec]) -> str | None:
+def remove_leftovers(qmp: Qmp, drives: list[DriveSpec], watchdog=None) -> str | None:
     """Clean up after an earlier protect that died without detaching (kill -9).
 
     Its mirror jobs and NBD nodes are still in QEMU and would make ours fail with
@@ -353,7 +444,7 @@ def remove_leftovers(qmp: Qmp, drives: list[DriveSpec]) -> str | None:
     if not stale_jobs and not stale_nodes:
         return None
     paused = qmp.cmd("query-status").get("status") == "paused"
-    problems = drop(qmp, drives)
+    problems = drop(qmp, drives, watchdog=watchdog)
     if problems:
         raise PrimaryError("cannot remove the mirrors an earlier protect left behind: "
                            + "; ".join(problems))
@@ -365,8 +456,8 @@ def remove_leftovers(qmp: Qmp, drives: list[DriveSpec]) -> str | None:
     return done
 
 
-def detach(qmp: Qmp, mirrors: Mirrors) -> list[str]:
+def detach(qmp: Qmp, mirrors: Mirrors, watchdog=None) -> list[str]:
     """Leave QEMU as we found it: no mirror, no NBD node; the VM keeps running."""
-    problems = cancel_mirrors(qmp, mirrors)
+    problems = cancel_mirrors(qmp, mirrors, watchdog=watchdog)
     problems += remove_nodes(qmp, mirrors.drives)
     return problems

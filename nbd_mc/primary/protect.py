@@ -136,7 +136,9 @@ class Protector:
             sizes = check_drives(self.qmp, opts.drives)
             check_sizes(sizes, status, opts.drives)
             self.sizes = sizes
-            leftover = remove_leftovers(self.qmp, opts.drives)
+            # (before the leftovers: removing a mirror pauses the VM for a moment)
+            self.watchdog = Watchdog(opts.qmp, opts.libvirt, opts.connect)
+            leftover = remove_leftovers(self.qmp, opts.drives, self.watchdog)
             if leftover:
                 console.say(f"nbd-mc protect: {leftover}")
             # (after the leftovers: a mirror filter hides the drive's file)
@@ -147,7 +149,6 @@ class Protector:
             if opts.verify:
                 self.verifier = self._verifier()
             self.bitmaps = Bitmaps(self.qmp, opts.drives, source_nodes(self.qmp, opts.drives))
-            self.watchdog = Watchdog(opts.qmp, opts.libvirt, opts.connect)
             state = ("not protected yet: epoch 0, the first commit after the sync makes it "
                      "protected" if next_epoch == 1 else
                      f"already protected at epoch {next_epoch - 1}: what the sync writes is "
@@ -297,7 +298,7 @@ class Protector:
     def _drop(self) -> None:
         self.mirrors = None
         try:
-            problems = drop(self.qmp, self.opts.drives, hard=True)
+            problems = drop(self.qmp, self.opts.drives, hard=True, watchdog=self.watchdog)
             self.needs_drop = False
             for p in problems:
                 self.report.problems.append(p)
@@ -558,9 +559,9 @@ class Protector:
             if not qmp.gone:
                 try:
                     if self.mirrors is not None:
-                        report.problems += detach(qmp, self.mirrors)
+                        report.problems += detach(qmp, self.mirrors, self.watchdog)
                     else:
-                        report.problems += drop(qmp, self.opts.drives)
+                        report.problems += drop(qmp, self.opts.drives, watchdog=self.watchdog)
                 except PrimaryError as e:
                     report.problems.append(e.desc)
         if self.verifier is not None:

@@ -481,6 +481,42 @@ def test_protect_killed_then_protect_again(servers, vms, procs):
         assert_bytes(read_file(server.image(export)), read_file(vm.images[drive]), export)
 
 
+def test_forced_mirror_cancel_only_with_the_vm_paused(servers, vms, procs):
+    """A write-blocking mirror is force-cancelled only while the VM is paused.
+
+    QEMU 7.2's mirror frees its in-flight bitmap when a forced cancel ends it, before
+    the guest writes it is copying have settled: their settling then writes into
+    freed memory (the chaos soak's primary died of it with SIGSEGV/SIGABRT).  Here
+    protect is killed with its mirrors READY and the VM running; the next protect
+    removes them with a forced cancel: the VM must be stopped when QEMU reports
+    each cancelled mirror, and running again afterwards."""
+    rng = random.Random("forced-cancel-paused")
+    vm, server = make_pair(servers, vms, rng)
+    proc = start_protect(procs, vm, server, servers.root, "--interval", "10ms")
+    wait_until(lambda: committed(server) >= 2 or proc.poll() is not None, "two commits")
+    proc.kill()
+    proc.wait(30)
+    wait_watchdog_done(vm)  # it resumes the VM if protect died with it paused
+    assert vm.running() and {j["type"] for j in vm.jobs()} == {"mirror"}
+    cursor = vm.qmp.cursor
+    r = nbd_mc("protect", "--qmp", vm.qmp_path, "--drive", "drive0=vda", "--drive",
+               "drive1=vdb", "--target", server.uri(), "--control", server.control_path,
+               "--epochs", 1, "--interval", "10ms")
+    assert r.returncode == 0, describe(r)
+    assert "left by an earlier protect" in r.stdout, r.stdout
+    running, cancelled = True, []
+    for _, e in vm.qmp.events_after(cursor):
+        if e["event"] in ("STOP", "RESUME"):
+            running = e["event"] == "RESUME"
+        elif e["event"] == "BLOCK_JOB_CANCELLED" and e["data"]["type"] == "mirror":
+            cancelled.append((e["data"]["device"], running))
+        if len(cancelled) == 2:
+            break
+    assert sorted(cancelled) == [("nbd-mc-drive0", False), ("nbd-mc-drive1", False)], \
+        cancelled
+    assert_detached(vm)
+
+
 # --- 3. the secondary's nbdkit killed mid-epoch -------------------------------------------------
 @pytest.mark.parametrize("after", ["restart", "recover"])
 def test_secondary_killed_mid_epoch(servers, vms, procs, after):
