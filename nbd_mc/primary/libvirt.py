@@ -225,7 +225,10 @@ class LibvirtQmp(EventLog):
             self._set_gone(self.gone or f"{what}: no answer and the domain is not running")
             raise PrimaryGone(f"lost domain {self.name} during {what}: {self.gone}") from None
         except libvirt.libvirtError as e:
-            if e.get_error_code() in _GONE_CODES:
+            # libvirt reports a QEMU that died under a command in several ways (an
+            # internal error "End of file from qemu monitor" among them): whatever
+            # the code, a domain that is no longer active is gone
+            if e.get_error_code() in _GONE_CODES or not self._active():
                 self._set_gone(_msg(e))
                 raise PrimaryGone(f"lost domain {self.name} during {what}: {_msg(e)}") from None
             raise PrimaryError(f"libvirt refused {what} for domain {self.name}: "
