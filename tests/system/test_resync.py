@@ -275,6 +275,12 @@ def test_repeated_outages(servers, vms, procs):
             server.kill9()
         else:
             server.stop()
+        # HMP qemu-io is no guest: protect's pause (stop) does not hold it back, and
+        # a mirror force-cancelled under an HMP write in flight corrupts QEMU 7.2's
+        # heap (README Known gaps) -- so the outage's writes start once protect has
+        # dropped the mirrors
+        wait_until(lambda: not [j for j in vm.jobs() if j["type"] == "mirror"],
+                   "protect to drop the mirrors of the lost secondary", timeout=DEADLINE)
         co.play(lambda: False, ops=rng.randrange(0, 6))
         server.start()
         progress(co, server, proc, 2)
