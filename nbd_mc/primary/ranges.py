@@ -32,17 +32,13 @@ import os
 import time
 
 from .errors import PrimaryError, SecondaryFailed, SecondaryStalled
+from .nbdio import nbd as _nbd, status_runs
 from .options import DriveSpec, NbdTarget
 from .source import SourceError
 
 #: Largest single NBD write, and the read buffer.
 CHUNK = 4 << 20
 _ZEROS = memoryview(bytes(CHUNK))
-
-
-def _nbd():
-    import nbd  # Debian's python3-libnbd; imported late: only protect needs it
-    return nbd
 
 
 class RangeWriter:
@@ -180,34 +176,21 @@ class RangeWriter:
         h = self._handle(drive)
         if not h.can_meta_context("base:allocation"):
             return size
-        found = []
+        what = f"block status of {self.exports[drive]}"
 
-        def extent(metacontext, offset, entries, err):
-            if metacontext == "base:allocation":
-                found.append((offset, list(entries)))
-            return 0
-
-        total = 0
-        pos = 0
-        while pos < size:
-            found.clear()
-            count = min(size - pos, 1 << 30)
+        def ask(pos, count, extent):
             try:
                 cookie = h.aio_block_status(count, pos, extent)
             except nbd.Error as e:
-                raise SecondaryFailed(f"block status of {self.exports[drive]}: {e.string}") \
-                    from None
-            self._wait(h, cookie, f"block status of {self.exports[drive]}")
-            advanced = 0
-            for _, entries in found:
-                for i in range(0, len(entries) - 1, 2):
-                    length, flags = entries[i], entries[i + 1]
-                    if not flags & nbd.STATE_HOLE:
-                        total += length
-                    advanced += length
-            if advanced <= 0:
+                raise SecondaryFailed(f"{what}: {e.string}") from None
+            self._wait(h, cookie, what)
+
+        total = 0
+        for _, n, flags in status_runs(0, size, ask):
+            if flags is None:
                 return size
-            pos += advanced
+            if not flags & nbd.STATE_HOLE:
+                total += n
         return min(total, size)
 
     def close(self) -> None:

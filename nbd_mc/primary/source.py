@@ -52,6 +52,7 @@ import xml.etree.ElementTree as ET
 
 from ..fileio import data_extents, pread_into
 from .errors import PrimaryError, QmpCommandError
+from .nbdio import nbd as _nbd, status_runs
 from .options import DriveSpec
 
 #: Our exports' ids and NBD names start with this (leftovers are found by it).
@@ -73,11 +74,6 @@ class SourceError(PrimaryError):
 class SourceUnavailable(SourceError):
     """No way to read the primary's drive: not a local raw file, and QEMU's own NBD
     export could not be set up."""
-
-
-def _nbd():
-    import nbd  # Debian's python3-libnbd; imported late: only protect needs it
-    return nbd
 
 
 class RawFile:
@@ -215,32 +211,17 @@ class NbdExport:
         = QEMU says the range reads as zeros (a qcow2 hole or zero cluster)."""
         nbd = _nbd()
         out: list[list] = []
-        pos = offset
-        while pos < end:
-            found = []
 
-            def extent(metacontext, at, entries, err):
-                if metacontext == "base:allocation":
-                    found.extend(entries)
-                return 0
-            self._run(lambda h: ([h.aio_block_status(min(end - pos, 1 << 30), pos, extent)],
-                                 None), "asking block status of")
-            advanced = 0
-            for i in range(0, len(found) - 1, 2):
-                n = min(found[i], end - pos - advanced)
-                if n <= 0:
-                    break
-                data = not found[i + 1] & nbd.STATE_ZERO
-                start = pos + advanced
-                if out and out[-1][2] == data and out[-1][0] + out[-1][1] == start:
-                    out[-1][1] += n
-                else:
-                    out.append([start, n, data])
-                advanced += n
-            if advanced <= 0:  # a server that says nothing: treat the rest as data
-                out.append([pos, end - pos, True])
-                break
-            pos += advanced
+        def ask(pos, count, extent):
+            self._run(lambda h: ([h.aio_block_status(count, pos, extent)], None),
+                      "asking block status of")
+        for start, n, flags in status_runs(offset, end, ask):
+            # not data = QEMU says it reads as zeros; a server that says nothing: data
+            data = flags is None or not flags & nbd.STATE_ZERO
+            if out and out[-1][2] == data and out[-1][0] + out[-1][1] == start:
+                out[-1][1] += n
+            else:
+                out.append([start, n, data])
         return [tuple(x) for x in out]
 
     def close(self) -> None:
