@@ -7,6 +7,7 @@ is a PrimaryError.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 
 from .. import writer
@@ -67,6 +68,23 @@ def first_epoch(status: dict, drives: list[DriveSpec]) -> int:
     return int(status["committed"]) + 1
 
 
+@contextmanager
+def _rpc(failed: str, refused: str | None = None,
+         lost: str = "lost the control connection to the secondary", detail=lambda e: ""):
+    """How a control request's failure reads to protect, said once: a ``Fenced``
+    refusal is for good (SecondaryRefused: ``refused``, default ``failed``), any
+    other refusal (``failed`` plus ``detail(e)``) and a lost connection (``lost``)
+    are an outage (SecondaryFailed)."""
+    try:
+        yield
+    except ControlError as e:
+        if e.error_class == "Fenced":
+            raise SecondaryRefused(f"{refused or failed}: {e}") from None
+        raise SecondaryFailed(f"{failed}: {e}{detail(e)}") from None
+    except (OSError, NbdMcError) as e:
+        raise SecondaryFailed(f"{lost}: {_why(e)}") from None
+
+
 def commit(ctl: ControlClient, epoch: int) -> dict:
     """Commit ``epoch`` on the secondary; any failure means the secondary is lost to us.
 
@@ -80,16 +98,11 @@ def commit(ctl: ControlClient, epoch: int) -> dict:
     makes the message exact (a commit whose durability is unknown must not count
     as acknowledged: a power cut may still take it back).
     """
-    try:
+    with _rpc(f"the secondary refused to commit epoch {epoch}",
+              lost=f"lost the control connection to the secondary while committing "
+                   f"epoch {epoch}",
+              detail=lambda e: _outcome(epoch, e.committed)):
         return ctl.execute("commit", epoch=epoch)
-    except ControlError as e:
-        if e.error_class == "Fenced":
-            raise SecondaryRefused(f"the secondary refused to commit epoch {epoch}: {e}") from None
-        raise SecondaryFailed(f"the secondary refused to commit epoch {epoch}: {e}"
-                              f"{_outcome(epoch, e.committed)}") from None
-    except (OSError, NbdMcError) as e:
-        raise SecondaryFailed(f"lost the control connection to the secondary while committing "
-                              f"epoch {epoch}: {_why(e)}") from None
 
 
 def _outcome(epoch: int, committed: int | None) -> str:
@@ -106,15 +119,9 @@ def new_session(ctl: ControlClient, stale_after: float | None) -> dict:
     can no longer write (a hung secondary that comes back may still hold their
     writes), and after ``stale_after`` seconds without a commit it reports its
     protection stale.  Returns its generation, group id and committed epoch."""
-    try:
+    with _rpc("the secondary refused new-session", refused="the secondary refused the session"):
         return ctl.execute("new-session",
                            **({} if stale_after is None else {"stale_after": stale_after}))
-    except ControlError as e:
-        if e.error_class == "Fenced":
-            raise SecondaryRefused(f"the secondary refused the session: {e}") from None
-        raise SecondaryFailed(f"the secondary refused new-session: {e}") from None
-    except (OSError, NbdMcError) as e:
-        raise SecondaryFailed(f"lost the control connection to the secondary: {_why(e)}") from None
 
 
 def claim_writer(ctl: ControlClient, drives: list[DriveSpec], say=lambda text: None,
@@ -128,14 +135,8 @@ def claim_writer(ctl: ControlClient, drives: list[DriveSpec], say=lambda text: N
     the writer exports to mirror into.  A secondary that predates writer identities
     gets a plain new-session, and the plain exports are used.  A promoted or
     fenced secondary refuses for good (SecondaryRefused)."""
-    try:
+    with _rpc("the secondary refused the writer claim"):
         got = writer.claim(ctl, stale_after)
-    except ControlError as e:
-        if e.error_class == "Fenced":
-            raise SecondaryRefused(f"the secondary refused the writer claim: {e}") from None
-        raise SecondaryFailed(f"the secondary refused the writer claim: {e}") from None
-    except (OSError, NbdMcError) as e:
-        raise SecondaryFailed(f"lost the control connection to the secondary: {_why(e)}") from None
     if not got.writer:
         new_session(ctl, stale_after)
         return ctl, drives
