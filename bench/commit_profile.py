@@ -45,7 +45,7 @@ def _wrap(obj, name, times):
 
 
 def main(argv=None):
-    from nbd_mc.engine import Group
+    from nbd_mc.secondary.engine import Group
     ap = argparse.ArgumentParser(prog="python -m bench.commit_profile",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--cluster-size", type=int, default=65536)

@@ -154,7 +154,7 @@ def run_mode(base_image: str, work: str, subclusters: str, args) -> dict:
 def run_inprocess(base_image: str, work: str, subclusters: str, args) -> dict:
     """The same workload against the engine in this process (no nbdkit, no NBD):
     the cost of our own work per write, and the bytes we hand to write syscalls."""
-    from nbd_mc.engine import Group
+    from nbd_mc.secondary.engine import Group
     d = tempfile.mkdtemp(prefix=f"undo-inproc-{subclusters}-", dir=work)
     img = os.path.join(d, "disk.raw")
     shutil.copyfile(base_image, img)

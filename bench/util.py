@@ -7,7 +7,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from nbd_mc.launch import pid_alive  # noqa: F401  (re-exported for callers of this module)
+from nbd_mc.secondary.launch import pid_alive  # noqa: F401  (re-exported for callers of this module)
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"

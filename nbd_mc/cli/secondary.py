@@ -1,6 +1,6 @@
 """The secondary's commands: serve, status, commit, rollback, fence, failover,
 stop, recover and inspect.  Each one is a request to the running server (see
-nbd_mc/commands.py) or, for recover, inspect and an offline failover, work on
+nbd_mc/secondary/commands.py) or, for recover, inspect and an offline failover, work on
 the files of a state directory with no server running."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import sys
 
 import click
 
-from .. import boot, engine, launch, writer
+from ..secondary import boot, engine, launch, writer
 from ..control import ControlClient, ControlError
-from ..disk import COMMITTED_SUFFIX, parse_disk_spec
+from ..secondary.disk import COMMITTED_SUFFIX, parse_disk_spec
 from ..errors import NbdMcError, StateError
 from ..units import human_size
 from .common import (Failure, control_options, emit, json_wanted, main, refusals,
@@ -285,7 +285,7 @@ def recover(state_dir, as_json):
 @refusals
 def inspect(path, as_json):
     """Offline: what an overlay or a state directory holds, and whether it is valid."""
-    from ..inspect import inspect_path
+    from ..secondary.inspect import inspect_path
     report = inspect_path(path)
     as_json = json_wanted(as_json)
     text = report.pop("text", "")

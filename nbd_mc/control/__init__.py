@@ -5,7 +5,7 @@
     client.py   ControlClient: one blocking request at a time
 
 The commands themselves (their names, arguments and meaning) are in
-nbd_mc/commands.py; addresses in nbd_mc/address.py; certificates in
+nbd_mc/secondary/commands.py; addresses in nbd_mc/address.py; certificates in
 nbd_mc/tls.py.  docs/control-protocol.md describes the protocol.
 """
 

@@ -2,7 +2,7 @@
 
 It runs in a process whose job is serving a disk: whatever a peer sends, the
 server answers or drops that one connection.  It knows nothing of commands: a
-handler (nbd_mc.commands in the plugin) gives the meaning of each request.
+handler (nbd_mc.secondary.commands in the plugin) gives the meaning of each request.
 """
 
 import errno

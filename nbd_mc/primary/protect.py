@@ -61,9 +61,9 @@ class Protector:
     only sets ``stop``'s flag):
       qmp      -- the QMP session, for the whole run (PrimaryGone ends the run);
       ctl      -- the control channel; None while the secondary is lost (after a
-                  sync a writer.WriterControl: its commits name our writer id);
+                  sync a claim.WriterControl: its commits name our writer id);
       writer_drives -- opts.drives with the exports of the writer id this sync
-                  claimed (nbd_mc/writer.py): what the NBD nodes open; opts.drives
+                  claimed (nbd_mc/secondary/writer.py): what the NBD nodes open; opts.drives
                   keeps the secondary's disk names;
       mirrors  -- our write-blocking mirrors; None while detached;
       bitmaps  -- our dirty bitmaps in QEMU (bitmaps.group: the secondary's group);

@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import replace
 
-from .. import writer
+from . import claim as writer_claim
 from ..address import parse_address
 from ..control import ControlClient, ControlError
 from ..tls import TlsFiles
@@ -126,7 +126,7 @@ def new_session(ctl: ControlClient, stale_after: float | None) -> dict:
 
 def claim_writer(ctl: ControlClient, drives: list[DriveSpec], say=lambda text: None,
                  stale_after: float | None = None):
-    """Become the secondary's one writer (nbd_mc/writer.py) in a new session.
+    """Become the secondary's one writer (nbd_mc/secondary/writer.py) in a new session.
 
     ``claim`` is new-session plus a new writer identity: the secondary cuts off the
     connections of earlier sessions and refuses the previous writer's export name
@@ -136,11 +136,11 @@ def claim_writer(ctl: ControlClient, drives: list[DriveSpec], say=lambda text: N
     gets a plain new-session, and the plain exports are used.  A promoted or
     fenced secondary refuses for good (SecondaryRefused)."""
     with _rpc("the secondary refused the writer claim"):
-        got = writer.claim(ctl, stale_after)
+        got = writer_claim.claim(ctl, stale_after)
     if not got.writer:
         new_session(ctl, stale_after)
         return ctl, drives
     say(f"  writer {got.writer} (generation {got.generation}): mirroring into "
         + ", ".join(got.exports.get(d.export, d.export) for d in drives))
-    return (writer.WriterControl(ctl, got.writer),
+    return (writer_claim.WriterControl(ctl, got.writer),
             [replace(d, export=got.exports.get(d.export, d.export)) for d in drives])

@@ -34,7 +34,7 @@ import nbd
 import pytest
 
 from nbd_mc import crashpoints, qcow2
-from nbd_mc.state import lock_held
+from nbd_mc.secondary.state import lock_held
 from support.servers import (GroupModel, Server, describe, make_image, nbd_mc, pid_alive, qemu_img_check,
                      read_all, read_file, run, wait_until, write_file)
 

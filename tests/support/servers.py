@@ -25,7 +25,7 @@ import nbd
 import pytest
 
 from nbd_mc.control import ControlClient
-from nbd_mc.launch import pid_alive  # noqa: F401  (re-exported for callers of this module)
+from nbd_mc.secondary.launch import pid_alive  # noqa: F401  (re-exported for callers of this module)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VENV_BIN = os.path.dirname(sys.executable)

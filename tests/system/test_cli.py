@@ -15,7 +15,7 @@ import subprocess
 import nbd
 import pytest
 
-from nbd_mc import launch
+from nbd_mc.secondary import launch
 from nbd_mc.control import ControlClient, ControlServer
 from nbd_mc.errors import StateError
 from support.servers import (GroupModel, assert_bytes, assert_check, assert_compare, describe,

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from support.faulty import file_hashes
 from nbd_mc import cli, qcow2
-from nbd_mc.engine import Group
+from nbd_mc.secondary.engine import Group
 from nbd_mc.errors import NbdMcError
 from support.reliability import record
 from support.servers import describe, make_image, nbd_mc, plugin_pids, read_file, run

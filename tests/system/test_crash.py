@@ -21,7 +21,7 @@ import pytest
 
 from nbd_mc import crashpoints
 from nbd_mc.control import ControlClient
-from nbd_mc.engine import Group
+from nbd_mc.secondary.engine import Group
 from support.servers import (GroupModel, RawControl, assert_bytes, assert_check, assert_compare,
                              describe, is_connection_loss, make_image, nbd_mc, read_all, read_file,
                              subprocess_env, write_file)

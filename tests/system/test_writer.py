@@ -22,7 +22,8 @@ import time
 import nbd
 import pytest
 
-from nbd_mc import primary, writer
+from nbd_mc import primary
+from nbd_mc.secondary import writer
 from nbd_mc.control import ControlError
 from support.reliability import record
 from support.servers import (GroupModel, assert_bytes, describe, make_image, read_all, read_file,

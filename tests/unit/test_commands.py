@@ -1,4 +1,4 @@
-"""The command table (nbd_mc/commands.py) in-process: one schema per command,
+"""The command table (nbd_mc/secondary/commands.py) in-process: one schema per command,
 checked before anything runs, bound to a real Group without nbdkit."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from nbd_mc import commands
+from nbd_mc.secondary import commands
 from nbd_mc.control import AfterReply
-from nbd_mc.engine import Group
+from nbd_mc.secondary.engine import Group
 from nbd_mc.errors import BadRequest, CommandNotFound
 
 EXPECTED = {"query-status", "commit", "rollback", "fence", "failover", "new-session", "quit",
@@ -93,7 +93,7 @@ def test_quit_replies_first_and_stops_only_after(session):
 
 
 def test_the_boot_advice_names_each_disk_and_its_drive():
-    from nbd_mc import boot
+    from nbd_mc.secondary import boot
 
     disks = boot.with_drive_options([{"name": "vda", "path": "/srv/vda.raw", "format": "raw"}])
     lines = boot.advice(disks)

@@ -14,8 +14,8 @@ import threading
 
 import pytest
 
-from nbd_mc import disk
-from nbd_mc.engine import Group, undo_status
+from nbd_mc.secondary import disk
+from nbd_mc.secondary.engine import Group, undo_status
 from nbd_mc.errors import EpochMismatch, Fenced, IOFailure, NotProtected, StateError
 from support.servers import GroupModel, assert_bytes, assert_check, make_image, read_file
 
@@ -153,7 +153,7 @@ def test_failover_returns_to_the_last_commit_and_promotes(made):
     model.rollback()
     assert r["committed"] == 1
     assert [(d["name"], d["format"]) for d in r["disks"]] == [("vda", "raw"), ("vdb", "raw")]
-    assert all("drive" not in d for d in r["disks"]), "QEMU vocabulary is nbd_mc/boot.py's"
+    assert all("drive" not in d for d in r["disks"]), "QEMU vocabulary is nbd_mc/secondary/boot.py's"
     assert_group(g, model, "after failover")
     st = g.status()
     assert (st["role"], st["fenced"], st["protected"]) == ("primary", False, False)

@@ -1105,7 +1105,7 @@ def test_group_subclusters_default_and_fixed_at_creation(tmp_path):
     """In-process engine: subclusters by default where the cluster size allows (64K),
     whole clusters below 16K; the choice is fixed when the group is created, and
     `serve --subclusters on` with small clusters is refused before anything exists."""
-    from nbd_mc.engine import Group
+    from nbd_mc.secondary.engine import Group
     from nbd_mc.errors import StateError
     img = str(tmp_path / IMG)
     write_sparse(img, bytes(1 * MiB))

@@ -15,9 +15,10 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from . import __version__, boot, checksum, verify, writer
-from .control.server import AfterReply
-from .errors import BadRequest, CommandNotFound
+from .. import __version__, checksum, verify
+from . import boot, writer
+from ..control.server import AfterReply
+from ..errors import BadRequest, CommandNotFound
 
 
 @dataclass(frozen=True)

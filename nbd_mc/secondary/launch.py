@@ -14,19 +14,21 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import disk, sockfile
-from .address import UNIX_PATH_MAX, default_control, parse_address
-from .control import ControlClient
-from .errors import NbdMcError, StateError
+from .. import sockfile
+from . import disk
+from ..address import UNIX_PATH_MAX, default_control, parse_address
+from ..control import ControlClient
+from ..errors import NbdMcError, StateError
 from .state import DirLock, lock_held
-from .tls import TlsFiles
+from ..tls import TlsFiles
 
 READY_TIMEOUT = 60.0
 POLL = 0.01
 
 
 def plugin_path() -> str:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """The plugin file nbdkit loads (the checkout's plugins/nbd_mc.py)."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return os.path.join(here, "plugins", "nbd_mc.py")
 
 

@@ -3,7 +3,7 @@ the files a group may be built from.
 
 A ``Disk`` preserves (copy-before-write) what a request is about to overwrite and
 reads the committed view; it knows nothing of epochs, which belong to the group
-(nbd_mc/engine.py).  The checks on disk specs and images live here too, so that
+(nbd_mc/secondary/engine.py).  The checks on disk specs and images live here too, so that
 `serve`, recovery and `nbd-mc inspect` state them once.
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import threading
 
-from . import qcow2
-from .errors import BadRequest, StateError
-from .fileio import runs
+from .. import qcow2
+from ..errors import BadRequest, StateError
+from ..fileio import runs
 from .state import DiskState, GroupState, load
 from .sync import GroupSync
 

@@ -24,10 +24,11 @@ import time
 import uuid
 from contextlib import contextmanager
 
-from . import crashpoints, qcow2, writer
-from .errors import (BadRequest, EpochMismatch, Fenced, IOFailure, NbdMcError, NotProtected,
+from .. import crashpoints, qcow2
+from . import writer
+from ..errors import (BadRequest, EpochMismatch, Fenced, IOFailure, NbdMcError, NotProtected,
                      StateError, io_failure)
-from .fileio import fsync_dir, pread_into, punch_hole, pwrite_all
+from ..fileio import fsync_dir, pread_into, punch_hole, pwrite_all
 from .state import DirLock, GroupState, StateFile, load, save
 from .sync import Gate
 from .disk import COMMITTED_SUFFIX, Disk, plan_group, subclusters_for, undo_status
@@ -405,7 +406,7 @@ class Group:
         primary's protection stale.
 
         ``claim`` (the ``claim`` command, which is what protect sends at every
-        (re)sync) also grants a new writer identity (nbd_mc/writer.py): besides the
+        (re)sync) also grants a new writer identity (nbd_mc/secondary/writer.py): besides the
         open connections, the previous writer's export *name* is refused from now
         on, so not even a reconnect of an earlier session writes again, and the
         plain export names turn read-only.  Without ``claim`` the writer identity is
@@ -563,7 +564,7 @@ class Group:
 
     def handover(self) -> list[dict]:
         """Which file in which format the new primary opens for each disk
-        (nbd_mc/boot.py says how QEMU opens it)."""
+        (nbd_mc/secondary/boot.py says how QEMU opens it)."""
         out = []
         exports = writer.writer_exports([d.name for d in self.disks], self.state.writer)
         for d in self.disks:

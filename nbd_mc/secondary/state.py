@@ -21,8 +21,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from .errors import StateError
-from .fileio import fsync_dir
+from ..errors import StateError
+from ..fileio import fsync_dir
 
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
@@ -48,7 +48,7 @@ class GroupState:
     role: str = "secondary"
     handoff: str | None = None  # "instant": overlays were handed to a new primary
     durability: str = "process"  # the mode the group was last served with
-    writer: str | None = None  # the writer identity granted last (nbd_mc/writer.py)
+    writer: str | None = None  # the writer identity granted last (nbd_mc/secondary/writer.py)
     disks: list[DiskState] = field(default_factory=list)
     #: The group's identity, made once when the group is created (older state files
     #: get one at their next start): a primary resyncs incrementally only against

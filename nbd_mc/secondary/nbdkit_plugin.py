@@ -4,7 +4,7 @@ plugins/nbd_mc.py re-exports these names.  A thin adapter: it translates
 between nbdkit's vocabulary (exports, handles, flags, errno) and the Group's,
 and binds the control server to the command table.  Every rule -- what may be
 written, what the committed view refuses, what a command accepts -- lives in
-the engine or in nbd_mc/commands.py.  Imported only inside nbdkit, where the
+the engine or in nbd_mc/secondary/commands.py.  Imported only inside nbdkit, where the
 ``nbdkit`` module exists.  The callbacks run on nbdkit's worker threads; the
 Group does its own locking.
 """
@@ -19,13 +19,13 @@ import threading
 import nbdkit
 
 from . import commands, writer
-from .address import default_control
-from .control import ControlServer
+from ..address import default_control
+from ..control import ControlServer
 from .disk import COMMITTED_SUFFIX, parse_disk_spec
 from .engine import Group
-from .errors import NbdMcError
-from .fileio import data_extents
-from .tls import TlsFiles
+from ..errors import NbdMcError
+from ..fileio import data_extents
+from ..tls import TlsFiles
 
 MAX_REQUEST = 32 << 20
 #: The largest request nbdkit itself accepts (its MAX_REQUEST_SIZE): advertised as

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 
-from . import qcow2
+from .. import qcow2
 from .disk import check_disk, undo_status
-from .errors import NbdMcError, StateError
+from ..errors import NbdMcError, StateError
 from .state import load, lock_held
 
 #: The ``undo`` field of a disk in the --json report, for each undo_status.

@@ -48,7 +48,7 @@ import secrets
 import urllib.parse
 from dataclasses import dataclass
 
-from .errors import BadRequest, Fenced, IOFailure
+from ..errors import BadRequest, Fenced, IOFailure
 
 COMMITTED = "committed"
 _WRITER_ID = re.compile(r"g(\d+)-[0-9a-f]{8}")
@@ -202,50 +202,3 @@ def failover_advice(disks: list, online: bool) -> str:
     for d in disks:
         lines.append(f"  {d['name']}: {d.get('uri') or d.get('export')}")
     return "\n".join(lines)
-
-
-# --- the primary's side ------------------------------------------------------------------
-@dataclass(frozen=True)
-class Claim:
-    """What ``claim`` granted: the writer id and each disk's export."""
-
-    writer: str | None
-    generation: int | None
-    exports: dict
-
-
-def claim(ctl, stale_after: float | None = None) -> Claim:
-    """Claim the secondary for this primary (``ctl``: a control.ControlClient) in a
-    new session (``stale_after``: see the engine's new_session).
-
-    A secondary that predates writer identities has no ``claim``: then the plain
-    exports are used, as before (no writer id, commits name no writer).
-    """
-    from .control import ControlError
-    try:
-        r = ctl.execute("claim", **({} if stale_after is None else {"stale_after": stale_after}))
-    except ControlError as e:
-        if e.error_class == "CommandNotFound":
-            return Claim(None, None, {})
-        raise
-    return Claim(r["writer"], r["generation"], dict(r["exports"]))
-
-
-class WriterControl:
-    """A control connection whose commits carry the writer id (so a superseded
-    protect's commit is refused, see check_commit_writer); otherwise the same."""
-
-    def __init__(self, ctl, writer: str | None):
-        self._ctl = ctl
-        self.writer = writer
-
-    def execute(self, name: str, **arguments) -> dict:
-        if name == "commit" and self.writer:
-            arguments.setdefault("writer", self.writer)
-        return self._ctl.execute(name, **arguments)
-
-    def close(self) -> None:
-        self._ctl.close()
-
-    def __getattr__(self, name):
-        return getattr(self._ctl, name)
