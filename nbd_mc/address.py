@@ -2,25 +2,59 @@
 
 Used by `nbd-mc serve` (where nbdkit's control server listens), by every client
 command and by `nbd-mc protect`: one parser, so all three refuse the same things
-with the same words.
+with the same words.  A parsed address is typed (`UnixAddress` or `TCPAddress`,
+as ovirt-imageio does): callers ask ``isinstance``/``.is_tcp`` instead of testing
+a tuple's first element, and ``str()`` gives the address back in the form
+`parse_address` reads.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import ipaddress
 import os
 
+from .statedir import StateDir
+
 #: Longest unix socket path the kernel takes (sun_path is 108 bytes).
 UNIX_PATH_MAX = 107
-#: The control socket of a state directory when no address is given.
-DEFAULT_SOCKET = "control.sock"
 
 
 def default_control(state_dir: str) -> str:
     """The control address of the server of ``state_dir`` when none was given."""
-    return os.path.join(state_dir, DEFAULT_SOCKET)
+    return StateDir(state_dir).control
 
 
-def parse_address(addr: str) -> tuple:
-    """Split a --control ADDR into ("unix", path) or ("tcp", host, port).
+@dataclasses.dataclass(frozen=True)
+class UnixAddress:
+    """A control socket path (not checked for existence: a server binds it)."""
+
+    path: str
+    is_tcp = False
+
+    def __str__(self) -> str:
+        ambiguous = self.path.startswith("unix:") or "://" in self.path
+        return "unix://" + self.path if ambiguous else self.path
+
+
+@dataclasses.dataclass(frozen=True)
+class TCPAddress:
+    """A control address on TCP: only with TLS and client certificates."""
+
+    host: str
+    port: int
+    is_tcp = True
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
+
+
+Address = UnixAddress | TCPAddress
+
+
+def parse_address(addr: str) -> Address:
+    """Parse a --control ADDR into a `UnixAddress` or a `TCPAddress`.
 
     Refusing anything doubtful here gives the user one clear message at the
     command line instead of a confusing socket error later.
@@ -40,7 +74,7 @@ def parse_address(addr: str) -> tuple:
                          "(use a socket path, unix:PATH or tcp://HOST:PORT)")
     else:
         path = addr
-    return ("unix", check_unix_path(path, addr))
+    return UnixAddress(check_unix_path(path, addr))
 
 
 def check_unix_path(path: str, addr: str) -> str:
@@ -57,7 +91,7 @@ def check_unix_path(path: str, addr: str) -> str:
     return path
 
 
-def _parse_tcp(addr: str) -> tuple:
+def _parse_tcp(addr: str) -> TCPAddress:
     rest = addr[len("tcp://"):]
     if rest.endswith("/"):
         rest = rest[:-1]
@@ -80,16 +114,9 @@ def _parse_tcp(addr: str) -> tuple:
         raise ValueError(f"control address {addr!r}: bad or missing host")
     if not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"control address {addr!r}: port must be a number 0-65535")
-    return ("tcp", host, int(port))
+    return TCPAddress(host, int(port))
 
 
-def format_address(parsed: tuple) -> str:
+def format_address(parsed: Address) -> str:
     """The inverse of parse_address, for messages and the resolved .address."""
-    if parsed[0] == "unix":
-        path = parsed[1]
-        ambiguous = path.startswith("unix:") or "://" in path
-        return "unix://" + path if ambiguous else path
-    host = parsed[1]
-    if ":" in host:
-        host = f"[{host}]"
-    return f"tcp://{host}:{parsed[2]}"
+    return str(parsed)

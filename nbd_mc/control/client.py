@@ -5,7 +5,7 @@ import json
 import socket
 import threading
 
-from nbd_mc.address import format_address, parse_address
+from nbd_mc.address import Address, TCPAddress, UnixAddress, parse_address
 from nbd_mc.errors import NbdMcError
 from nbd_mc.tls import TlsFiles
 
@@ -127,17 +127,17 @@ class ControlClient:
         self.close()
 
 
-def _connect(parsed: tuple, tls: "TlsFiles | None", timeout):
+def _connect(parsed: Address, tls: "TlsFiles | None", timeout):
     """A connected (and, with tls, handshaken) socket, with readable errors."""
-    if parsed[0] == "tcp" and tls is None:
-        raise ValueError(f"control address {format_address(parsed)}: TCP needs TLS "
+    if isinstance(parsed, TCPAddress) and tls is None:
+        raise ValueError(f"control address {parsed}: TCP needs TLS "
                          "(give the TLS certificate directory)")
-    if parsed[0] == "unix":
+    if isinstance(parsed, UnixAddress):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
-        target, server_hostname = parsed[1], None
+        target, server_hostname = parsed.path, None
     else:
-        sock, target, server_hostname = None, (parsed[1], parsed[2]), parsed[1]
+        sock, target, server_hostname = None, (parsed.host, parsed.port), parsed.host
     try:
         if sock is None:
             sock = socket.create_connection(target, timeout=timeout)
@@ -148,7 +148,7 @@ def _connect(parsed: tuple, tls: "TlsFiles | None", timeout):
             sock.close()
         if e.errno is None:
             raise
-        raise type(e)(e.errno, f"cannot connect to control server {format_address(parsed)}: "
+        raise type(e)(e.errno, f"cannot connect to control server {parsed}: "
                                f"{e.strerror}") from e
     if tls is None:
         return sock

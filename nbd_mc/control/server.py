@@ -15,7 +15,7 @@ import struct
 import threading
 
 from nbd_mc import sockfile
-from nbd_mc.address import check_unix_path, format_address, parse_address
+from nbd_mc.address import TCPAddress, UnixAddress, check_unix_path, format_address, parse_address
 from nbd_mc.errors import NbdMcError
 from nbd_mc.tls import TlsFiles
 
@@ -87,9 +87,9 @@ class ControlServer:
                  max_line: int = MAX_LINE,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT):
         parsed = parse_address(address)
-        if parsed[0] == "unix":
+        if isinstance(parsed, UnixAddress):
             # Absolute now: the plugin builds us before nbdkit chdirs to /.
-            parsed = ("unix", check_unix_path(os.path.abspath(parsed[1]), address))
+            parsed = UnixAddress(check_unix_path(os.path.abspath(parsed.path), address))
         elif tls is None:
             raise ValueError(f"control address {address}: TCP needs TLS with client "
                              "certificates (give a TLS certificate directory), "
@@ -131,7 +131,7 @@ class ControlServer:
             if self._listening:
                 raise RuntimeError("control server already listening")
             self._listening = True
-        listener = self._listen_unix() if self._parsed[0] == "unix" else self._listen_tcp()
+        listener = self._listen_tcp() if self._parsed.is_tcp else self._listen_unix()
         listener.setblocking(False)
         with self._lock:
             if not self._closing:
@@ -227,7 +227,7 @@ class ControlServer:
     # listening
 
     def _listen_unix(self) -> socket.socket:
-        path = self._parsed[1]
+        path = self._parsed.path
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # Probe, bind and listen as one claim (nbd_mc/sockfile.py): another
@@ -254,7 +254,7 @@ class ControlServer:
         return sock
 
     def _listen_tcp(self) -> socket.socket:
-        _, host, port = self._parsed
+        host, port = self._parsed.host, self._parsed.port
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
@@ -272,14 +272,14 @@ class ControlServer:
         except BaseException:
             sock.close()
             raise
-        self.address = format_address(("tcp", host, sock.getsockname()[1]))
+        self.address = str(TCPAddress(host, sock.getsockname()[1]))
         return sock
 
     def _unlink_own_socket(self) -> None:
         """Remove the socket file only if it is still the one we created."""
-        if self._parsed[0] != "unix" or self._socket_id is None:
+        if self._parsed.is_tcp or self._socket_id is None:
             return
-        path = self._parsed[1]
+        path = self._parsed.path
         try:
             st = os.lstat(path)
             if (st.st_dev, st.st_ino) == self._socket_id:

@@ -22,7 +22,7 @@ from .options import DriveSpec
 def connect(address: str, tls_certificates: str | None = None,
             timeout: float | None = None) -> ControlClient:
     """The control channel. TLS protects it over TCP only; a unix socket is plain (0600)."""
-    tcp = parse_address(address)[0] == "tcp"
+    tcp = parse_address(address).is_tcp
     tls = TlsFiles(tls_certificates) if tls_certificates and tcp else None
     kw = {} if timeout is None else {"timeout": timeout}
     try:

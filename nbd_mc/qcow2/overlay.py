@@ -36,18 +36,13 @@ import errno
 import os
 
 from .. import crashpoints
-from ..errors import CorruptOverlay, IOFailure
+from ..errors import CorruptOverlay, IOFailure, io_failure
 from ..fileio import pread_into, punch_hole, pwrite_all, runs as _runs
 from .format import (ALL_SUBCLUSTERS, NBD_MC_EXT, NBD_MC_EXT_VERSION, OFFSET_MASK, OFLAG_COPIED,
                      OFLAG_ZERO, U64, ZERO_ENTRY, pack_u64s, read_layout, unpack_u64s)
 from .space import HostSpace, zeros as _zeros
 
 ZERO_SOURCE = 1  # unit source code "reads as zeros" (host offsets are multiples of 512)
-
-
-def io_error(what: str, e: OSError) -> IOFailure:
-    """The one conversion of an OSError from overlay I/O into our error type."""
-    return IOFailure(f"{what}: {os.strerror(e.errno) if e.errno else e}", e.errno or errno.EIO)
 
 
 class UndoOverlay:
@@ -258,7 +253,7 @@ class UndoOverlay:
         try:
             pread_into(self.image_fd, view[:end - start], start)
         except OSError as e:
-            raise io_error(f"reading old data from the image at {start}", e) from None
+            raise io_failure(f"reading old data from the image at {start}", e) from None
         zero = _zeros(U)
         if old.find(zero) < 0:  # no run of U zero bytes anywhere: every unit has data
             nonzero = list(range(count))
@@ -285,7 +280,7 @@ class UndoOverlay:
             self._mark_entries(first, count, nonzero, entries)
             self._publish(entries, table_hosts)
         except OSError as e:
-            raise io_error(f"writing undo data into {self.path}", e) from None
+            raise io_failure(f"writing undo data into {self.path}", e) from None
         self._set_bits(first, count)  # published: from now on readers use the entries
         self.host_clusters += len(needs_host)
         self.clusters_touched += touched
@@ -497,7 +492,7 @@ class UndoOverlay:
             self.set_epoch(epoch)
             self.space.give_back(self.barrier)
         except OSError as e:
-            raise io_error(f"dropping undo data of {self.path}", e) from None
+            raise io_failure(f"dropping undo data of {self.path}", e) from None
         self._clear_bits()
         self.tables = set()
         self.preserved = 0
@@ -586,7 +581,7 @@ class UndoOverlay:
             else:
                 punch_hole(self.image_fd, start, length)  # reads as zeros, stays sparse
         except OSError as e:
-            raise io_error(f"restoring units into the image at {start}", e) from None
+            raise io_failure(f"restoring units into the image at {start}", e) from None
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
@@ -625,4 +620,4 @@ def open_image(path: str, writable: bool = True) -> int:
     try:
         return os.open(path, os.O_RDWR if writable else os.O_RDONLY)
     except OSError as e:
-        raise IOFailure(f"cannot open image {path}: {os.strerror(e.errno)}", e.errno) from None
+        raise io_failure(f"cannot open image {path}", e) from None

@@ -15,6 +15,7 @@ import threading
 from .. import qcow2
 from ..errors import BadRequest, StateError
 from ..fileio import runs
+from ..statedir import StateDir
 from .state import DiskState, GroupState, load
 from .sync import GroupSync
 
@@ -229,6 +230,6 @@ def plan_group(state_dir: str, disks: list[tuple[str, str]] | None,
         if size == 0 or size % SECTOR:
             raise StateError(f"image {path} is {size} bytes; the size must be a non-zero "
                              f"multiple of {SECTOR} (QEMU's sector size)")
-        overlay = os.path.join(os.path.abspath(state_dir), f"{name}.undo.qcow2")
+        overlay = StateDir(state_dir).overlay(name)
         specs.append(DiskState(name, path, overlay, size, cs))
     return GroupState(disks=specs), True

@@ -19,6 +19,7 @@ from . import disk
 from ..address import UNIX_PATH_MAX, default_control, parse_address
 from ..control import ControlClient
 from ..errors import NbdMcError, StateError
+from ..statedir import StateDir
 from .state import DirLock, lock_held
 from ..tls import TlsFiles
 
@@ -53,22 +54,22 @@ class ServeOptions:
     def resolve(self) -> None:
         self.state_dir = os.path.abspath(self.state_dir)
         if self.port is None and not self.socket:
-            self.socket = os.path.join(self.state_dir, "nbd.sock")
+            self.socket = StateDir(self.state_dir).nbd_socket
         if self.socket:
             self.socket = os.path.abspath(self.socket)
         if not self.control:
             self.control = default_control(self.state_dir)
-        if parse_address(self.control)[0] == "unix":
-            self.control = os.path.abspath(parse_address(self.control)[1])
+        if not parse_address(self.control).is_tcp:
+            self.control = os.path.abspath(parse_address(self.control).path)
         if not self.pidfile:
-            self.pidfile = os.path.join(self.state_dir, "nbdkit.pid")
+            self.pidfile = StateDir(self.state_dir).pidfile
         self.pidfile = os.path.abspath(self.pidfile)
         if self.tls_certificates:
             self.tls_certificates = os.path.abspath(self.tls_certificates)
 
     @property
     def log_path(self) -> str:
-        return os.path.join(self.state_dir, "nbdkit.log")
+        return StateDir(self.state_dir).log
 
 
 def nbd_uri(opts: ServeOptions, export: str = "") -> str:
@@ -109,7 +110,7 @@ def nbdkit_command(opts: ServeOptions) -> list[str]:
         cmd.append(f"cluster_size={opts.cluster_size}")
     if opts.subclusters is not None:
         cmd.append(f"subclusters={'on' if opts.subclusters else 'off'}")
-    if parse_address(opts.control)[0] == "tcp":
+    if parse_address(opts.control).is_tcp:
         cmd.append(f"control_tls={opts.tls_certificates}")
     return cmd
 
@@ -118,7 +119,7 @@ def control_tls(opts: ServeOptions) -> TlsFiles | None:
     """TLS for our own control connections: only over tcp://.  The server speaks TLS
     on the control channel only there (a unix socket is guarded by its mode 0600),
     so wrapping a unix connection in TLS would never get past the handshake."""
-    if opts.tls_certificates and parse_address(opts.control)[0] == "tcp":
+    if opts.tls_certificates and parse_address(opts.control).is_tcp:
         return TlsFiles(opts.tls_certificates)
     return None
 
@@ -142,7 +143,7 @@ def preflight(opts: ServeOptions) -> tuple:
         raise StateError("--tls needs --tls-certificates DIR")
     if opts.tls_certificates:
         TlsFiles(opts.tls_certificates)
-    if parse_address(opts.control)[0] == "tcp" and not opts.tls_certificates:
+    if parse_address(opts.control).is_tcp and not opts.tls_certificates:
         raise StateError("a tcp:// control address needs --tls-certificates DIR "
                          "(clients must present a certificate)")
     if opts.socket and len(os.fsencode(opts.socket)) > UNIX_PATH_MAX:
@@ -156,7 +157,7 @@ def preflight(opts: ServeOptions) -> tuple:
         DirLock(opts.state_dir).release()  # raises if a server holds it
     if opts.socket:
         _claim_unix_socket(opts.socket, "NBD")
-    if parse_address(opts.control)[0] == "unix":
+    if not parse_address(opts.control).is_tcp:
         _claim_unix_socket(opts.control, "control")
     return state, new
 
@@ -325,9 +326,9 @@ def wait_gone(control: str, state_dir: str | None, timeout: float = 30.0) -> Non
     """After quit: wait until the server no longer answers and its lock is free
     (it closes the control socket before it has let go of the state directory)."""
     deadline = time.monotonic() + timeout
-    unix = parse_address(control)
+    address = parse_address(control)
     while time.monotonic() < deadline:
-        answers = unix[0] == "unix" and _answers(unix[1])
+        answers = not address.is_tcp and _answers(address.path)
         if not answers and not (state_dir and lock_held(state_dir)):
             return
         time.sleep(POLL)  # polling for the process to go, bounded by the deadline

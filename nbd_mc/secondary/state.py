@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 
 from ..errors import StateError
 from ..fileio import fsync_dir
+from ..statedir import StateDir
 
-STATE_FILE = "state.json"
-LOCK_FILE = "lock"
 FORMAT = "nbd-mc-state"
 VERSION = 1
 ROLES = ("secondary", "primary")
@@ -87,7 +86,7 @@ class GroupState:
 
 
 def state_path(state_dir: str) -> str:
-    return os.path.join(state_dir, STATE_FILE)
+    return StateDir(state_dir).state_file
 
 
 def load(state_dir: str) -> GroupState | None:
@@ -185,7 +184,7 @@ def lock_held(state_dir: str) -> bool:
     """Whether a server (or recover) holds the directory's lock; takes nothing
     (a shared probe, so two probes never disturb each other)."""
     try:
-        fd = os.open(os.path.join(state_dir, LOCK_FILE), os.O_RDONLY)
+        fd = os.open(StateDir(state_dir).lock, os.O_RDONLY)
     except FileNotFoundError:
         return False
     try:
@@ -205,7 +204,7 @@ class DirLock:
     """
 
     def __init__(self, state_dir: str):
-        self.path = os.path.join(state_dir, LOCK_FILE)
+        self.path = StateDir(state_dir).lock
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

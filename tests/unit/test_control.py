@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from nbd_mc import sockfile
-from nbd_mc.address import format_address, parse_address
+from nbd_mc.address import TCPAddress, UnixAddress, format_address, parse_address
 from nbd_mc.control import (AfterReply, ControlClient, ControlError, ControlProtocolError,
                             ControlServer)
 from nbd_mc.tls import TlsFiles
@@ -264,14 +264,14 @@ def tls_server(make_server, certs):
 # --- addresses ------------------------------------------------------------
 
 @pytest.mark.parametrize("addr, parsed", [
-    ("/run/nbd-mc/control.sock", ("unix", "/run/nbd-mc/control.sock")),
-    ("unix:/run/ctl.sock", ("unix", "/run/ctl.sock")),
-    ("unix:///run/ctl.sock", ("unix", "/run/ctl.sock")),
-    ("ctl.sock", ("unix", "ctl.sock")),
-    ("tcp://127.0.0.1:10809", ("tcp", "127.0.0.1", 10809)),
-    ("tcp://secondary.example:0", ("tcp", "secondary.example", 0)),
-    ("tcp://[::1]:65535", ("tcp", "::1", 65535)),
-    ("tcp://host:7/", ("tcp", "host", 7)),
+    ("/run/nbd-mc/control.sock", UnixAddress("/run/nbd-mc/control.sock")),
+    ("unix:/run/ctl.sock", UnixAddress("/run/ctl.sock")),
+    ("unix:///run/ctl.sock", UnixAddress("/run/ctl.sock")),
+    ("ctl.sock", UnixAddress("ctl.sock")),
+    ("tcp://127.0.0.1:10809", TCPAddress("127.0.0.1", 10809)),
+    ("tcp://secondary.example:0", TCPAddress("secondary.example", 0)),
+    ("tcp://[::1]:65535", TCPAddress("::1", 65535)),
+    ("tcp://host:7/", TCPAddress("host", 7)),
 ])
 def test_parse_address_accepts(addr, parsed):
     assert parse_address(addr) == parsed
@@ -848,7 +848,8 @@ def test_tls_refuses_a_client_cert_from_another_ca(tls_server, certs, counter):
 
 def tls_peer_is_greeted(address, context) -> bool:
     """Whether a hand-made TLS client gets as far as the greeting."""
-    host, port = parse_address(address)[1:]
+    parsed = parse_address(address)
+    host, port = parsed.host, parsed.port
     with socket.create_connection((host, port), timeout=WIRE_TIMEOUT) as raw:
         try:
             with context.wrap_socket(raw, server_hostname=host) as tls:
