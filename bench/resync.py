@@ -45,6 +45,8 @@ import threading
 import time
 from pathlib import Path
 
+from nbd_mc.statedir import StateDir
+
 from . import util
 
 MiB, GiB = util.MiB, util.GiB
@@ -118,11 +120,11 @@ def measure(work: Path, size: int, hot: int, outage: float) -> dict:
         protect = subprocess.Popen(
             [str(util.VENV_BIN / "nbd-mc"), "protect", "--qmp", str(qmp_p), "--drive",
              "drive0=vda", "--target", f"nbd+unix:///?socket={st}/nbd.sock", "--control",
-             str(st / "control.sock"), "--interval", "100ms", "--json"],
+             StateDir(st).control, "--interval", "100ms", "--json"],
             stdout=out, stderr=subprocess.STDOUT, env=util.env())
 
         def committed():
-            with ControlClient(str(st / "control.sock"), timeout=10) as c:
+            with ControlClient(StateDir(st).control, timeout=10) as c:
                 return c.execute("query-status")["committed"]
         util.wait_for(lambda: committed() >= 1, 600, "the initial sync", interval=0.05)
         full_wall = time.monotonic() - t_protect
@@ -131,7 +133,7 @@ def measure(work: Path, size: int, hot: int, outage: float) -> dict:
         util.wait_for(lambda: committed() >= 5, 60, "five commits", interval=0.05)
         before = committed()
         t_kill = time.monotonic()
-        pid = int((st / "nbdkit.pid").read_text())
+        pid = int(Path(StateDir(st).pidfile).read_text())
         os.kill(pid, signal.SIGKILL)
         util.wait_for(lambda: not util.pid_alive(pid), 30, "nbdkit to die")
         time.sleep(outage)  # the outage being measured, not a synchronisation
@@ -251,7 +253,7 @@ def _protect(work: Path, name: str, qmp: Path, st: Path):
     proc = subprocess.Popen(
         [str(util.VENV_BIN / "nbd-mc"), "protect", "--qmp", str(qmp), "--drive",
          "drive0=vda", "--target", f"nbd+unix:///?socket={st}/nbd.sock", "--control",
-         str(st / "control.sock"), "--interval", "100ms", "--json"],
+         StateDir(st).control, "--interval", "100ms", "--json"],
         stdout=out, stderr=subprocess.STDOUT, env=util.env())
     return proc, out
 
@@ -289,7 +291,7 @@ def measure_failback(work: Path, size: int, hot: int, seconds: float) -> dict:
     nbd_mc = str(util.VENV_BIN / "nbd-mc")
 
     def committed(st):
-        with ControlClient(str(st / "control.sock"), timeout=10) as c:
+        with ControlClient(StateDir(st).control, timeout=10) as c:
             return c.execute("query-status")["committed"]
     procs = []
     try:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from . import fio, util
 from .servers import NbdkitFile, NbdMc, Qsd, nbd_mc_help
+from nbd_mc.statedir import StateDir
 
 MiB, GiB, TiB = util.MiB, util.GiB, 1 << 40
 
@@ -167,7 +168,7 @@ class Bench:
             msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             log(f"  {label}: {what} FAILED: {msg}")
             logs = ""
-            for p in ([srv.logfile, getattr(srv, "state_dir", srv.workdir) / "nbdkit.log"]
+            for p in ([srv.logfile, Path(StateDir(getattr(srv, "state_dir", srv.workdir)).log)]
                       if srv is not None else []):
                 if p.exists():
                     logs += f"[{p}]\n{p.read_text()[-3000:]}\n"

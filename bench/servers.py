@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import util
 from .ctl import Control
+from nbd_mc.statedir import StateDir
 
 
 class ServerError(RuntimeError):
@@ -179,7 +180,7 @@ class NbdMc(Server):
         self.cluster_size = cluster_size
         self.durability = durability
         self.state_dir = self.workdir / "state"
-        self.control_path = self.state_dir / "control.sock"
+        self.control_path = Path(StateDir(self.state_dir).control)
         self.ctl = None
         self.committed = 0
         self._pid = None

@@ -38,6 +38,7 @@ import time
 import nbd
 
 from nbd_mc.control import ControlClient
+from nbd_mc.statedir import StateDir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NBD_MC = [sys.executable, "-m", "nbd_mc.cli"] if not shutil.which("nbd-mc") else ["nbd-mc"]
@@ -81,13 +82,13 @@ def run_mode(base_image: str, work: str, subclusters: str, args) -> dict:
     subprocess.run(NBD_MC + ["serve", img, "--state-dir", st, "--cluster-size", args.cluster_size,
                              "--subclusters", subclusters, "--durability", args.durability],
                    check=True, stdout=subprocess.DEVNULL)
-    pid = int(open(os.path.join(st, "nbdkit.pid")).read())
-    ctl = ControlClient(os.path.join(st, "control.sock"))
+    pid = int(open(StateDir(st).pidfile).read())
+    ctl = ControlClient(StateDir(st).control)
     h = nbd.NBD()
     try:
         epoch = 1
         ctl.execute("commit", epoch=epoch)  # protection starts: every write preserves
-        h.connect_unix(os.path.join(st, "nbd.sock"))
+        h.connect_unix(StateDir(st).nbd_socket)
         size = h.get_size()
         rng = random.Random(2)
         block = rng.randbytes(4096)
@@ -139,7 +140,7 @@ def run_mode(base_image: str, work: str, subclusters: str, args) -> dict:
             "wa_wchar": round((after["wchar"] - before["wchar"]) / client, 2),
             "wa_write_bytes": round((after["write_bytes"] - before["write_bytes"]) / client, 2),
             "undo_bytes_last_epoch": ctl.execute("query-status")["disks"][0]["undo_bytes"],
-            "overlay_disk_bytes": os.stat(os.path.join(st, "disk.undo.qcow2")).st_blocks * 512,
+            "overlay_disk_bytes": os.stat(StateDir(st).overlay("disk")).st_blocks * 512,
         }
     finally:
         try:

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from . import util
+from nbd_mc.statedir import StateDir
 
 MiB = util.MiB
 
@@ -107,7 +108,7 @@ def walk(work: Path, image: Path, fmt: str, size: int, slice_size: int) -> dict:
     try:
         r = util.run([nbd_mc, "verify", "--qmp", str(qmp_p), "--drive", "drive0=vda",
                       "--target", f"nbd+unix:///?socket={st}/nbd.sock", "--control",
-                      str(st / "control.sock"), "--interval", "10ms", "--verify-slice",
+                      StateDir(st).control, "--interval", "10ms", "--verify-slice",
                       str(slice_size), "--json"], check=False, timeout=1800)
         if r.returncode:
             raise RuntimeError(f"nbd-mc verify failed: {r.stdout}{r.stderr}")

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nbd_mc.control import ControlClient
+from nbd_mc.statedir import StateDir
 
 from demo import guest
 
@@ -189,7 +190,7 @@ class Story:
                 f"rm -f {self.records}/$((NBD_MC_EPOCH - 3)).raw")
         argv = [_bin("nbd-mc"), "protect", "--qmp", str(self.qmp), "--drive", "drive0=vda",
                 "--target", f"nbd+unix:///?socket={self.state}/nbd.sock",
-                "--control", str(self.state / "control.sock"), "--interval", INTERVAL,
+                "--control", StateDir(self.state).control, "--interval", INTERVAL,
                 "--checkpoint-hook", hook, "--json"]
         self.detail("$ nbd-mc protect --qmp primary.qmp --drive drive0=vda \\\n"
                     "      --target 'nbd+unix:///?socket=secondary-state/nbd.sock' \\\n"
@@ -211,7 +212,7 @@ class Story:
         self.step(f"Let the guest work for {self.seconds:g} seconds under protection")
         self.serial_log.wait_for(r"MC-WORK-START", DEADLINE, self.qemu)
         self.detail("guest booted and writing")
-        ctl = ControlClient(str(self.state / "control.sock"))
+        ctl = ControlClient(StateDir(self.state).control)
         try:
             self._wait(lambda: ctl.execute("query-status")["committed"] >= 1,
                        "the first commit (initial sync done)", self.qemu)
@@ -235,8 +236,8 @@ class Story:
         self.step("kill -9 the secondary's nbdkit, then start it again",
                   "protect drops the mirror (the guest keeps running on its own disk), "
                   "retries, and resyncs only what changed since the last commit")
-        pid = int((self.state / "nbdkit.pid").read_text().strip())
-        ctl = ControlClient(str(self.state / "control.sock"))
+        pid = int(Path(StateDir(self.state).pidfile).read_text().strip())
+        ctl = ControlClient(StateDir(self.state).control)
         before = ctl.execute("query-status")["committed"]
         ctl.close()
         os.kill(pid, signal.SIGKILL)
@@ -244,7 +245,7 @@ class Story:
         self._wait(lambda: not Path(f"/proc/{pid}").exists(), "nbdkit to die", self.qemu)
         self.sh([_bin("nbd-mc"), "serve", f"vda={self.secondary_img}",
                  "--state-dir", str(self.state)])
-        ctl = ControlClient(str(self.state / "control.sock"))
+        ctl = ControlClient(StateDir(self.state).control)
         try:
             self._wait(lambda: ctl.execute("query-status")["committed"] > before,
                        "protection to resume by itself", self.qemu)
@@ -400,10 +401,10 @@ class Story:
             if p is not None and p.poll() is None:
                 p.send_signal(signal.SIGKILL)
                 p.wait(30)
-        if (self.state / "control.sock").exists():
+        if Path(StateDir(self.state).control).exists():
             subprocess.run([_bin("nbd-mc"), "stop", "--state-dir", str(self.state)],
                            capture_output=True, env=_env(), timeout=60)
-        pidfile = self.state / "nbdkit.pid"
+        pidfile = Path(StateDir(self.state).pidfile)
         try:
             pid = int(pidfile.read_text().strip())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()

@@ -58,6 +58,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ocf  # noqa: E402
 from ocf import Param  # noqa: E402
+from nbd_mc.statedir import StateDir  # noqa: E402
 
 PRIMARY_SCORE = 1000  # holds the live disk: newer than any replica
 REPLICA_SCORE = 100  # a protected replica: the last checkpoint
@@ -114,7 +115,7 @@ class Config:
             self.nbd_bind = self.addresses.get(local_node(), "")
             self.control = f"tcp://{self.nbd_bind}:{self.control_port}"
         else:
-            self.control = os.path.join(self.state_dir, "control.sock") if self.state_dir else ""
+            self.control = StateDir(self.state_dir).control if self.state_dir else ""
         self.tls = p["tls_certificates"]
         self.durability = p["durability"]
         self.marker = ocf.Marker("replica")
@@ -203,15 +204,15 @@ class Config:
 
     @property
     def diverged_dir(self) -> str:
-        return self.state_dir.rstrip("/") + ".diverged"
+        return StateDir(self.state_dir).diverged
 
     @property
     def split_brain_file(self) -> str:
-        return self.state_dir.rstrip("/") + ".split-brain"
+        return StateDir(self.state_dir).split_brain
 
     @property
     def generation_file(self) -> str:
-        return self.state_dir.rstrip("/") + ".generation"
+        return StateDir(self.state_dir).generation
 
     def generation(self) -> int:
         """The live-disk generation of this node's images (0: bootstrapped by hand)."""
@@ -295,7 +296,7 @@ class Config:
 
 def _server_pid(state_dir: str) -> int | None:
     try:
-        with open(os.path.join(state_dir, "nbdkit.pid")) as f:
+        with open(StateDir(state_dir).pidfile) as f:
             pid = int(f.read().strip())
         os.kill(pid, 0)
     except (OSError, ValueError):
@@ -650,7 +651,7 @@ def record_rollback(cfg: Config, serving: dict) -> None:
     copies are the exact record); a failure here is logged and never stops the
     promotion.
     """
-    out = cfg.state_dir.rstrip("/") + ".rolled-back"
+    out = StateDir(cfg.state_dir).rolled_back
     try:
         rc, _, err = ocf.nbd_mc("fence", *cfg.client_args(), timeout=30)
         if rc != 0:
@@ -659,7 +660,7 @@ def record_rollback(cfg: Config, serving: dict) -> None:
         os.makedirs(out)
         summary = {"committed": serving.get("committed"), "time": time.time(), "disks": []}
         for d in serving.get("disks", []):
-            shutil.copyfile(d["overlay"], os.path.join(out, f"{d['name']}.undo.qcow2"))
+            shutil.copyfile(d["overlay"], os.path.join(out, os.path.basename(d["overlay"])))
             summary["disks"].append({k: d.get(k) for k in ("name", "image", "cluster_size",
                                                            "preserved_clusters", "undo_bytes")})
         with open(os.path.join(out, "summary.json"), "w") as f:

@@ -12,6 +12,7 @@ from .. import qcow2
 from .disk import check_disk, undo_status
 from ..errors import NbdMcError, StateError
 from .state import load, lock_held
+from ..statedir import StateDir
 
 #: The ``undo`` field of a disk in the --json report, for each undo_status.
 _UNDO_TEXT = {"current": "current", "stale": "stale (dropped on recovery)",
@@ -72,7 +73,8 @@ def inspect_overlay(path: str, expected_image: str | None = None,
 
 
 def inspect_state_dir(state_dir: str) -> dict:
-    out = {"kind": "state-dir", "path": os.path.abspath(state_dir), "valid": False}
+    out = {"kind": "state-dir", "path": os.path.abspath(state_dir), "valid": False,
+           "files": StateDir(os.path.abspath(state_dir)).files()}
     try:
         state = load(state_dir)
     except NbdMcError as e:
