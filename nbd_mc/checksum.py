@@ -5,9 +5,9 @@ or the bitmaps died with a restarted QEMU) but the replica's image may hold a
 near copy of the disk -- the returning old primary after a failover is the case
 that matters -- protect compares contents instead of copying everything, like
 DRBD's ``csums-alg``: both sides hash the same blocks, only differing blocks
-cross the network.  The primary's walk is in primary/resync.py; this module is
-what both sides share and the secondary's half, the control command
-``checksum-range``:
+cross the network.  The primary's walk is in primary/resync.py, the secondary's
+half -- the control command ``checksum-range`` -- in secondary/checksum.py; this
+module is what both sides share, the digests:
 
     checksum-range {disk, offset, length, block}
         -> {blocks: [hex digest or null per block], data_bytes, ...}
@@ -28,11 +28,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import time
 
-from .errors import NotProtected
 from .fileio import data_extents
-from .rangeargs import block_arg, disk_range
 
 DIGEST_SIZE = 16
 #: One request hashes this much at most (the secondary reads it block by block).
@@ -97,21 +94,3 @@ def digests(extents, offset: int, length: int, block: int, read) -> tuple[list, 
 def same(ours, theirs, length: int) -> bool:
     """Do two block digests (None: a hole) describe the same ``length`` bytes?"""
     return (ours or zero_digest(length)) == (theirs or zero_digest(length))
-
-
-# --- the secondary: control command checksum-range ------------------------------------------
-def checksum_range(group, arguments: dict) -> dict:
-    """Digest each ``block`` of [offset, offset+length) of ``disk``'s live image."""
-    r = disk_range("checksum-range", group, arguments, MAX_LENGTH)
-    name, disk, offset, length = r.name, r.disk, r.offset, r.length
-    block = block_arg("checksum-range", arguments, MIN_BLOCK, MAX_LENGTH, DEFAULT_BLOCK)
-    if group.state.role != "secondary" or group.state.handoff:
-        raise NotProtected("checksum-range refused: promoted by a failover, this is no "
-                           "replica any more")
-    t0 = time.perf_counter()
-    with group.io():
-        blocks, read_bytes = digests(disk.fd, offset, min(length, disk.size - offset), block,
-                                     lambda view, pos: group.read(disk, view, pos))
-    return {"disk": name, "offset": offset, "length": length, "block": block,
-            "blocks": blocks, "data_bytes": read_bytes,
-            "seconds": time.perf_counter() - t0}

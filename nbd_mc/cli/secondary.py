@@ -156,7 +156,7 @@ def _status_metrics_or_watch(target, prometheus, group, stale_after, watch, inte
         target.client().close()  # a wrong address is a usage error, not a view
         run_watch(lambda: target.execute("query-status"), target.control, seconds, count)
         return
-    from ..metrics import render_down, render_status
+    from ..secondary.metrics import render_down, render_status
     try:
         st = target.execute("query-status")
     except (Failure, NbdMcError, OSError) as e:
@@ -245,7 +245,7 @@ def failover(instant, target, as_json):
                  else f"--control {target.control}")
         lines.append(f"Stop the server first so nothing else writes them: nbd-mc stop {where}")
     if not instant:
-        lines.append(writer.failover_advice(r["disks"], online))
+        lines.append(_writer_export_advice(r["disks"], online))
     emit(r, as_json, "\n".join(lines))
 
 
@@ -292,3 +292,14 @@ def inspect(path, as_json):
     emit(report, as_json, text)
     if not report["valid"]:
         sys.exit(1)
+
+
+def _writer_export_advice(disks: list, online: bool) -> str:
+    """The lines `nbd-mc failover` prints about writing through NBD instead of
+    booting on the images."""
+    lines = [("Or keep the server running and" if online else "Or serve the state directory "
+              "again and") + " connect the new primary to its writer exports (the only "
+             "ones that accept writes now; the plain names are read-only):"]
+    for d in disks:
+        lines.append(f"  {d['name']}: {d.get('uri') or d.get('export')}")
+    return "\n".join(lines)

@@ -21,10 +21,10 @@ import os
 import time
 from dataclasses import replace
 
-from .. import verify
+from . import verify
 from ..control import ControlClient
 from ..errors import NbdMcError
-from ..metrics import ProtectMetrics
+from .metrics import ProtectMetrics
 from .bitmaps import Bitmaps, epoch_name, source_nodes
 from .checkpoint import checkpoint, run_hook
 from .console import Console, StopFlag, _mib

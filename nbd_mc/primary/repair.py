@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import verify
+from . import verify
+from ..verify import digest
 from ..errors import NbdMcError
 from .source import SourceError
 
@@ -119,7 +120,7 @@ class Repairs:
             except (OSError, NbdMcError):
                 self.copied = done[i:]  # protect's outage handling puts them back
                 raise
-            if r["digest"] == verify.digest(data):
+            if r["digest"] == digest(data):
                 self.stats.repaired.append(verify.Mismatch(p.target.disk, p.offset, p.length,
                                                            epoch))
                 self.say(f"  verify: REPAIRED {p.target.disk} offset {p.offset} length "

@@ -36,7 +36,7 @@ import errno
 import os
 
 from .. import crashpoints
-from ..errors import CorruptOverlay, IOFailure, io_failure
+from ..errors import CorruptOverlay, io_failure
 from ..fileio import pread_into, punch_hole, pwrite_all, runs as _runs
 from .format import (ALL_SUBCLUSTERS, NBD_MC_EXT, NBD_MC_EXT_VERSION, OFFSET_MASK, OFLAG_COPIED,
                      OFLAG_ZERO, U64, ZERO_ENTRY, pack_u64s, read_layout, unpack_u64s)

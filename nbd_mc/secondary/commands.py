@@ -15,7 +15,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from .. import __version__, checksum, verify
+from .. import __version__, nbduri
+from . import checksum, verify
 from . import boot, writer
 from ..control.server import AfterReply
 from ..errors import BadRequest, CommandNotFound
@@ -75,9 +76,9 @@ class Session:
 def _with_uris(s: Session, reply: dict) -> dict:
     """Where the writer exports a reply names are served (the engine knows no address)."""
     for d in reply.get("disks", ()):
-        d["uri"] = writer.uri_for(s.nbd_uri, d["export"]) if d.get("export") else None
+        d["uri"] = nbduri.export_uri(s.nbd_uri, d["export"]) if d.get("export") else None
     if "exports" in reply:
-        reply["uris"] = {n: writer.uri_for(s.nbd_uri, e) for n, e in reply["exports"].items()}
+        reply["uris"] = {n: nbduri.export_uri(s.nbd_uri, e) for n, e in reply["exports"].items()}
     return reply
 
 

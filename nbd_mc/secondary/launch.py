@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .. import sockfile
+from .. import nbduri, sockfile
 from . import disk
 from ..address import UNIX_PATH_MAX, default_control, parse_address
 from ..control import ControlClient
@@ -73,14 +73,8 @@ class ServeOptions:
 
 
 def nbd_uri(opts: ServeOptions, export: str = "") -> str:
-    if opts.socket:
-        scheme = "nbds+unix" if opts.tls == "require" else "nbd+unix"
-        return f"{scheme}:///{export}?socket={opts.socket}"
-    host = opts.bind or "localhost"
-    if ":" in host:
-        host = f"[{host}]"
-    scheme = "nbds" if opts.tls == "require" else "nbd"
-    return f"{scheme}://{host}:{opts.port}/{export}"
+    return nbduri.server_uri(socket=opts.socket, host=opts.bind, port=opts.port,
+                             tls=opts.tls == "require", export=export)
 
 
 def nbdkit_command(opts: ServeOptions) -> list[str]:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import urllib.parse
 from dataclasses import dataclass
 
 from ..errors import BadRequest, Fenced, IOFailure
@@ -182,23 +181,3 @@ def check_commit_writer(state, writer) -> None:
         raise Fenced(f"commit refused: writer {writer} was superseded"
                      + (f" by {state.writer}" if state.writer else ""))
 
-
-def uri_for(base: str | None, export: str) -> str | None:
-    """The NBD URI of ``export`` on the server whose URI (any export) is ``base``."""
-    if not base:
-        return None
-    u = urllib.parse.urlsplit(base)
-    # (urlunsplit would drop the empty authority of nbd+unix:///...)
-    return (f"{u.scheme}://{u.netloc}/{urllib.parse.quote(export, safe='@')}"
-            + (f"?{u.query}" if u.query else ""))
-
-
-def failover_advice(disks: list, online: bool) -> str:
-    """The lines `nbd-mc failover` prints about writing through NBD instead of
-    booting on the images."""
-    lines = [("Or keep the server running and" if online else "Or serve the state directory "
-              "again and") + " connect the new primary to its writer exports (the only "
-             "ones that accept writes now; the plain names are read-only):"]
-    for d in disks:
-        lines.append(f"  {d['name']}: {d.get('uri') or d.get('export')}")
-    return "\n".join(lines)

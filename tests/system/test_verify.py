@@ -18,6 +18,7 @@ import subprocess
 import pytest
 
 from nbd_mc import primary, verify
+from nbd_mc.primary import verify as primary_verify
 from nbd_mc.control import ControlClient, ControlError
 from nbd_mc.primary.ranges import RangeWriter
 from nbd_mc.primary.repair import Repairs
@@ -116,8 +117,9 @@ class Walk:
         self.said = []
         self.source = PrimarySource.open(self.qmp, drives, "test:" + vm.qmp_path,
                                          prefer_export=prefer_export)
-        self.v = verify.Verifier(verify.targets_for(drives, sizes, self.source), self.source,
-                                 slice_size, say=self.said.append)
+        self.v = primary_verify.Verifier(
+            primary_verify.targets_for(drives, sizes, self.source), self.source,
+            slice_size, say=self.said.append)
         self.ctl, drives = primary.claim_writer(self.ctl, drives)
         self.mirrors = primary.Mirrors(self.qmp, drives)
         primary.attach(self.qmp, primary.parse_nbd_uri(server.uri()), drives)

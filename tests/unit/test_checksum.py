@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 
-from nbd_mc import checksum, verify
+from nbd_mc import checksum
+from nbd_mc.primary import verify
 from nbd_mc.cli.protect import _unrepaired
 from nbd_mc.primary.repair import Repairs
 

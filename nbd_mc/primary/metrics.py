@@ -1,0 +1,139 @@
+"""`nbd-mc protect --metrics-file PATH`: protect's progress as ``nbd_mc_protect_*``.
+
+The file is rewritten atomically after every checkpoint and while a (re)sync runs;
+docs/metrics.md lists the series.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client.core import (CounterMetricFamily, StateSetMetricFamily,
+                                    SummaryMetricFamily)
+
+from ..metrics import gauge as _gauge, write_textfile
+
+#: protect's states, in order (nbd_mc_protect_state{state=...}): "lost" while the
+#: secondary is away (the VM runs unprotected), "resyncing" when it is back.
+PROTECT_STATES = ("connecting", "syncing", "resyncing", "checkpointing", "lost", "detached",
+                  "failed")
+#: How a (re)sync brought the secondary in step (protect --json ``resyncs[].mode``):
+#: everything, what a dirty bitmap marked, or what differed by content.
+RESYNC_MODES = ("full", "bitmap", "checksum")
+
+
+def resync_mode(r) -> str:
+    """A resync's mode; a protect without ``Resync.mode`` knew only full and bitmap."""
+    return getattr(r, "mode", None) or ("full" if r.full else "bitmap")
+
+
+class ProtectMetrics:
+    """protect's metrics file, rewritten after every checkpoint; a no-op without a path.
+
+    State (used only by the thread that runs protect):
+      state          one of PROTECT_STATES
+      sync           (bytes copied, bytes to copy) of the running (re)sync, or None
+      mirrored       bytes the mirror jobs copied, as of the last checkpoint
+      last_commit    wall clock of the last commit by this protect, or None
+    """
+
+    def __init__(self, path: str | None, vm: str = ""):
+        self.path = path
+        self.vm = vm
+        self.state = "connecting"
+        self.sync: tuple[int, int] | None = None
+        self.mirrored = 0
+        self.last_commit: float | None = None
+        self._last_sync_write = 0.0
+        self.error: str | None = None
+
+    def families(self, report) -> list:
+        v = {"vm": self.vm}
+        state = StateSetMetricFamily("nbd_mc_protect_state", "What protect is doing.",
+                                     labels=["vm"])
+        state.add_metric([self.vm], {s: s == self.state for s in PROTECT_STATES})
+        fams = [state,
+                _gauge("nbd_mc_protect_committed_epoch", "The last epoch the secondary "
+                       "acknowledged.", v, report.committed)]
+        for name, doc, value in (
+                ("nbd_mc_protect_commits", "Checkpoints committed by this protect.",
+                 report.commits),
+                ("nbd_mc_protect_skipped_commits", "Checkpoints whose commit the hook skipped.",
+                 report.skipped)):
+            c = CounterMetricFamily(name, doc, labels=["vm"])
+            c.add_metric([self.vm], value)
+            fams.append(c)
+        pauses = report.pauses
+        s = SummaryMetricFamily("nbd_mc_protect_pause_seconds", "How long the VM was "
+                                "paused per checkpoint.", labels=["vm"])
+        s.add_metric([self.vm], count_value=len(pauses), sum_value=sum(pauses))
+        fams.append(s)
+        if pauses:
+            fams.append(_gauge("nbd_mc_protect_last_pause", "The last checkpoint's pause.",
+                               v, pauses[-1], unit="seconds"))
+            fams.append(_gauge("nbd_mc_protect_max_pause", "The longest pause so far.",
+                               v, max(pauses), unit="seconds"))
+        if self.last_commit is not None:
+            fams.append(_gauge("nbd_mc_protect_last_commit_timestamp", "Unix time of the "
+                               "last commit.", v, self.last_commit, unit="seconds"))
+        fams.append(_gauge("nbd_mc_protect_initial_sync", "Bytes copied by the initial "
+                           "full sync.", v, report.initial_sync_bytes, unit="bytes"))
+        fams.append(_gauge("nbd_mc_protect_mirrored", "Bytes the mirror jobs copied so far.",
+                           v, max(self.mirrored, report.mirrored_bytes), unit="bytes"))
+        if report.resyncs:
+            # the last finished (re)sync: how it was done and what it cost (the
+            # ocf:nbd-mc:protect supervisor reports a failback's resync from these)
+            last = report.resyncs[-1]
+            mode = StateSetMetricFamily("nbd_mc_protect_last_resync_mode", "How the last "
+                                        "(re)sync brought the secondary in step.",
+                                        labels=["vm"])
+            mode.add_metric([self.vm], {m: m == resync_mode(last) for m in RESYNC_MODES})
+            fams += [mode,
+                     _gauge("nbd_mc_protect_last_resync", "Bytes the last (re)sync copied.",
+                            v, last.bytes, unit="bytes"),
+                     _gauge("nbd_mc_protect_last_resync_duration", "How long the last "
+                            "(re)sync took.", v, last.seconds, unit="seconds")]
+        if self.sync is not None:
+            fams.append(_gauge("nbd_mc_protect_sync_done", "Bytes copied by the running "
+                               "(re)sync.", v, self.sync[0], unit="bytes"))
+            fams.append(_gauge("nbd_mc_protect_sync_total", "Bytes the running (re)sync "
+                               "copies in all.", v, self.sync[1], unit="bytes"))
+        return fams
+
+    def start(self, report) -> None:
+        """The first write: an unusable path is an error before protect attaches."""
+        if self.path:
+            write_textfile(self.path, self.families(report))
+
+    def write(self, report) -> None:
+        """Rewrite the file.  A failure is remembered in ``error``, never raised:
+        metrics must not end protection."""
+        if not self.path:
+            return
+        try:
+            write_textfile(self.path, self.families(report))
+            self.error = None
+        except OSError as e:
+            self.error = f"cannot write the metrics file {self.path}: {e}"
+
+    # the hooks protect calls
+    def set_state(self, state: str, report) -> None:
+        self.state = state
+        if state not in ("syncing", "resyncing"):
+            self.sync = None
+        self.write(report)
+
+    def sync_progress(self, done: int, total: int, report) -> None:
+        """At most a few writes a second while a sync runs."""
+        self.sync = (done, total)
+        now = time.monotonic()
+        if self.path and (now - self._last_sync_write >= 0.5 or done >= total):
+            self._last_sync_write = now
+            self.write(report)
+
+    def checkpointed(self, report, committed: bool, mirrored: int | None) -> None:
+        if committed:
+            self.last_commit = time.time()
+        if mirrored is not None:
+            self.mirrored = mirrored
+        self.write(report)
