@@ -88,10 +88,21 @@ def params(spec: list[Param]) -> dict[str, str]:
     return out
 
 
-def meta_data(name: str, version: str, longdesc: str, shortdesc: str, spec: list[Param],
-              actions: list[tuple[str, str, str]]) -> str:
-    """OCF 1.0 meta-data (valid against ra-api-1.dtd).  actions: (name, timeout, extra)."""
+def plain_actions(start_timeout: str) -> list[tuple[str, str, str]]:
+    """The actions of an agent that is not promotable: start, stop, a 10 s monitor,
+    validate-all and meta-data, as (name, default timeout, more attributes)."""
+    return [("start", start_timeout, ""), ("stop", "60s", ""),
+            ("monitor", "20s", 'interval="10s" depth="0"'),
+            ("validate-all", "20s", ""), ("meta-data", "5s", "")]
+
+
+def meta_data(name: str, doc: str, shortdesc: str, spec: list[Param],
+              actions: list[tuple[str, str, str]], version: str = "1.0") -> str:
+    """OCF 1.0 meta-data (valid against ra-api-1.dtd).  ``doc``: the agent's module
+    docstring, whose paragraphs after the first are the long description;
+    actions: (name, timeout, extra)."""
     from xml.sax.saxutils import escape, quoteattr
+    longdesc = doc.split("\n\n", 1)[1]
     lines = ['<?xml version="1.0"?>',
              '<!DOCTYPE resource-agent SYSTEM "ra-api-1.dtd">',
              f'<resource-agent name="{name}" version="{version}">',
@@ -123,6 +134,11 @@ def rsctmp() -> str:
     return d
 
 
+def runtime_file(kind: str, suffix: str) -> str:
+    """``$HA_RSCTMP/nbd-mc-KIND-INSTANCE`` + suffix: this instance's runtime files."""
+    return os.path.join(rsctmp(), f"nbd-mc-{kind}-{instance().replace('/', '_')}{suffix}")
+
+
 class Marker:
     """The per-instance runtime file: absent = stopped, else the role it was given.
 
@@ -130,8 +146,7 @@ class Marker:
     """
 
     def __init__(self, kind: str):
-        safe = instance().replace("/", "_")
-        self.path = os.path.join(rsctmp(), f"nbd-mc-{kind}-{safe}.state")
+        self.path = runtime_file(kind, ".state")
 
     def get(self) -> str | None:
         try:

@@ -77,11 +77,8 @@ PARAMS = [
           "Further `nbd-mc protect` options, shell-quoted (e.g. --checkpoint-hook CMD).",
           default=""),
 ]
-ACTIONS = [("start", "30s", ""), ("stop", "60s", ""),
-           ("monitor", "20s", 'interval="10s" depth="0"'),
-           ("validate-all", "20s", ""), ("meta-data", "5s", "")]
-META = ocf.meta_data("protect", "1.0", __doc__.split("\n\n", 1)[1],
-                     "nbd-mc protect of the local VM into the peer's replica", PARAMS, ACTIONS)
+META = ocf.meta_data("protect", __doc__, "nbd-mc protect of the local VM into the peer's replica",
+                     PARAMS, ocf.plain_actions(start_timeout="30s"))
 
 
 class Config:
@@ -94,7 +91,7 @@ class Config:
         self.peers = dict(w.split("=", 1) for w in shlex.split(p["addresses"]) if "=" in w)
         self.tls = p["tls_certificates"]
         self.marker = ocf.Marker("protect")
-        base = os.path.join(ocf.rsctmp(), f"nbd-mc-protect-{ocf.instance().replace('/', '_')}")
+        base = ocf.runtime_file("protect", "")
         self.status_file = base + ".status"
         self.log_file = base + ".log"
         self.resync_file = base + ".resync.json"

@@ -36,11 +36,8 @@ PARAMS = [
     Param("pidfile", "pid file", "Where QEMU writes its pid (default: under $HA_RSCTMP).",
           default=""),
 ]
-ACTIONS = [("start", "60s", ""), ("stop", "60s", ""),
-           ("monitor", "20s", 'interval="10s" depth="0"'),
-           ("validate-all", "20s", ""), ("meta-data", "5s", "")]
-META = ocf.meta_data("qemu", "1.0", __doc__.split("\n\n", 1)[1],
-                     "a QEMU VM run directly (no libvirt)", PARAMS, ACTIONS)
+META = ocf.meta_data("qemu", __doc__, "a QEMU VM run directly (no libvirt)", PARAMS,
+                     ocf.plain_actions(start_timeout="60s"))
 
 
 class Config:
@@ -49,8 +46,7 @@ class Config:
         self.args = shlex.split(p["args"])
         self.qmp = p["qmp"]
         self.binary = p["binary"]
-        self.pidfile = p["pidfile"] or os.path.join(
-            ocf.rsctmp(), f"nbd-mc-qemu-{ocf.instance().replace('/', '_')}.pid")
+        self.pidfile = p["pidfile"] or ocf.runtime_file("qemu", ".pid")
 
     def validate(self) -> None:
         if not self.args:

@@ -95,10 +95,8 @@ ACTIONS = [("start", "60s", ""), ("stop", "60s", ""), ("promote", "90s", ""),
            ("monitor", "20s", 'interval="11s" depth="0" role="Unpromoted"'),
            ("notify", "20s", ""), ("validate-all", "20s", ""), ("meta-data", "5s", "")]
 
-META = ocf.meta_data(
-    "replica", "1.0",
-    __doc__.split("\n\n", 1)[1], "nbd-mc replica of a VM's disks (promotable clone)",
-    PARAMS, ACTIONS)
+META = ocf.meta_data("replica", __doc__, "nbd-mc replica of a VM's disks (promotable clone)",
+                     PARAMS, ACTIONS)
 
 
 # --- configuration -------------------------------------------------------------------

@@ -21,29 +21,18 @@ class NbdMcError(Exception):
         self.desc = desc
 
 
-class BadRequest(NbdMcError):
-    error_class = "BadRequest"
-    errno = errno.EINVAL
+def _refusal(name: str, err: int, doc: str) -> type:
+    """A refusal class whose ``error_class`` is its name.  They differ only in name,
+    errno (what nbdkit answers on the wire) and meaning, so one line each below."""
+    return type(name, (NbdMcError,), {"error_class": name, "errno": err, "__doc__": doc,
+                                      "__module__": __name__})
 
 
-class CommandNotFound(NbdMcError):
-    error_class = "CommandNotFound"
-    errno = errno.EINVAL
-
-
-class EpochMismatch(NbdMcError):
-    error_class = "EpochMismatch"
-    errno = errno.EINVAL
-
-
-class NotProtected(NbdMcError):
-    error_class = "NotProtected"
-    errno = errno.EINVAL
-
-
-class Fenced(NbdMcError):
-    error_class = "Fenced"
-    errno = errno.EROFS
+BadRequest = _refusal("BadRequest", errno.EINVAL, "A malformed request or argument.")
+CommandNotFound = _refusal("CommandNotFound", errno.EINVAL, "No such control command.")
+EpochMismatch = _refusal("EpochMismatch", errno.EINVAL, "Not the epoch the group is at.")
+NotProtected = _refusal("NotProtected", errno.EINVAL, "Nothing committed to return to.")
+Fenced = _refusal("Fenced", errno.EROFS, "Fenced, promoted, or a superseded writer.")
 
 
 class IOFailure(NbdMcError):

@@ -16,17 +16,24 @@ from __future__ import annotations
 
 import os
 
-STATE_FILE = "state.json"
-LOCK_FILE = "lock"
-CONTROL_SOCKET = "control.sock"
-NBD_SOCKET = "nbd.sock"
-PID_FILE = "nbdkit.pid"
-LOG_FILE = "nbdkit.log"
+#: Paths inside the directory, by attribute name: the state file (the one source of
+#: truth for the committed epoch), its lock, and the defaults of `serve` when it gets
+#: no --control, --socket/--port or --pidfile (nbdkit's pid file, its log).
+INSIDE = {"state_file": "state.json", "lock": "lock", "control": "control.sock",
+          "nbd_socket": "nbd.sock", "pidfile": "nbdkit.pid", "log": "nbdkit.log"}
+#: Paths beside it (``DIR`` + suffix), kept by the Pacemaker replica agent
+#: (docs/pacemaker.md): a copy of each undo overlay of the last promotion and its
+#: summary; the group state of the last live disk given up for a failback; the
+#: record of a split brain (while it exists the image is left alone); the live-disk
+#: generation of the images.
+BESIDE = {"rolled_back": ".rolled-back", "diverged": ".diverged",
+          "split_brain": ".split-brain", "generation": ".generation"}
 OVERLAY_SUFFIX = ".undo.qcow2"
 
 
 class StateDir:
-    """Paths of one state directory (nothing is created or checked here)."""
+    """Paths of one state directory (nothing is created or checked here): each name
+    of INSIDE and BESIDE is an attribute (``StateDir(d).control``)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -34,68 +41,17 @@ class StateDir:
     def __repr__(self) -> str:
         return f"StateDir({self.path!r})"
 
-    def _in(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
-    def _beside(self, suffix: str) -> str:
-        return self.path.rstrip("/") + suffix
-
-    @property
-    def state_file(self) -> str:
-        return self._in(STATE_FILE)
-
-    @property
-    def lock(self) -> str:
-        return self._in(LOCK_FILE)
-
-    @property
-    def control(self) -> str:
-        """The default control socket (when `serve` got no --control)."""
-        return self._in(CONTROL_SOCKET)
-
-    @property
-    def nbd_socket(self) -> str:
-        """The default NBD socket (when `serve` got neither --socket nor --port)."""
-        return self._in(NBD_SOCKET)
-
-    @property
-    def pidfile(self) -> str:
-        """nbdkit's pid file by default (`serve --pidfile` overrides it)."""
-        return self._in(PID_FILE)
-
-    @property
-    def log(self) -> str:
-        return self._in(LOG_FILE)
+    def __getattr__(self, name: str) -> str:
+        if name in INSIDE:
+            return os.path.join(self.path, INSIDE[name])
+        if name in BESIDE:
+            return self.path.rstrip("/") + BESIDE[name]
+        raise AttributeError(name)
 
     def overlay(self, disk: str) -> str:
         """The undo overlay of ``disk`` (absolute: the state file records it)."""
         return os.path.join(os.path.abspath(self.path), disk + OVERLAY_SUFFIX)
 
-    # Beside the directory, kept by the Pacemaker replica agent (docs/pacemaker.md).
-
-    @property
-    def rolled_back(self) -> str:
-        """A copy of each undo overlay of the last promotion and its summary."""
-        return self._beside(".rolled-back")
-
-    @property
-    def diverged(self) -> str:
-        """The group state of the last live disk given up for a failback."""
-        return self._beside(".diverged")
-
-    @property
-    def split_brain(self) -> str:
-        """The record of a split brain: while it exists the image is left alone."""
-        return self._beside(".split-brain")
-
-    @property
-    def generation(self) -> str:
-        """The live-disk generation of the images."""
-        return self._beside(".generation")
-
     def files(self) -> dict:
-        """Every default path, by name (``nbd-mc inspect --json`` prints it)."""
-        return {"state": self.state_file, "lock": self.lock, "control": self.control,
-                "nbd_socket": self.nbd_socket, "pidfile": self.pidfile, "log": self.log,
-                "rolled_back": self.rolled_back, "diverged": self.diverged,
-                "split_brain": self.split_brain, "generation": self.generation}
+        """Every path by name (``nbd-mc inspect --json`` prints it as ``files``)."""
+        return {name: getattr(self, name) for name in (*INSIDE, *BESIDE)}

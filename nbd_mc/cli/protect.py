@@ -8,6 +8,7 @@ secondary's commands because the primary side grows its own options.
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -70,11 +71,16 @@ from .common import Failure, json_wanted, main, size_option
                    "commit: checksum compares both disks block by block and copies what "
                    "differs, full copies everything; auto takes checksum when the "
                    "secondary's image holds data, full when it is empty.")
+@click.option("--events", "events", metavar="FILE|-",
+              help="Write protect's events as they happen, one JSON object a line "
+                   "(state changes, resyncs, refusals, the closing report), appended to "
+                   "FILE, or to standard output with - (the human lines then go to "
+                   "standard error). Fields: docs/events.md.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the closing summary and errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the closing report as JSON.")
 def protect(qmp_path, domain, connect_uri, drives, target, control, interval, epochs, hook,
             tls_dir, metrics_file, legacy, stall_timeout, retry_for, quiet, as_json,
-            verify=False, verify_slice="4M", verify_passes=None, repair=None, resync="auto"):
+            events=None, verify=False, verify_slice="4M", verify_passes=None, repair=None, resync="auto"):
     """Mirror a running QEMU's drives into the secondary and checkpoint them.
 
     Attaches the secondary's exports to QEMU, runs blockdev-mirror (sync=full,
@@ -100,21 +106,31 @@ def protect(qmp_path, domain, connect_uri, drives, target, control, interval, ep
             retry_for=(None if retry_for == "forever"
                        else primary.parse_interval(retry_for, zero=True)),
             verify=verify, verify_slice=size_option(verify_slice), verify_passes=verify_passes,
-            repair=True if repair is None else repair, resync=resync)
+            repair=True if repair is None else repair, resync=resync, events=events)
         parse_address(control)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    if events and events != "-":
+        try:
+            open(events, "a").close()
+        except OSError as e:
+            raise click.BadParameter(f"{events}: {e.strerror}", param_hint="--events") from None
     as_json = json_wanted(as_json)
-    console = primary.Console(quiet=quiet or as_json)
+    # with --events - standard output carries only JSON lines: the human lines go to
+    # standard error, and the closing report is the stream's last event
+    console = primary.Console(stream=sys.stderr if events == "-" else None,
+                              quiet=quiet or as_json)
     report = primary.protect(opts, console)
-    if as_json:
+    to_stderr = events == "-"
+    if as_json and not to_stderr:
         click.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
-    else:
-        click.echo(primary.summary(report))
+    elif not as_json:
+        click.echo(primary.summary(report), err=to_stderr)
     if report.outcome != "detached":
         raise Failure(primary.failure_advice(report))
     if not as_json:
-        click.echo("detached: the mirrors are removed and the VM runs on without protection")
+        click.echo("detached: the mirrors are removed and the VM runs on without protection",
+                   err=to_stderr)
     unrepaired = _unrepaired(report.verify or {})
     if verify_passes and unrepaired:
         raise Failure(f"verify: {len(unrepaired)} range(s) differ between the "

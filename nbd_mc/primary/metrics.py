@@ -12,6 +12,7 @@ from prometheus_client.core import (CounterMetricFamily, StateSetMetricFamily,
                                     SummaryMetricFamily)
 
 from ..metrics import gauge as _gauge, write_textfile
+from .eventstream import EventStream
 
 #: protect's states, in order (nbd_mc_protect_state{state=...}): "lost" while the
 #: secondary is away (the VM runs unprotected), "resyncing" when it is back.
@@ -35,17 +36,32 @@ class ProtectMetrics:
       sync           (bytes copied, bytes to copy) of the running (re)sync, or None
       mirrored       bytes the mirror jobs copied, as of the last checkpoint
       last_commit    wall clock of the last commit by this protect, or None
+      events         the --events stream (eventstream.py) it forwards each
+                     notification to, or None
+
+    It is the one observer protect notifies of its state changes, checkpoints and
+    sync progress; the event stream hears of them through it.
     """
 
-    def __init__(self, path: str | None, vm: str = ""):
+    def __init__(self, path: str | None, vm: str = "", events: str | None = None):
         self.path = path
+        self.events = EventStream(events) if events else None
         self.vm = vm
         self.state = "connecting"
         self.sync: tuple[int, int] | None = None
         self.mirrored = 0
         self.last_commit: float | None = None
         self._last_sync_write = 0.0
-        self.error: str | None = None
+        self._file_error: str | None = None
+        self._events_error: str | None = None
+        if self.events is not None and self.events.error:
+            self._events_error, self.events = self.events.error, None
+
+    @property
+    def error(self) -> str | None:
+        """Why the metrics file or the event stream could not be written (the last
+        failure of the file, the failure that silenced the stream), or None."""
+        return "; ".join(e for e in (self._file_error, self._events_error) if e) or None
 
     def families(self, report) -> list:
         v = {"vm": self.vm}
@@ -112,16 +128,21 @@ class ProtectMetrics:
             return
         try:
             write_textfile(self.path, self.families(report))
-            self.error = None
+            self._file_error = None
         except OSError as e:
-            self.error = f"cannot write the metrics file {self.path}: {e}"
+            self._file_error = f"cannot write the metrics file {self.path}: {e}"
 
     # the hooks protect calls
-    def set_state(self, state: str, report) -> None:
+    def set_state(self, state: str, report, reason: str | None = None) -> None:
+        """``reason``: why, for a lost secondary (the event stream says it)."""
         self.state = state
         if state not in ("syncing", "resyncing"):
             self.sync = None
         self.write(report)
+        if self.events is not None:
+            self.events.state(state, report, reason)
+            if self.events.error:
+                self._events_error, self.events = self.events.error, None
 
     def sync_progress(self, done: int, total: int, report) -> None:
         """At most a few writes a second while a sync runs."""
@@ -131,9 +152,15 @@ class ProtectMetrics:
             self._last_sync_write = now
             self.write(report)
 
-    def checkpointed(self, report, committed: bool, mirrored: int | None) -> None:
+    def checkpointed(self, report, committed: bool, mirrored: int | None,
+                     epoch: int | None = None, skipped: str | None = None) -> None:
+        """``epoch`` the checkpoint's epoch, ``skipped`` why it was not committed."""
         if committed:
             self.last_commit = time.time()
         if mirrored is not None:
             self.mirrored = mirrored
         self.write(report)
+        if self.events is not None and epoch is not None:
+            self.events.checkpointed(report, epoch, committed, skipped)
+            if self.events.error:
+                self._events_error, self.events = self.events.error, None

@@ -131,6 +131,7 @@ class Options:
     libvirt: str | None = None  # a libvirt domain instead of a QMP socket
     connect: str = "qemu:///system"  # its libvirt connection URI
     metrics_file: str | None = None  # Prometheus textfile rewritten after each checkpoint
+    events: str | None = None  # --events FILE|-: JSON lines as things happen (eventstream.py)
     #: How long a ``stop`` may wait for writes stuck on the secondary (and a control
     #: command for its answer) before the secondary counts as hung.
     stall_timeout: float = 10.0

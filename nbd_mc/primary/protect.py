@@ -113,7 +113,8 @@ class Protector:
         self.source_refusal = ""
         self.ranges: RangeWriter | None = None
         # --metrics-file (metrics.py); a no-op without a path
-        self.metrics = ProtectMetrics(opts.metrics_file, opts.libvirt or opts.qmp or "")
+        self.metrics = ProtectMetrics(opts.metrics_file, opts.libvirt or opts.qmp or "",
+                                      events=opts.events)
 
     # --- the run --------------------------------------------------------------------
     def run(self) -> Report:
@@ -219,7 +220,7 @@ class Protector:
                         bitmaps=bitmaps, stall_timeout=opts.stall_timeout,
                         watchdog=self.watchdog)
         self.metrics.checkpointed(report, cp.committed, self.mirrors.progress()[0]
-                                  if self.metrics.path else None)
+                                  if self.metrics.path else None, self.epoch, cp.skipped)
         report.pauses.append(cp.pause)
         if opts.hook:
             report.hook_times.append(cp.hook)
@@ -286,7 +287,7 @@ class Protector:
         self.console.progress_end()
         self.console.say(f"nbd-mc protect: secondary lost: {e.desc}; the VM runs on "
                          "unprotected, retrying")
-        self.metrics.set_state("lost", self.report)
+        self.metrics.set_state("lost", self.report, e.desc)
         self._close_ranges()
         if self.repairs is not None:
             self.repairs.abandon()

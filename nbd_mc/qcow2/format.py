@@ -97,19 +97,27 @@ def zeroed_bitmap(bits: int) -> mmap.mmap:
 
 @dataclass
 class Geometry:
-    """Sizes derived from the virtual size, the cluster size and the L2 format."""
+    """Sizes derived from the virtual size, the cluster size and the L2 format.
+
+    The disk is cut into two granules of 2**bits bytes each, set once at creation
+    (a Geometry never changes): the *cluster* (``cluster_size`` bytes, ``clusters``
+    of them: allocation and L2 entries) and the *preserve unit* (``unit_bits``,
+    ``unit_size``, ``units``: a subcluster with extended L2 entries, else a cluster;
+    ``units`` is the length of the overlay's bitmaps).
+    """
 
     size: int
     cluster_bits: int
     extended: bool = False
 
-    @property
-    def cluster_size(self) -> int:
-        return 1 << self.cluster_bits
+    def __post_init__(self):
+        self.unit_bits = self.cluster_bits - (SUBCLUSTER_BITS if self.extended else 0)
+        self.cluster_size, self.clusters = self._granule(self.cluster_bits)
+        self.unit_size, self.units = self._granule(self.unit_bits)
 
-    @property
-    def clusters(self) -> int:
-        return ceil_div(self.size, self.cluster_size)
+    def _granule(self, bits: int) -> tuple[int, int]:
+        """(bytes, how many the virtual size spans) of a 2**bits granule."""
+        return 1 << bits, ceil_div(self.size, 1 << bits)
 
     @property
     def entry_words(self) -> int:
@@ -124,19 +132,6 @@ class Geometry:
     @property
     def l1_size(self) -> int:
         return max(1, ceil_div(self.clusters, 1 << self.l2_bits))
-
-    @property
-    def unit_bits(self) -> int:
-        """log2 of the preserve unit: a subcluster with extended L2, else a cluster."""
-        return self.cluster_bits - (SUBCLUSTER_BITS if self.extended else 0)
-
-    @property
-    def unit_size(self) -> int:
-        return 1 << self.unit_bits
-
-    @property
-    def units(self) -> int:
-        return ceil_div(self.size, self.unit_size)
 
     @property
     def units_per_cluster_bits(self) -> int:

@@ -553,6 +553,58 @@ def test_secondary_killed_mid_epoch(servers, vms, procs, after):
     assert_secondary_is(server, co.record(last), server.disks, f"after kill -9 and {after}")
 
 
+def test_protect_events_as_they_happen(servers, vms, procs):
+    """`protect --events -`: standard output is a JSON-lines stream a supervisor reads
+    while protect runs -- the initial sync, the first commit, a skipped commit, the
+    secondary lost (kill -9) with the reason, the resync once it is back, protected
+    again -- and the closing report as its last line; the human lines go to stderr."""
+    rng = random.Random("events")
+    vm, server = make_pair(servers, vms, rng)
+    co = Coordinated(servers.root, vm, rng, fail_once_at=3)
+    proc = start_protect(procs, vm, server, servers.root, "--interval", "20ms",
+                         "--checkpoint-hook", co.hook, "--events", "-")
+
+    def events():
+        proc.out.seek(0)
+        text = proc.out.read()
+        return [json.loads(line) for line in text.splitlines()[:text.count("\n")]]
+
+    co.play(lambda: committed(server) >= 5 or proc.poll() is not None)
+    assert proc.poll() is None, finished(proc)
+    # already there while protect runs
+    seen = [(e["event"], e.get("state")) for e in events()]
+    assert seen[:4] == [("state", "syncing"), ("resync", None), ("state", "checkpointing"),
+                        ("protected", None)], seen
+    assert ("refusal", None) in seen, seen
+    last = committed(server)
+    server.kill9()
+    server.start()
+    co.play(lambda: committed(server) > last + 2 or proc.poll() is not None)
+    proc.send_signal(signal.SIGTERM)
+    co.play(lambda: proc.poll() is not None)
+    rc, out, err = finished(proc)
+    assert rc == 0, (out, err)
+    ev = [json.loads(line) for line in out.splitlines()]  # every stdout line is JSON
+    kinds = [e["event"] for e in ev]
+    first = ev[1]
+    assert first["mode"] == "full" and first["reason"].startswith("initial sync"), first
+    refusal = ev[kinds.index("refusal")]
+    assert refusal["epoch"] == 3 and "exited with status 3" in refusal["reason"], refusal
+    lost = next(e for e in ev if e.get("state") == "lost")
+    assert lost["reason"] and lost["outages"] == 1, lost
+    after = ev[ev.index(lost):]
+    assert [e.get("state") for e in after if e["event"] == "state"][-2:] == [
+        "checkpointing", "detached"], after
+    resync = next(e for e in after if e["event"] == "resync")
+    assert resync["mode"] in ("bitmap", "checksum", "full") and resync["from_epoch"] <= last
+    protected = next(e for e in after if e["event"] == "protected")
+    assert protected["epoch"] > resync["from_epoch"], after
+    assert kinds[-1] == "report" and ev[-1]["report"]["outcome"] == "detached"
+    assert ev[-1]["report"]["outages"] == 1 and len(ev[-1]["report"]["resyncs"]) == 2
+    assert "secondary lost" in err and "detached" in err, err
+    assert_detached(vm)
+
+
 # --- 4. a stale primary after failover ------------------------------------------------------------
 def test_stale_primary_is_fenced(servers, vms):
     """Failover while the old primary still runs (a partition, not a crash): its

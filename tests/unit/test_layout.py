@@ -33,7 +33,7 @@ def test_the_state_directory_names_every_file_once(tmp_path):
     sd = StateDir(tmp_path / "st")
     files = sd.files()
     assert len(set(files.values())) == len(files)  # no two names collide
-    inside = ("state", "lock", "control", "nbd_socket", "pidfile", "log")
+    inside = ("state_file", "lock", "control", "nbd_socket", "pidfile", "log")
     assert all(os.path.dirname(files[k]) == str(tmp_path / "st") for k in inside)
     beside = ("rolled_back", "diverged", "split_brain", "generation")
     assert all(files[k].startswith(str(tmp_path / "st") + ".") for k in beside)
