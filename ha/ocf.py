@@ -9,8 +9,15 @@ from ``OCF_RESKEY_<name>`` with defaults from the meta-data, a per-instance
 state file under ``$HA_RSCTMP`` (a tmpfs: a rebooted node starts with nothing
 running), log lines on stderr, which pacemaker-execd puts into the cluster log.
 
-The agents use only nbd-mc's public command line (``--json`` output), never its
+The agents use only nbd-mc's public command line (``--json`` output) -- and
+nbd_mc.statedir for the names of the files beside a state directory -- never its
 Python internals, so they keep working whatever the package looks like inside.
+
+As resource-agents' agents do, every failure says why in one
+``ocf-exit-reason:`` line on stderr (``crm_mon`` shows it beside the failed
+action), and every wait inside an action is bounded by what is left of the
+action's own timeout (``OCF_RESKEY_CRM_meta_timeout``), never by a constant of
+its own.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +43,12 @@ ERR_CONFIGURED = 6
 NOT_RUNNING = 7
 RUNNING_PROMOTED = 8
 FAILED_PROMOTED = 9
+
+#: When this action started: the base of every deadline inside it.
+_STARTED = time.monotonic()
+#: An action's timeout when Pacemaker gives none (ocf-tester, a person): the
+#: meta-data's smallest default.
+DEFAULT_TIMEOUT = 20.0
 
 # The venv the agent runs from (the wrapper installed by tools/setup-ha.sh execs
 # its python): `nbd-mc` is next to the interpreter.
@@ -58,6 +72,66 @@ class Param:
     required: bool = False
     unique: bool = False
     type: str = "string"
+
+
+def action_timeout() -> float:
+    """This action's timeout in seconds (``OCF_RESKEY_CRM_meta_timeout``, in ms)."""
+    try:
+        return int(os.environ["OCF_RESKEY_CRM_meta_timeout"]) / 1000
+    except (KeyError, ValueError):
+        return DEFAULT_TIMEOUT
+
+
+def budget(share: float = 1.0, margin: float = 1.0) -> float:
+    """``share`` of what is left of this action's timeout, ``margin`` seconds kept
+    back for the agent's own exit; at least one second."""
+    left = _STARTED + action_timeout() - margin - time.monotonic()
+    return max(1.0, left * share)
+
+
+def exit_reason(message: str) -> None:
+    """The one line Pacemaker keeps as the failed action's reason (crm_mon shows it)."""
+    print(f"ocf-exit-reason:{' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+def fail(rc: int, message: str) -> int:
+    """Log a failure, say it as the exit reason, return ``rc`` (for an action that
+    ends with a failure code rather than an AgentError)."""
+    log("error", message)
+    exit_reason(message)
+    return rc
+
+
+def monitor_process(running: bool, started: bool, gone: str, rc_gone: int = NOT_RUNNING) -> int:
+    """The monitor of an agent that is one process: SUCCESS while it runs; else
+    NOT_RUNNING -- or, when it was ``started`` and this is no probe, ``rc_gone``
+    with ``gone`` as the reason."""
+    if running:
+        return SUCCESS
+    if started and not is_probe():
+        return fail(rc_gone, gone)
+    return NOT_RUNNING
+
+
+def terminate(pid: int | None, alive, what: str, kill_group: bool = False) -> None:
+    """SIGTERM to ``pid`` (None: nothing runs); once this action's time is nearly up
+    and ``alive()`` still says it runs, SIGKILL (to its process group with
+    ``kill_group``); returns when it is gone or the action's time is up."""
+    if pid is None:
+        return
+    deadline = time.monotonic() + budget(margin=5)
+    try:
+        os.kill(pid, signal.SIGTERM)
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling for the process to go, bounded by the deadline
+        if alive():
+            log("warning", f"{what} did not stop on SIGTERM: SIGKILL"
+                           + (" to its process group" if kill_group else ""))
+            (os.killpg if kill_group else os.kill)(pid, signal.SIGKILL)
+            while alive() and time.monotonic() < deadline + 4:
+                time.sleep(0.05)
+    except ProcessLookupError:
+        pass
 
 
 def instance() -> str:
@@ -175,8 +249,11 @@ def nbd_mc_binary() -> str:
     return shutil.which("nbd-mc") or found
 
 
-def nbd_mc(*args: str, timeout: float = 120.0) -> tuple[int, dict | None, str]:
-    """Run `nbd-mc ARGS --json`: (exit status, parsed JSON or None, stderr)."""
+def nbd_mc(*args: str, timeout: float | None = None) -> tuple[int, dict | None, str]:
+    """Run `nbd-mc ARGS --json`: (exit status, parsed JSON or None, stderr).
+    ``timeout``: by default what is left of the action's."""
+    if timeout is None:
+        timeout = budget()
     cmd = [nbd_mc_binary(), *args, "--json"]
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}:/usr/bin:/usr/sbin:/bin:/sbin:" + env.get("PATH", "")
@@ -202,8 +279,11 @@ def nbd_mc(*args: str, timeout: float = 120.0) -> tuple[int, dict | None, str]:
     return p.returncode, data, stderr.strip()
 
 
-def crm(*args: str, timeout: float = 30.0) -> tuple[int, str]:
-    """Run a Pacemaker command line tool; (exit status, stdout).  Never raises."""
+def crm(*args: str, timeout: float | None = None) -> tuple[int, str]:
+    """Run a Pacemaker command line tool; (exit status, stdout).  Never raises.
+    ``timeout``: by default what is left of the action's."""
+    if timeout is None:
+        timeout = budget()
     try:
         p = subprocess.run(list(args), stdin=subprocess.DEVNULL, capture_output=True,
                            text=True, timeout=timeout)
@@ -223,9 +303,15 @@ def is_probe() -> bool:
             and os.environ.get("OCF_RESKEY_CRM_meta_interval", "0") == "0")
 
 
-def main(actions: dict, meta: str, argv: list[str] | None = None) -> int:
-    """Dispatch argv[1] to actions[name]() -> OCF code; meta-data/usage built in."""
+def main(actions: dict, meta: str, validate, argv: list[str] | None = None) -> int:
+    """Dispatch argv[1] to actions[name]() -> OCF code; meta-data, usage and
+    validate-all (``validate()`` raises AgentError on a bad configuration) built in."""
     argv = sys.argv if argv is None else argv
+
+    def validate_all() -> int:
+        validate()
+        return SUCCESS
+    actions = {**actions, "validate-all": validate_all}
     action = argv[1] if len(argv) > 1 else ""
     if action == "meta-data":
         sys.stdout.write(meta)
@@ -237,9 +323,13 @@ def main(actions: dict, meta: str, argv: list[str] | None = None) -> int:
     if fn is None:
         print(f"usage: {os.path.basename(argv[0])} {{{'|'.join(['meta-data', *actions])}}}",
               file=sys.stderr)
+        exit_reason(f"unknown action {action!r}")
         return ERR_UNIMPLEMENTED
     try:
         return fn()
     except AgentError as e:
-        log("error", f"{action}: {e}")
-        return e.rc
+        return fail(e.rc, f"{action}: {e}")
+    except Exception as e:  # a bug: the traceback for the log, one line for crm_mon
+        import traceback
+        traceback.print_exc()
+        return fail(ERR_GENERIC, f"{action}: unexpected {type(e).__name__}: {e}")

@@ -154,7 +154,9 @@ def local_node() -> str:
 
 
 def set_protected(value: bool) -> None:
-    ocf.crm("attrd_updater", "-n", "nbd-mc-protected", "-U", "1" if value else "0")
+    # (also from the supervisor, which outlives the start action: a bound of its own)
+    ocf.crm("attrd_updater", "-n", "nbd-mc-protected", "-U", "1" if value else "0",
+            timeout=10)
 
 
 # --- the supervisor -------------------------------------------------------------------
@@ -310,19 +312,10 @@ def _tail(path: str) -> str:
 
 
 # --- actions ---------------------------------------------------------------------------
-def action_validate() -> int:
-    Config().validate()
-    return ocf.SUCCESS
-
-
 def action_monitor() -> int:
     cfg = Config()
-    if cfg.supervisor_pid() is not None:
-        return ocf.SUCCESS
-    if cfg.marker.get() is not None and not ocf.is_probe():
-        ocf.log("error", "the protect supervisor died")
-        return ocf.ERR_GENERIC
-    return ocf.NOT_RUNNING
+    return ocf.monitor_process(cfg.supervisor_pid() is not None, cfg.marker.get() is not None,
+                               "the protect supervisor died", ocf.ERR_GENERIC)
 
 
 def action_start() -> int:
@@ -344,16 +337,9 @@ def action_start() -> int:
 
 def action_stop() -> int:
     cfg = Config()
-    pid = cfg.supervisor_pid()
-    if pid is not None:
-        os.kill(pid, signal.SIGTERM)
-        timeout = int(os.environ.get("OCF_RESKEY_CRM_meta_timeout", "60000")) / 1000
-        deadline = time.monotonic() + max(1.0, timeout - 5)
-        while cfg.supervisor_pid() is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if cfg.supervisor_pid() is not None:
-            ocf.log("warning", "the protect supervisor did not stop: SIGKILL to its group")
-            os.killpg(pid, signal.SIGKILL)
+    # SIGTERM: protect finishes its checkpoint, removes the mirrors, the VM runs on
+    ocf.terminate(cfg.supervisor_pid(), lambda: cfg.supervisor_pid() is not None,
+                  "the protect supervisor", kill_group=True)
     cfg.marker.clear()
     set_protected(False)
     return ocf.SUCCESS
@@ -362,8 +348,8 @@ def action_stop() -> int:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "supervise":
         return supervise()
-    return ocf.main({"start": action_start, "stop": action_stop, "monitor": action_monitor,
-                     "validate-all": action_validate}, META)
+    return ocf.main({"start": action_start, "stop": action_stop, "monitor": action_monitor}, META,
+                    lambda: Config().validate())
 
 
 if __name__ == "__main__":

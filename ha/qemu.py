@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ocf  # noqa: E402
@@ -73,14 +71,12 @@ def _which(binary: str) -> str | None:
     return shutil.which(binary, path="/usr/bin:/usr/sbin:/bin:/sbin:" + os.environ.get("PATH", ""))
 
 
-def action_validate() -> int:
-    Config().validate()
-    return ocf.SUCCESS
-
-
 def action_monitor() -> int:
+    # (no marker: Pacemaker knows whether it started QEMU; a recurring monitor is
+    # only asked of a started one)
     cfg = Config()
-    return ocf.SUCCESS if cfg.pid() is not None else ocf.NOT_RUNNING
+    return ocf.monitor_process(cfg.pid() is not None, True,
+                               f"QEMU is not running (pid file {cfg.pidfile})")
 
 
 def action_start() -> int:
@@ -97,7 +93,7 @@ def action_start() -> int:
     cmd = [_which(cfg.binary), "-daemonize", "-pidfile", cfg.pidfile,
            "-qmp", f"unix:{cfg.qmp},server=on,wait=off", *cfg.args]
     p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                       timeout=50)
+                       timeout=ocf.budget(margin=5))
     if p.returncode != 0 or cfg.pid() is None:
         raise ocf.AgentError(ocf.ERR_GENERIC, f"QEMU did not start ({p.returncode}): "
                                               f"{(p.stderr or p.stdout).strip()[-1500:]}")
@@ -109,19 +105,9 @@ def action_stop() -> int:
     cfg = Config()
     pid = cfg.pid()
     if pid is not None:
-        timeout = int(os.environ.get("OCF_RESKEY_CRM_meta_timeout", "60000")) / 1000
-        deadline = time.monotonic() + max(1.0, timeout - 5)
-        try:
-            os.kill(pid, signal.SIGTERM)
-            while time.monotonic() < deadline and cfg.pid() is not None:
-                time.sleep(0.05)
-            if cfg.pid() is not None:
-                ocf.log("warning", f"QEMU {pid} ignored SIGTERM: SIGKILL")
-                os.kill(pid, signal.SIGKILL)
-                while cfg.pid() is not None:
-                    time.sleep(0.05)
-        except ProcessLookupError:
-            pass
+        ocf.terminate(pid, lambda: cfg.pid() is not None, f"QEMU {pid}")
+        if cfg.pid() is not None:
+            raise ocf.AgentError(ocf.ERR_GENERIC, f"QEMU {pid} did not stop")
         ocf.log("info", f"QEMU {pid} stopped")
     for stale in (cfg.qmp, cfg.pidfile):
         try:
@@ -132,8 +118,8 @@ def action_stop() -> int:
 
 
 def main() -> int:
-    return ocf.main({"start": action_start, "stop": action_stop, "monitor": action_monitor,
-                     "validate-all": action_validate}, META)
+    return ocf.main({"start": action_start, "stop": action_stop, "monitor": action_monitor}, META,
+                    lambda: Config().validate())
 
 
 if __name__ == "__main__":

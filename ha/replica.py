@@ -51,7 +51,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import sys
 import time
 
@@ -157,14 +156,14 @@ class Config:
 
     def status(self) -> dict | None:
         """The running server's query-status, or None when it does not answer."""
-        rc, data, _ = ocf.nbd_mc("status", *self.client_args(), timeout=15)
+        rc, data, _ = ocf.nbd_mc("status", *self.client_args(), timeout=ocf.budget(0.3))
         return data if rc == 0 and isinstance(data, dict) else None
 
     def offline(self) -> dict | None:
         """The state directory as `nbd-mc inspect` sees it; None if no group exists."""
-        if not os.path.isfile(os.path.join(self.state_dir, "state.json")):
+        if not os.path.isfile(StateDir(self.state_dir).state_file):
             return None
-        rc, data, err = ocf.nbd_mc("inspect", self.state_dir, timeout=30)
+        rc, data, err = ocf.nbd_mc("inspect", self.state_dir, timeout=ocf.budget(0.3))
         if not isinstance(data, dict) or "role" not in data:
             raise ocf.AgentError(ocf.ERR_GENERIC, f"cannot read {self.state_dir}: {err}")
         return data
@@ -183,22 +182,29 @@ class Config:
             args += ["--control", self.control]
         if self.durability:
             args += ["--durability", self.durability]
-        rc, data, err = ocf.nbd_mc(*args, timeout=60)
+        rc, data, err = ocf.nbd_mc(*args)
         if rc != 0:
             raise ocf.AgentError(ocf.ERR_GENERIC, f"nbd-mc serve failed: {err}")
         ocf.log("info", f"serving {', '.join(self.disks)} as a replica: committed epoch "
                         f"{data.get('committed') if data else '?'}")
 
     def stop_server(self) -> None:
-        """Stop the local server (cleanly if it answers, else by its pid)."""
-        rc, _, err = ocf.nbd_mc("stop", *self.client_args(), timeout=60)
-        if rc == 0:
-            return
-        pid = _server_pid(self.state_dir)
-        if pid is None:
-            return
-        ocf.log("warning", f"nbd-mc stop failed ({err}); terminating nbdkit pid {pid}")
-        _terminate(pid)
+        """Stop the local server: cleanly if it answers, else `nbd-mc stop --force`
+        ends the nbdkit of the state directory (the next serve recovers it)."""
+        wait = ocf.budget(margin=2)
+        rc, data, err = ocf.nbd_mc("stop", "--force", "--timeout", f"{wait:.1f}s",
+                                   "--state-dir", self.state_dir, *self.client_args(),
+                                   timeout=wait + 1)
+        if rc != 0:
+            raise ocf.AgentError(ocf.ERR_GENERIC, f"nbd-mc stop failed: {err}")
+        if data and data.get("forced"):
+            ocf.log("warning", f"the server did not answer ({data.get('why')}): "
+                               f"{data.get('how')}")
+
+    def server_running(self) -> bool:
+        """Whether a server holds the state directory (`nbd-mc inspect`)."""
+        st = self.offline()
+        return bool(st and st.get("server_running"))
 
     @property
     def diverged_dir(self) -> str:
@@ -251,8 +257,10 @@ class Config:
                            f"{self.diverged_dir}): the promoted node's protect compares "
                            f"them block by block and copies what differs; no promotion "
                            f"until its first commit after that resync")
-        shutil.rmtree(self.diverged_dir, ignore_errors=True)
-        os.replace(self.state_dir, self.diverged_dir)
+        rc, _, err = ocf.nbd_mc("set-aside", "--state-dir", self.state_dir,
+                                timeout=ocf.budget(0.3))
+        if rc != 0:
+            raise ocf.AgentError(ocf.ERR_GENERIC, f"nbd-mc set-aside failed: {err}")
         self.set_generation(None)  # no live disk here any more
         publish_generation(None)
 
@@ -290,28 +298,6 @@ class Config:
         os.unlink(self.split_brain_file)
         ocf.log("warning", f"split brain with {sb.get('peer')} over: this node is the only "
                            f"promoted one; its images are the live disks")
-
-
-def _server_pid(state_dir: str) -> int | None:
-    try:
-        with open(StateDir(state_dir).pidfile) as f:
-            pid = int(f.read().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
-
-
-def _terminate(pid: int, timeout: float = 20.0) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)
-            time.sleep(0.1)
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 # --- Pacemaker ------------------------------------------------------------------------
@@ -452,10 +438,11 @@ def score_for(cfg: Config, st: dict | None, serving: dict | None) -> tuple[int |
     return REPLICA_SCORE, f"protected replica at committed epoch {serving['committed']}"
 
 
-def hold_live_disks(cfg: Config) -> bool:
+def hold_live_disks(cfg: Config) -> str | None:
     """An unpromoted instance whose group has role primary: keep the images as the
-    live disks (True: nothing to serve), or give them up for a failback (False:
-    ``rejoin`` moved the group away, the caller serves a new one on the images).
+    live disks (None: nothing to serve; the score is set), or give them up for a
+    failback (the reason: the caller -- start, never monitor -- calls ``rejoin``
+    and serves a new group on the images).
 
     * no other node promoted and none with a newer generation (``newer_elsewhere``):
       ours are the newest disks, score 1000; a newer one elsewhere: no score;
@@ -471,29 +458,24 @@ def hold_live_disks(cfg: Config) -> bool:
         set_score(None, f"SPLIT BRAIN with {sb.get('peer')} ({sb.get('seen_in')}): this "
                         f"node's images hold writes the other side has not; they stay "
                         f"untouched and unserved until an operator removes "
-                        f"{cfg.split_brain_file} (README: Fencing and split brain)",
+                        f"{cfg.split_brain_file} (docs/pacemaker.md: Fencing and split brain)",
                   level="error")
-        return True
+        return None
     other = promoted_elsewhere()
     if other is not None:
-        cfg.rejoin(f"{other} is promoted")
-        return False
+        set_score(None, f"our image diverged: {other} is promoted")
+        return f"{other} is promoted"
     newer = newer_elsewhere(cfg)
     if newer is not None:
         set_score(None, f"{newer[0]} holds newer live disks (generation {newer[1]}, ours "
                         f"{newer[2]}): once it is promoted this node rejoins as its replica",
                   level="warning")
-        return True
+        return None
     set_score(PRIMARY_SCORE, "this node holds the live disks (role primary)")
-    return True
+    return None
 
 
 # --- actions --------------------------------------------------------------------------
-def action_validate() -> int:
-    Config().validate()
-    return ocf.SUCCESS
-
-
 def action_monitor() -> int:
     cfg = Config()
     try:
@@ -508,11 +490,11 @@ def action_monitor() -> int:
     st = cfg.offline()
     if role == "promoted":
         if st is None or st.get("role") != "primary":
-            ocf.log("error", "promoted, but the group is not primary any more")
-            return ocf.FAILED_PROMOTED
+            return ocf.fail(ocf.FAILED_PROMOTED, "promoted, but the group is not primary "
+                                                 "any more")
         if st.get("server_running"):
-            ocf.log("error", "promoted, but an nbd-mc server serves the live disks")
-            return ocf.FAILED_PROMOTED
+            return ocf.fail(ocf.FAILED_PROMOTED, "promoted, but an nbd-mc server serves "
+                                                 "the live disks")
         other = promoted_elsewhere()
         if other is not None:
             # Both claim primary.  Pacemaker (promoted-max=1) demotes one of us; which
@@ -524,15 +506,19 @@ def action_monitor() -> int:
         set_score(PRIMARY_SCORE, "promoted: the VM's live disks are here")
         return ocf.RUNNING_PROMOTED
     if st is not None and st.get("role") == "primary":
-        if hold_live_disks(cfg):
+        # Monitor observes and scores; the failback itself is start's work, so a
+        # recurring monitor that finds it due asks Pacemaker for a restart.
+        why = hold_live_disks(cfg)
+        if why is None:
             return ocf.SUCCESS
-        cfg.serve()
-        st = cfg.offline()
+        return ocf.fail(ocf.NOT_RUNNING, f"failback due: {why} and this node holds an "
+                                         "older live disk; a restart (start) makes it a "
+                                         "replica of the promoted node")
     serving = cfg.status()
     if serving is None:
         set_score(None, "the replica server does not answer")
-        ocf.log("error", f"the nbd-mc server of {cfg.state_dir} does not answer")
-        return ocf.ERR_GENERIC
+        return ocf.fail(ocf.ERR_GENERIC, f"the nbd-mc server of {cfg.state_dir} does not "
+                                         "answer")
     set_score(*score_for(cfg, st, serving))
     return ocf.SUCCESS
 
@@ -549,11 +535,12 @@ def action_start() -> int:
                                                  "instant failover: the overlays are the live "
                                                  "disks; resolve by hand")
     if st is not None and st.get("role") == "primary":
-        if hold_live_disks(cfg):
+        why = hold_live_disks(cfg)
+        if why is None:
             cfg.marker.set("unpromoted")
             ocf.log("info", "holding the live disks (role primary): not serving")
             return ocf.SUCCESS
-        st = None
+        cfg.rejoin(why)
     if cfg.status() is None:
         cfg.serve()
     cfg.marker.set("unpromoted")
@@ -569,8 +556,7 @@ def action_stop() -> int:
             cfg.marker.clear()
             return ocf.SUCCESS  # nothing of ours can be running
         raise
-    if os.path.isdir(cfg.state_dir) and (cfg.status() is not None
-                                        or _server_pid(cfg.state_dir) is not None):
+    if os.path.isdir(cfg.state_dir) and (cfg.status() is not None or cfg.server_running()):
         cfg.stop_server()
     set_score(None, "stopped")
     cfg.marker.clear()
@@ -622,13 +608,13 @@ def action_promote() -> int:
         args = ["failover", "--state-dir", cfg.state_dir]
         if serving is not None:
             args += cfg.client_args()
-        rc, data, err = ocf.nbd_mc(*args, timeout=80)
+        rc, data, err = ocf.nbd_mc(*args, timeout=ocf.budget(0.7))
         if rc != 0:
             raise ocf.AgentError(ocf.ERR_GENERIC, f"nbd-mc failover failed: {err}")
         ocf.log("info", f"failover: the disks hold committed epoch {data.get('committed')} "
                         f"(fenced the old primary, rolled back in "
                         f"{data.get('seconds', 0) * 1000:.1f} ms)")
-        if serving is not None or _server_pid(cfg.state_dir) is not None:
+        if serving is not None or cfg.server_running():
             cfg.stop_server()  # nobody but the local VM may write the live disks
         publish_generation(gen, gens)
         ocf.log("info", f"live-disk generation {gen}")
@@ -651,7 +637,7 @@ def record_rollback(cfg: Config, serving: dict) -> None:
     """
     out = StateDir(cfg.state_dir).rolled_back
     try:
-        rc, _, err = ocf.nbd_mc("fence", *cfg.client_args(), timeout=30)
+        rc, _, err = ocf.nbd_mc("fence", *cfg.client_args(), timeout=ocf.budget(0.2))
         if rc != 0:
             raise OSError(err)
         shutil.rmtree(out, ignore_errors=True)
@@ -696,8 +682,9 @@ def action_notify() -> int:
 
     Pacemaker runs the VM's start only after every post-promote notification has
     returned, so the work a promotion elsewhere causes on this node -- giving up a
-    diverged live disk and serving as a fresh secondary -- is left to the next
-    monitor (and to start), which see the promoted peer through crm_resource.
+    diverged live disk and serving as a fresh secondary -- is left to start: the
+    next monitor sees the promoted peer through crm_resource and reports the
+    instance not running (with the reason), and Pacemaker's restart does it.
     """
     env = os.environ
     kind = env.get("OCF_RESKEY_CRM_meta_notify_type", "")
@@ -714,7 +701,8 @@ def action_notify() -> int:
 def main() -> int:
     return ocf.main({"start": action_start, "stop": action_stop, "monitor": action_monitor,
                      "promote": action_promote, "demote": action_demote,
-                     "notify": action_notify, "validate-all": action_validate}, META)
+                     "notify": action_notify}, META,
+                    lambda: Config().validate())
 
 
 if __name__ == "__main__":

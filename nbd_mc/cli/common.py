@@ -100,13 +100,13 @@ class Target:
             control = default_control(state_dir)
         self.control = control
 
-    def client(self) -> ControlClient:
+    def client(self, timeout: float = 30) -> ControlClient:
         if not self.control:
             raise click.UsageError("no control address: give --control ADDR, --state-dir DIR "
                                    "or set NBD_MC_CONTROL")
         tls = TlsFiles(self.tls_dir) if self.tls_dir else None
         try:
-            return ControlClient(self.control, tls=tls)
+            return ControlClient(self.control, tls=tls, timeout=timeout)
         except (OSError, ValueError) as e:
             raise Failure(f"cannot reach the nbd-mc server at {self.control}: {e}") from None
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import click
 
 from ..secondary import boot, engine, launch, writer
+from ..statedir import StateDir
 from ..control import ControlClient, ControlError
 from ..secondary.disk import COMMITTED_SUFFIX, parse_disk_spec
 from ..errors import NbdMcError, StateError
@@ -250,13 +252,51 @@ def failover(instant, target, as_json):
 
 
 @main.command()
+@click.option("--force", is_flag=True,
+              help="If the server does not answer (hung, or its control socket is gone), "
+                   "stop the nbdkit of DIR's pid file: SIGTERM, then SIGKILL. Needs "
+                   "--state-dir. Safe: the next serve recovers to the last commit.")
+@click.option("--timeout", default="30s", show_default=True, metavar="DURATION",
+              help="How long to wait for the server to answer and to go.")
 @control_options
 @refusals
-def stop(target, as_json):
+def stop(target, as_json, force, timeout):
     """Shut the server down cleanly (control command quit)."""
-    r = target.execute("quit")
-    launch.wait_gone(target.control, target.state_dir)
-    emit(r, as_json, "server stopped")
+    from ..primary.options import parse_interval
+    try:
+        seconds = parse_interval(timeout)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--timeout") from None
+    if force and not target.state_dir:
+        raise click.UsageError("--force needs --state-dir DIR (its pid file names the server)")
+    deadline = time.monotonic() + seconds
+    try:
+        with target.client(timeout=seconds / 2 if force else seconds) as c:
+            r = c.execute("quit")
+        launch.wait_gone(target.control, target.state_dir,
+                         max(1.0, deadline - time.monotonic()))
+        how = "server stopped"
+    except (Failure, OSError, NbdMcError) as e:
+        if not force:
+            raise
+        why = e.message if isinstance(e, Failure) else getattr(e, "desc", None) or str(e)
+        how = launch.force_stop(target.state_dir, max(1.0, deadline - time.monotonic()))
+        r = {"forced": True, "why": why, "how": how}
+        how = f"the server did not answer ({why}): {how}"
+    emit(r, as_json, how)
+
+
+@main.command("set-aside")
+@click.option("--state-dir", required=True, metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@refusals
+def set_aside(state_dir, as_json):
+    """With no server running: move the group to DIR.diverged, so that serve starts a
+    fresh group (epoch 0) on the same images (a failback of an old live disk)."""
+    r = launch.set_aside(state_dir)
+    emit(r, json_wanted(as_json), f"group of {', '.join(r['disks'])} (committed epoch "
+         f"{r['committed']}, role {r['role']}) set aside in {r['moved_to']}; "
+         f"serve starts a fresh group on the same images")
 
 
 @main.command()
@@ -265,7 +305,7 @@ def stop(target, as_json):
 @refusals
 def recover(state_dir, as_json):
     """With no server running: bring the files to the last committed state."""
-    if not os.path.isfile(os.path.join(state_dir, "state.json")):
+    if not os.path.isfile(StateDir(state_dir).state_file):
         raise Failure(f"no nbd-mc state in {state_dir}")
     group = _offline_group(state_dir)
     try:

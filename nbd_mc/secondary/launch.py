@@ -8,6 +8,7 @@ returns only when both the NBD socket and the control socket answer.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,8 +20,9 @@ from . import disk
 from ..address import UNIX_PATH_MAX, default_control, parse_address
 from ..control import ControlClient
 from ..errors import NbdMcError, StateError
+from ..fileio import fsync_dir
 from ..statedir import StateDir
-from .state import DirLock, lock_held
+from .state import DirLock, load, lock_held
 from ..tls import TlsFiles
 
 READY_TIMEOUT = 60.0
@@ -327,3 +329,63 @@ def wait_gone(control: str, state_dir: str | None, timeout: float = 30.0) -> Non
             return
         time.sleep(POLL)  # polling for the process to go, bounded by the deadline
     raise StateError(f"server at {control} did not stop within {timeout:.0f} s")
+
+
+def _is_nbdkit(pid: int) -> bool:
+    """Whether ``pid`` runs nbdkit (a pid file can outlive its process and the number
+    be reused: only an nbdkit is ever signalled)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == "nbdkit"
+    except OSError:
+        return False
+
+
+def force_stop(state_dir: str, timeout: float) -> str:
+    """Stop the server of ``state_dir`` that does not answer its control channel:
+    SIGTERM to the nbdkit of its pid file, SIGKILL when it is still there after half
+    of ``timeout``, then wait (the rest of it) until the directory's lock is free.
+    What happened, in words; StateError when it cannot be done.
+
+    Crash safe by design: a kill -9 at any instant leaves a state directory that
+    recovers to the last commit, which the next `serve` does.
+    """
+    deadline = time.monotonic() + timeout
+    pid = _read_pid(StateDir(state_dir).pidfile)
+    if not (pid_alive(pid) and _is_nbdkit(pid)):
+        if not lock_held(state_dir):
+            return "no server was running"
+        raise StateError(f"a process holds {state_dir} but it is no nbdkit of its pid file "
+                         f"({StateDir(state_dir).pidfile}): not signalled")
+    _stop(pid)
+    how = "SIGTERM"
+    while pid_alive(pid) and time.monotonic() < deadline - timeout / 2:
+        time.sleep(POLL)  # polling for the process to go, bounded by the deadline
+    if pid_alive(pid) and _is_nbdkit(pid):
+        os.kill(pid, signal.SIGKILL)
+        how = "SIGKILL (SIGTERM was not enough)"
+    while (pid_alive(pid) or lock_held(state_dir)) and time.monotonic() < deadline:
+        time.sleep(POLL)
+    if pid_alive(pid) or lock_held(state_dir):
+        raise StateError(f"nbdkit {pid} of {state_dir} did not stop within {timeout:.0f} s")
+    return f"nbdkit {pid} stopped by {how}"
+
+
+def set_aside(state_dir: str) -> dict:
+    """Move the group of ``state_dir`` (no server running) to ``DIR.diverged``,
+    replacing an older one there, so that `serve` starts a fresh group (epoch 0) on
+    the same images: what a failback does with an old live disk.  The images are
+    not touched; the old group's state and overlays stay readable in DIR.diverged
+    (`nbd-mc inspect`)."""
+    sd = StateDir(state_dir)
+    state = load(state_dir)
+    if state is None:
+        raise StateError(f"no nbd-mc state in {state_dir}")
+    if lock_held(state_dir):
+        raise StateError(f"a server holds {state_dir}: stop it first (nbd-mc stop)")
+    if os.path.lexists(sd.diverged):
+        shutil.rmtree(sd.diverged)
+    os.replace(state_dir, sd.diverged)
+    fsync_dir(os.path.dirname(os.path.abspath(state_dir)))
+    return {"moved_to": sd.diverged, "committed": state.committed, "role": state.role,
+            "disks": [d.name for d in state.disks]}

@@ -407,10 +407,14 @@ class Story:
         self.say(f"   a promoted instance on {other} that sees {primary} promoted too: SPLIT "
                  f"BRAIN recorded ({st}.split-brain); demoted, it keeps its image untouched, "
                  f"unserved, without a promotion score, and refuses promotion")
-        # The operator keeps the promoted side: removing the record lets it rejoin.
+        # The operator keeps the promoted side: removing the record lets it rejoin.  The
+        # monitor only observes: it reports the failback due (not running, with the
+        # reason), and the restart Pacemaker makes of it -- start -- does it.
         n.sh(["rm", f"{st}.split-brain"])
-        self.expect(self.agent(other, "monitor", params, run, False), 0,
-                    "keeping them as the replica images", "monitor after the operator's choice")
+        self.expect(self.agent(other, "monitor", params, run, False), 7,
+                    "ocf-exit-reason:failback due", "monitor after the operator's choice")
+        self.expect(self.agent(other, "start", params, run, False), 0,
+                    "keeping them as the replica images", "start after the operator's choice")
         status = json.loads(n.sh(["nbd-mc", "status", "--state-dir", st, "--json"]).stdout)
         kept = (n.data / "sb.raw").read_bytes()[:9] == b"only-here"
         if status["role"] != "secondary" or status["committed"] != 0 or not kept:

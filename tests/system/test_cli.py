@@ -438,6 +438,76 @@ def test_stop_with_a_client_connected(servers):
     assert read_all(s.connect("vda"))[:4096] == b"x" * 4096
 
 
+def test_stop_force_ends_a_server_that_does_not_answer(servers):
+    """A hung server (SIGSTOP): plain stop gives up at its timeout (exit 1, nothing
+    killed); stop --force ends the nbdkit of DIR's pid file, and serve recovers the
+    directory to the last commit."""
+    s, _ = group(servers)
+    s.start()
+    h = s.connect("vda")
+    h.pwrite(b"c" * 4096, 0)
+    s.execute("commit", epoch=1)
+    h.pwrite(b"u" * 4096, 0)  # the open epoch: rolled back by the recovery
+    s.close_clients()
+    pid = s.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        r = nbd_mc("stop", "--timeout", "2s", "--state-dir", s.state_dir)
+        refused(r)
+        assert pid_alive(pid)
+        r = nbd_mc("stop", "--force", "--timeout", "4s", "--state-dir", s.state_dir, "--json")
+        ok(r)
+        out = json.loads(r.stdout)
+        assert out["forced"] is True and f"nbdkit {pid} stopped" in out["how"], out
+        assert not pid_alive(pid)
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    s.pid = None
+    s.start(with_disks=False)
+    assert s.execute("query-status")["committed"] == 1
+    assert read_all(s.connect("vda"))[:4096] == b"c" * 4096
+    r = nbd_mc("stop", "--force", "--state-dir", s.state_dir)  # it answers: a clean stop
+    ok(r)
+    assert "server stopped" in r.stdout
+    s.pid = None
+    r = nbd_mc("stop", "--force", "--state-dir", s.state_dir, "--json")  # nothing runs
+    ok(r)
+    assert json.loads(r.stdout)["how"] == "no server was running"
+    r = nbd_mc("stop", "--force", "--control", s.control_path)
+    assert r.returncode == 2 and "--force needs --state-dir" in r.stderr, describe(r)
+
+
+def test_set_aside_starts_a_fresh_group_on_the_same_images(servers):
+    """The failback of an old live disk: its group is moved to DIR.diverged (refused
+    while a server holds it), and serve starts a fresh group (epoch 0) on the images,
+    which keep their contents."""
+    s, _ = group(servers)
+    s.start()
+    h = s.connect("vda")
+    h.pwrite(b"L" * 4096, 0)
+    s.execute("commit", epoch=1)
+    s.close_clients()
+    refused(s.cli("set-aside"), "stop it first")
+    ok(s.cli("failover"))
+    ok(s.cli("stop"))
+    s.pid = None
+    r = nbd_mc("set-aside", "--state-dir", s.state_dir, "--json")
+    ok(r)
+    out = json.loads(r.stdout)
+    assert out["role"] == "primary" and out["committed"] == 1, out
+    assert out["moved_to"] == s.state_dir.rstrip("/") + ".diverged"
+    assert not os.path.exists(s.state_dir)
+    info = json.loads(nbd_mc("inspect", out["moved_to"], "--json").stdout)
+    assert info["role"] == "primary" and info["committed"] == 1
+    s.start()
+    st = s.execute("query-status")
+    assert st["committed"] == 0 and st["role"] == "secondary"
+    assert read_all(s.connect("vda"))[:4096] == b"L" * 4096
+    s.close_clients()
+    refused(nbd_mc("set-aside", "--state-dir", s.state_dir + "-nothing"), "no nbd-mc state")
+
+
 # --- usage errors --------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv", [
     [],

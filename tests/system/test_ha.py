@@ -18,27 +18,39 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from support.servers import short_tmpdir
+from support.servers import pid_alive, short_tmpdir
 
 pytestmark = pytest.mark.qemu
 
 REPO = Path(__file__).resolve().parents[2]
 AGENTS = ("replica", "protect", "qemu")
-OCF_DIR = Path("/usr/lib/ocf/resource.d/nbd-mc")
+#: This checkout's agents, as the wrappers tools/setup-ha.sh installs, in a directory
+#: of their own: /usr/lib/ocf/resource.d/nbd-mc belongs to whichever checkout ran
+#: `make setup` last (several share this machine), so testing it would test theirs.
+OCF_DIR = Path(short_tmpdir("nbdmc-ocf-"))
+OCF_DIR.chmod(0o755)  # ocf-tester also runs the agents as nobody
 VENV_BIN = Path(os.path.dirname(os.path.abspath(os.sys.executable)))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def installed_agents():
-    """The agents of this checkout are the installed ones (what make setup does)."""
+    """This checkout's agents in OCF_DIR (what make setup installs, for this checkout)."""
+    env = dict(os.environ, OCF_ROOT=str(OCF_DIR.parent / (OCF_DIR.name + "-root")))
     subprocess.run([str(REPO / "tools" / "setup-ha.sh"), str(VENV_BIN / "python"), str(REPO)],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env=env)
+    for name in AGENTS:
+        (OCF_DIR / name).unlink(missing_ok=True)
+        (OCF_DIR / name).symlink_to(Path(env["OCF_ROOT"], "resource.d", "nbd-mc", name))
+    yield
+    shutil.rmtree(env["OCF_ROOT"], ignore_errors=True)
+    shutil.rmtree(OCF_DIR, ignore_errors=True)
 
 
 @pytest.fixture
@@ -119,7 +131,9 @@ def test_a_replica_without_a_commit_is_never_promoted(tmp):
         assert "no promotion score: no epoch committed yet" in start.stderr
         promote = agent("replica", "promote", dict(params))
         assert promote.returncode == 1
-        assert "refusing to promote garbage" in promote.stderr
+        # the reason Pacemaker keeps for crm_mon: one line, the last of stderr
+        assert promote.stderr.strip().splitlines()[-1].startswith(
+            "ocf-exit-reason:promote: refusing to promote garbage"), promote.stderr
         assert agent("replica", "monitor", dict(params)).returncode == 0  # still unpromoted
         st = json.loads(nbd_mc("status", "--state-dir", str(tmp / "st"), "--json").stdout)
         assert st["role"] == "secondary" and st["committed"] == 0
@@ -194,6 +208,27 @@ def test_promotion_fails_over_records_the_rollback_and_monitor_sees_8_then_9(tmp
     finally:
         assert agent("replica", "stop", dict(params)).returncode == 0
     assert agent("replica", "monitor", dict(params)).returncode == 7
+
+
+def test_stop_ends_a_replica_server_that_does_not_answer_within_the_action_timeout(tmp):
+    """A hung server (SIGSTOP): the agent's stop goes through `nbd-mc stop --force`
+    (no pid files of its own) and is done within the timeout Pacemaker gives it."""
+    disks, st = committed_replica(tmp)
+    params = {"disks": disks, "state_dir": st, "_rsctmp": str(tmp / "run")}
+    start = agent("replica", "start", dict(params))
+    assert start.returncode == 0, start.stderr
+    pid = int(Path(st, "nbdkit.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        stop = agent("replica", "stop", dict(params, CRM_meta_timeout="20000"))
+        assert stop.returncode == 0, stop.stderr
+        assert "the server did not answer" in stop.stderr, stop.stderr
+        assert not pid_alive(pid)
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    info = json.loads(nbd_mc("inspect", st, "--json").stdout)
+    assert not info["server_running"] and info["committed"] == 1
 
 
 def test_a_fenced_replica_gets_no_promotion_score(tmp):
