@@ -10,6 +10,7 @@ Standard library only: this runs inside nbdkit's embedded Python.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -19,6 +20,15 @@ from .. import __version__, checksum, verify
 from . import boot, writer
 from ..control.server import AfterReply
 from ..errors import BadRequest, CommandNotFound
+
+
+def _finite(value) -> bool:
+    """Whether a number is a float other than infinity (an integer too large for a
+    double is not: ``float()`` of it overflows)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -40,8 +50,10 @@ class Arg:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise BadRequest(f"{command}: '{self.name}' must be a non-negative integer")
         elif self.kind == "seconds":
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise BadRequest(f"{command}: '{self.name}' must be a positive number of seconds")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 \
+                    or not _finite(value):
+                raise BadRequest(f"{command}: '{self.name}' must be a positive, finite number "
+                                 "of seconds")
         elif self.kind == "boolean":
             if not isinstance(value, bool):
                 raise BadRequest(f"{command}: '{self.name}' must be a boolean")
