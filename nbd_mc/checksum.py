@@ -30,7 +30,6 @@ import functools
 import hashlib
 import time
 
-from .errors import NotProtected
 from .fileio import data_extents
 from .rangeargs import block_arg, disk_range
 
@@ -105,9 +104,7 @@ def checksum_range(group, arguments: dict) -> dict:
     r = disk_range("checksum-range", group, arguments, MAX_LENGTH)
     name, disk, offset, length = r.name, r.disk, r.offset, r.length
     block = block_arg("checksum-range", arguments, MIN_BLOCK, MAX_LENGTH, DEFAULT_BLOCK)
-    if group.state.role != "secondary" or group.state.handoff:
-        raise NotProtected("checksum-range refused: promoted by a failover, this is no "
-                           "replica any more")
+    group.check_mode("checksum-range")
     t0 = time.perf_counter()
     with group.io():
         blocks, read_bytes = digests(disk.fd, offset, min(length, disk.size - offset), block,

@@ -87,9 +87,7 @@ def verify_range(group, arguments: dict) -> dict:
     name, disk, offset, length = r.name, r.disk, r.offset, r.length
     epoch = int_arg("verify-range", arguments, "epoch")
     block = block_arg("verify-range", arguments, SECTOR, MAX_LENGTH, None)
-    if group.state.role != "secondary" or group.state.handoff:
-        raise NotProtected("verify-range refused: promoted by a failover, there is no "
-                           "committed view")
+    group.check_mode("verify-range")
     if not group.committed:
         raise NotProtected("verify-range refused: no epoch was committed yet")
     _same_epoch(group, epoch)

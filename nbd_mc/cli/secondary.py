@@ -1,4 +1,4 @@
-"""The secondary's commands: serve, status, commit, rollback, fence, failover,
+"""The secondary's commands: serve, status, commit, rollback, fence, fence-primary, failover,
 stop, recover and inspect.  Each one is a request to the running server (see
 nbd_mc/secondary/commands.py) or, for recover, inspect and an offline failover, work on
 the files of a state directory with no server running."""
@@ -195,9 +195,25 @@ def rollback(target, as_json):
 @control_options
 @refusals
 def fence(target, as_json):
-    """Refuse writes from every connection opened before now (split brain guard)."""
+    """Stop every write to this replica, from connections open now and later (split
+    brain guard).  Refused after a failover promoted this node: see fence-primary."""
     r = target.execute("fence")
-    emit(r, as_json, f"fenced: generation {r['generation']}; earlier connections can no longer write")
+    emit(r, as_json, f"fenced: generation {r['generation']}; no connection can write to this "
+                     "replica any more, open or new (`nbd-mc failover` promotes it)")
+
+
+@main.command("fence-primary")
+@control_options
+@refusals
+def fence_primary(target, as_json):
+    """After an in-place failover: stop the new primary's writes through this server.
+
+    Its VM then gets I/O errors on its own disk; `nbd-mc failover` run again on
+    this node gives the disk back."""
+    r = target.execute("fence-primary")
+    emit(r, as_json, f"new primary fenced: generation {r['generation']}; its writes through "
+                     "this server are refused from now on (its VM gets I/O errors on its own "
+                     "disk); `nbd-mc failover` gives them back")
 
 
 def _offline_group(state_dir: str) -> engine.Group:

@@ -124,8 +124,12 @@ COMMANDS = {c.name: c for c in (
             _commit, (Arg("epoch", "epoch", required=True), Arg("writer", "any"))),
     Command("rollback", "return every disk to the last commit and keep serving",
             lambda s, a: s.group.rollback()),
-    Command("fence", "refuse writes from every connection opened before now",
+    Command("fence", "stop every write to this replica, from connections open now and later "
+            "(refused on a promoted group: see nbd_mc/secondary/mode.py)",
             lambda s, a: s.group.fence()),
+    Command("fence-primary", "after an in-place failover: stop the new primary's writes "
+            "through this server (failover again gives them back)",
+            lambda s, a: s.group.fence_primary()),
     Command("failover", "fence, return to the last commit (or hand out the overlays) and promote",
             _failover, (Arg("instant", "boolean", default=False),)),
     Command("new-session", "a primary (re)attaches: connections of earlier sessions can no "

@@ -229,8 +229,12 @@ def can_cache(h):
 
 # --- data path --------------------------------------------------------------------
 def _fail(e: NbdMcError):
+    """Hand ``e`` to nbdkit: its errno to the client (EROFS or EPERM for a refusal,
+    EIO and the like only for a real I/O failure), its sentence and the rule that
+    refused (mode.py's "MODE: OP", or "generation") to the server log."""
     nbdkit.set_error(e.errno)
-    raise RuntimeError(e.desc) from None
+    rule = getattr(e, "rule", None)
+    raise RuntimeError(f"{e.desc} [rule {rule}]" if rule else e.desc) from None
 
 
 def _request_failed(e: NbdMcError):
@@ -240,11 +244,7 @@ def _request_failed(e: NbdMcError):
 
 def pread(h, buf, offset, flags):
     try:
-        if _group.state.role != "secondary":  # a failover may come while a client reads
-            refusal = writer.read_refusal(_group.state, h.access.kind)
-            if refusal:
-                nbdkit.set_error(errno.EACCES)
-                raise RuntimeError(f"read refused: {refusal}")
+        _group.check_read(h.access.kind)  # a failover may come while a client reads
         if h.committed:
             _group.read_committed(h.disk, buf, offset)
         else:
