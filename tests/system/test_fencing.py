@@ -185,3 +185,39 @@ def test_fence_then_failover_by_the_operator(servers):
     assert st["generation"] == 2 and st["role"] == "primary"
     assert os.path.exists(srv.overlay("vda"))
     record("fence + failover with writes in flight", 1, 0)
+
+
+def test_a_stray_fence_after_a_failover_leaves_the_new_primary_its_disk(servers):
+    """Issue 23 #1: on main, one `nbd-mc fence` after an in-place failover saved
+    `fenced`, and from then on every write of the new primary through NAME@WRITER
+    got EPERM -- open connections, reconnects, a failover retry, a restart.  Now
+    the fence is refused with a sentence naming `fence-primary`, the operator's
+    explicit verb, which `failover` again undoes."""
+    import errno
+    srv, model = group(servers, seed=4)
+    r = srv.execute("failover")
+    export = {d["name"]: d["export"] for d in r["disks"]}["vda"]
+    new = srv.connect(export)
+    new.pwrite(b"new primary 1", 0)
+    stray = srv.cli("fence")
+    assert stray.returncode == 1, stray
+    assert "Fenced" in stray.stderr and "nbd-mc fence-primary" in stray.stderr, stray.stderr
+    new.pwrite(b"new primary 2", 4096)                      # the open connection writes
+    srv.connect(export).pwrite(b"new primary 3", 8192)      # and so does a reconnect
+    srv.kill9()
+    srv.start(with_disks=False)
+    srv.connect(export).pwrite(b"new primary 4", 12288)     # and after a restart
+    st = srv.execute("query-status")
+    assert st["role"] == "primary" and not st["fenced"]
+    # the explicit verb stops the new primary, with a clear message
+    stop = srv.cli("fence-primary")
+    assert stop.returncode == 0 and "new primary fenced" in stop.stdout, stop
+    with pytest.raises(nbd.Error) as e:
+        srv.connect(export).pwrite(b"refused", 0)
+    assert e.value.errnum == errno.EPERM                     # EROFS travels as EPERM
+    # failover again gives the disk back
+    srv.execute("failover")
+    srv.connect(export).pwrite(b"new primary 5", 16384)
+    image = read_file(srv.image("vda"))
+    for i in range(5):
+        assert image[i * 4096:i * 4096 + 13] == f"new primary {i + 1}".encode()
