@@ -38,6 +38,9 @@ DIGEST_SIZE = 16
 MAX_LENGTH = 64 << 20
 MIN_BLOCK = 4096
 DEFAULT_BLOCK = 64 << 10
+#: The most a request reads at a time: its memory, and how long it holds the
+#: group's gate at once (a commit waits for one CHUNK read, never a whole range).
+CHUNK = 1 << 20
 
 
 def block_digest(data) -> str:
@@ -77,19 +80,27 @@ def hole_blocks(extents, offset: int, length: int, block: int) -> set[int]:
 def digests(extents, offset: int, length: int, block: int, read) -> tuple[list, int]:
     """Per-block digests of [offset, offset+length) (None for a block that is a
     hole) and the bytes read.  ``extents`` is what hole_blocks takes (a file
-    descriptor or a callable); ``read(view, offset)`` fills a view."""
+    descriptor or a callable); ``read(view, offset)`` fills a view.
+
+    Reads at most CHUNK bytes at a time, whatever the block size, so memory per
+    call is one CHUNK and a caller that holds a lock per read (the secondary's
+    gate) holds it for one CHUNK, not for the whole range."""
     holes = hole_blocks(extents, offset, length, block)
     out: list = []
-    buf = bytearray(block)
+    buf = bytearray(min(block, CHUNK))
     read_bytes = 0
     for i, pos in enumerate(range(offset, offset + length, block)):
         if i in holes:
             out.append(None)
             continue
-        view = memoryview(buf)[:min(block, offset + length - pos)]
-        read(view, pos)
-        read_bytes += len(view)
-        out.append(block_digest(view))
+        end = min(pos + block, offset + length)
+        h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        for p in range(pos, end, CHUNK):
+            view = memoryview(buf)[:min(CHUNK, end - p)]
+            read(view, p)
+            h.update(view)
+            read_bytes += len(view)
+        out.append(h.hexdigest())
     return out, read_bytes
 
 
@@ -106,9 +117,12 @@ def checksum_range(group, arguments: dict) -> dict:
     block = block_arg("checksum-range", arguments, MIN_BLOCK, MAX_LENGTH, DEFAULT_BLOCK)
     group.check_mode("checksum-range")
     t0 = time.perf_counter()
-    with group.io():
-        blocks, read_bytes = digests(disk.fd, offset, min(length, disk.size - offset), block,
-                                     lambda view, pos: group.read(disk, view, pos))
+
+    def read(view, pos):
+        with group.io():            # per CHUNK: a commit or a guest write waits for one
+            group.read(disk, view, pos)
+
+    blocks, read_bytes = digests(disk.fd, offset, min(length, disk.size - offset), block, read)
     return {"disk": name, "offset": offset, "length": length, "block": block,
             "blocks": blocks, "data_bytes": read_bytes,
             "seconds": time.perf_counter() - t0}
