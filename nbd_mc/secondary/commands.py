@@ -66,12 +66,23 @@ class Arg:
 @dataclass(frozen=True)
 class Command:
     """A command: ``run(session, arguments)`` gets arguments already checked,
-    with defaults filled in."""
+    with defaults filled in.  ``lane``: see LANES (None: runs at once)."""
 
     name: str
     summary: str
     run: Callable
     arguments: tuple = ()
+    lane: str | None = None
+
+
+#: How many requests of a lane run at once; the others wait their turn.  The
+#: control server runs in nbdkit's process, whose Python lock the guest's I/O
+#: needs too: 60 connections looping query-status or 64 MiB range requests
+#: would otherwise take it from the I/O threads and the commit.  So reads of the
+#: group's state and range requests each go one at a time, while the checkpoint
+#: commands (commit, claim, fence, failover, ...) never queue behind them.  One
+#: range request at a time also bounds their memory in total (checksum.CHUNK).
+LANES = {"query": threading.BoundedSemaphore(1), "range": threading.BoundedSemaphore(1)}
 
 
 class Session:
@@ -119,7 +130,7 @@ def _claim(s: Session, a: dict) -> dict:
 
 COMMANDS = {c.name: c for c in (
     Command("query-status", "the group: epochs, role, fencing, per-disk undo, counters",
-            lambda s, a: s.group.status()),
+            lambda s, a: s.group.status(), lane="query"),
     Command("commit", "commit the open epoch (the committed one again is a harmless retry)",
             _commit, (Arg("epoch", "epoch", required=True), Arg("writer", "any"))),
     Command("rollback", "return every disk to the last commit and keep serving",
@@ -140,11 +151,12 @@ COMMANDS = {c.name: c for c in (
             _claim, (Arg("stale_after", "seconds"),)),
     Command("verify-range", "hash a range of a disk's committed view at an epoch (online verify)",
             lambda s, a: verify.verify_range(s.group, a),
-            tuple(Arg(n, "any") for n in ("disk", "offset", "length", "epoch", "block"))),
+            tuple(Arg(n, "any") for n in ("disk", "offset", "length", "epoch", "block")),
+            lane="range"),
     Command("checksum-range", "hash each block of a range of a disk's live image (checksum "
             "sync: which blocks differ from the primary's)",
             lambda s, a: checksum.checksum_range(s.group, a),
-            tuple(Arg(n, "any") for n in ("disk", "offset", "length", "block"))),
+            tuple(Arg(n, "any") for n in ("disk", "offset", "length", "block")), lane="range"),
     Command("quit", "reply, then stop serving (requests in flight finish first)",
             lambda s, a: AfterReply({}, s.on_quit)),
 )}
@@ -178,7 +190,11 @@ def handler(session: Session):
         command = COMMANDS.get(name)
         if command is None:
             raise CommandNotFound(f"unknown command {name!r}; known: {', '.join(sorted(COMMANDS))}")
-        return command.run(session, check_arguments(command, arguments))
+        arguments = check_arguments(command, arguments)
+        if command.lane is None:
+            return command.run(session, arguments)
+        with LANES[command.lane]:
+            return command.run(session, arguments)
     return handle
 
 
