@@ -99,8 +99,9 @@ class ControlServer:
     process out.  Over TLS a connection takes a slot only once its handshake is
     done; until then it is in a separate budget (``MAX_HANDSHAKING``, of which
     ``MAX_HANDSHAKING_PER_PEER`` per address), where a newcomer over the budget
-    displaces the oldest handshaking connection (of its own address first), and
-    which it must leave within ``handshake_timeout``.
+    displaces the oldest handshaking connection of its own address if that one
+    holds its share, else of the address holding the most, and which it must
+    leave within ``handshake_timeout``.
 
     State: ``_lock`` (a Condition) guards ``_clients``, ``_handshaking``, ``_closing``,
     ``_listening``, ``_started``, ``_listener`` until the accept thread runs,
@@ -391,12 +392,19 @@ class ControlServer:
     def _make_handshake_room(self, client):
         """Under ``_lock``: the handshaking connection to drop so that ``client``
         fits the handshake budget (None if it fits).  Its own address's oldest
-        first, so one address flooding connections only displaces its own."""
+        if that address holds its share, so one address flooding connections only
+        displaces its own; else the oldest of the address holding the most."""
         mine = [c for c in self._handshaking if c.peer == client.peer]
         if len(mine) >= self._max_handshaking_per_peer:
             victim = mine[0]
         elif len(self._handshaking) >= self._max_handshaking:
-            victim = self._handshaking[0]
+            counts = {}
+            for c in self._handshaking:
+                counts[c.peer] = counts.get(c.peer, 0) + 1
+            top = max(counts.values())
+            # the oldest of the address holding the most (a lone handshake of a
+            # certified client is displaced only when every address holds one)
+            victim = next(c for c in self._handshaking if counts[c.peer] == top)
         else:
             return None
         self._handshaking.remove(victim)
