@@ -77,7 +77,11 @@ def serve(disks, state_dir, socket_path, port, bind, control, cluster_size, subc
                 "uris": {n: launch.nbd_uri(opts, n) for n in names},
                 "committed": st["committed"], "protected": st["protected"], "role": st["role"],
                 "log": opts.log_path}
-        protected = "protected" if st["protected"] else "not protected yet (epoch 0: initial sync)"
+        protected = ("protected" if st["protected"] else
+                     "promoted by a failover (the images are the new primary's disks)"
+                     if st["role"] == "primary" else
+                     "not protected yet (epoch 0: initial sync)" if not st["committed"] else
+                     "not protected")
         text = [f"nbd-mc: serving {', '.join(names)} (pid {pid}); committed epoch "
                 f"{st['committed']}, {protected}, role {st['role']}"]
         for n in names:
@@ -216,6 +220,25 @@ def fence_primary(target, as_json):
                      "disk); `nbd-mc failover` gives them back")
 
 
+def _warn_if_mirrored(target) -> None:
+    """Say what the primary will do when a secondary it mirrors into stops: the
+    caller may not know protection is running (it goes on; scripts and the HA
+    agent stop secondaries on purpose)."""
+    try:
+        st = target.execute("query-status")
+    except Exception:  # noqa: BLE001 - the quit below reports an unreachable server
+        return
+    if st.get("role") == "secondary" and st.get("protected") and st.get("writer") \
+            and not st.get("stale"):
+        age = st.get("last_commit_age")
+        when = f", last commit {age:.1f} s ago" if isinstance(age, (int, float)) else ""
+        click.echo(f"warning: a primary is mirroring into this secondary (writer "
+                   f"{st['writer']}{when}): its `nbd-mc protect` will "
+                   "see the secondary lost, remove its mirrors and keep the VM running "
+                   f"UNPROTECTED; epoch {st['committed']} stays the last checkpoint here",
+                   err=True)
+
+
 def _offline_group(state_dir: str) -> engine.Group:
     try:
         return engine.Group(state_dir)
@@ -270,6 +293,7 @@ def failover(instant, target, as_json):
 @refusals
 def stop(target, as_json):
     """Shut the server down cleanly (control command quit)."""
+    _warn_if_mirrored(target)
     r = target.execute("quit")
     launch.wait_gone(target.control, target.state_dir)
     emit(r, as_json, "server stopped")

@@ -205,7 +205,9 @@ def test_a_stray_fence_after_a_failover_leaves_the_new_primary_its_disk(servers)
     new.pwrite(b"new primary 2", 4096)                      # the open connection writes
     srv.connect(export).pwrite(b"new primary 3", 8192)      # and so does a reconnect
     srv.kill9()
-    srv.start(with_disks=False)
+    started = srv.start(with_disks=False)
+    assert "initial sync" not in started.stdout and "promoted by a failover" in started.stdout, \
+        started.stdout
     srv.connect(export).pwrite(b"new primary 4", 12288)     # and after a restart
     st = srv.execute("query-status")
     assert st["role"] == "primary" and not st["fenced"]
@@ -221,3 +223,17 @@ def test_a_stray_fence_after_a_failover_leaves_the_new_primary_its_disk(servers)
     image = read_file(srv.image("vda"))
     for i in range(5):
         assert image[i * 4096:i * 4096 + 13] == f"new primary {i + 1}".encode()
+
+
+def test_stop_of_a_secondary_a_primary_mirrors_into_says_what_the_primary_will_do(servers):
+    srv, _ = group(servers, seed=5)
+    quiet = srv.cli("stop")                 # no writer claimed it: nothing to warn about
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr, quiet
+    srv.close_clients()                     # the test's own connection went with it
+    srv.start(with_disks=False)
+    srv.execute("claim")                    # what protect sends, then it commits
+    srv.execute("commit", epoch=2)
+    r = srv.cli("stop")
+    assert r.returncode == 0, r
+    assert "a primary is mirroring into this secondary" in r.stderr, r.stderr
+    assert "keep the VM running UNPROTECTED" in r.stderr
