@@ -217,6 +217,8 @@ def test_a_stray_fence_after_a_failover_leaves_the_new_primary_its_disk(servers)
     with pytest.raises(nbd.Error) as e:
         srv.connect(export).pwrite(b"refused", 0)
     assert e.value.errnum == errno.EPERM                     # EROFS travels as EPERM
+    with open(os.path.join(srv.state_dir, "nbdkit.log")) as f:
+        assert "[rule promoted-fenced: write]" in f.read()  # the log says which rule refused
     # failover again gives the disk back
     srv.execute("failover")
     srv.connect(export).pwrite(b"new primary 5", 16384)
