@@ -7,8 +7,7 @@ that matter go on: the primary's certified commit on one persistent connection,
 the local operator's status on a new connection each time, and the guest's 4 KiB
 writes.  The outcome is asserted: every commit, status and write is answered,
 none refused or failed, and the flood really happened.  The latencies are
-measured and printed, never asserted (bench/control_flood.py is the
-measurement; the README of the issue's figures quotes it).
+printed, never asserted: `python -m bench.control_flood` measures them.
 """
 
 from __future__ import annotations
