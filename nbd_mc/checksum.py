@@ -36,6 +36,9 @@ DIGEST_SIZE = 16
 MAX_LENGTH = 64 << 20
 MIN_BLOCK = 4096
 DEFAULT_BLOCK = 64 << 10
+#: The most a request reads at a time: its memory, and how long it holds the
+#: group's gate at once (a commit waits for one CHUNK read, never a whole range).
+CHUNK = 1 << 20
 
 
 def block_digest(data) -> str:
@@ -75,19 +78,27 @@ def hole_blocks(extents, offset: int, length: int, block: int) -> set[int]:
 def digests(extents, offset: int, length: int, block: int, read) -> tuple[list, int]:
     """Per-block digests of [offset, offset+length) (None for a block that is a
     hole) and the bytes read.  ``extents`` is what hole_blocks takes (a file
-    descriptor or a callable); ``read(view, offset)`` fills a view."""
+    descriptor or a callable); ``read(view, offset)`` fills a view.
+
+    Reads at most CHUNK bytes at a time, whatever the block size, so memory per
+    call is one CHUNK and a caller that holds a lock per read (the secondary's
+    gate) holds it for one CHUNK, not for the whole range."""
     holes = hole_blocks(extents, offset, length, block)
     out: list = []
-    buf = bytearray(block)
+    buf = bytearray(min(block, CHUNK))
     read_bytes = 0
     for i, pos in enumerate(range(offset, offset + length, block)):
         if i in holes:
             out.append(None)
             continue
-        view = memoryview(buf)[:min(block, offset + length - pos)]
-        read(view, pos)
-        read_bytes += len(view)
-        out.append(block_digest(view))
+        end = min(pos + block, offset + length)
+        h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        for p in range(pos, end, CHUNK):
+            view = memoryview(buf)[:min(CHUNK, end - p)]
+            read(view, p)
+            h.update(view)
+            read_bytes += len(view)
+        out.append(h.hexdigest())
     return out, read_bytes
 
 

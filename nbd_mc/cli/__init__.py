@@ -1,7 +1,7 @@
 """The `nbd-mc` command line (click): ``nbd-mc = nbd_mc.cli:main``.
 
     common.py     the group, --control/--state-dir/--json, refusals and output
-    secondary.py  serve, status, commit, rollback, fence, failover, stop, recover, inspect
+    secondary.py  serve, status, commit, rollback, fence, fence-primary, failover, stop, recover, inspect
     protect.py    protect (the primary side)
 
 Exit status: 0 success, 1 the operation was refused or failed (the message says

@@ -1,4 +1,4 @@
-"""The secondary's commands: serve, status, commit, rollback, fence, failover,
+"""The secondary's commands: serve, status, commit, rollback, fence, fence-primary, failover,
 stop, recover and inspect.  Each one is a request to the running server (see
 nbd_mc/secondary/commands.py) or, for recover, inspect and an offline failover, work on
 the files of a state directory with no server running."""
@@ -79,7 +79,11 @@ def serve(disks, state_dir, socket_path, port, bind, control, cluster_size, subc
                 "uris": {n: launch.nbd_uri(opts, n) for n in names},
                 "committed": st["committed"], "protected": st["protected"], "role": st["role"],
                 "log": opts.log_path}
-        protected = "protected" if st["protected"] else "not protected yet (epoch 0: initial sync)"
+        protected = ("protected" if st["protected"] else
+                     "promoted by a failover (the images are the new primary's disks)"
+                     if st["role"] == "primary" else
+                     "not protected yet (epoch 0: initial sync)" if not st["committed"] else
+                     "not protected")
         text = [f"nbd-mc: serving {', '.join(names)} (pid {pid}); committed epoch "
                 f"{st['committed']}, {protected}, role {st['role']}"]
         for n in names:
@@ -197,9 +201,44 @@ def rollback(target, as_json):
 @control_options
 @refusals
 def fence(target, as_json):
-    """Refuse writes from every connection opened before now (split brain guard)."""
+    """Stop every write to this replica, from connections open now and later (split
+    brain guard).  Refused after a failover promoted this node: see fence-primary."""
     r = target.execute("fence")
-    emit(r, as_json, f"fenced: generation {r['generation']}; earlier connections can no longer write")
+    emit(r, as_json, f"fenced: generation {r['generation']}; no connection can write to this "
+                     "replica any more, open or new (`nbd-mc failover` promotes it)")
+
+
+@main.command("fence-primary")
+@control_options
+@refusals
+def fence_primary(target, as_json):
+    """After an in-place failover: stop the new primary's writes through this server.
+
+    Its VM then gets I/O errors on its own disk; `nbd-mc failover` run again on
+    this node gives the disk back."""
+    r = target.execute("fence-primary")
+    emit(r, as_json, f"new primary fenced: generation {r['generation']}; its writes through "
+                     "this server are refused from now on (its VM gets I/O errors on its own "
+                     "disk); `nbd-mc failover` gives them back")
+
+
+def _warn_if_mirrored(target) -> None:
+    """Say what the primary will do when a secondary it mirrors into stops: the
+    caller may not know protection is running (it goes on; scripts and the HA
+    agent stop secondaries on purpose)."""
+    try:
+        st = target.execute("query-status")
+    except Exception:  # noqa: BLE001 - the quit below reports an unreachable server
+        return
+    if st.get("role") == "secondary" and st.get("protected") and st.get("writer") \
+            and not st.get("stale"):
+        age = st.get("last_commit_age")
+        when = f", last commit {age:.1f} s ago" if isinstance(age, (int, float)) else ""
+        click.echo(f"warning: a primary is mirroring into this secondary (writer "
+                   f"{st['writer']}{when}): its `nbd-mc protect` will "
+                   "see the secondary lost, remove its mirrors and keep the VM running "
+                   f"UNPROTECTED; epoch {st['committed']} stays the last checkpoint here",
+                   err=True)
 
 
 def _offline_group(state_dir: str) -> engine.Group:
@@ -269,6 +308,8 @@ def stop(target, as_json, force, timeout):
         raise click.BadParameter(str(e), param_hint="--timeout") from None
     if force and not target.state_dir:
         raise click.UsageError("--force needs --state-dir DIR (its pid file names the server)")
+    if not force:                   # a hung server would hold the warning for its timeout
+        _warn_if_mirrored(target)
     deadline = time.monotonic() + seconds
     try:
         with target.client(timeout=seconds / 2 if force else seconds) as c:

@@ -13,6 +13,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 
 from nbd_mc import sockfile
 from nbd_mc.address import TCPAddress, UnixAddress, check_unix_path, format_address, parse_address
@@ -29,8 +30,13 @@ MAX_CLIENTS = 64
 #: Concurrent connections of one peer (a local process, by SO_PEERCRED, or a
 #: remote address): one client, leaking or hostile, cannot take every slot.
 MAX_PER_PEER = MAX_CLIENTS // 2
-#: An unauthenticated TCP peer may hold a slot only this long.
-HANDSHAKE_TIMEOUT = 10.0
+#: TCP connections whose TLS handshake is not done yet: a budget of their own,
+#: outside the 64 slots, so peers without a certificate cannot take a slot.
+MAX_HANDSHAKING = 16
+#: ... of which one address may hold this many.
+MAX_HANDSHAKING_PER_PEER = 4
+#: An unauthenticated TCP peer may take this long to finish its handshake.
+HANDSHAKE_TIMEOUT = 5.0
 
 
 class AfterReply:
@@ -49,12 +55,20 @@ class AfterReply:
 
 class _Client:
     """One connection's socket, swapped for its TLS wrapper after accept, and who
-    is at the other end (for the per-peer limit)."""
+    is at the other end (for the per-peer limit).
+
+    ``busy``: being greeted or answering a request (such a connection is never
+    displaced); ``idle_since``: when it last finished one (monotonic);
+    ``displaced``: its slot was given to a newcomer.  All three under the
+    server's ``_lock``."""
 
     def __init__(self, sock):
         self.sock = sock
         self.thread = None
         self.peer = _peer_of(sock)
+        self.busy = True
+        self.idle_since = time.monotonic()
+        self.displaced = False
 
 
 def _peer_of(sock):
@@ -76,7 +90,20 @@ class ControlServer:
     A handler that must act only once its reply is on its way (``quit``: stop
     the server that sends the reply) returns an AfterReply.
 
-    State: ``_lock`` (a Condition) guards ``_clients``, ``_closing``,
+    Admission (docs/control-protocol.md, "Limits"): at most ``max_clients``
+    connections hold a slot, at most ``max_per_peer`` of them one peer's.  When
+    every slot is taken, a newcomer whose peer holds fewer slots than the peer
+    holding the most takes the slot of that peer's longest idle connection
+    (never one in the middle of a request); otherwise it is refused.  So no
+    number of idle connections, from any number of processes, keeps a new
+    process out.  Over TLS a connection takes a slot only once its handshake is
+    done; until then it is in a separate budget (``MAX_HANDSHAKING``, of which
+    ``MAX_HANDSHAKING_PER_PEER`` per address), where a newcomer over the budget
+    displaces the oldest handshaking connection of its own address if that one
+    holds its share, else of the address holding the most, and which it must
+    leave within ``handshake_timeout``.
+
+    State: ``_lock`` (a Condition) guards ``_clients``, ``_handshaking``, ``_closing``,
     ``_listening``, ``_started``, ``_listener`` until the accept thread runs,
     ``_accept_thread`` and each client's ``sock`` swap; the listener and the
     wake pipe belong to the accept thread once it runs.
@@ -85,7 +112,9 @@ class ControlServer:
     def __init__(self, address: str, handler, greeting, tls: "TlsFiles | None" = None,
                  *, max_clients: int = MAX_CLIENTS, max_per_peer: int = MAX_PER_PEER,
                  max_line: int = MAX_LINE,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT):
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 max_handshaking: int = MAX_HANDSHAKING,
+                 max_handshaking_per_peer: int = MAX_HANDSHAKING_PER_PEER):
         parsed = parse_address(address)
         if isinstance(parsed, UnixAddress):
             # Absolute now: the plugin builds us before nbdkit chdirs to /.
@@ -104,8 +133,11 @@ class ControlServer:
         self._max_per_peer = max_per_peer
         self._max_line = max_line
         self._handshake_timeout = handshake_timeout
+        self._max_handshaking = max_handshaking
+        self._max_handshaking_per_peer = max_handshaking_per_peer
         self._lock = threading.Condition()
         self._clients = set()
+        self._handshaking = []          # oldest first
         self._closing = False
         self._listening = False
         self._started = False
@@ -177,7 +209,7 @@ class ControlServer:
             if self._closing:
                 return
             self._closing = True
-            clients = list(self._clients)
+            clients = list(self._clients) + self._handshaking
             thread = self._accept_thread
             idle = self._listener if thread is None else None  # listen() without start()
             if idle is not None:
@@ -212,17 +244,20 @@ class ControlServer:
 
     @property
     def client_count(self) -> int:
+        """Connections holding a slot or handshaking."""
         with self._lock:
-            return len(self._clients)
+            return len(self._clients) + len(self._handshaking)
 
     def wait_clients(self, count: int, timeout: "float | None" = None) -> bool:
-        """Wait until exactly `count` connections are open; False on timeout.
+        """Wait until exactly `count` connections are open (holding a slot or
+        handshaking); False on timeout.
 
         Lets a caller (a test, a shutdown path) know that the server has seen
         a disconnect, without polling.
         """
         with self._lock:
-            return self._lock.wait_for(lambda: len(self._clients) == count, timeout)
+            return self._lock.wait_for(
+                lambda: len(self._clients) + len(self._handshaking) == count, timeout)
 
     # listening
 
@@ -325,16 +360,25 @@ class ControlServer:
         self._admit(sock)
 
     def _admit(self, sock) -> None:
+        """Give a new connection a thread: over TLS into the handshake budget,
+        otherwise straight into a slot (or refuse it)."""
         client = _Client(sock)
-        with self._lock:
-            full = self._closing or len(self._clients) >= self._max_clients
-            hog = not full and client.peer is not None and sum(
-                c.peer == client.peer for c in self._clients) >= self._max_per_peer
-            if not (full or hog):
-                self._clients.add(client)
-                self._lock.notify_all()
-        if full or hog:
-            self._refuse(sock, client.peer if hog else None)
+        if self._ssl is not None:
+            with self._lock:
+                if self._closing:
+                    victim, admitted = None, False
+                else:
+                    victim, admitted = self._make_handshake_room(client), True
+                    self._handshaking.append(client)
+                    self._lock.notify_all()
+            if victim is not None:
+                log.warning("control server: dropping a connection from %s that has not "
+                            "finished its TLS handshake, to make room", victim.peer)
+                shutdown(victim.sock)
+            if not admitted:
+                sock.close()
+                return
+        elif not self._take_slot(client):
             return
         client.thread = threading.Thread(target=self._serve, args=(client,),
                                          name=f"nbd-mc-control {self.address}", daemon=True)
@@ -345,41 +389,134 @@ class ControlServer:
             self._forget(client)
             sock.close()
 
-    def _refuse(self, sock, hog=None) -> None:
+    def _make_handshake_room(self, client):
+        """Under ``_lock``: the handshaking connection to drop so that ``client``
+        fits the handshake budget (None if it fits).  Its own address's oldest
+        if that address holds its share, so one address flooding connections only
+        displaces its own; else the oldest of the address holding the most."""
+        mine = [c for c in self._handshaking if c.peer == client.peer]
+        if len(mine) >= self._max_handshaking_per_peer:
+            victim = mine[0]
+        elif len(self._handshaking) >= self._max_handshaking:
+            counts = {}
+            for c in self._handshaking:
+                counts[c.peer] = counts.get(c.peer, 0) + 1
+            top = max(counts.values())
+            # the oldest of the address holding the most (a lone handshake of a
+            # certified client is displaced only when every address holds one)
+            victim = next(c for c in self._handshaking if counts[c.peer] == top)
+        else:
+            return None
+        self._handshaking.remove(victim)
+        victim.displaced = True
+        return victim
+
+    def _take_slot(self, client) -> bool:
+        """Admit ``client`` to a slot, displacing another if the rule says so
+        (the class docstring); on refusal tell it why and close it."""
+        with self._lock:
+            victim, why = self._choose_slot(client)
+            if why is None:
+                self._clients.add(client)
+                self._lock.notify_all()
+        if why is not None:
+            self._refuse(client.sock, why)
+            return False
+        if victim is not None:
+            self._displace(victim)
+        return True
+
+    def _choose_slot(self, client) -> tuple:
+        """Under ``_lock``: (connection to displace or None, None) to admit
+        ``client``, or (None, the reason) to refuse it."""
+        if self._closing:
+            return None, f"too many control connections ({self._max_clients}); close one and retry"
+        counts = {}
+        for c in self._clients:
+            counts[c.peer] = counts.get(c.peer, 0) + 1
+        mine = counts.get(client.peer, 0) if client.peer is not None else 0
+        hog = client.peer is not None and mine >= self._max_per_peer
+        if len(self._clients) < self._max_clients:
+            if hog:
+                return None, (f"too many control connections from this client "
+                              f"({client.peer[0]} {client.peer[1]} holds {self._max_per_peer} "
+                              f"of {self._max_clients}); close one and retry")
+            return None, None
+        idle = [c for c in self._clients if not c.busy and c.peer != client.peer]
+        if idle and not hog:
+            top = max(counts[c.peer] for c in idle)
+            if top > mine:
+                victim = min((c for c in idle if counts[c.peer] == top),
+                             key=lambda c: c.idle_since)
+                self._clients.discard(victim)
+                victim.displaced = True
+                self._clients.add(client)
+                return victim, None
+        return None, f"too many control connections ({self._max_clients}); close one and retry"
+
+    def _displace(self, victim) -> None:
+        """End a connection whose slot went to a newcomer: on a unix socket with a
+        one-line reason (it is idle: nothing else is being written to it)."""
+        why = (f"control connection closed: all {self._max_clients} connections were taken "
+               "and this one, idle the longest of the client holding the most, made room "
+               "for a new client; reconnect to go on")
+        log.warning("control server: displacing an idle connection of %s", victim.peer)
+        if self._ssl is None:
+            try:
+                victim.sock.send(encode(error_reply("GenericError", why)),
+                                 socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        shutdown(victim.sock)
+
+    def _refuse(self, sock, why: str) -> None:
         """Tell a connection over the limit why it is dropped, without blocking.
 
-        ``hog``: the peer that already holds its share of the slots.  Over TLS the
-        reason cannot be sent without a handshake, which could block the accept
-        thread, so those peers just see the connection close.
+        Over TLS (after its handshake) the reason goes through the TLS socket,
+        which is blocking: a short timeout bounds it.
         """
-        if hog is not None:
-            why = (f"too many control connections from this client ({hog[0]} {hog[1]} holds "
-                   f"{self._max_per_peer} of {self._max_clients}); close one and retry")
-        else:
-            why = f"too many control connections ({self._max_clients}); close one and retry"
         log.warning("control server: refusing a connection: %s", why)
-        if self._ssl is None and not self._closing:
+        if not self._closing:
             try:
-                sock.setblocking(False)
-                sock.send(encode(error_reply("GenericError", why)), socket.MSG_NOSIGNAL)
-            except OSError:
+                data = encode(error_reply("GenericError", why))
+                if isinstance(sock, ssl.SSLSocket):
+                    sock.settimeout(1.0)
+                    sock.sendall(data)
+                else:
+                    sock.setblocking(False)
+                    sock.send(data, socket.MSG_NOSIGNAL)
+            except (OSError, ValueError):
                 pass
         sock.close()
 
     def _forget(self, client) -> None:
         with self._lock:
             self._clients.discard(client)
+            if client in self._handshaking:
+                self._handshaking.remove(client)
             self._lock.notify_all()
 
     # one connection
 
     def _serve(self, client) -> None:
         try:
-            if self._ssl is not None and not self._handshake(client):
-                return
+            if self._ssl is not None:
+                if not self._handshake(client):
+                    return
+                with self._lock:
+                    if client.displaced or client not in self._handshaking:
+                        return
+                    self._handshaking.remove(client)
+                    self._lock.notify_all()
+                client.peer = _peer_of(client.sock)
+                if not self._take_slot(client):
+                    return
             if self._closing or not self._greet(client.sock):
                 return
-            self._converse(client.sock)
+            with self._lock:
+                client.busy = False
+                client.idle_since = time.monotonic()
+            self._converse(client)
         except OSError as e:
             log.debug("control connection ended: %s", e)
         except Exception:
@@ -422,7 +559,8 @@ class ControlServer:
         send(sock, data)
         return True
 
-    def _converse(self, sock) -> None:
+    def _converse(self, client) -> None:
+        sock = client.sock
         reader = LineReader(sock, self._max_line)
         # No check of _closing here: close() ends this loop by shutting the
         # socket down, after the listener is gone, so a client that sees EOF
@@ -437,7 +575,16 @@ class ControlServer:
             if line is None:
                 return
             if line.strip():
-                self._answer(sock, line)
+                with self._lock:
+                    if client.displaced:    # its slot went to another: answer nothing more
+                        return
+                    client.busy = True
+                try:
+                    self._answer(sock, line)
+                finally:
+                    with self._lock:
+                        client.busy = False
+                        client.idle_since = time.monotonic()
 
     def _answer(self, sock, line: bytes) -> None:
         try:

@@ -7,6 +7,7 @@ embedded /usr/bin/python3, where nothing else is certain to be importable.
 
 import json
 import logging
+import math
 import socket
 import ssl
 
@@ -111,8 +112,41 @@ class Malformed(BadRequest):
         self.request_id = request_id
 
 
+class _Refused(ValueError):
+    """A request JSON decodes but the protocol does not accept (the message says why)."""
+
+
 def _reject_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
+    raise _Refused(f"{name} is not valid JSON")
+
+
+def _finite(text: str) -> float:
+    """A JSON number with a fraction or exponent; one too large for a double
+    (``1e400``) would silently become infinity (so ``stale_after: 1e400``
+    would mean "never stale"): refused instead."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"number {text[:40]} is out of range (not finite)")
+    return value
+
+
+def _unique_members(pairs: list) -> dict:
+    """An object whose members all have different names: with duplicates JSON
+    decoders disagree which one counts (Python's keeps the last), so
+    ``{"execute":"query-status","execute":"quit"}`` would stop the server."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Refused(f"member {key[:40]!r} appears more than once")
+        out[key] = value
+    return out
+
+
+def decode_strict(text: str):
+    """JSON as the control protocol takes it: no NaN or Infinity, no number that
+    is not finite, no object with a duplicated member (at any depth)."""
+    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite,
+                      object_pairs_hook=_unique_members)
 
 
 def parse_request(line: bytes) -> tuple:
@@ -126,9 +160,11 @@ def parse_request(line: bytes) -> tuple:
     except UnicodeDecodeError as e:
         raise Malformed(f"request is not valid UTF-8 (byte {e.start})") from None
     try:
-        request = json.loads(text, parse_constant=_reject_constant)
+        request = decode_strict(text)
     except RecursionError:
         raise Malformed("request is nested too deeply") from None
+    except _Refused as e:
+        raise Malformed(f"request refused: {e}") from None
     except ValueError as e:
         raise Malformed(f"request is not valid JSON: {e}") from None
     if not isinstance(request, dict):

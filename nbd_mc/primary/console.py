@@ -179,6 +179,15 @@ def failure_advice(report: Report) -> str:
                 f"The primary QEMU is gone; {where}. To continue on the secondary run "
                 f"`nbd-mc failover` there: it returns the disks to that epoch and prints "
                 f"what to boot.")
+    if report.refused and "promoted to primary" in (report.error or ""):
+        # The secondary was failed over: the VM now runs (or is about to) on the
+        # other side.  "Keeps running, protect again" would invite split brain.
+        return (f"protection stopped: {report.error}\n"
+                f"The secondary was FAILED OVER: its disks are now the new primary's, "
+                f"and this VM's writes since epoch {report.committed} are on neither side's "
+                f"protected copy. STOP THIS VM NOW (e.g. `virsh destroy` or QMP `quit`): "
+                f"two running copies of one VM is split brain. Do not run `nbd-mc protect` "
+                f"against that secondary again.")
     if report.refused:
         return (f"protection stopped: {report.error}\n"
                 f"The VM keeps running UNPROTECTED (mirrors removed); {where}. This "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 from ..checksum import DEFAULT_BLOCK, MAX_LENGTH, MIN_BLOCK, digests
-from ..errors import NotProtected
 from ..rangeargs import block_arg, disk_range
 
 
@@ -20,13 +19,14 @@ def checksum_range(group, arguments: dict) -> dict:
     r = disk_range("checksum-range", group, arguments, MAX_LENGTH)
     name, disk, offset, length = r.name, r.disk, r.offset, r.length
     block = block_arg("checksum-range", arguments, MIN_BLOCK, MAX_LENGTH, DEFAULT_BLOCK)
-    if group.state.role != "secondary" or group.state.handoff:
-        raise NotProtected("checksum-range refused: promoted by a failover, this is no "
-                           "replica any more")
+    group.check_mode("checksum-range")
     t0 = time.perf_counter()
-    with group.io():
-        blocks, read_bytes = digests(disk.fd, offset, min(length, disk.size - offset), block,
-                                     lambda view, pos: group.read(disk, view, pos))
+
+    def read(view, pos):
+        with group.io():            # per CHUNK: a commit or a guest write waits for one
+            group.read(disk, view, pos)
+
+    blocks, read_bytes = digests(disk.fd, offset, min(length, disk.size - offset), block, read)
     return {"disk": name, "offset": offset, "length": length, "block": block,
             "blocks": blocks, "data_bytes": read_bytes,
             "seconds": time.perf_counter() - t0}

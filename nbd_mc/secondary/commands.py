@@ -10,6 +10,7 @@ Standard library only: this runs inside nbdkit's embedded Python.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -20,6 +21,15 @@ from . import checksum, verify
 from . import boot, writer
 from ..control.server import AfterReply
 from ..errors import BadRequest, CommandNotFound
+
+
+def _finite(value) -> bool:
+    """Whether a number is a float other than infinity (an integer too large for a
+    double is not: ``float()`` of it overflows)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -41,8 +51,10 @@ class Arg:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise BadRequest(f"{command}: '{self.name}' must be a non-negative integer")
         elif self.kind == "seconds":
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise BadRequest(f"{command}: '{self.name}' must be a positive number of seconds")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 \
+                    or not _finite(value):
+                raise BadRequest(f"{command}: '{self.name}' must be a positive, finite number "
+                                 "of seconds")
         elif self.kind == "boolean":
             if not isinstance(value, bool):
                 raise BadRequest(f"{command}: '{self.name}' must be a boolean")
@@ -55,12 +67,23 @@ class Arg:
 @dataclass(frozen=True)
 class Command:
     """A command: ``run(session, arguments)`` gets arguments already checked,
-    with defaults filled in."""
+    with defaults filled in.  ``lane``: see LANES (None: runs at once)."""
 
     name: str
     summary: str
     run: Callable
     arguments: tuple = ()
+    lane: str | None = None
+
+
+#: How many requests of a lane run at once; the others wait their turn.  The
+#: control server runs in nbdkit's process, whose Python lock the guest's I/O
+#: needs too: 60 connections looping query-status or 64 MiB range requests
+#: would otherwise take it from the I/O threads and the commit.  So reads of the
+#: group's state and range requests each go one at a time, while the checkpoint
+#: commands (commit, claim, fence, failover, ...) never queue behind them.  One
+#: range request at a time also bounds their memory in total (checksum.CHUNK).
+LANES = {"query": threading.BoundedSemaphore(1), "range": threading.BoundedSemaphore(1)}
 
 
 class Session:
@@ -108,13 +131,17 @@ def _claim(s: Session, a: dict) -> dict:
 
 COMMANDS = {c.name: c for c in (
     Command("query-status", "the group: epochs, role, fencing, per-disk undo, counters",
-            lambda s, a: s.group.status()),
+            lambda s, a: s.group.status(), lane="query"),
     Command("commit", "commit the open epoch (the committed one again is a harmless retry)",
             _commit, (Arg("epoch", "epoch", required=True), Arg("writer", "any"))),
     Command("rollback", "return every disk to the last commit and keep serving",
             lambda s, a: s.group.rollback()),
-    Command("fence", "refuse writes from every connection opened before now",
+    Command("fence", "stop every write to this replica, from connections open now and later "
+            "(refused on a promoted group: see nbd_mc/secondary/mode.py)",
             lambda s, a: s.group.fence()),
+    Command("fence-primary", "after an in-place failover: stop the new primary's writes "
+            "through this server (failover again gives them back)",
+            lambda s, a: s.group.fence_primary()),
     Command("failover", "fence, return to the last commit (or hand out the overlays) and promote",
             _failover, (Arg("instant", "boolean", default=False),)),
     Command("new-session", "a primary (re)attaches: connections of earlier sessions can no "
@@ -125,11 +152,12 @@ COMMANDS = {c.name: c for c in (
             _claim, (Arg("stale_after", "seconds"),)),
     Command("verify-range", "hash a range of a disk's committed view at an epoch (online verify)",
             lambda s, a: verify.verify_range(s.group, a),
-            tuple(Arg(n, "any") for n in ("disk", "offset", "length", "epoch", "block"))),
+            tuple(Arg(n, "any") for n in ("disk", "offset", "length", "epoch", "block")),
+            lane="range"),
     Command("checksum-range", "hash each block of a range of a disk's live image (checksum "
             "sync: which blocks differ from the primary's)",
             lambda s, a: checksum.checksum_range(s.group, a),
-            tuple(Arg(n, "any") for n in ("disk", "offset", "length", "block"))),
+            tuple(Arg(n, "any") for n in ("disk", "offset", "length", "block")), lane="range"),
     Command("quit", "reply, then stop serving (requests in flight finish first)",
             lambda s, a: AfterReply({}, s.on_quit)),
 )}
@@ -163,7 +191,11 @@ def handler(session: Session):
         command = COMMANDS.get(name)
         if command is None:
             raise CommandNotFound(f"unknown command {name!r}; known: {', '.join(sorted(COMMANDS))}")
-        return command.run(session, check_arguments(command, arguments))
+        arguments = check_arguments(command, arguments)
+        if command.lane is None:
+            return command.run(session, arguments)
+        with LANES[command.lane]:
+            return command.run(session, arguments)
     return handle
 
 

@@ -25,7 +25,7 @@ import uuid
 from contextlib import contextmanager
 
 from .. import crashpoints, qcow2
-from . import writer
+from . import mode, writer
 from ..errors import (BadRequest, EpochMismatch, Fenced, IOFailure, NbdMcError, NotProtected,
                      StateError, io_failure)
 from ..fileio import fsync_dir, pread_into, punch_hole, pwrite_all
@@ -215,19 +215,17 @@ class Group:
 
     # --- the I/O path ----------------------------------------------------------------
     def _check_writable(self, generation: int) -> None:
-        """Split-brain guard: a fenced group takes writes from nobody, a promoted one
-        only from connections opened after the failover."""
-        refusal = None
-        if self.state.handoff:
-            refusal = "the disks were handed out by an instant failover"
-        elif self.state.fenced:
-            refusal = f"the group is fenced (generation {self.state.generation})"
-        elif generation != self.state.generation:
-            refusal = ("this connection was opened before the last fence, failover, claim "
-                       "or protect session")
+        """Split-brain guard: the mode's rule (a fenced group takes writes from
+        nobody), then the connection's generation (a promoted or claimed group takes
+        writes only from connections opened after the failover or claim)."""
+        refusal = mode.refusal(self.state, "write")
+        if refusal is None and generation != self.state.generation:
+            refusal = Fenced("write refused: this connection was opened before the last "
+                             "fence, failover, claim or protect session", )
+            refusal.rule = "generation"
         if refusal:
             self._count("refused_writes")
-            raise Fenced(f"write refused: {refusal}")
+            raise refusal
         if self.broken:
             raise IOFailure(f"group is unusable until restart: {self.broken}")
 
@@ -298,6 +296,12 @@ class Group:
         with self._stats_lock:
             self.stats[counter] += 1
 
+    def check_read(self, kind: str) -> None:
+        """Refuse a read on an open connection to an export of ``kind`` if the mode
+        no longer allows it (a failover can come while a connection is open)."""
+        if kind not in self._readable:
+            mode.check(self.state, "read " + kind)
+
     def read(self, disk: Disk, view, offset: int) -> None:
         try:
             pread_into(disk.fd, view, offset)
@@ -355,7 +359,7 @@ class Group:
                 raise
 
     def _commit_locked(self, epoch: int) -> dict:
-        self._refuse_if_fenced("commit")
+        mode.check(self.state, "commit")
         if epoch == self.state.committed:
             if self.durability == "power":
                 # A retry: the first attempt's sync may have failed.  Gate closed,
@@ -414,12 +418,9 @@ class Group:
         """
         what = "claim" if claim else "new-session"
         with self._control:
-            if claim:
-                refusal = writer.claim_refusal(self.state, self.broken)
-                if refusal:
-                    raise refusal
-            else:
-                self._refuse_if_fenced(what)
+            mode.check(self.state, what)
+            if claim and self.broken:
+                raise IOFailure(f"claim refused until restart: {self.broken}")
             if stale_after is not None:
                 if (not isinstance(stale_after, (int, float)) or isinstance(stale_after, bool)
                         or stale_after <= 0):
@@ -445,12 +446,6 @@ class Group:
         writer's connections and export name are refused from now on, the group
         stays usable for the new writer."""
         return self.new_session(stale_after, claim=True)
-
-    def _refuse_if_fenced(self, what: str) -> None:
-        if self.state.role == "primary":
-            raise Fenced(f"{what} refused: this node was promoted to primary by a failover")
-        if self.state.fenced:
-            raise Fenced(f"{what} refused: the group is fenced (generation {self.state.generation})")
 
     def _persist(self, **changes) -> None:
         """Save the state with ``changes``.  On failure the in-memory state follows
@@ -486,9 +481,10 @@ class Group:
         """Precompute the two facts every write checks, so the hot path compares one
         integer and reads one boolean instead of walking the state."""
         s = self.state
-        usable = not (s.handoff or s.fenced or self.broken)
+        usable = mode.allowed(s, "write") and not self.broken
         self._write_generation = s.generation if usable else -1
         self._undo = self.keeps_undo
+        self._readable = frozenset(k for k in mode.EXPORT_KINDS if mode.allowed(s, "read " + k))
 
     def _drop_all(self, epoch: int) -> None:
         for i, d in enumerate(self.disks):
@@ -505,8 +501,7 @@ class Group:
 
     def rollback(self) -> dict:
         with self._control:
-            if self.state.role == "primary":
-                raise NotProtected("rollback refused: promoted to primary, no undo data is kept")
+            mode.check(self.state, "rollback")
             if not self.state.committed:
                 raise NotProtected("nothing to roll back to: no epoch was committed yet "
                                    "(epoch 0 is the initial synchronisation)")
@@ -534,15 +529,42 @@ class Group:
         return restored
 
     def fence(self) -> dict:
+        """Stop every write to a replica, from connections open now and later (the
+        old primary's): refused on a promoted group (see mode.py), whose images are
+        the new primary's disk."""
+        return self._fence("fence")
+
+    def fence_primary(self) -> dict:
+        """The operator's explicit stop of the new primary's writes through this
+        server after an in-place failover; ``failover`` again undoes it."""
+        return self._fence("fence-primary")
+
+    def _fence(self, what: str) -> dict:
         with self._control:
+            mode.check(self.state, what)
             with self.gate.closed():  # no write of an old connection is still in flight
                 self._persist(generation=self.state.generation + 1, fenced=True)
             return {"generation": self.state.generation}
 
+    def check_mode(self, op: str) -> None:
+        """Refuse ``op`` (mode.OPERATIONS) if the group's mode does not allow it: for
+        the commands outside the engine (verify-range, checksum-range)."""
+        mode.check(self.state, op)
+
+    @property
+    def mode(self) -> mode.Mode:
+        return mode.mode_of(self.state)
+
     def failover(self, instant: bool = False) -> dict:
-        """Fence, return to the last commit, promote.  Idempotent."""
+        """Fence, return to the last commit, promote.  Idempotent; on a promoted group
+        that ``fence-primary`` stopped, it gives the new primary its disk back (the
+        writer id is kept, so its reconnects find their export)."""
         with self._control:
             t0 = time.perf_counter()
+            mode.check(self.state, "failover")
+            if self.mode is mode.Mode.PROMOTED_FENCED:
+                with self.gate.closed():
+                    self._persist(fenced=False)
             if self.state.role != "primary":
                 if not self.state.committed:
                     raise NotProtected("failover refused: no epoch was ever committed, the "

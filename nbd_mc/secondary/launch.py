@@ -8,6 +8,7 @@ returns only when both the NBD socket and the control socket answer.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -167,14 +168,24 @@ def _read_new(path: str, offset: int) -> str:
         return ""
 
 
+#: The last line of a Python traceback: "ImportError: ...", "ssl.SSLError: ...".
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b[^:]*: ")
+
+
 def _nbdkit_failure(log_text: str) -> str:
-    """The line of the log that says why, without Python tracebacks."""
+    """The line of the log that says why, without Python tracebacks -- but with
+    the exception a traceback ends in: nbdkit's own last line ("error running
+    this script") does not say that, say, ``_ssl`` failed to import because
+    another python3 came first on PATH."""
     lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
     for ln in lines:
         if ln.startswith("nbd-mc:"):
             return ln[len("nbd-mc:"):].strip()
     errors = [ln for ln in lines if "error" in ln.lower()]
-    return (errors or lines or ["nbdkit exited without a message"])[-1]
+    last = (errors or lines or ["nbdkit exited without a message"])[-1]
+    causes = [ln for ln in lines
+              if _EXCEPTION_LINE.match(ln.rsplit("error: ", 1)[-1]) and ln not in last]
+    return f"{last} (cause: {causes[-1]})" if causes else last
 
 
 def wait_ready(opts: ServeOptions, proc: subprocess.Popen | None, log_offset: int,

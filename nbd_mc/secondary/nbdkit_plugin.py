@@ -15,6 +15,7 @@ import errno
 import os
 import sys
 import threading
+import time
 
 import nbdkit
 
@@ -229,8 +230,45 @@ def can_cache(h):
 
 # --- data path --------------------------------------------------------------------
 def _fail(e: NbdMcError):
+    """Hand ``e`` to nbdkit: its errno to the client (EROFS or EPERM for a refusal,
+    EIO and the like only for a real I/O failure), its sentence and the rule that
+    refused (mode.py's "MODE: OP", or "generation") to the server log."""
     nbdkit.set_error(e.errno)
-    raise RuntimeError(e.desc) from None
+    rule = getattr(e, "rule", None)
+    if rule:
+        _log_refusal(e.desc, rule)
+    raise RuntimeError(f"{e.desc} [rule {rule}]" if rule else e.desc) from None
+
+
+#: A refused request's line in the state directory's nbdkit.log: nbdkit in the
+#: background sends its own stderr (where the RuntimeError above goes) to
+#: /dev/null.  At most one line per rule per REFUSAL_LOG_EVERY seconds, with the
+#: count of those left out: an old primary hammering a fenced group must not
+#: fill the disk.
+REFUSAL_LOG_EVERY = 1.0
+_refusals = {"last": {}, "skipped": {}}
+_refusals_lock = threading.Lock()
+
+
+def _log_refusal(desc: str, rule: str) -> None:
+    now = time.monotonic()
+    with _refusals_lock:
+        if now - _refusals["last"].get(rule, -REFUSAL_LOG_EVERY) < REFUSAL_LOG_EVERY:
+            _refusals["skipped"][rule] = _refusals["skipped"].get(rule, 0) + 1
+            return
+        _refusals["last"][rule] = now
+        skipped = _refusals["skipped"].pop(rule, 0)
+    more = f" ({skipped} more refused by this rule since the last line)" if skipped else ""
+    line = (f"{time.strftime('%Y-%m-%dT%H:%M:%S')} nbd-mc: {desc} [rule {rule}]{more}\n")
+    try:
+        fd = os.open(os.path.join(_config["state_dir"], "nbdkit.log"),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, line.encode(errors="replace"))
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # a log line is never worth failing the request over
 
 
 def _request_failed(e: NbdMcError):
@@ -240,11 +278,7 @@ def _request_failed(e: NbdMcError):
 
 def pread(h, buf, offset, flags):
     try:
-        if _group.state.role != "secondary":  # a failover may come while a client reads
-            refusal = writer.read_refusal(_group.state, h.access.kind)
-            if refusal:
-                nbdkit.set_error(errno.EACCES)
-                raise RuntimeError(f"read refused: {refusal}")
+        _group.check_read(h.access.kind)  # a failover may come while a client reads
         if h.committed:
             _group.read_committed(h.disk, buf, offset)
         else:

@@ -22,7 +22,8 @@ server cannot match it by accident; it is not a secret (``nbdinfo --list`` and
 ``status`` show it): the guard is against stale writers, not against someone with
 access to the NBD socket.
 
-The rule, by export (``decide`` is the one place it is written):
+The rule, by export name (``decide`` is the one place it is written; what the
+group's mode allows for each kind of export is the table in mode.py):
 
 - ``NAME@<current writer>``: read-write.
 - ``NAME@<any other writer id>``: refused at open (a superseded writer).
@@ -47,7 +48,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from ..errors import BadRequest, Fenced, IOFailure
+from . import mode
+from ..errors import BadRequest, Fenced
 
 COMMITTED = "committed"
 _WRITER_ID = re.compile(r"g(\d+)-[0-9a-f]{8}")
@@ -94,21 +96,17 @@ def split_export(name: str) -> tuple[str, str | None]:
 
 def decide(state, name: str, readonly: bool = False) -> Access:
     """The rule (see the module docstring) for export ``name`` of a group in ``state``
-    (a state.GroupState); the disk must exist (the caller checks)."""
+    (a state.GroupState); the disk must exist (the caller checks).  Whether the
+    group's mode lets an export of this kind open at all is nbd_mc/secondary/mode.py's."""
     disk, suffix = split_export(name)
-    if state.handoff == "instant":
-        return Access(disk, "live", False,
-                      "the disks were handed out by an instant failover: the images hold "
-                      "uncommitted data under the new primary's overlays; nothing is served", "")
-    promoted = state.role == "primary"
-    if suffix == COMMITTED:
-        if promoted:
-            return Access(disk, "committed", False,
-                          f"{name}: no committed view after a failover (the images are the new "
-                          "primary's disk)", "")
+    kind = "live" if suffix is None else "committed" if suffix == COMMITTED else "writer"
+    refused = mode.refusal(state, "open " + kind, name or disk)
+    if refused is not None:
+        return Access(disk, kind, False, refused.desc, "")
+    if kind == "committed":
         return Access(disk, "committed", False, None,
                       f"{disk} as of the last commit (read-only)")
-    if suffix is not None:
+    if kind == "writer":
         if not is_writer_id(suffix):
             return Access(disk, "writer", False,
                           f"no export {name!r}: after '@' comes 'committed' or a writer id", "")
@@ -118,27 +116,10 @@ def decide(state, name: str, readonly: bool = False) -> Access:
         return Access(disk, "writer", False,
                       f"{name}: writer {suffix} was superseded"
                       + (f" by {state.writer}" if state.writer else ""), "")
-    if promoted:
-        return Access(disk, "live", False,
-                      f"{name or disk}: promoted by a failover; only the new primary's export "
-                      f"{writer_export(disk, state.writer) if state.writer else '(none)'} is "
-                      "served for this disk", "")
     if state.writer:
         return Access(disk, "live", False, None,
                       f"live replica of {disk} (read-only: writer {state.writer} claimed it)")
     return Access(disk, "live", not readonly, None, f"live replica of {disk} (nbd-mc secondary)")
-
-
-def read_refusal(state, kind: str) -> str | None:
-    """Why a read on an open connection of ``kind`` is refused now, or None.
-
-    Checked per read because a failover can happen while the connection is open.
-    """
-    if state.handoff == "instant":
-        return "the disks were handed out by an instant failover"
-    if kind == "committed" and state.role == "primary":
-        return "no committed view after a failover"
-    return None
 
 
 def listing(state, disks) -> list[tuple[str, str]]:
@@ -155,18 +136,6 @@ def listing(state, disks) -> list[tuple[str, str]]:
 
 
 # --- granting an identity ---------------------------------------------------------------
-def claim_refusal(state, broken: str | None) -> Exception | None:
-    """Why ``claim`` is refused in ``state`` (an error to raise), or None."""
-    if state.role == "primary":
-        return Fenced("claim refused: this node was promoted to primary by a failover; its "
-                      f"writer is {state.writer} (see `nbd-mc status`)")
-    if state.fenced:
-        return Fenced(f"claim refused: the group is fenced (generation {state.generation})")
-    if broken:
-        return IOFailure(f"claim refused until restart: {broken}")
-    return None
-
-
 def check_commit_writer(state, writer) -> None:
     """A commit that names its writer is refused unless that writer is the current
     one: a superseded protect must not commit the epoch its successor is syncing."""
@@ -174,9 +143,7 @@ def check_commit_writer(state, writer) -> None:
         return
     if not isinstance(writer, str):
         raise BadRequest("commit: 'writer' must be a string (the id `claim` returned)")
-    if writer != state.writer and state.role == "primary":  # the engine's words for it
-        raise Fenced("commit refused: this node was promoted to primary by a failover "
-                     f"(writer {writer} was superseded by the new primary's {state.writer})")
+    mode.check(state, "commit")  # the mode's refusal first: it says more than "superseded"
     if writer != state.writer:
         raise Fenced(f"commit refused: writer {writer} was superseded"
                      + (f" by {state.writer}" if state.writer else ""))

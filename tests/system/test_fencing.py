@@ -185,3 +185,57 @@ def test_fence_then_failover_by_the_operator(servers):
     assert st["generation"] == 2 and st["role"] == "primary"
     assert os.path.exists(srv.overlay("vda"))
     record("fence + failover with writes in flight", 1, 0)
+
+
+def test_a_stray_fence_after_a_failover_leaves_the_new_primary_its_disk(servers):
+    """Issue 23 #1: on main, one `nbd-mc fence` after an in-place failover saved
+    `fenced`, and from then on every write of the new primary through NAME@WRITER
+    got EPERM -- open connections, reconnects, a failover retry, a restart.  Now
+    the fence is refused with a sentence naming `fence-primary`, the operator's
+    explicit verb, which `failover` again undoes."""
+    import errno
+    srv, model = group(servers, seed=4)
+    r = srv.execute("failover")
+    export = {d["name"]: d["export"] for d in r["disks"]}["vda"]
+    new = srv.connect(export)
+    new.pwrite(b"new primary 1", 0)
+    stray = srv.cli("fence")
+    assert stray.returncode == 1, stray
+    assert "Fenced" in stray.stderr and "nbd-mc fence-primary" in stray.stderr, stray.stderr
+    new.pwrite(b"new primary 2", 4096)                      # the open connection writes
+    srv.connect(export).pwrite(b"new primary 3", 8192)      # and so does a reconnect
+    srv.kill9()
+    started = srv.start(with_disks=False)
+    assert "initial sync" not in started.stdout and "promoted by a failover" in started.stdout, \
+        started.stdout
+    srv.connect(export).pwrite(b"new primary 4", 12288)     # and after a restart
+    st = srv.execute("query-status")
+    assert st["role"] == "primary" and not st["fenced"]
+    # the explicit verb stops the new primary, with a clear message
+    stop = srv.cli("fence-primary")
+    assert stop.returncode == 0 and "new primary fenced" in stop.stdout, stop
+    with pytest.raises(nbd.Error) as e:
+        srv.connect(export).pwrite(b"refused", 0)
+    assert e.value.errnum == errno.EPERM                     # EROFS travels as EPERM
+    with open(os.path.join(srv.state_dir, "nbdkit.log")) as f:
+        assert "[rule promoted-fenced: write]" in f.read()  # the log says which rule refused
+    # failover again gives the disk back
+    srv.execute("failover")
+    srv.connect(export).pwrite(b"new primary 5", 16384)
+    image = read_file(srv.image("vda"))
+    for i in range(5):
+        assert image[i * 4096:i * 4096 + 13] == f"new primary {i + 1}".encode()
+
+
+def test_stop_of_a_secondary_a_primary_mirrors_into_says_what_the_primary_will_do(servers):
+    srv, _ = group(servers, seed=5)
+    quiet = srv.cli("stop")                 # no writer claimed it: nothing to warn about
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr, quiet
+    srv.close_clients()                     # the test's own connection went with it
+    srv.start(with_disks=False)
+    srv.execute("claim")                    # what protect sends, then it commits
+    srv.execute("commit", epoch=2)
+    r = srv.cli("stop")
+    assert r.returncode == 0, r
+    assert "a primary is mirroring into this secondary" in r.stderr, r.stderr
+    assert "keep the VM running UNPROTECTED" in r.stderr

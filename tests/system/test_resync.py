@@ -335,6 +335,8 @@ def test_retry_bound_and_permanent_refusal(servers, vms, procs):
     result = failover(server)  # a partition: the secondary is promoted, the primary lives
     co.play(lambda: proc.poll() is not None)
     rc, out, err = finished(proc)
-    assert rc == 1 and "promoted" in err and "can take no more checkpoints" in err, (out, err)
+    # failed over: the operator is told to stop this VM, not to protect it again
+    assert rc == 1 and "promoted" in err and "STOP THIS VM NOW" in err, (out, err)
+    assert "UNPROTECTED" not in err and "split brain" in err, err
     assert "The primary QEMU is gone" not in err and vm.running()
     assert json.loads(out)["committed"] == result["committed"]

@@ -70,3 +70,64 @@ def test_unrepaired_counts_only_ranges_no_repair_covered():
                       "bytes": 8192}}
     assert _unrepaired(v) == [v["mismatches"][1]]
     assert _unrepaired({"mismatches": v["mismatches"]}) == v["mismatches"]
+
+
+def _range_group(tmp_path, size):
+    """A real one-disk Group, committed once, its image full of data."""
+    import random as _random
+    from nbd_mc.secondary.engine import Group
+    from support.servers import make_image
+    data = make_image(str(tmp_path / "vda.raw"), size, _random.Random(7))
+    g = Group(str(tmp_path / "st"), [("vda", str(tmp_path / "vda.raw"))])
+    g.commit(1)
+    return g, data
+
+
+def _count_gate(g, seen):
+    """Record how many bytes each hold of the gate covers (reads inside one hold)."""
+    real_read, real_committed, real_io = g.read, g.disk("vda").read_committed, g.io
+    held = []
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def io():
+        held.append(0)
+        with real_io():
+            yield
+        seen.append(held.pop())
+
+    def read(disk, view, offset):
+        held[-1] += len(view)
+        real_read(disk, view, offset)
+
+    def read_committed(view, offset):
+        held[-1] += len(view)
+        real_committed(view, offset)
+
+    g.io, g.read, g.disk("vda").read_committed = io, read, read_committed
+
+
+def test_range_requests_of_the_largest_size_hold_the_gate_for_one_chunk_at_a_time(tmp_path):
+    """Issue 23: a 64 MiB checksum-range held the gate for the whole range, so a
+    commit (and every guest write behind it) waited ~0.4 s, and allocated a
+    64 MiB block.  Now every hold covers at most CHUNK bytes, and so does the
+    request's buffer; the digests are those of the whole blocks."""
+    size = 8 << 20
+    g, data = _range_group(tmp_path, size)
+    try:
+        seen = []
+        _count_gate(g, seen)
+        r = checksum.checksum_range(g, {"disk": "vda", "offset": 0, "length": size,
+                                        "block": size})
+        assert r["blocks"] == [checksum.block_digest(data)]
+        assert seen and max(seen) <= checksum.CHUNK and sum(seen) == size
+        seen.clear()
+        r = verify.verify_range(g, {"disk": "vda", "offset": 0, "length": size, "epoch": 1,
+                                    "block": 4 << 20})
+        assert r["digest"] == verify.digest(data)
+        assert r["blocks"] == [verify.block_digests(data[i:i + (4 << 20)], 4 << 20)[0]
+                               for i in range(0, size, 4 << 20)]
+        assert seen and max(seen) <= verify.CHUNK and sum(seen) == size
+    finally:
+        g.close()

@@ -12,7 +12,7 @@ from nbd_mc.control import AfterReply
 from nbd_mc.secondary.engine import Group
 from nbd_mc.errors import BadRequest, CommandNotFound
 
-EXPECTED = {"query-status", "commit", "rollback", "fence", "failover", "new-session", "quit",
+EXPECTED = {"query-status", "commit", "rollback", "fence", "fence-primary", "failover", "new-session", "quit",
             "claim", "verify-range", "checksum-range"}
 
 
@@ -103,14 +103,14 @@ def test_the_boot_advice_names_each_disk_and_its_drive():
                              "-device virtio-blk-pci,drive=vda")
 
 
-@pytest.mark.parametrize("value", [0, -1, True, "5", None])
+@pytest.mark.parametrize("value", [0, -1, True, "5", None, float("inf"), 10**400])
 def test_new_session_refuses_a_stale_after_that_is_not_a_positive_number(session, value):
     handle = commands.handler(session[0])
     with pytest.raises(BadRequest):
         handle("new-session", {"stale_after": value})
 
 
-@pytest.mark.parametrize("value", [0, -1, True, "5", None])
+@pytest.mark.parametrize("value", [0, -1, True, "5", None, float("inf"), 10**400])
 def test_claim_refuses_a_stale_after_that_is_not_a_positive_number(session, value):
     handle = commands.handler(session[0])
     with pytest.raises(BadRequest):

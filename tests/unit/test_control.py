@@ -1101,3 +1101,101 @@ def test_fuzz_connections_that_end_mid_line(fuzz_server, junk, how):
     probe = fuzz_peer(fuzz_server)
     assert probe.ask(MARKER)["id"] == "marker"
     probe.close()
+
+
+# --- admission: what a client without credentials, or with many processes, cannot do -------
+# docs/control-protocol.md, "Limits", states the guarantee these tests check.
+
+def _silent_tcp_peers(port: int, sources: list, per_source: int) -> list:
+    """Connections that never start their TLS handshake, from several source addresses."""
+    socks = []
+    for src in sources:
+        for _ in range(per_source):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            Peer.opened.append(s)
+            s.bind((src, 0))
+            s.connect(("127.0.0.1", port))
+            socks.append(s)
+    return socks
+
+
+@pytest.mark.parametrize("sources", [["127.0.0.2", "127.0.0.3"],
+                                     [f"127.0.1.{i}" for i in range(1, 41)]],
+                         ids=["two-addresses", "forty-addresses"])
+def test_peers_without_a_certificate_cannot_keep_a_certified_client_out(make_server, certs,
+                                                                        counter, sources):
+    """Issue 23 #2: on main, two addresses that connect and send nothing held all 64
+    slots (32 each) for the handshake timeout, and no certified commit got through.
+    Now a connection takes a slot only after its handshake; before, it is in a
+    separate budget where a newcomer displaces the oldest (its own address's first)."""
+    server = make_server("tcp://127.0.0.1:0", tls=certs["good"], handshake_timeout=60)
+    port = int(server.address.rsplit(":", 1)[1])
+    silent = _silent_tcp_peers(port, sources, 80 // len(sources))
+    for _ in range(13):
+        with ControlClient(server.address, tls=certs["good"], timeout=WIRE_TIMEOUT) as client:
+            client.execute("add", key="commits")
+    assert counter.values["commits"] == 13
+    # the silent ones hold no slot: at most the handshake budget of them is still open
+    assert server.client_count <= 16
+    for s in silent:
+        s.close()
+
+
+def test_idle_local_processes_cannot_lock_out_a_new_one(make_server):
+    """Issue 23 #3: on main two processes holding 32 connections each made every
+    further `status` fail with "too many control connections (64)"."""
+    server = make_server()
+    hogs = connect_as_children(server.address, 64, 32)
+    for s in hogs:
+        s.settimeout(WIRE_TIMEOUT)
+        assert b'"nbd-mc"' in s.recv(65536)
+    for _ in range(5):   # `nbd-mc status` and `commit`, each a new connection
+        with ControlClient(server.address, timeout=WIRE_TIMEOUT) as client:
+            assert client.execute("get", key="k") == {"value": 0}
+    # each of them took the slot of an idle hog connection, which was told why
+    told = 0
+    for s in hogs:
+        s.setblocking(False)
+        try:
+            data = s.recv(65536)
+        except BlockingIOError:
+            continue
+        if data:
+            assert b"made room for a new client" in data
+            told += 1
+    assert told >= 1
+    for s in hogs:
+        s.close()
+
+
+def test_a_connection_in_the_middle_of_a_request_is_never_displaced(make_server, counter):
+    server = make_server(max_clients=2, max_per_peer=2)
+    hogs = connect_as_children(server.address, 2, 2)
+    for s in hogs:
+        s.settimeout(WIRE_TIMEOUT)
+        assert b'"nbd-mc"' in s.recv(65536)
+    hogs[0].sendall(b'{"execute":"wait","id":1}\n')
+    assert counter.entered.wait(WIRE_TIMEOUT)
+    client = ControlClient(server.address, timeout=WIRE_TIMEOUT)   # displaces hogs[1]
+    assert client.execute("get", key="k") == {"value": 0}
+    with pytest.raises(ControlError, match=r"too many control connections \(2\)"):
+        ControlClient(server.address)   # the only other one is busy: refused, not displaced
+    client.close()
+    counter.gate.set()
+    assert json.loads(hogs[0].recv(65536)) == {"return": {}, "id": 1}
+    for s in hogs:
+        s.close()
+
+
+def test_a_peer_holding_the_most_cannot_displace_others(make_server):
+    server = make_server(max_clients=4, max_per_peer=4)
+    mine = [ControlClient(server.address) for _ in range(3)]
+    other = connect_as_children(server.address, 1, 1)
+    other[0].settimeout(WIRE_TIMEOUT)
+    assert b'"nbd-mc"' in other[0].recv(65536)
+    with pytest.raises(ControlError, match=r"too many control connections \(4\)"):
+        ControlClient(server.address)   # we hold 3, the other 1: no room made for us
+    assert all(c.execute("get", key="k") == {"value": 0} for c in mine)
+    for c in mine:
+        c.close()
+    other[0].close()
