@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 
-from nbd_mc import checksum
+from nbd_mc import checksum, verify as hashes
+from nbd_mc.secondary import checksum as checksum_cmd, verify as verify_cmd
 from nbd_mc.primary import verify
 from nbd_mc.cli.protect import _unrepaired
 from nbd_mc.primary.repair import Repairs
@@ -118,16 +119,16 @@ def test_range_requests_of_the_largest_size_hold_the_gate_for_one_chunk_at_a_tim
     try:
         seen = []
         _count_gate(g, seen)
-        r = checksum.checksum_range(g, {"disk": "vda", "offset": 0, "length": size,
+        r = checksum_cmd.checksum_range(g, {"disk": "vda", "offset": 0, "length": size,
                                         "block": size})
         assert r["blocks"] == [checksum.block_digest(data)]
         assert seen and max(seen) <= checksum.CHUNK and sum(seen) == size
         seen.clear()
-        r = verify.verify_range(g, {"disk": "vda", "offset": 0, "length": size, "epoch": 1,
+        r = verify_cmd.verify_range(g, {"disk": "vda", "offset": 0, "length": size, "epoch": 1,
                                     "block": 4 << 20})
-        assert r["digest"] == verify.digest(data)
-        assert r["blocks"] == [verify.block_digests(data[i:i + (4 << 20)], 4 << 20)[0]
+        assert r["digest"] == hashes.digest(data)
+        assert r["blocks"] == [hashes.block_digests(data[i:i + (4 << 20)], 4 << 20)[0]
                                for i in range(0, size, 4 << 20)]
-        assert seen and max(seen) <= verify.CHUNK and sum(seen) == size
+        assert seen and max(seen) <= hashes.CHUNK and sum(seen) == size
     finally:
         g.close()
