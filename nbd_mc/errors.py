@@ -41,6 +41,12 @@ class NotProtected(NbdMcError):
     errno = errno.EINVAL
 
 
+class NotRetained(NbdMcError):
+    """An epoch that history does not hold (`failover --to-epoch`)."""
+    error_class = "NotRetained"
+    errno = errno.ENOENT
+
+
 class Fenced(NbdMcError):
     error_class = "Fenced"
     errno = errno.EROFS

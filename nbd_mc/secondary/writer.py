@@ -48,6 +48,7 @@ import secrets
 import urllib.parse
 from dataclasses import dataclass
 
+from . import history
 from ..errors import BadRequest, Fenced, IOFailure
 
 COMMITTED = "committed"
@@ -81,7 +82,7 @@ class Access:
     """
 
     disk: str
-    kind: str  # "live" | "committed" | "writer"
+    kind: str  # "live" | "committed" | "writer" | "epoch"
     writable: bool
     refusal: str | None
     description: str
@@ -102,6 +103,11 @@ def decide(state, name: str, readonly: bool = False) -> Access:
                       "the disks were handed out by an instant failover: the images hold "
                       "uncommitted data under the new primary's overlays; nothing is served", "")
     promoted = state.role == "primary"
+    epoch = history.parse_epoch_suffix(suffix)
+    if epoch is not None:  # NAME@epoch-N: which epochs are retained is history.py's rule
+        refusal = history.epoch_access(state, name, epoch)
+        return Access(disk, "epoch", False, refusal,
+                      "" if refusal else f"{disk} as of retained epoch {epoch} (read-only)")
     if suffix == COMMITTED:
         if promoted:
             return Access(disk, "committed", False,
@@ -112,7 +118,8 @@ def decide(state, name: str, readonly: bool = False) -> Access:
     if suffix is not None:
         if not is_writer_id(suffix):
             return Access(disk, "writer", False,
-                          f"no export {name!r}: after '@' comes 'committed' or a writer id", "")
+                          f"no export {name!r}: after '@' comes 'committed', 'epoch-N' or a "
+                          "writer id", "")
         if suffix == state.writer:
             return Access(disk, "writer", not readonly, None,
                           f"{disk} for writer {suffix} (nbd-mc {state.role})")
@@ -139,6 +146,8 @@ def read_refusal(state, kind: str) -> str | None:
         return "the disks were handed out by an instant failover"
     if kind == "committed" and state.role == "primary":
         return "no committed view after a failover"
+    if kind == "epoch" and state.role == "primary":
+        return "no history after a failover"
     return None
 
 
@@ -146,7 +155,9 @@ def listing(state, disks) -> list[tuple[str, str]]:
     """(export, description) pairs for NBD_OPT_LIST: what may be opened now."""
     out = []
     for d in disks:
-        for name in (d, f"{d}@{COMMITTED}", writer_export(d, state.writer) if state.writer else None):
+        epochs = [history.epoch_export(d, n) for n in history.retained(state)]
+        for name in (d, f"{d}@{COMMITTED}", writer_export(d, state.writer) if state.writer else None,
+                     *epochs):
             if name is None:
                 continue
             a = decide(state, name)
