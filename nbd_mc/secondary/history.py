@@ -56,7 +56,7 @@ import threading
 import time
 
 from .. import crashpoints, qcow2
-from ..errors import BadRequest, IOFailure, NbdMcError, NotRetained, io_failure
+from ..errors import BadRequest, IOFailure, NbdMcError, NotRetained, StateError, io_failure
 from ..fileio import pread_into
 
 EPOCH_PREFIX = "epoch-"
@@ -86,6 +86,21 @@ def retained(state) -> list[int]:
 
 
 # --- the policy -------------------------------------------------------------------------
+_UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "": 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d|)\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """``30d``, ``1h``, ``10m``, ``1s``, ``100ms``, ``2`` (seconds) -> seconds; ``off``
+    is 0.  ValueError saying what is accepted."""
+    if text.strip().lower() == "off":
+        return 0.0
+    m = _DURATION.match(text.lower())
+    if not m:
+        raise ValueError(f"{text!r} is not a duration (e.g. 30d, 1h, 10m, 1s, 100ms, or off)")
+    return float(m[1]) * _UNITS[m[2]]
+
+
 def make_policy(keep: float, every: float, max_bytes: int | None) -> dict | None:
     """The policy `serve --history KEEP --history-every EVERY --history-max SIZE`
     stores in the state file; KEEP 0 turns history off (None)."""
@@ -533,3 +548,16 @@ def check_target(state, target: int) -> None:
     raise NotRetained(f"failover refused: epoch {target} is not retained (history holds epochs "
                      f"{have[0]}..{have[-1]}, {len(have)} checkpoints, and the last commit "
                      f"{state.committed})")
+
+
+def offline_listing(state_dir: str) -> dict:
+    """`nbd-mc history --state-dir` with no server running: the listing from the
+    state file and the files, without opening (or locking) anything."""
+    from types import SimpleNamespace
+
+    from .state import load
+    state = load(state_dir)
+    if state is None:
+        raise StateError(f"no nbd-mc state in {state_dir}")
+    disks = [SimpleNamespace(name=d.name) for d in state.disks]
+    return History(os.path.abspath(state_dir), disks, state.durability).listing(state)
