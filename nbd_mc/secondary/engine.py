@@ -115,6 +115,8 @@ class Group:
         self.by_name = {d.name: d for d in self.disks}
         #: The retained checkpoints' layers (nbd_mc/secondary/history.py).
         self.history = hist.History(self.state_dir, self.disks, self.durability)
+        #: the thread deleting the layers after a failover's reply (close joins it)
+        self._discarding: threading.Thread | None = None
         self.gate = Gate()
         self._control = threading.Lock()  # one checkpoint operation at a time
         self._stats_lock = threading.Lock()
@@ -479,6 +481,12 @@ class Group:
         self._count("commits")
         return {"committed": epoch, "seconds": time.perf_counter() - t0}
 
+    def _discard_history(self) -> None:
+        try:
+            self.history.discard()
+        except NbdMcError:
+            pass  # leftovers are unlisted: the next recovery deletes them
+
     def _retain(self, epoch: int, now: float) -> list | None:
         """The history list the commit of ``epoch`` persists (None: unchanged),
         with a newly retained epoch's layers already created (history.prepare).
@@ -695,9 +703,13 @@ class Group:
                             crashpoints.reached("failover.before-promote")
                         self._persist(role="primary", fenced=False,
                                       writer=writer.new_writer_id(self.state.generation), **done)
-                        self._refresh_fast_path()
-                        self.history.discard()  # the images are the new primary's now
-                        self._refresh_fast_path()
+                        self._refresh_fast_path()  # no write preserves into a layer now
+                        # The images are the new primary's: the layers go, after the
+                        # reply (the state lists none; recovery deletes any leftover).
+                        self._discarding = threading.Thread(
+                            target=self._discard_history, daemon=True,
+                            name="nbd-mc history discard")
+                        self._discarding.start()
             elif to_epoch is not None:
                 raise NotRetained(f"failover refused: already promoted at epoch "
                                   f"{self.state.committed}; no history is kept after a failover")
@@ -724,6 +736,7 @@ class Group:
         the images are synced first: for a process that ends inside the block
         (``quit`` with clients still connected)."""
         with self._control, self.gate.closed():
+            self._join_discard()
             for d in self.disks:
                 try:
                     os.fdatasync(d.fd)
@@ -770,7 +783,12 @@ class Group:
         with self._stats_lock:
             return dict(self.stats)
 
+    def _join_discard(self) -> None:
+        if getattr(self, "_discarding", None) is not None:
+            self._discarding.join()
+
     def close(self) -> None:
+        self._join_discard()
         history = getattr(self, "history", None)
         if history is not None:
             history.close()

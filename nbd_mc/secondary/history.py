@@ -371,20 +371,25 @@ class History:
 
     def discard(self) -> None:
         """Close every layer and delete every layer file (the state already lists
-        none: after a failover the images are the new primary's disk)."""
-        for d in self.disks:
-            self._close_open(d)
-        self._forget([k[1] for k in list(self._frozen)])
-        self._sizes.clear()
-        stray = self._stray_files(set())
-        if stray and crashpoints.ARMED:
-            crashpoints.reached("history.before-unlink")
-        self._unlink(stray)
+        none: after a failover the images are the new primary's disk).  May run
+        in its own thread after a failover's reply: ``_lock`` keeps it and
+        ``close`` from closing a descriptor twice."""
+        with self._lock:
+            for d in self.disks:
+                self._close_open(d)
+            for ov in self._frozen.values():
+                ov.close()
+            self._frozen.clear()
+            self._sizes.clear()
+            stray = self._stray_files(set())
+            if stray and crashpoints.ARMED:
+                crashpoints.reached("history.before-unlink")
+            self._unlink(stray)
 
     def close(self) -> None:
-        for d in self.disks:
-            self._close_open(d)
         with self._lock:
+            for d in self.disks:
+                self._close_open(d)
             for ov in self._frozen.values():
                 ov.close()
             self._frozen.clear()

@@ -13,7 +13,7 @@ from nbd_mc.secondary.engine import Group
 from nbd_mc.errors import BadRequest, CommandNotFound
 
 EXPECTED = {"query-status", "commit", "rollback", "fence", "failover", "new-session", "quit",
-            "claim", "verify-range", "checksum-range"}
+            "claim", "verify-range", "checksum-range", "query-history"}
 
 
 @pytest.fixture
