@@ -82,6 +82,12 @@ def parse_epoch_suffix(suffix: str | None) -> int | None:
 
 
 def retained(state) -> list[int]:
+    """The retained epochs.  While a `failover --to-epoch N` is under way
+    (``state.rewind``) only those up to N: the layers of later epochs are still
+    listed (the return applies them) but the images no longer hold what those
+    epochs read from them."""
+    if state.rewind is not None:
+        return [n for n, _t in state.history if n <= state.rewind]
     return [n for n, _t in state.history]
 
 
@@ -503,7 +509,10 @@ class History:
         how far back history reaches: `nbd-mc history`, status and metrics."""
         now = time.time() if now is None else now
         checkpoints = []
+        kept = set(retained(state))
         for n, t in state.history:
+            if n not in kept:
+                continue
             size = self._sizes.get(n)
             if size is None:
                 size = sum(file_bytes(self.path(d, n)) for d in self.disks)
