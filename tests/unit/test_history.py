@@ -19,6 +19,7 @@ import sys
 import pytest
 
 from nbd_mc.errors import NotRetained
+from nbd_mc.metrics import render_status
 from nbd_mc.secondary import history
 from nbd_mc.secondary.engine import Group
 from support.servers import (GroupModel, assert_bytes, assert_check, describe, make_image,
@@ -181,6 +182,15 @@ def test_checkpoints_every_interval_and_expiry(made, monkeypatch):
     assert kept == [15, 16], kept
     assert not os.path.exists(history.layer_path(st, "vda", 1))
     check_all(g, model, st, tmp_path)
+    # status and the Prometheus text say the same: oldest epoch, its age, bytes held
+    st_ = g.status()["history"]
+    assert (st_["count"], st_["oldest_epoch"], st_["newest_epoch"]) == (2, 15, 16)
+    assert st_["oldest_age"] == pytest.approx(clock[0] - times[15], abs=0.01)
+    text = render_status(g.status(), "g", now=clock[0])
+    assert 'nbd_mc_history_oldest_epoch{group="g"} 15.0' in text
+    assert 'nbd_mc_history_checkpoints{group="g"} 2.0' in text
+    assert f'nbd_mc_history_bytes{{group="g"}} {float(st_["bytes"])}' in text
+    assert 'nbd_mc_history_oldest_age_seconds{group="g"} 8.75' in text
     # the space bound: only the newest survives a bound of one byte
     g.close()
     g = open_group(history_policy=history.make_policy(3600, 0, 1))
