@@ -361,12 +361,21 @@ class History:
             self._sizes[old[-1]] = sum(file_bytes(self.path(d, old[-1])) for d in self.disks)
         if not state.history or not old or state.history[-1][0] != old[-1]:
             self.open(state, keeps_undo)
+        self._trim()
         gone = [n for n in old if n not in kept]
         if gone:
             self._forget(gone)
             if crashpoints.ARMED:
                 crashpoints.reached("history.before-unlink")
             self._unlink([self.path(d, n) for n in gone for d in self.disks])
+
+    def _trim(self) -> None:
+        """Close the frozen layers opened longest ago beyond OPEN_LAYERS.  Only
+        with the gate closed (a commit): a read in flight may be using any of
+        them (nbdkit's parallel thread model)."""
+        with self._lock:
+            while len(self._frozen) > OPEN_LAYERS:
+                self._frozen.pop(next(iter(self._frozen))).close()
 
     def _forget(self, epochs) -> None:
         with self._lock:
@@ -415,9 +424,7 @@ class History:
                 ov = qcow2.UndoOverlay(self.path(d, epoch), d.fd, readonly=True,
                                        expected_size=d.size, expected_image=want,
                                        expected_backing_format=fmt)
-                while len(self._frozen) >= OPEN_LAYERS:
-                    self._frozen.pop(next(iter(self._frozen))).close()
-                self._frozen[key] = ov
+                self._frozen[key] = ov  # closed by _trim, never under a reader
             return ov
 
     def read(self, state, d, epoch: int, view: memoryview, offset: int) -> None:
@@ -499,6 +506,10 @@ class History:
             for i in reversed(idx):
                 ov = self._layer(d, history, i)
                 restored += ov.apply()
+                if ov is not d.layer:  # one at a time: thousands may be applied
+                    with self._lock:
+                        self._frozen.pop((d.name, history[i][0]), None)
+                    ov.close()
                 if crashpoints.ARMED:
                     crashpoints.reached("history.rewind-after-layer")
         return restored
