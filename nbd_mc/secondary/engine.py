@@ -246,6 +246,12 @@ class Group:
                 d.overlay.barrier = d.overlay.sync
             try:
                 d.overlay.drop(target)
+                # The record "returns to target" must be durable before the state
+                # says target: the other order would leave, after a power cut, an
+                # overlay returning to an epoch after the committed one (foreign).
+                d.overlay.sync()
+            except OSError as e:
+                raise io_failure(f"syncing overlay {d.spec.overlay}", e) from None
             finally:
                 d.overlay.barrier = saved
         return restored
