@@ -1,4 +1,4 @@
-"""Workload 12, history (issue 19): `serve --history` side by side with no history.
+"""Workload 13, history (issue 19): `serve --history` side by side with no history.
 
 The same server, the same image, in one run, alternating history off and on per
 repetition:
@@ -16,7 +16,7 @@ repetition:
   applied (the bytes the layers hold).
 
 Run from the repository root:  python -m bench.history --help
-(`make bench` runs it as workload 12.)
+(`make bench` runs it as workload 13.)
 """
 
 from __future__ import annotations
@@ -157,18 +157,18 @@ def verdict_lines(result: dict) -> list[str]:
     s = result["summary"]
     lines = []
     for key, label, value in (
-            ("wa_on", "12. write amplification, history every 1 s", s["wa_on"]),
-            ("p50_ratio", "12. QD1 4 KiB write p50, history on / off", s["p50_ratio"]),
-            ("failover_ratio", "12. failover to the last commit, history held / none",
+            ("wa_on", "13. write amplification, history every 1 s", s["wa_on"]),
+            ("p50_ratio", "13. QD1 4 KiB write p50, history on / off", s["p50_ratio"]),
+            ("failover_ratio", "13. failover to the last commit, history held / none",
              s["failover_ratio"])):
         goal = GOALS[key]
         lines.append(f"{label}: {value:.3f}x (goal <= {goal}x) "
                      f"{'MET' if value <= goal else 'MISSED'}")
-    lines.append(f"12. write amplification without history: {s['wa_off']:.3f}x; p50 "
+    lines.append(f"13. write amplification without history: {s['wa_off']:.3f}x; p50 "
                  f"{s['p50_off_us']:.0f} / {s['p50_on_us']:.0f} us (off / on); failover "
                  f"{s['failover_off_ms']:.1f} / {s['failover_on_ms']:.1f} ms with "
                  f"{s['checkpoints_held']:.0f} checkpoints held")
-    lines.append(f"12. failover --to-epoch the oldest: {s['to_oldest_s_per_gib']:.2f} s per GiB "
+    lines.append(f"13. failover --to-epoch the oldest: {s['to_oldest_s_per_gib']:.2f} s per GiB "
                  f"of undo applied ({s['to_oldest_bytes'] / (1 << 20):.0f} MiB held)")
     return lines
 
