@@ -707,8 +707,11 @@ class Group:
                             done = self._rewound(to_epoch)
                         if crashpoints.ARMED:
                             crashpoints.reached("failover.before-promote")
+                        had_history = bool(self.state.history)
                         self._persist(role="primary", fenced=False,
                                       writer=writer.new_writer_id(self.state.generation), **done)
+                        if had_history and crashpoints.ARMED:  # unlisted, not yet deleted
+                            crashpoints.reached("history.before-unlink")
                         self._refresh_fast_path()  # no write preserves into a layer now
                         # The images are the new primary's: the layers go, after the
                         # reply (the state lists none; recovery deletes any leftover).

@@ -396,10 +396,7 @@ class History:
                 ov.close()
             self._frozen.clear()
             self._sizes.clear()
-            stray = self._stray_files(set())
-            if stray and crashpoints.ARMED:
-                crashpoints.reached("history.before-unlink")
-            self._unlink(stray)
+            self._unlink(self._stray_files(set()))
 
     def close(self) -> None:
         with self._lock:
