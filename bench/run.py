@@ -769,6 +769,20 @@ class Bench:
             "w11_failback", measure_failback(self.work / "resync-failback", GiB, 64 * MiB,
                                              3.0)), None)
 
+    def w13(self):
+        """History on vs off side by side (bench/history.py): write amplification,
+        QD1 p50, failover with history held, --to-epoch per GiB."""
+        from .history import measure, verdict_lines
+
+        def go():
+            r = measure(str(self.work / "history"), 256 * MiB if not self.cfg.full else GiB,
+                        10.0 if not self.cfg.full else 15.0, 3)
+            self.results["meta"]["w13"] = r
+            for line in verdict_lines(r):
+                log(line)
+        log("workload 13 (history on vs off)")
+        self.guarded("workload 13", "nbd-mc", go, None)
+
     # -- driver -----------------------------------------------------------
 
     def run(self):
@@ -787,7 +801,7 @@ class Bench:
         steps = [((1, 2, 3, 4), self.w1234, True), ((7,), self.w7, True),
                  ((9,), self.w9, True), ((10,), self.w10, True),
                  ((5,), self.w5, False), ((6,), self.w6, True), ((8,), self.w8, True),
-                 ((11,), self.w11, True)]
+                 ((11,), self.w11, True), ((13,), self.w13, False)]
         try:
             for nums, fn, anchors_too in steps:
                 if not any(self.want(n) for n in nums):
@@ -831,7 +845,7 @@ def write_report(results, out):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="longer runs, bigger images, repetitions")
-    ap.add_argument("--only", help="comma-separated workload numbers (1-11)")
+    ap.add_argument("--only", help="comma-separated workload numbers (1-11, 13)")
     ap.add_argument("--serve-args", default="", metavar="ARGS",
                     help="extra `nbd-mc serve` options for every nbd-mc server, one string "
                          "(e.g. \"--cluster-size 4K\"), to compare an engine option")

@@ -24,6 +24,9 @@ POINTS = (
     "apply.after-run", "rollback.after-apply", "rollback.between-disks",
     "failover.after-fence", "failover.before-promote",
     "recover.after-apply",
+    # history (serve --history): retaining a commit, expiry, failover --to-epoch
+    "history.after-create", "history.after-rebase", "history.before-unlink",
+    "history.rewind-after-layer", "rewind.after-apply",
 )
 
 

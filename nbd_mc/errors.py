@@ -33,6 +33,7 @@ CommandNotFound = _refusal("CommandNotFound", errno.EINVAL, "No such control com
 EpochMismatch = _refusal("EpochMismatch", errno.EINVAL, "Not the epoch the group is at.")
 NotProtected = _refusal("NotProtected", errno.EINVAL, "Nothing committed to return to.")
 Fenced = _refusal("Fenced", errno.EROFS, "Fenced, promoted, or a superseded writer.")
+NotRetained = _refusal("NotRetained", errno.ENOENT, "An epoch that history does not hold (`failover --to-epoch`).")
 
 
 class IOFailure(NbdMcError):

@@ -11,7 +11,7 @@ import time
 
 import click
 
-from ..secondary import boot, engine, launch, writer
+from ..secondary import boot, engine, history as hist, launch, writer
 from ..statedir import StateDir
 from ..control import ControlClient, ControlError
 from ..secondary.disk import COMMITTED_SUFFIX, parse_disk_spec
@@ -50,10 +50,19 @@ from .common import (Failure, control_options, emit, json_wanted, main, refusals
 @click.option("--threads", type=click.IntRange(1, 256), help="nbdkit worker threads per connection.")
 @click.option("--foreground", is_flag=True, help="Stay in the foreground (for supervisors).")
 @click.option("--pidfile", metavar="PATH", help="Write nbdkit's pid here (default DIR/nbdkit.pid).")
+@click.option("--history", "history_keep", metavar="DURATION",
+              help="Keep retained checkpoints for DURATION (e.g. 1h, 30d; 'off' or 0 drops "
+                   "history), served read-only as NAME@epoch-N (see docs/history.md).  Kept "
+                   "across restarts; default: what the group was last served with.")
+@click.option("--history-every", metavar="INTERVAL", help="With --history: retain the first "
+              "commit at or after each INTERVAL boundary (default 10s; 0 retains every commit).")
+@click.option("--history-max", metavar="SIZE", help="With --history: bound the space the "
+              "checkpoints hold; the oldest go first.")
 @click.option("--json", "as_json", is_flag=True, help="Print addresses as JSON.")
 @refusals
 def serve(disks, state_dir, socket_path, port, bind, control, cluster_size, subclusters,
-          durability, tls, tls_certificates, thread_model, threads, foreground, pidfile, as_json):
+          durability, tls, tls_certificates, thread_model, threads, foreground, pidfile, as_json,
+          history_keep, history_every, history_max):
     """Serve DISK... (PATH or NAME=PATH) as one consistency group.
 
     Creates the state directory, or reopens it (then the DISK list, if given,
@@ -67,7 +76,8 @@ def serve(disks, state_dir, socket_path, port, bind, control, cluster_size, subc
         port=port, bind=bind, cluster_size=size_option(cluster_size),
         subclusters=None if subclusters is None else subclusters == "on",
         durability=durability, tls=tls, tls_certificates=tls_certificates, control=control,
-        foreground=foreground, pidfile=pidfile, thread_model=thread_model, threads=threads)
+        foreground=foreground, pidfile=pidfile, thread_model=thread_model, threads=threads,
+        history=_history_option(history_keep, history_every, history_max))
     as_json = json_wanted(as_json)
 
     def announce(pid: int) -> None:
@@ -107,6 +117,20 @@ def serve(disks, state_dir, socket_path, port, bind, control, cluster_size, subc
         announce(pid)
 
 
+def _history_option(keep, every, most):
+    """serve's --history, --history-every, --history-max as launch.ServeOptions.history."""
+    if keep is None:
+        if every is not None or most is not None:
+            raise click.UsageError("--history-every and --history-max need --history DURATION")
+        return None
+    try:
+        seconds = hist.parse_duration(keep)
+        interval = hist.parse_duration(every) if every is not None else 10.0
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    return (seconds, interval, size_option(most) or 0)
+
+
 @main.command()
 @click.option("--prometheus", is_flag=True, help="Print Prometheus text exposition format "
               "(for node_exporter's textfile collector; see README, Metrics).")
@@ -141,6 +165,11 @@ def status(target, as_json, prometheus, group_label, stale_after, watch, watch_i
         lines.append(f"group {st['group_id']}; last commit "
                      + (f"{age:.1f} s ago" if age is not None else "never")
                      + (": STALE, the primary stopped checkpointing" if st.get("stale") else ""))
+    h = st.get("history") or {}
+    if h.get("enabled") or h.get("count"):
+        lines.append(f"history: {h['count']} checkpoints, {human_size(h['bytes'])}"
+                     + (f", oldest epoch {h['oldest_epoch']} ({_ago(h['oldest_age'])})"
+                        if h.get("oldest_epoch") is not None else ""))
     lines.append(f"{'disk':<12} {'size':>10} {'cluster':>8} {'preserved':>10} {'undo':>10}  image")
     for d in st["disks"]:
         lines.append(f"{d['name']:<12} {human_size(d['size']):>10} {human_size(d['cluster_size']):>8} "
@@ -241,6 +270,48 @@ def _warn_if_mirrored(target) -> None:
                    err=True)
 
 
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+@main.command("history")
+@control_options
+@refusals
+def history_command(target, as_json):
+    """List the retained checkpoints (serve --history): epoch, commit time, bytes held.
+
+    Each is served read-only as NAME@epoch-N and is a qcow2 file any qcow2 reader
+    opens; `failover --to-epoch N` returns the disks to it.  Through the running
+    server, or with --state-dir and no server running from the files directly.
+    """
+    try:
+        r = target.execute("query-history")
+    except Failure:
+        if not target.state_dir or not os.path.isdir(target.state_dir):
+            raise
+        r = hist.offline_listing(target.state_dir)
+    lines = []
+    if not r["count"]:
+        lines.append("no retained checkpoints" + ("" if r["enabled"] else
+                                                  " (history is off: serve --history DURATION)"))
+    else:
+        lines.append(f"{r['count']} retained checkpoints, {human_size(r['bytes'])}; history "
+                     f"reaches back to epoch {r['oldest_epoch']} ({_ago(r['oldest_age'])})")
+        lines.append(f"{'epoch':>8}  {'committed at (UTC)':<23} {'age':>12} {'bytes':>10}")
+        import datetime
+        for c in r["checkpoints"]:
+            when = datetime.datetime.fromtimestamp(c["time"], datetime.timezone.utc)
+            lines.append(f"{c['epoch']:>8}  {when.strftime('%Y-%m-%d %H:%M:%S.%f')[:23]:<23} "
+                         f"{_ago(c['age']):>12} {human_size(c['bytes']):>10}")
+        lines.append(f"read one: NAME@epoch-N (NBD), or qemu-img convert -f qcow2 -O raw "
+                     f"{next(iter(r['checkpoints'][-1]['files'].values()))} copy.raw")
+    emit(r, as_json, "\n".join(lines))
+
+
 def _offline_group(state_dir: str) -> engine.Group:
     try:
         return engine.Group(state_dir)
@@ -252,29 +323,37 @@ def _offline_group(state_dir: str) -> engine.Group:
 @click.option("--instant", is_flag=True,
               help="Skip the rollback: hand out the qcow2 overlay that already shows the last "
                    "commit (faster for big undo data; see README).")
+@click.option("--to-epoch", "to_epoch", type=click.IntRange(0), metavar="N",
+              help="Return to retained epoch N instead of the last commit (see `nbd-mc "
+                   "history`, docs/history.md).")
 @control_options
 @refusals
-def failover(instant, target, as_json):
+def failover(instant, to_epoch, target, as_json):
     """Fence, roll back to the last commit and promote: print what the new primary opens.
 
     Works through the running server; with --state-dir and no server running it
     operates on the files directly.
     """
     online = True
+    args = {"instant": instant}
+    if to_epoch is not None:
+        args["to_epoch"] = to_epoch
     try:
-        r = target.execute("failover", instant=instant)
+        r = target.execute("failover", **args)
     except Failure:
         if not target.state_dir or not os.path.isdir(target.state_dir):
             raise
         online = False
         group = _offline_group(target.state_dir)
         try:
-            r = group.failover(instant=instant)
+            r = group.failover(instant=instant, to_epoch=to_epoch)
         finally:
             group.close()
         r["disks"] = boot.with_drive_options(r["disks"])  # as the server's reply has it
+    which = ("the retained checkpoint you chose" if to_epoch is not None
+             else "the last checkpoint")
     lines = [f"failover done in {r['seconds'] * 1000:.1f} ms: the disks show committed epoch "
-             f"{r['committed']} (the last checkpoint); the old primary is fenced."]
+             f"{r['committed']} ({which}); the old primary is fenced."]
     lines += boot.advice(r["disks"])
     if instant:
         lines.append("Each overlay shows the last checkpoint over its image (the backing file: "

@@ -10,11 +10,11 @@ from .format import (ALL_SUBCLUSTERS, EXT, EXT_BACKING_FORMAT, EXT_END, EXT_NBD_
                      L2_RESERVED, MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, NBD_MC_EXT,
                      NBD_MC_EXT_VERSION, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
                      OFLAG_ZERO, REFCOUNT_ORDER, ZERO_ENTRY, Geometry, Header, Layout,
-                     backing_name_for, cluster_bits_of, create, read_layout, resolve_backing,
+                     backing_name_for, cluster_bits_of, create, read_layout, rebase, resolve_backing,
                      subclusters_possible)
 from .overlay import ZERO_SOURCE, UndoOverlay, open_image
 
-__all__ = ["create", "UndoOverlay", "Geometry", "Header", "open_image", "backing_name_for",
+__all__ = ["create", "UndoOverlay", "Geometry", "Header", "open_image", "backing_name_for", "rebase",
            "resolve_backing", "cluster_bits_of", "subclusters_possible", "read_layout",
            "ZERO_SOURCE", "MAGIC", "HEADER", "HEADER_LENGTH", "EXT", "EXT_END",
            "EXT_BACKING_FORMAT", "EXT_NBD_MC", "NBD_MC_EXT", "NBD_MC_EXT_VERSION",

@@ -179,11 +179,16 @@ class Header:
 
 
 def _encode_header(geo: Geometry, l1_offset: int, rt_offset: int, rt_clusters: int,
-                   backing: bytes, epoch: int) -> bytes:
-    """Cluster-0 contents: header, our extension, backing format, backing name."""
+                   backing: bytes, epoch: int, backing_format: str = "raw") -> bytes:
+    """Cluster-0 contents: header, our extension, backing format, backing name.
+
+    ``backing_format`` is "raw" (the replica image) or "qcow2" (a history layer
+    backed by the next newer one, nbd_mc/secondary/history.py); both fit the same
+    8 bytes, so the backing name starts at the same offset either way."""
+    fmt = backing_format.encode()
     exts = b"".join([
         EXT.pack(EXT_NBD_MC, NBD_MC_EXT.size), NBD_MC_EXT.pack(epoch, NBD_MC_EXT_VERSION),
-        EXT.pack(EXT_BACKING_FORMAT, 3), b"raw".ljust(8, b"\0"),
+        EXT.pack(EXT_BACKING_FORMAT, len(fmt)), fmt.ljust(8, b"\0"),
         EXT.pack(EXT_END, 0),
     ])
     backing_offset = HEADER_LENGTH + len(exts)
@@ -212,8 +217,10 @@ def resolve_backing(overlay_path: str, name: str) -> str:
 
 
 def create(path: str, image_path: str, size: int, cluster_size: int = 65536,
-           epoch: int = 0, subclusters: bool = False) -> None:
-    """Create an empty overlay atomically (temp file, fsync, rename).
+           epoch: int = 0, subclusters: bool = False, backing_format: str = "raw",
+           durable: bool = True) -> None:
+    """Create an empty overlay atomically (temp file, fsync, rename; without
+    ``durable`` no syncs: a history layer of a group that only survives kill -9).
 
     Layout: header, refcount table (sized for the largest the overlay can grow, so it
     never has to move), L1 table, then the refcount blocks that count the metadata.
@@ -250,17 +257,45 @@ def create(path: str, image_path: str, size: int, cluster_size: int = 65536,
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, used * C)
-        pwrite_all(fd, [_encode_header(geo, l1_offset, rt_offset, rt_clusters, backing, epoch)], 0)
+        pwrite_all(fd, [_encode_header(geo, l1_offset, rt_offset, rt_clusters, backing, epoch,
+                                       backing_format)], 0)
         pwrite_all(fd, [pack_u64s([(first_block + i) * C for i in range(nblocks)])], rt_offset)
         pwrite_all(fd, [REFCOUNT_ONE * used], first_block * C)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
         raise
     os.close(fd)
     os.rename(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    if durable:
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def rebase(path: str, backing_path: str, backing_format: str, durable: bool) -> None:
+    """Point the overlay at ``path`` to a new backing file (a history layer gets the
+    newer layer that now sits between it and the image, or the image again).
+
+    One pwrite of the header region, which lies within the first 4 KiB: a page is
+    replaced in the page cache whole, so kill -9 leaves the old name or the new one.
+    Only the backing fields and name change; everything else is re-encoded as read.
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        lay = read_layout(fd, path, readonly=True, expected_backing_format=backing_format)
+        h = lay.header
+        backing = backing_name_for(path, backing_path).encode()
+        new = _encode_header(lay.geo, h.l1_table_offset, h.refcount_table_offset,
+                             h.refcount_table_clusters, backing, lay.epoch or 0, backing_format)
+        old_end = h.backing_file_offset + h.backing_file_size
+        if len(new) > 4096:
+            raise ValueError("backing file name too long for a history layer")
+        pwrite_all(fd, [new + bytes(max(0, old_end - len(new)))], 0)
+        if durable:
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -289,7 +324,8 @@ class Layout:
 
 
 def read_layout(fd: int, path: str, *, expected_size: int | None = None,
-                expected_image: str | None = None, readonly: bool = False) -> Layout:
+                expected_image: str | None = None, readonly: bool = False,
+                expected_backing_format: str = "raw") -> Layout:
     """Validate the overlay open at ``fd`` and return its layout (reads only).
 
     Everything a writer could trip over is refused with CorruptOverlay: a bad
@@ -297,7 +333,9 @@ def read_layout(fd: int, path: str, *, expected_size: int | None = None,
     refcount block on other metadata, and any L1/L2 reference that is misaligned,
     past the end of the file, shared, or not counted exactly once.
     """
-    return _Reader(fd, path, readonly).read(expected_size, expected_image)
+    r = _Reader(fd, path, readonly)
+    r.expected_backing_format = expected_backing_format
+    return r.read(expected_size, expected_image)
 
 
 class _Reader:
@@ -307,6 +345,7 @@ class _Reader:
         self.fd, self.path, self.readonly = fd, path, readonly
         self.refcache: dict = {}
         self.referenced: set = set()
+        self.expected_backing_format = "raw"
 
     def read(self, expected_size, expected_image) -> Layout:
         fd, path = self.fd, self.path
@@ -391,8 +430,10 @@ class _Reader:
         if resolved != os.path.realpath(expected_image):
             raise CorruptOverlay(
                 f"{self.path}: backing file is {lay.backing!r}, expected {expected_image}")
-        if lay.backing_format not in (None, "raw"):
-            raise CorruptOverlay(f"{self.path}: backing format is {lay.backing_format}, expected raw")
+        want = self.expected_backing_format
+        if lay.backing_format not in ((None, "raw") if want == "raw" else (want,)):
+            raise CorruptOverlay(f"{self.path}: backing format is {lay.backing_format}, "
+                                 f"expected {want}")
         if lay.epoch_offset is None and not self.readonly:
             raise CorruptOverlay(f"{self.path}: not an nbd-mc overlay (no epoch record)")
 

@@ -57,14 +57,16 @@ class UndoOverlay:
     """
 
     def __init__(self, path: str, image_fd: int, *, expected_size: int | None = None,
-                 expected_image: str | None = None, readonly: bool = False, barrier=None):
+                 expected_image: str | None = None, readonly: bool = False, barrier=None,
+                 expected_backing_format: str = "raw"):
         try:
             fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
         except OSError as e:
             raise CorruptOverlay(f"cannot open overlay {path}: {os.strerror(e.errno)}") from None
         try:
             lay = read_layout(fd, path, expected_size=expected_size,
-                              expected_image=expected_image, readonly=readonly)
+                              expected_image=expected_image, readonly=readonly,
+                              expected_backing_format=expected_backing_format)
         except BaseException:
             os.close(fd)
             raise

@@ -106,7 +106,7 @@ def _with_uris(s: Session, reply: dict) -> dict:
 
 
 def _failover(s: Session, a: dict) -> dict:
-    reply = s.group.failover(a["instant"])
+    reply = s.group.failover(a["instant"], to_epoch=a["to_epoch"])
     reply["disks"] = boot.with_drive_options(reply["disks"])
     return _with_uris(s, reply)
 
@@ -142,8 +142,12 @@ COMMANDS = {c.name: c for c in (
     Command("fence-primary", "after an in-place failover: stop the new primary's writes "
             "through this server (failover again gives them back)",
             lambda s, a: s.group.fence_primary()),
-    Command("failover", "fence, return to the last commit (or hand out the overlays) and promote",
-            _failover, (Arg("instant", "boolean", default=False),)),
+    Command("failover", "fence, return to the last commit (or to a retained epoch, to_epoch; "
+            "or hand out the overlays) and promote",
+            _failover, (Arg("instant", "boolean", default=False), Arg("to_epoch", "epoch"))),
+    Command("query-history", "the retained checkpoints (serve --history): epoch, commit time, "
+            "bytes held, how far back history reaches",
+            lambda s, a: s.group.history_listing()),
     Command("new-session", "a primary (re)attaches: connections of earlier sessions can no "
             "longer write; stale_after is how long without a commit makes protection stale",
             lambda s, a: s.group.new_session(a["stale_after"]), (Arg("stale_after", "seconds"),)),

@@ -76,6 +76,10 @@ class Disk:
         self._lock = threading.Lock()
         power = durability == "power"
         self.overlay_sync = GroupSync(lambda: self.overlay.fd)
+        #: The open history layer (an UndoOverlay) or None; set and cleared by the
+        #: group's History with the gate closed, read by preserve_layer.
+        self.layer = None
+        self.layer_sync = GroupSync(lambda: self.layer.fd)
         try:
             self.overlay = qcow2.UndoOverlay(
                 spec.overlay, self.fd, expected_size=spec.size, expected_image=spec.image,
@@ -99,11 +103,22 @@ class Disk:
         when another request did the preserving: the sync is shared among all
         requests waiting at the same time.
         """
+        self._preserve_into(self.overlay, self.overlay_sync, offset, length)
+
+    def preserve_layer(self, offset: int, length: int) -> None:
+        """The same copy-before-write into the open history layer (the old data as
+        of the newest retained checkpoint, nbd_mc/secondary/history.py): its units
+        stay preserved across commits until the next retained checkpoint, so only
+        the first write after a checkpoint copies."""
+        layer = self.layer
+        if layer is not None:
+            self._preserve_into(layer, self.layer_sync, offset, length)
+
+    def _preserve_into(self, ov, sync, offset: int, length: int) -> None:
         if length <= 0:
             return
         first = offset >> self.bits
         last = (offset + length - 1) >> self.bits
-        ov = self.overlay
         if not self.power:
             if first == last:
                 if ov.is_preserved(first):
@@ -115,11 +130,11 @@ class Disk:
             for start, n in runs(todo):
                 ov.preserve(start, n)
             if todo:
-                self.overlay_sync.note_write()
+                sync.note_write()
             # Under the lock: a cluster another request preserved has been counted.
-            upto = self.overlay_sync.written
+            upto = sync.written
         if self.power:
-            self.overlay_sync.wait_durable(upto)
+            sync.wait_durable(upto)
 
     def read_committed(self, view: memoryview, offset: int) -> None:
         """The committed view, safe against a concurrent preserve + overwrite.

@@ -25,9 +25,9 @@ import uuid
 from contextlib import contextmanager
 
 from .. import crashpoints, qcow2
-from . import mode, writer
+from . import history as hist, mode, writer
 from ..errors import (BadRequest, EpochMismatch, Fenced, IOFailure, NbdMcError, NotProtected,
-                     StateError, io_failure)
+                     NotRetained, StateError, io_failure)
 from ..fileio import fsync_dir, pread_into, punch_hole, pwrite_all
 from .state import DirLock, GroupState, StateFile, load, save
 from .sync import Gate
@@ -37,6 +37,8 @@ DURABILITY_MODES = ("process", "power")
 #: Seconds without a commit after which a protected group is reported stale, until a
 #: primary says how often it checkpoints (new-session).
 DEFAULT_STALE_AFTER = 30.0
+#: ``history_policy`` of a Group not told otherwise: keep the stored policy.
+KEEP = "keep"
 
 
 class Group:
@@ -63,10 +65,12 @@ class Group:
 
     def __init__(self, state_dir: str, disks: list[tuple[str, str]] | None = None, *,
                  cluster_size: int | None = None, durability: str | None = None,
-                 lock: bool = True, subclusters: bool | None = None):
+                 lock: bool = True, subclusters: bool | None = None, history_policy=KEEP):
         """``durability`` None keeps the mode the group was last served with (a
         restart must not silently weaken a power-safe group).  ``subclusters`` is
-        fixed when the group is created (None: on where the cluster size allows)."""
+        fixed when the group is created (None: on where the cluster size allows).
+        ``history_policy`` (history.make_policy; None turns history off) is kept
+        in the state file; KEEP keeps the stored one."""
         if durability not in DURABILITY_MODES + (None,):
             raise BadRequest(f"durability must be one of {', '.join(DURABILITY_MODES)}")
         self.state_dir = os.path.abspath(state_dir)
@@ -76,6 +80,9 @@ class Group:
         state.durability = self.durability
         if not state.group_id:  # a new group, or one made before groups had an identity
             state.group_id = uuid.uuid4().hex[:16]
+            changed = True
+        if history_policy != KEEP and history_policy != state.history_policy:
+            state.history_policy = history_policy  # layers it no longer wants go in recovery
             changed = True
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.lock = DirLock(self.state_dir) if lock else None
@@ -106,6 +113,10 @@ class Group:
                 self.lock.release()
             raise
         self.by_name = {d.name: d for d in self.disks}
+        #: The retained checkpoints' layers (nbd_mc/secondary/history.py).
+        self.history = hist.History(self.state_dir, self.disks, self.durability)
+        #: the thread deleting the layers after a failover's reply (close joins it)
+        self._discarding: threading.Thread | None = None
         self.gate = Gate()
         self._control = threading.Lock()  # one checkpoint operation at a time
         self._stats_lock = threading.Lock()
@@ -119,6 +130,8 @@ class Group:
         self.stats["refused_commits"] = 0  # commits refused or failed (metrics)
         try:
             self.recovered = self._recover()
+            self.history.open(self.state, self.keeps_undo)
+            self._refresh_fast_path()
         except BaseException:  # a refused or failed recovery keeps no fd and no lock
             self.close()
             raise
@@ -153,6 +166,8 @@ class Group:
         epoch: apply it.  One returning to an older epoch is stale (the crash fell
         between persisting the commit and dropping): drop it, never apply.
         """
+        if self.state.rewind is not None:
+            return self._finish_rewind()
         committed = self.state.committed
         report = {"committed": committed, "restored_clusters": 0, "stale_dropped": []}
         for d in self.disks:
@@ -182,7 +197,69 @@ class Group:
                     d.overlay.drop(committed)
                 finally:
                     d.overlay.barrier = saved
+        self._recover_history()
         return report
+
+    def _recover_history(self) -> None:
+        """The history layers' files made to match the state (history.recover)."""
+        shrunk = self.history.recover(self.state)
+        if shrunk is not None:
+            self._persist(history=shrunk)
+            self.history.finish_recover(self.state)
+
+    def _finish_rewind(self) -> dict:
+        """A `failover --to-epoch` was interrupted: finish returning every disk to
+        the epoch the state names (the sequence is idempotent), then say so in the
+        state.  The group stays fenced; `failover` again promotes it."""
+        target = self.state.rewind
+        for d in self.disks:
+            if d.overlay.epoch not in (self.state.committed, target):
+                raise StateError(
+                    f"overlay {d.spec.overlay} returns to epoch {d.overlay.epoch}, but the state "
+                    f"file says {self.state.committed} is committed and {target} is the epoch "
+                    "being returned to: the overlay does not belong to this state")
+        restored = self._rewind_locked(target, power_drop=True)
+        self._persist(**self._rewound(target))
+        self.history.discard()
+        return {"committed": target, "restored_clusters": restored, "stale_dropped": [],
+                "rewound_to": target}
+
+    def _rewind_locked(self, target: int, power_drop: bool = False) -> int:
+        """Apply the undo overlay and the history layers down to ``target``, sync
+        the images, re-stamp the overlays "returns to ``target``" (the state
+        still says ``rewind``: recovery repeats all of it)."""
+        restored = 0
+        for d in self.disks:
+            if d.overlay.epoch == self.state.committed:
+                restored += d.overlay.apply()
+        restored += self.history.apply_down_to(self.state, target)
+        for d in self.disks:
+            try:
+                os.fdatasync(d.fd)
+            except OSError as e:
+                raise io_failure(f"syncing image {d.spec.image}", e) from None
+        if crashpoints.ARMED:
+            crashpoints.reached("rewind.after-apply")
+        for d in self.disks:
+            saved = d.overlay.barrier
+            if power_drop:
+                d.overlay.barrier = d.overlay.sync
+            try:
+                d.overlay.drop(target)
+                # The record "returns to target" must be durable before the state
+                # says target: the other order would leave, after a power cut, an
+                # overlay returning to an epoch after the committed one (foreign).
+                d.overlay.sync()
+            except OSError as e:
+                raise io_failure(f"syncing overlay {d.spec.overlay}", e) from None
+            finally:
+                d.overlay.barrier = saved
+        return restored
+
+    def _rewound(self, target: int) -> dict:
+        """The state changes that say every disk is at ``target`` now."""
+        when = dict((n, t) for n, t in self.state.history).get(target, self.state.commit_time)
+        return {"committed": target, "commit_time": when, "rewind": None, "history": []}
 
     def _checked_apply(self, d: Disk) -> int:
         """Apply a disk's undo data; returns how many clusters it touched."""
@@ -247,6 +324,8 @@ class Group:
                 self._check_writable(generation)
             if self._undo:
                 disk.preserve(offset, len(buf))
+                if self._history:
+                    disk.preserve_layer(offset, len(buf))
             if crashpoints.ARMED:
                 crashpoints.reached("write.before-image")
             try:
@@ -271,6 +350,8 @@ class Group:
                 self._check_writable(generation)
             if self._undo:
                 disk.preserve(offset, count)
+                if self._history:
+                    disk.preserve_layer(offset, count)
             if crashpoints.ARMED:
                 crashpoints.reached("zero.before-image")
             try:
@@ -331,6 +412,18 @@ class Group:
             except OSError as e:
                 raise io_failure(f"reading committed view of {disk.name}", e) from None
 
+    def read_epoch(self, disk: Disk, epoch: int, view, offset: int) -> None:
+        """``NAME@epoch-N``: the disk as of retained epoch N (history.read)."""
+        with self.io():
+            refusal = hist.epoch_access(self.state, hist.epoch_export(disk.name, epoch), epoch)
+            if refusal:
+                raise IOFailure(refusal, errno.ENOENT)
+            self.history.read(self.state, disk, epoch, view, offset)
+
+    def history_listing(self) -> dict:
+        """The retained checkpoints (`nbd-mc history`, the query-history command)."""
+        return self.history.listing(self.state)
+
     def flush(self, disk: Disk) -> None:
         try:
             os.fdatasync(disk.fd)
@@ -385,12 +478,53 @@ class Group:
                     self.flush(d)
             if crashpoints.ARMED:
                 crashpoints.reached("commit.before-state")
-            self._persist(committed=epoch, commit_time=time.time())
+            now = time.time()
+            kept = self._retain(epoch, now)
+            old_history = self.state.history
+            self._persist(committed=epoch, commit_time=now,
+                          **({"history": kept} if kept is not None else {}))
             if crashpoints.ARMED:
                 crashpoints.reached("commit.after-state")
+            if kept is not None:
+                self._switch_history(old_history)
             self._drop_all(epoch)
         self._count("commits")
         return {"committed": epoch, "seconds": time.perf_counter() - t0}
+
+    def _discard_history(self) -> None:
+        try:
+            self.history.discard()
+        except NbdMcError:
+            pass  # leftovers are unlisted: the next recovery deletes them
+
+    def _retain(self, epoch: int, now: float) -> list | None:
+        """The history list the commit of ``epoch`` persists (None: unchanged),
+        with a newly retained epoch's layers already created (history.prepare).
+        A failure leaves the files as they were and refuses the commit."""
+        kept = self.history.plan(self.state, epoch, now)
+        if kept is None:
+            return None
+        try:
+            self.history.prepare(self.state, kept)
+        except NbdMcError:
+            try:  # the new layer is not listed: undo the rebase, delete it
+                self.history.recover(self.state)
+                self.history.finish_recover(self.state)
+            except NbdMcError:
+                pass  # recovery at the next start does the same
+            raise
+        return kept
+
+    def _switch_history(self, old_history: list) -> None:
+        try:
+            self.history.switch(old_history, self.state, self.keeps_undo)
+            self._refresh_fast_path()
+        except NbdMcError as e:
+            # The commit is persisted, but writes could not preserve into the new
+            # layer: refuse them until a restart (recovery opens the layer again).
+            self.broken = f"switching history layers failed: {e.desc}"
+            self._refresh_fast_path()
+            raise
 
     def _committed_on_disk(self) -> int | None:
         """The committed epoch as the state file says it, None if unreadable."""
@@ -485,6 +619,8 @@ class Group:
         self._write_generation = s.generation if usable else -1
         self._undo = self.keeps_undo
         self._readable = frozenset(k for k in mode.EXPORT_KINDS if mode.allowed(s, "read " + k))
+        history = getattr(self, "history", None)
+        self._history = bool(self._undo and history is not None and history.active)
 
     def _drop_all(self, epoch: int) -> None:
         for i, d in enumerate(self.disks):
@@ -555,13 +691,16 @@ class Group:
     def mode(self) -> mode.Mode:
         return mode.mode_of(self.state)
 
-    def failover(self, instant: bool = False) -> dict:
-        """Fence, return to the last commit, promote.  Idempotent; on a promoted group
-        that ``fence-primary`` stopped, it gives the new primary its disk back (the
-        writer id is kept, so its reconnects find their export)."""
+    def failover(self, instant: bool = False, to_epoch: int | None = None) -> dict:
+        """Fence, return to the last commit (or to retained epoch ``to_epoch``),
+        promote.  Idempotent; on a promoted group that ``fence-primary`` stopped, it
+        gives the new primary its disk back (the writer id is kept, so its
+        reconnects find their export)."""
         with self._control:
             t0 = time.perf_counter()
             mode.check(self.state, "failover")
+            if to_epoch is not None and to_epoch == self.state.committed:
+                to_epoch = None  # the last commit: an ordinary failover
             if self.mode is mode.Mode.PROMOTED_FENCED:
                 with self.gate.closed():
                     self._persist(fenced=False)
@@ -569,18 +708,42 @@ class Group:
                 if not self.state.committed:
                     raise NotProtected("failover refused: no epoch was ever committed, the "
                                        "replica holds no consistent state")
+                if to_epoch is not None:
+                    if instant:
+                        raise BadRequest("failover refused: --instant returns to the last commit "
+                                         "only; --to-epoch needs the rollback")
+                    hist.check_target(self.state, to_epoch)
                 with self.gate.closed():
-                    self._persist(generation=self.state.generation + 1, fenced=True)
+                    self._persist(generation=self.state.generation + 1, fenced=True,
+                                  **({"rewind": to_epoch} if to_epoch is not None else {}))
                     if crashpoints.ARMED:
                         crashpoints.reached("failover.after-fence")
                     if instant:
                         self._persist(role="primary", handoff="instant", writer=None)
                     else:
-                        self._rollback_locked()
+                        if to_epoch is None:
+                            self._rollback_locked()
+                            done = {"history": []}
+                        else:
+                            self._rewind_locked(to_epoch)
+                            done = self._rewound(to_epoch)
                         if crashpoints.ARMED:
                             crashpoints.reached("failover.before-promote")
+                        had_history = bool(self.state.history)
                         self._persist(role="primary", fenced=False,
-                                      writer=writer.new_writer_id(self.state.generation))
+                                      writer=writer.new_writer_id(self.state.generation), **done)
+                        if had_history and crashpoints.ARMED:  # unlisted, not yet deleted
+                            crashpoints.reached("history.before-unlink")
+                        self._refresh_fast_path()  # no write preserves into a layer now
+                        # The images are the new primary's: the layers go, after the
+                        # reply (the state lists none; recovery deletes any leftover).
+                        self._discarding = threading.Thread(
+                            target=self._discard_history, daemon=True,
+                            name="nbd-mc history discard")
+                        self._discarding.start()
+            elif to_epoch is not None:
+                raise NotRetained(f"failover refused: already promoted at epoch "
+                                  f"{self.state.committed}; no history is kept after a failover")
             return {"committed": self.state.committed, "disks": self.handover(),
                     "seconds": time.perf_counter() - t0}
 
@@ -604,6 +767,7 @@ class Group:
         the images are synced first: for a process that ends inside the block
         (``quit`` with clients still connected)."""
         with self._control, self.gate.closed():
+            self._join_discard()
             for d in self.disks:
                 try:
                     os.fdatasync(d.fd)
@@ -635,15 +799,30 @@ class Group:
             "handoff": self.state.handoff,
             "writer": self.state.writer,
             "broken": self.broken,
+            "history": self._history_summary(),
             "disks": [d.status() for d in self.disks],
             "stats": self._stats_copy(),
         }
+
+    def _history_summary(self) -> dict:
+        """status' ``history``: the listing without the per-checkpoint rows."""
+        out = self.history.listing(self.state)
+        out.pop("checkpoints")
+        return out
 
     def _stats_copy(self) -> dict:
         with self._stats_lock:
             return dict(self.stats)
 
+    def _join_discard(self) -> None:
+        if getattr(self, "_discarding", None) is not None:
+            self._discarding.join()
+
     def close(self) -> None:
+        self._join_discard()
+        history = getattr(self, "history", None)
+        if history is not None:
+            history.close()
         for d in self.disks:
             d.close()
         self.state_file.close()

@@ -53,6 +53,9 @@ class ServeOptions:
     pidfile: str | None = None
     thread_model: str = "serialize"
     threads: int | None = None
+    #: (keep seconds, every seconds, max bytes) from --history; None: keep the
+    #: group's stored policy (keep 0 turns history off)
+    history: tuple | None = None
 
     def resolve(self) -> None:
         self.state_dir = os.path.abspath(self.state_dir)
@@ -107,6 +110,9 @@ def nbdkit_command(opts: ServeOptions) -> list[str]:
         cmd.append(f"cluster_size={opts.cluster_size}")
     if opts.subclusters is not None:
         cmd.append(f"subclusters={'on' if opts.subclusters else 'off'}")
+    if opts.history is not None:
+        keep, every, most = opts.history
+        cmd.append(f"history={keep!r}:{every!r}:{int(most or 0)}")
     if parse_address(opts.control).is_tcp:
         cmd.append(f"control_tls={opts.tls_certificates}")
     return cmd

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..metrics import gauge as _gauge, render
 
@@ -62,6 +62,18 @@ def status_families(st: dict, group: str, now: float | None = None,
                            "commit.", g, last, unit="seconds"))
         fams.append(_gauge("nbd_mc_since_last_commit", "Seconds since this server's last "
                            "commit.", g, since, unit="seconds"))
+    hist = st.get("history") or {}
+    if hist.get("enabled") or hist.get("count"):
+        fams.append(_gauge("nbd_mc_history_checkpoints", "Retained checkpoints (serve --history): "
+                           "exports NAME@epoch-N.", g, hist.get("count") or 0))
+        fams.append(_gauge("nbd_mc_history", "Bytes the retained checkpoints' layers hold.",
+                           g, hist.get("bytes") or 0, unit="bytes"))
+        if hist.get("oldest_epoch") is not None:
+            fams.append(_gauge("nbd_mc_history_oldest_epoch", "The oldest retained epoch "
+                               "(failover --to-epoch reaches back to it).", g, hist["oldest_epoch"]))
+            fams.append(_gauge("nbd_mc_history_oldest_age", "Age of the oldest retained "
+                               "checkpoint: how far back history reaches.", g,
+                               max(0.0, now - hist["oldest_time"]), unit="seconds"))
     per_disk = {
         "nbd_mc_disk_undo": ("Bytes of undo data kept for the open epoch.", "undo_bytes", "bytes"),
         "nbd_mc_disk_preserved_clusters": ("Clusters whose committed contents are kept as "

@@ -66,7 +66,7 @@ def mode_of(state) -> Mode:
 
 
 #: The kinds of export a connection can open (writer.Access.kind).
-EXPORT_KINDS = ("live", "committed", "writer")
+EXPORT_KINDS = ("live", "committed", "writer", "epoch")
 #: Every operation the table decides.  "open KIND" / "read KIND": a connection to
 #: an export of that kind; "write": a write, zero or trim.
 OPERATIONS = tuple(f"{op} {k}" for op in ("open", "read") for k in EXPORT_KINDS) + (
@@ -118,6 +118,9 @@ PROMOTED = {op: None for op in OPERATIONS} | {
     "open live": Refusal(Fenced, _OPEN_PLAIN_PROMOTED, errno.EACCES),
     "open committed": Refusal(Fenced, _NO_COMMITTED_VIEW, errno.EACCES),
     "read committed": Refusal(Fenced, "read refused: no committed view after a failover"),
+    "open epoch": Refusal(Fenced, "{name}: no history after a failover (the images are the "
+                                  "new primary's disk)", errno.EACCES),
+    "read epoch": Refusal(Fenced, "read refused: no history after a failover"),
     "commit": Refusal(Fenced, _PROMOTED),
     "claim": Refusal(Fenced, _PROMOTED + "; its writer is {writer} (see `nbd-mc status`)"),
     "new-session": Refusal(Fenced, _PROMOTED),

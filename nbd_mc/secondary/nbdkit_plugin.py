@@ -19,11 +19,11 @@ import time
 
 import nbdkit
 
-from . import commands, writer
+from . import commands, history, writer
 from ..address import default_control
 from ..control import ControlServer
 from .disk import COMMITTED_SUFFIX, parse_disk_spec
-from .engine import Group
+from .engine import KEEP, Group
 from ..errors import NbdMcError
 from ..fileio import data_extents
 from ..tls import TlsFiles
@@ -34,7 +34,7 @@ MAX_REQUEST = 32 << 20
 NBDKIT_MAX_REQUEST = 64 << 20
 
 _config = {"disks": [], "state_dir": None, "cluster_size": None, "durability": None,
-           "subclusters": None, "nbd_uri": None,
+           "subclusters": None, "nbd_uri": None, "history": KEEP,
            "control": None, "control_tls": None, "threads": "serialize"}
 _group: Group | None = None
 _control: ControlServer | None = None
@@ -52,6 +52,12 @@ def config(key: str, value: str) -> None:
         if value not in ("on", "off"):
             raise RuntimeError("subclusters must be on or off")
         _config["subclusters"] = value == "on"
+    elif key == "history":  # KEEP:EVERY:MAX in seconds and bytes (launch.py writes it)
+        try:
+            keep, every, most = (float(x) for x in value.split(":"))
+            _config["history"] = history.make_policy(keep, every, int(most))
+        except (ValueError, NbdMcError) as e:
+            raise RuntimeError(f"history must be KEEP:EVERY:MAX ({e})") from None
     elif key in ("durability", "control", "control_tls", "threads", "nbd_uri"):
         _config[key] = value
     else:
@@ -84,7 +90,8 @@ def get_ready() -> None:
     try:
         _group = Group(_config["state_dir"], _config["disks"] or None,
                        cluster_size=_config["cluster_size"], durability=_config["durability"],
-                       subclusters=_config["subclusters"])
+                       subclusters=_config["subclusters"],
+                       history_policy=_config["history"])
     except (NbdMcError, ValueError) as e:
         _refuse(getattr(e, "desc", e))
     try:
@@ -153,10 +160,11 @@ def default_export(readonly, is_tls):
 
 
 class Handle:
-    __slots__ = ("disk", "committed", "generation", "writable", "access")
+    __slots__ = ("disk", "committed", "generation", "writable", "access", "epoch")
 
-    def __init__(self, disk, committed, generation, writable, access=None):
+    def __init__(self, disk, committed, generation, writable, access=None, epoch=None):
         self.disk = disk
+        self.epoch = epoch  # NAME@epoch-N: the retained epoch it reads, else None
         self.committed = committed
         self.generation = generation
         self.writable = writable
@@ -183,7 +191,9 @@ def open(readonly):  # noqa: A001 - nbdkit's callback name
     global _connections
     with _connections_lock:
         _connections += 1
-    return Handle(disk, committed, _group.generation, writable, access)
+    epoch = history.parse_epoch_suffix(writer.split_export(name)[1]) \
+        if access.kind == "epoch" else None
+    return Handle(disk, committed, _group.generation, writable, access, epoch)
 
 
 def export_description(h):
@@ -213,7 +223,7 @@ can_flush = can_trim = can_zero = can_fast_zero = can_multi_conn = _yes
 
 
 def can_extents(h):
-    return not h.committed
+    return not h.committed and h.epoch is None
 
 
 def is_rotational(h):
@@ -279,7 +289,9 @@ def _request_failed(e: NbdMcError):
 def pread(h, buf, offset, flags):
     try:
         _group.check_read(h.access.kind)  # a failover may come while a client reads
-        if h.committed:
+        if h.epoch is not None:
+            _group.read_epoch(h.disk, h.epoch, buf, offset)
+        elif h.committed:
             _group.read_committed(h.disk, buf, offset)
         else:
             _group.read(h.disk, buf, offset)

@@ -54,6 +54,16 @@ class GroupState:
     #: the group whose commits its dirty bitmaps count from.
     group_id: str = ""
     commit_time: float = 0.0  # wall-clock time of the last commit (0: none yet)
+    #: Retained checkpoints, oldest first: [[epoch, commit time], ...]; the
+    #: files are the history layers (nbd_mc/secondary/history.py).  A layer exists
+    #: for the group exactly when it is listed here.
+    history: list = field(default_factory=list)
+    #: What `serve --history` asked for: {"keep": s, "every": s, "max": bytes or 0}
+    #: or None (no history); kept across restarts like the durability mode.
+    history_policy: dict | None = None
+    #: `failover --to-epoch N` in progress: the epoch every disk is being returned
+    #: to (None otherwise); recovery finishes the return.
+    rewind: int | None = None
 
     def to_json(self) -> str:
         body = {"format": FORMAT, "version": VERSION, "committed": self.committed,
@@ -61,6 +71,11 @@ class GroupState:
                 "handoff": self.handoff, "durability": self.durability, "writer": self.writer,
                 "group_id": self.group_id, "commit_time": self.commit_time,
                 "disks": [d.__dict__ for d in self.disks]}
+        if self.history or self.history_policy or self.rewind is not None:
+            # (absent without history: files of groups without it stay as they were)
+            body.update(history=[[n, round(t, 3)] for n, t in self.history],
+                        history_policy=self.history_policy,
+                        rewind=self.rewind)
         return json.dumps(body, indent=2) + "\n"
 
     @classmethod
@@ -76,7 +91,10 @@ class GroupState:
                         durability=body.get("durability", "process"),
                         writer=body.get("writer"),
                         group_id=str(body.get("group_id") or ""),
-                        commit_time=float(body.get("commit_time") or 0.0))
+                        commit_time=float(body.get("commit_time") or 0.0),
+                        history=[[int(n), float(t)] for n, t in body.get("history") or []],
+                        history_policy=body.get("history_policy"),
+                        rewind=None if body.get("rewind") is None else int(body["rewind"]))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise StateError(f"{where}: unreadable state file ({e})") from None
         if (state.role not in ROLES or state.committed < 0 or not state.disks

@@ -48,7 +48,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from . import mode
+from . import history, mode
 from ..errors import BadRequest, Fenced
 
 COMMITTED = "committed"
@@ -82,7 +82,7 @@ class Access:
     """
 
     disk: str
-    kind: str  # "live" | "committed" | "writer"
+    kind: str  # "live" | "committed" | "writer" | "epoch"
     writable: bool
     refusal: str | None
     description: str
@@ -99,17 +99,24 @@ def decide(state, name: str, readonly: bool = False) -> Access:
     (a state.GroupState); the disk must exist (the caller checks).  Whether the
     group's mode lets an export of this kind open at all is nbd_mc/secondary/mode.py's."""
     disk, suffix = split_export(name)
-    kind = "live" if suffix is None else "committed" if suffix == COMMITTED else "writer"
+    epoch = history.parse_epoch_suffix(suffix)
+    kind = ("live" if suffix is None else "committed" if suffix == COMMITTED
+            else "epoch" if epoch is not None else "writer")
     refused = mode.refusal(state, "open " + kind, name or disk)
     if refused is not None:
         return Access(disk, kind, False, refused.desc, "")
+    if kind == "epoch":  # NAME@epoch-N: which epochs are retained is history.py's rule
+        refusal = history.epoch_access(state, name, epoch)
+        return Access(disk, "epoch", False, refusal,
+                      "" if refusal else f"{disk} as of retained epoch {epoch} (read-only)")
     if kind == "committed":
         return Access(disk, "committed", False, None,
                       f"{disk} as of the last commit (read-only)")
     if kind == "writer":
         if not is_writer_id(suffix):
             return Access(disk, "writer", False,
-                          f"no export {name!r}: after '@' comes 'committed' or a writer id", "")
+                          f"no export {name!r}: after '@' comes 'committed', 'epoch-N' or a "
+                          "writer id", "")
         if suffix == state.writer:
             return Access(disk, "writer", not readonly, None,
                           f"{disk} for writer {suffix} (nbd-mc {state.role})")
@@ -126,7 +133,9 @@ def listing(state, disks) -> list[tuple[str, str]]:
     """(export, description) pairs for NBD_OPT_LIST: what may be opened now."""
     out = []
     for d in disks:
-        for name in (d, f"{d}@{COMMITTED}", writer_export(d, state.writer) if state.writer else None):
+        epochs = [history.epoch_export(d, n) for n in history.retained(state)]
+        for name in (d, f"{d}@{COMMITTED}", writer_export(d, state.writer) if state.writer else None,
+                     *epochs):
             if name is None:
                 continue
             a = decide(state, name)

@@ -3,8 +3,9 @@ killed with SIGKILL at a named point, then recovered and checked against a model
 
 One *trial* = start `nbd-mc serve` (two disks) with ``NBD_MC_CRASHPOINT=POINT:N``,
 run a deterministic workload (concurrent writes / write-zeroes / trims on both
-disks, commits, one rollback, a final failover) until nbdkit kills itself at the
-N-th time it reaches POINT, then:
+disks, commits, one rollback, a final `failover --to-epoch` two epochs back) with
+every commit retained as history (``--history 1h --history-every 0``) until
+nbdkit kills itself at the N-th time it reaches POINT, then:
 
 * before any recovery: every overlay passes `qemu-img check` (leaks allowed) and,
   opened with QEMU's own qcow2 reader, shows the disk at exactly one committed
@@ -12,8 +13,13 @@ N-th time it reaches POINT, then:
   overlay itself records);
 * recovery, by `nbd-mc recover` or by restarting `nbd-mc serve --state-dir`
   (optionally crashing the restart again, inside its recovery);
+* every retained checkpoint the state file lists, before and after recovery, is
+  exact: its layer file, opened by `qemu-img compare` (the backing chain), shows
+  the model at that epoch; after recovery no unlisted layer file is left;
 * after it: the state file names epoch E, E is the last acknowledged commit or the
-  one in flight at the kill, every image equals the model at E byte for byte,
+  one in flight at the kill (or, when the kill fell inside the final failover
+  after it recorded its target, that target: recovery finishes the return),
+  every image equals the model at E byte for byte,
   every overlay is clean (`qemu-img check` exit 0) and shows E; a restarted
   server serves E on both exports and still rolls back correctly.
 
@@ -43,6 +49,8 @@ DISK_SIZE = 3 << 20          # with 4 KiB clusters: two L2 tables per disk
 CLUSTER_SIZES = (4096, 65536)
 EPOCHS = 5                   # commits after the first one
 ROLLBACK_AT = 2              # the epoch in which the workload rolls back once
+BACK = 2                     # the final failover returns this many epochs back
+HISTORY = ("--history", "1h", "--history-every", "0")
 
 #: Points the workload reaches in both durability modes (all of them).
 POINTS = tuple(p for p in crashpoints.POINTS if p != "recover.after-apply")
@@ -148,7 +156,8 @@ def run_trial(root: str, trial: Trial) -> Result:
     rng = random.Random(trial.seed)
     images = {d: os.path.join(tdir, f"{d}.raw") for d in DISKS}
     initial = {d: make_image(images[d], DISK_SIZE, rng) for d in DISKS}
-    srv = Server(tdir, images, durability=trial.durability, cluster_size=trial.cluster_size)
+    srv = Server(tdir, images, durability=trial.durability, cluster_size=trial.cluster_size,
+                 args=HISTORY)
     try:
         _run(srv, trial, res, initial, tdir)
     except TrialFailure as e:
@@ -175,6 +184,7 @@ def _run(srv: Server, trial: Trial, res: Result, initial: dict, tdir: str) -> No
     srv.start(crashpoint=trial.spec)
     handles = {d: srv.connect(d) for d in DISKS}
     inflight = None  # (epoch, contents) of a commit whose reply never came
+    failover_to = None  # the epoch the final failover was sent to return to
     steps = workload(trial.seed, trial.cluster_size)
     finished = False
     for i, step in enumerate(steps):
@@ -195,8 +205,11 @@ def _run(srv: Server, trial: Trial, res: Result, initial: dict, tdir: str) -> No
                     _fail(f"rollback returned {r}, model at {model.epoch}")
                 model.rollback()
             elif step[0] == "failover":
-                r = srv.execute("failover")
-                model.rollback()
+                target = failover_to = model.epoch - BACK
+                r = srv.execute("failover", to_epoch=target)
+                if r["committed"] != target:
+                    _fail(f"failover --to-epoch {target} returned {r}")
+                model.settle(target)
                 finished = True
         except (_Crashed, ConnectionError, OSError, nbd.Error) as e:
             if srv.pid is not None and pid_alive(srv.pid):
@@ -212,11 +225,17 @@ def _run(srv: Server, trial: Trial, res: Result, initial: dict, tdir: str) -> No
     if not res.killed:
         if not finished:
             _fail("workload ended without failover")
-        status = srv.execute("query-status")
-        if status["role"] != "primary" or status["committed"] != model.epoch:
-            _fail(f"after failover: {status}")
+        try:
+            status = srv.execute("query-status")
+        except (ConnectionError, OSError):
+            # killed after the failover's reply, deleting the layers (a thread)
+            wait_until(lambda: not pid_alive(srv.pid), "the server to die", timeout=5)
+            res.killed, res.killed_in = True, "after the failover's reply"
+        else:
+            if status["role"] != "primary" or status["committed"] != model.epoch:
+                _fail(f"after failover: {status}")
     srv.wait_dead() if res.killed else srv.stop()
-    _check_after_crash(srv, trial, res, model, inflight, tdir)
+    _check_after_crash(srv, trial, res, model, inflight, tdir, failover_to)
 
 
 def _io(handles: dict, ops: list, model: GroupModel) -> None:
@@ -278,19 +297,58 @@ def _check_overlays(srv: Server, tdir: str, allowed: dict, clean: bool, when: st
             _fail(f"{when}: overlay of {d} shows none of the epochs {sorted(allowed[d])}")
 
 
+def _check_layers(srv: Server, tdir: str, history: dict, when: str) -> None:
+    """Every retained checkpoint the state file lists is exact (qemu-img reads its
+    layer file's backing chain); after recovery, no unlisted layer file is left."""
+    state = srv.state()
+    listed = set()
+    for n, _t in state.get("history") or []:
+        if state.get("rewind") is not None:
+            listed.update(f"{d}.epoch-{n}.qcow2" for d in DISKS)
+            if n > state["rewind"]:
+                continue  # being applied by the return to the rewind epoch: not retained
+        if n not in history:
+            _fail(f"{when}: the state lists epoch {n}, never committed")
+        for d in DISKS:
+            layer = os.path.join(srv.state_dir, f"{d}.epoch-{n}.qcow2")
+            listed.add(os.path.basename(layer))
+            r = qemu_img_check(layer)
+            if r.returncode not in (0, 3):
+                _fail(f"{when}: qemu-img check {layer}: {describe(r)}")
+            path = os.path.join(tdir, f"expect-{d}-{n}.raw")
+            if not os.path.exists(path):
+                write_file(path, history[n][d])
+            if not _shows(layer, path):
+                _fail(f"{when}: retained epoch {n} of {d} is not the model's epoch {n}")
+    if when != "after the kill":
+        stray = {f for f in os.listdir(srv.state_dir) if ".epoch-" in f} - listed
+        if stray:
+            _fail(f"{when}: layer files the state does not list: {sorted(stray)}")
+
+
 def _check_after_crash(srv: Server, trial: Trial, res: Result, model: GroupModel,
-                       inflight, tdir: str) -> None:
+                       inflight, tdir: str, failover_to: int | None = None) -> None:
     state = srv.state()
     committed = state["committed"]
+    rewind = state.get("rewind")
     candidates = {model.epoch: model.history[model.epoch]}
     if inflight is not None:
         candidates[inflight[0]] = inflight[1]
+    if failover_to is not None and failover_to in model.history:  # its reply never came
+        candidates[failover_to] = model.history[failover_to]
     if committed not in candidates:
         _fail(f"state file says committed {committed}; acknowledged {model.epoch}, "
               f"in flight {inflight[0] if inflight else None}")
     expected = candidates[committed]
     history = dict(model.history)
     history[committed] = expected
+    _check_layers(srv, tdir, history, "after the kill")
+    if rewind is not None:
+        # A failover --to-epoch recorded its target: the images are on their way
+        # there by design (no overlay shows one epoch); recovery finishes the way.
+        if rewind not in history:
+            _fail(f"state file returns to epoch {rewind}, never committed")
+        committed, expected = rewind, history[rewind]
     res.committed = committed
 
     # Before recovery: each overlay shows the committed epoch -- or, while a commit
@@ -299,11 +357,12 @@ def _check_after_crash(srv: Server, trial: Trial, res: Result, model: GroupModel
     for d in DISKS:
         allowed[d] = {committed: expected[d]}
         rec = _overlay_epoch(srv.overlay(d))
-        if rec is None or rec > committed:
+        if rec is None or rec > state["committed"]:
             _fail(f"overlay of {d} returns to epoch {rec}, state says {committed}")
         if rec < committed and rec in history:
             allowed[d][rec] = history[rec][d]
-    _check_overlays(srv, tdir, allowed, clean=False, when="after the kill")
+    if rewind is None:
+        _check_overlays(srv, tdir, allowed, clean=False, when="after the kill")
 
     exact = {d: {committed: expected[d]} for d in DISKS}
     if trial.recovery == "serve":
@@ -314,14 +373,17 @@ def _check_after_crash(srv: Server, trial: Trial, res: Result, model: GroupModel
             else:
                 res.second_killed = True
                 wait_until(lambda: not lock_held(srv.state_dir), "the killed restart to let go")
-                _check_overlays(srv, tdir, {d: dict(allowed[d]) for d in DISKS}, clean=False,
-                                when="after the second kill")
+                if rewind is None and srv.state().get("rewind") is None:
+                    _check_overlays(srv, tdir, {d: dict(allowed[d]) for d in DISKS},
+                                    clean=False, when="after the second kill")
+                _check_layers(srv, tdir, history, "after the kill")
         if not res.second_killed:
             srv.start(with_disks=False)
             _check_served(srv, state, committed, expected)
             srv.stop()
             _check_overlays(srv, tdir, exact, clean=True, when="after restart")
             _check_images(srv, expected, "after restart")
+            _check_layers(srv, tdir, history, "after restart")
             return
     r = nbd_mc("recover", "--state-dir", srv.state_dir, "--json")
     if r.returncode != 0:
@@ -331,6 +393,7 @@ def _check_after_crash(srv: Server, trial: Trial, res: Result, model: GroupModel
         _fail(f"recover reports epoch {rep['committed']}, state file {committed}")
     _check_images(srv, expected, "after recover")
     _check_overlays(srv, tdir, exact, clean=True, when="after recover")
+    _check_layers(srv, tdir, history, "after recover")
     # recover is idempotent: a second run restores nothing and changes nothing
     before = {d: read_file(srv.image(d)) for d in DISKS}
     r = nbd_mc("recover", "--state-dir", srv.state_dir, "--json")
@@ -355,10 +418,11 @@ def _check_served(srv: Server, state: dict, committed: int, expected: dict) -> N
     st = srv.execute("query-status")
     if st["committed"] != committed:
         _fail(f"restarted server reports epoch {st['committed']}, state file {committed}")
+    promoted = st["role"] == "primary"  # only the new primary's writer export is served
     for d in DISKS:
-        if read_all(srv.connect(d)) != expected[d]:
+        if read_all(srv.connect(f"{d}@{st['writer']}" if promoted else d)) != expected[d]:
             _fail(f"restarted server: live export {d} is not the committed epoch")
-        if committed and read_all(srv.connect(f"{d}@committed")) != expected[d]:
+        if committed and not promoted and read_all(srv.connect(f"{d}@committed")) != expected[d]:
             _fail(f"restarted server: {d}@committed is not the committed epoch")
     if st["role"] == "secondary" and not st["fenced"] and committed:
         # still a working replica: write, then roll back to the same epoch
@@ -383,7 +447,8 @@ def sample_plan(seed: int = 1) -> list[Trial]:
     trials = []
     for mode in ("process", "power"):
         for i, point in enumerate(POINTS):
-            hit = 1 if point.startswith(("failover", "rollback")) else rng.choice((1, 1, 2, 3))
+            hit = 1 if point.startswith(("failover", "rollback", "rewind", "history.before")) \
+                else rng.choice((1, 1, 2, 3))
             recovery = "serve" if (i + (mode == "power")) % 2 else "recover"
             trials.append(Trial(point, hit, mode, rng.randrange(1 << 30), recovery))
         for _ in range(2):

@@ -134,7 +134,8 @@ def run_power_trial(root: str, trial: PowerTrial) -> PowerResult:
         fs.note({"acked": 0, "sending": None})
         fs.sync()  # the images exist before nbd-mc is asked to protect them
         srv = Server(tdir, images, state_dir=os.path.join(link, "st"),
-                     durability=trial.durability, cluster_size=trial.cluster_size)
+                     durability=trial.durability, cluster_size=trial.cluster_size,
+                     args=crash_driver.HISTORY)
         model, sent = _run(srv, fs, trial, res, initial)
         res.ops = fs.stats()["ops"]
         instants = [(None, "crash point" if res.killed else "end of run")]
@@ -182,8 +183,9 @@ def _run(srv: Server, fs: PowerLoss, trial: PowerTrial, res: PowerResult, initia
                 srv.execute("rollback")
                 model.rollback()
             elif step[0] == "failover":
-                srv.execute("failover")
-                model.rollback()
+                target = model.epoch - crash_driver.BACK
+                fs.note({"acked": model.epoch, "sending": None, "failover_to": target})
+                srv.execute("failover", to_epoch=target)  # the last step: model stays
         except (_Crashed, ConnectionError, OSError, nbd.Error) as e:
             if srv.pid is not None and pid_alive(srv.pid):
                 try:
@@ -242,7 +244,8 @@ def _check_cut(fs, srv, trial, cut: CutResult, sample, mode, seed, dest, link, i
     ctrial = crash_driver.Trial("power", 1, trial.durability, seed, trial.recovery)
     ignored = crash_driver.Result(ctrial)
     try:
-        crash_driver._check_after_crash(srv, ctrial, ignored, known, inflight, dest)
+        crash_driver._check_after_crash(srv, ctrial, ignored, known, inflight, dest,
+                                        note.get("failover_to"))
         cut.committed = ignored.committed
     except TrialFailure as e:
         cut.failures.append(str(e))

@@ -14,6 +14,8 @@ import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from support import crash_driver
 from support.crash_driver import Trial, run_trial
 from nbd_mc import crashpoints
@@ -38,6 +40,7 @@ def summarise(results) -> str:
     return "\n".join(lines)
 
 
+@pytest.mark.timeout(900)  # 56 trials; history added five points (and their trials)
 def test_every_crash_point_in_both_modes(workdir):  # noqa: F811
     trials = crash_driver.sample_plan(seed=int(os.environ.get("NBD_MC_CRASH_SEED", "1")))
     results = run_plan(workdir, trials)

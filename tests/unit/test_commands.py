@@ -12,8 +12,8 @@ from nbd_mc.control import AfterReply
 from nbd_mc.secondary.engine import Group
 from nbd_mc.errors import BadRequest, CommandNotFound
 
-EXPECTED = {"query-status", "commit", "rollback", "fence", "fence-primary", "failover", "new-session", "quit",
-            "claim", "verify-range", "checksum-range"}
+EXPECTED = {"query-status", "commit", "rollback", "fence", "fence-primary", "failover",
+            "new-session", "quit", "claim", "verify-range", "checksum-range", "query-history"}
 
 
 @pytest.fixture
