@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from nbd_mc.errors import NotRetained
-from nbd_mc.metrics import render_status
+from nbd_mc.secondary.metrics import render_status
 from nbd_mc.secondary import history
 from nbd_mc.secondary.engine import Group
 from support.servers import (GroupModel, assert_bytes, assert_check, describe, make_image,

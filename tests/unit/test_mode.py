@@ -139,6 +139,9 @@ def _run(g: Group, op: str):
         return g.check_read(op.split()[1])
     if op.startswith("open "):
         kind = op.split()[1]
+        if kind == "epoch":     # which epochs are retained is history's rule (test_history)
+            mode.check(g.state, op, "vda@epoch-1")
+            return None
         name = {"live": "vda", "committed": "vda@committed", "writer": f"vda@{g.state.writer}"}
         a = writer.decide(g.state, name[kind])
         if a.refusal:
