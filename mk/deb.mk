@@ -10,3 +10,11 @@ wheel: setup
 	@rm -rf build/dist && $(PY) -m pip wheel -q --no-deps --no-build-isolation \
 	  --disable-pip-version-check -w build/dist . 2>&1 | { grep -v "^WARNING: Location" || true; }
 	@ls build/dist/*.whl
+
+# make test-deb -- only the Debian package test of make soak (tests/system/test_deb.py):
+# the packages installed into a debootstrap'ed Debian 12 tree, ocf-tester on the
+# installed agent, the units under systemd-nspawn -b.  Figures: build/deb/install-test.txt
+.PHONY: test-deb
+test-deb: setup
+	PATH=$(CURDIR)/$(VENV)/bin:/usr/bin:$$PATH $(PY) -m pytest -s -p no:cacheprovider \
+	  --timeout=0 tests/system/test_deb.py
