@@ -19,7 +19,7 @@ SOAK_SECONDS ?= 600
 SOAK_DIR := build/soak
 SOAK_TESTS := $(addprefix tests/system/,test_load.py test_crash_matrix.py test_powerloss.py \
 	test_faults.py test_corrupt.py test_hostile.py test_tls.py test_fencing.py test_resync.py \
-	test_writer.py test_verify.py test_chaos.py)
+	test_writer.py test_verify.py test_chaos.py test_deb.py)
 
 soak: setup
 	@mkdir -p $(SOAK_DIR) && rm -f $(SOAK_DIR)/report.jsonl

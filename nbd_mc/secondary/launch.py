@@ -31,9 +31,10 @@ POLL = 0.01
 
 
 def plugin_path() -> str:
-    """The plugin file nbdkit loads (the checkout's plugins/nbd_mc.py)."""
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.path.join(here, "plugins", "nbd_mc.py")
+    """The plugin file nbdkit loads: nbd_mc/plugins/nbd_mc.py of the installed package
+    (nbd_mc/plugins/__init__.py says why it lives there)."""
+    from ..plugins import plugin_file
+    return plugin_file()
 
 
 @dataclass
