@@ -81,8 +81,9 @@ from .options import DriveSpec
 from .qmp import Qmp
 from .ranges import RangeWriter
 
-#: Below this many dirty bytes the last round runs with the VM paused.
-FINAL_BYTES = 4 << 20
+#: Below this many dirty bytes the last round runs with the VM paused (its copy must
+#: fit in the pause's deadline, checkpoint.PAUSE_DEADLINE, on a busy host too).
+FINAL_BYTES = 1 << 20
 #: Pre-copy rounds before the final one, at most.
 MAX_ROUNDS = 8
 #: A round on a dead secondary fails fast; a slow one is bounded only by progress.

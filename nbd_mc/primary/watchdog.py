@@ -112,23 +112,27 @@ def _clean_up(qmp_path: str, drives: list[str], paused: bool, domain: str | None
     """Take protect's leftovers out of QEMU; resume the VM if protect left it paused.
     Returns what was done (empty: nothing)."""
     from .errors import PrimaryError
-    from .mirrors import remove_leftovers
+    from .mirrors import remove_leftovers, yank
     from .options import DriveSpec
     q = _connect(qmp_path, domain, uri)
     if q is None:
         return ""
     said = []
+    specs = [DriveSpec(d, d) for d in drives if d]
     try:
+        # the VM first: its writes are cut off the secondary (a ``stop`` protect left
+        # draining them ends), the pause ends now; the clean-up pauses it again only
+        # for the moment of the forced cancel (mirrors.HeldStill)
+        yank(q, specs)
+        if paused and q.cmd("query-status").get("status") == "paused":
+            q.cmd("cont")
+            said.append("protect died with the VM paused: resumed it")
         try:
-            done = remove_leftovers(q, [DriveSpec(d, d) for d in drives if d],
-                                    resume_paused=False)
+            done = remove_leftovers(q, specs, resume_paused=False)
             if done:
                 said.append(done)
         except PrimaryError as e:
             said.append(f"could not remove protect's mirrors: {e.desc}")
-        if paused and q.cmd("query-status").get("status") == "paused":
-            q.cmd("cont")
-            said.append("protect died with the VM paused: resumed it")
         return "; ".join(said)
     except PrimaryError as e:
         return "; ".join(said + [f"could not resume the VM: {e.desc}"])
@@ -140,6 +144,10 @@ def main(argv: list[str]) -> int:
     qmp_path, fd = argv[0], int(argv[1])
     drives = argv[2].split(",") if len(argv) > 2 else []
     domain, uri = (argv[3], argv[4]) if len(argv) > 4 else (None, None)
+    # imported now, not once protect is dead: a VM it left paused waits for them
+    from . import mirrors, qmp  # noqa: F401
+    if domain:
+        from . import libvirt  # noqa: F401
     paused = False
     while True:
         try:

@@ -75,6 +75,8 @@ HANG = (1.0, 20.0)  # seconds a secondary stays SIGSTOPped
 EIO_MORE = (0.0, 3.0)  # seconds the EIO goes on after protect claimed again
 KEEP = 400  # records the guest keeps (older ones are deleted: the disk does not fill)
 DISK_SIZE = 128 << 20
+#: Pauses longer than this are listed with their time in the report.
+LONG_PAUSE = 0.5
 #: What on the guest's console is an I/O error the guest saw.
 GUEST_IO_ERROR = re.compile(r"MC-WORK-FAIL|I/O error|EXT4-fs error|EXT4-fs warning|"
                             r"Remounting filesystem read-only|Aborting journal")
@@ -174,6 +176,7 @@ class HarmResult:
     longest_pause: float = 0.0
     longest_pause_reason: str = ""
     pauses_over_1s: int = 0
+    long_pauses: list = field(default_factory=list)  # Pause, those over LONG_PAUSE
     back_in_step: list = field(default_factory=list)  # seconds per fault to a commit
     hang_seconds: list = field(default_factory=list)  # each SIGSTOP's length
     identical: bool = False
@@ -197,9 +200,15 @@ class HarmResult:
                  f"{'OK' if self.demo.check and self.demo.check.ok else 'FAIL'}, records "
                  f"{self.demo.check.minseq if self.demo.check else None}.."
                  f"{self.demo.check.maxseq if self.demo.check else None}"]
+        lines += [f"  pause of {p.seconds * 1000:.0f} ms at {_clock(p.start)}"
+                  + (f" ({p.reason})" if p.reason else "") for p in self.long_pauses[:20]]
         lines += [f"  guest: {line}" for line in self.guest_io_errors[:10]]
         lines += [f"  protect exited {rc}: {tail}" for rc, tail in self.protect_exits[:5]]
         return "\n".join(lines)
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
 
 
 def _free_port() -> int:
@@ -273,6 +282,17 @@ class GuestHarmStory(chaos.ChaosStory):
                       "--control", str(self.state / "control.sock"),
                       "--interval", demo.INTERVAL, "--json"]
         self._start_protect_again()
+
+    def _collect_protect(self) -> None:
+        """Keep protect's lines; its outage and resync lines also go to the log, with
+        the wall clock (to match them with the pauses the report lists)."""
+        proc, out = self.protect, self.protect_out
+        in_json = False
+        for line in proc.stdout:
+            out.append(line)
+            in_json = in_json or line.startswith("{")
+            if not in_json:
+                self.say(f"   [{_clock(time.time())}] {line.rstrip()}")
 
     # --- the fault loop --------------------------------------------------------
     def let_it_work(self) -> None:
@@ -450,6 +470,7 @@ def run(workdir: str | os.PathLike, cycles: int, seed: str = "harm", say=print) 
                 if longest:
                     out.longest_pause, out.longest_pause_reason = longest.seconds, longest.reason
                 out.pauses_over_1s = sum(p.seconds > 1.0 for p in m.pauses)
+                out.long_pauses = [p for p in m.pauses if p.seconds > LONG_PAUSE]
                 out.block_io_errors = len(m.io_errors)
             out.counts = story.counts
             out.cycles = sum(story.counts.values())
