@@ -6,7 +6,8 @@ once the secondary has it.
 
 The vCPUs never wait for the secondary: everything in the pause that waits on it
 (the drain of guest writes in flight to it, the mirrors' counters, the commit
-request) shares one deadline, PAUSE_DEADLINE after the ``stop`` was sent.  When it
+request) shares one deadline, PAUSE_DEADLINE after the ``stop`` was sent (plus
+the time the checkpoint hook took: that part of the pause is the user's).  When it
 passes, the checkpoint gives way: the NBD connections into the secondary are
 yanked *before* the ``cont`` (so no write of the next epoch can reach a secondary
 that may still act on a commit request it has not answered yet), the VM continues,
@@ -122,6 +123,7 @@ def checkpoint(qmp: Qmp, ctl: ControlClient, mirrors: Mirrors, epoch: int,
             elif hook:
                 skipped = run_hook(hook, epoch)
             hook_time = time.perf_counter() - t_hook
+            deadline += hook_time  # the hook's time is the user's, not the secondary's
             if not skipped:
                 _commit(ctl, epoch, deadline)
         except SecondaryFailed:
