@@ -36,7 +36,7 @@ HOOK_TIMEOUT = 60.0
 #: (drain, mirror counters, commit) must be done; after it the checkpoint gives way.
 #: What is left of the 1 s the VM may stay paused is for the yank, the end of the
 #: drain it releases and the ``cont``.
-PAUSE_DEADLINE = 0.6
+PAUSE_DEADLINE = 0.5
 #: Seconds the ``cont`` after a yank may take before protect yanks again (a write
 #: that the first yank did not release, over a unix socket: README Known gaps).
 CONT_TIMEOUT = 2.0

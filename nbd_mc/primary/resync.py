@@ -309,8 +309,11 @@ def _final_round(qmp: Qmp, drives, bitmaps: Bitmaps, source: str, k: int, ids,
                 if not cut:
                     yank(qmp, drives)
                     cut = True
-                _end_jobs(qmp, drives, ids)
-                cancel_mirrors(qmp, Mirrors(qmp, drives), timeout=CONT_TIMEOUT, force=True)
+                # copies and mirrors at once, then one wait: the pause is still on
+                ours = set(ids) | {d.job for d in drives}
+                for j in ours & set(jobs(qmp)):
+                    _cancel_quietly(qmp, j)
+                _wait_gone(qmp, ours, timeout=CONT_TIMEOUT)
             raise
     finally:
         if running:

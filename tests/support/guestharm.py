@@ -306,11 +306,13 @@ class GuestHarmStory(chaos.ChaosStory):
             order = list(FAULTS)
             self.rng.shuffle(order)
             for fault in order[:self.cycles - done]:
-                before = self._committed()
                 t0 = time.monotonic()
                 getattr(self, fault)()
                 self.counts[fault] += 1
                 done += 1
+                # back in step: a commit after the fault ended (one before its end may
+                # be the killed protect's, or the one a restarted secondary holds)
+                before = self._committed()
                 self._wait(lambda: self._committed() > before,
                            f"protection back in step after {fault}", self.qemu)
                 self.back_in_step.append(time.monotonic() - t0)
