@@ -266,6 +266,9 @@ def _final_round(qmp: Qmp, drives, bitmaps: Bitmaps, source: str, k: int, ids,
     start.  A real guest cannot write while paused, but anything else that writes
     (HMP qemu-io, a block job) would be lost: then the final round runs again."""
     running = bool(qmp.cmd("query-status").get("running"))
+    # asked before the pause: every QMP round trip in it is pause (on a busy host the
+    # long pauses of the guest-harm soak were final rounds made of round trips)
+    first_guard = bitmaps.add_actions(round_name(bitmaps.group, k))
     t0 = time.perf_counter()
     deadline = time.monotonic() + PAUSE_DEADLINE
     copied = 0
@@ -286,7 +289,8 @@ def _final_round(qmp: Qmp, drives, bitmaps: Bitmaps, source: str, k: int, ids,
             for attempt in range(FINAL_TRIES):
                 guard = round_name(bitmaps.group, k + attempt)
                 cursor = qmp.cursor
-                qmp.cmd("transaction", actions=bitmaps.add_actions(guard)
+                qmp.cmd("transaction", actions=(bitmaps.add_actions(guard) if attempt
+                                                else first_guard)
                         + _backup_actions(bitmaps, drives, source))
                 copied += _wait_jobs(qmp, ids, cursor, deadline=deadline)
                 mirrors = Mirrors(qmp, drives)

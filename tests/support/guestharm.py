@@ -93,6 +93,7 @@ class Pause:
     start: float  # QEMU's timestamp of STOP (seconds since the epoch)
     seconds: float
     reason: str  # what STOP's neighbours said: "" or the io-error
+    during: str = ""  # the block job events QEMU sent during the pause (what it was)
 
 
 class PauseMeter:
@@ -113,6 +114,7 @@ class PauseMeter:
         self.final = False
         self._stop_at: float | None = None
         self._reason = ""
+        self._during: list[str] = []
         self._cursor = 0
         self._lock = threading.Lock()
         self._done = threading.Event()
@@ -138,12 +140,18 @@ class PauseMeter:
                     self._reason = f"io-error {(e.get('data') or {}).get('reason', '')}"
                 elif name == "STOP" and self._stop_at is None:
                     self._stop_at = self._ts(e)
+                    self._during = []
                 elif name == "RESUME" and self._stop_at is not None:
                     if not self.final:
                         self.pauses.append(Pause(self._stop_at, self._ts(e) - self._stop_at,
-                                                 self._reason))
+                                                 self._reason, " ".join(self._during[:12])))
                     self._stop_at = None
                     self._reason = ""
+                elif self._stop_at is not None and name.startswith(("BLOCK_JOB", "JOB_")):
+                    d = e.get("data") or {}
+                    what = d.get("status") or name[len("BLOCK_JOB_"):].lower()
+                    self._during.append(f"{d.get('id') or d.get('device')}:{what}"
+                                        f"@{self._ts(e) - self._stop_at:.2f}")
 
     def open_pause(self) -> float:
         """Seconds the VM has been paused now (0 if it runs)."""
@@ -201,7 +209,8 @@ class HarmResult:
                  f"{self.demo.check.minseq if self.demo.check else None}.."
                  f"{self.demo.check.maxseq if self.demo.check else None}"]
         lines += [f"  pause of {p.seconds * 1000:.0f} ms at {_clock(p.start)}"
-                  + (f" ({p.reason})" if p.reason else "") for p in self.long_pauses[:20]]
+                  + (f" ({p.reason})" if p.reason else "") + f": {p.during or 'no job event'}"
+                  for p in sorted(self.long_pauses, key=lambda p: -p.seconds)[:20]]
         lines += [f"  guest: {line}" for line in self.guest_io_errors[:10]]
         lines += [f"  protect exited {rc}: {tail}" for rc, tail in self.protect_exits[:5]]
         return "\n".join(lines)
