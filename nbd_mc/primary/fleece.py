@@ -196,7 +196,12 @@ def _remove(qmp: Qmp, drive: str, qdev: str | None, node: str | None) -> list[st
             except QmpCommandError as e:
                 return [f"fleecing of {drive} kept: its bitmap is in use ({e.desc})"]
         step("blockdev-del", **{"node-name": n["access"]})
-    if qdev and node:
+    # only if the device is on our filter: QEMU 7.2 aborts on a qom-set to the node
+    # it already has (block.c: bdrv_replace_child_noperm 'old_bs != new_bs', seen in
+    # the guest-harm soak after a round that failed before its filter went in)
+    on_filter = any(b.get("qdev") == qdev and (b.get("inserted") or {}).get("node-name")
+                    == n["cbw"] for b in qmp.cmd("query-block")) if qdev else False
+    if qdev and node and on_filter:
         step("qom-set", path=qdev, property="drive", value=node)
     for key in ("cbw", "target", "file"):
         if n[key] in present:
@@ -228,10 +233,13 @@ def remove_leftovers(qmp: Qmp) -> list[str]:
         problems = _remove(qmp, drive, qdev, child)
         done.append(f"removed the fleecing of {drive} left by an earlier protect"
                     + (f" ({'; '.join(problems)})" if problems else ""))
-    # nodes without a filter (a round that died while setting up)
+    # nodes without a filter (a round that died while setting up: any of them)
     present = {x.get("node-name") or "" for x in qmp.cmd("query-named-block-nodes")}
-    for name in sorted(present):
-        if name.startswith(FLEECE_PREFIX) and name.endswith("-target"):
-            drive = name[len(FLEECE_PREFIX):-len("-target")]
-            _remove(qmp, drive, None, None)
+    left = set()
+    for name in present:
+        for key in ("-file", "-target", "-access"):
+            if name.startswith(FLEECE_PREFIX) and name.endswith(key):
+                left.add(name[len(FLEECE_PREFIX):-len(key)])
+    for drive in sorted(left):
+        _remove(qmp, drive, None, None)
     return done
