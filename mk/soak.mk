@@ -13,18 +13,23 @@
 #     behind the server's back, found exactly), for SOAK_SECONDS each;
 #   * the chaos soak (tests/system/test_chaos.py): a protected Linux guest through
 #     rounds of six fault classes (secondary kill/SIGSTOP, protect kill, control
-#     drop, a full undo file system, failover/failback) for SOAK_SECONDS.
+#     drop, a full undo file system, failover/failback) for SOAK_SECONDS;
+#   * the guest-harm soak (tests/system/test_guestharm.py, docs/guest-harm.md):
+#     HARM_CYCLES fault cycles (secondary SIGSTOP 1-20 s, kill, stop/serve, protect
+#     kill, ENOSPC, EIO) on each QEMU (7.2, and 10.0 where installed), counting QEMU
+#     deaths, guest I/O errors, protect exits and the longest VM pause (<= 1 s).
 # The table of fault classes, cases and failures: build/soak/report.md (also printed).
 SOAK_SECONDS ?= 600
+HARM_CYCLES ?= 200
 SOAK_DIR := build/soak
 SOAK_TESTS := $(addprefix tests/system/,test_load.py test_crash_matrix.py test_powerloss.py \
 	test_faults.py test_corrupt.py test_hostile.py test_tls.py test_fencing.py test_resync.py \
-	test_writer.py test_verify.py test_chaos.py test_deb.py)
+	test_writer.py test_verify.py test_chaos.py test_guestharm.py test_deb.py)
 
 soak: setup
 	@mkdir -p $(SOAK_DIR) && rm -f $(SOAK_DIR)/report.jsonl
 	@PATH=$(CURDIR)/$(VENV)/bin:/usr/bin:$$PATH NBD_MC_SOAK_SECONDS=$(SOAK_SECONDS) \
-	  NBD_MC_CRASH_SWEEP=1 NBD_MC_FUZZ_EXAMPLES=3000 NBD_MC_OUTAGES=30 \
+	  NBD_MC_CRASH_SWEEP=1 NBD_MC_FUZZ_EXAMPLES=3000 NBD_MC_OUTAGES=30 NBD_MC_HARM_CYCLES=$(HARM_CYCLES) \
 	  NBD_MC_REPORT=$(CURDIR)/$(SOAK_DIR)/report.jsonl \
 	  $(PY) -m pytest -q -s -p no:cacheprovider --timeout=0 $(SOAK_TESTS); status=$$?; \
 	  $(PY) tests/support/reliability.py $(SOAK_DIR)/report.jsonl | tee $(SOAK_DIR)/report.md; \

@@ -11,12 +11,15 @@ One concept per module:
   bitmaps     -- dirty bitmaps per epoch: what changed since the secondary's commit
   resync      -- bringing the secondary in step: incremental rounds, a checksum sync
                  or a full sync
+  fleece      -- the fleecing snapshot a resync round copies from (our own
+                 copy-before-write filter: the secondary never meets a guest write)
   source      -- reading a drive from outside QEMU: its local raw file, or QEMU's own
                  read-only NBD export of its node (verify, repair, checksum sync)
   ranges      -- copying chosen byte ranges into the secondary with libnbd, as its writer
   repair      -- the targeted resync of ranges online verify found different
-  checkpoint  -- one checkpoint: stop, drained, hook, commit, cont
-  watchdog    -- a child that resumes the VM if protect dies while it is paused
+  checkpoint  -- one checkpoint: stop, drained, hook, commit, cont (gives way after
+                 PAUSE_DEADLINE: the vCPUs never wait for the secondary)
+  watchdog    -- a child that resumes the VM and removes the mirrors if protect dies
   report      -- what protect did (summary and --json)
   protect     -- the orchestration of a whole run
   console     -- the terminal: stop requests, progress, summary, failure advice

@@ -3,6 +3,17 @@
 The committed epoch N is exactly the disk as the stopped VM left it, because
 ``stop`` drains all I/O and a write-blocking mirror completes a guest write only
 once the secondary has it.
+
+The vCPUs never wait for the secondary: everything in the pause that waits on it
+(the drain of guest writes in flight to it, the mirrors' counters, the commit
+request) shares one deadline, PAUSE_DEADLINE after the ``stop`` was sent (plus
+the time the checkpoint hook took: that part of the pause is the user's).  When it
+passes, the checkpoint gives way: the NBD connections into the secondary are
+yanked *before* the ``cont`` (so no write of the next epoch can reach a secondary
+that may still act on a commit request it has not answered yet), the VM continues,
+and SecondaryStalled makes protect count the secondary as lost and resync it from
+the dirty bitmaps later.  An epoch commits only if the secondary acknowledged the
+commit before the deadline; exactness of what is committed does not change.
 """
 
 from __future__ import annotations
@@ -14,13 +25,21 @@ from dataclasses import dataclass
 
 from ..control import ControlClient
 from .bitmaps import Bitmaps
-from .errors import PrimaryGone, QmpTimeout, SecondaryStalled
+from .errors import PrimaryGone, QmpTimeout, SecondaryFailed, SecondaryStalled
 from .mirrors import Mirrors, yank
 from .qmp import Qmp
 from .secondary import commit
 
 #: The VM stays stopped while the hook runs: a hung hook must not hang the VM.
 HOOK_TIMEOUT = 60.0
+#: Seconds after ``stop`` by which whatever waits on the secondary inside the pause
+#: (drain, mirror counters, commit) must be done; after it the checkpoint gives way.
+#: What is left of the 1 s the VM may stay paused is for the yank, the end of the
+#: drain it releases and the ``cont``.
+PAUSE_DEADLINE = 0.5
+#: Seconds the ``cont`` after a yank may take before protect yanks again (a write
+#: that the first yank did not release, over a unix socket: README Known gaps).
+CONT_TIMEOUT = 2.0
 
 
 @dataclass
@@ -66,10 +85,12 @@ def checkpoint(qmp: Qmp, ctl: ControlClient, mirrors: Mirrors, epoch: int,
     then protect has no business starting it).  A hook failure skips the commit;
     a secondary failure raises SecondaryFailed after the cont.
 
-    ``stall_timeout`` bounds the ``stop``: it drains every guest write, and one
-    stuck on a hung secondary would hold the VM (and QEMU's monitor) as long as
-    the secondary hangs.  After it the NBD connections are yanked, the stuck
-    writes fail on the secondary's side only, and SecondaryStalled is raised.
+    The pause waits on the secondary at most PAUSE_DEADLINE (module docstring):
+    the ``stop`` drains every guest write, and one stuck on a hung secondary would
+    hold the VM (and QEMU's monitor) as long as the secondary hangs.  After the
+    deadline the NBD connections are yanked, the stuck writes fail on the
+    secondary's side only, and SecondaryStalled is raised.  ``stall_timeout``
+    bounds the waits outside the pause (the ``query-status`` before it).
     ``watchdog`` (watchdog.py) is told when the VM is paused by us and resumed,
     so that a protect killed in between does not leave it paused.
     """
@@ -83,39 +104,83 @@ def checkpoint(qmp: Qmp, ctl: ControlClient, mirrors: Mirrors, epoch: int,
         raise SecondaryStalled(f"the secondary stalled: QEMU's monitor waited more than "
                                f"{stall_timeout:g} s; connections dropped") from None
     t0 = time.perf_counter()
+    deadline = time.monotonic() + PAUSE_DEADLINE
     skipped = None
     hook_time = 0.0
+    cut = False  # the NBD connections were yanked before the cont
     if watchdog and was_running:
         watchdog.pausing()
     try:
-        if was_running:
-            _stop(qmp, mirrors, stall_timeout)
-        mirrors.wait_drained()
-        if bitmaps is not None:
-            bitmaps.start_epoch(epoch)
-        t_hook = time.perf_counter()
-        if callable(hook):
-            skipped = hook(epoch)
-        elif hook:
-            skipped = run_hook(hook, epoch)
-        hook_time = time.perf_counter() - t_hook
-        if not skipped:
-            commit(ctl, epoch)
+        try:
+            if was_running:
+                _stop(qmp, mirrors, _left(deadline))
+            mirrors.wait_drained(timeout=_left(deadline))
+            if bitmaps is not None:
+                bitmaps.start_epoch(epoch)
+            t_hook = time.perf_counter()
+            if callable(hook):
+                skipped = hook(epoch)
+            elif hook:
+                skipped = run_hook(hook, epoch)
+            hook_time = time.perf_counter() - t_hook
+            deadline += hook_time  # the hook's time is the user's, not the secondary's
+            if not skipped:
+                _commit(ctl, epoch, deadline)
+        except SecondaryFailed:
+            # the secondary is lost: before the VM runs on, nothing more may reach it
+            # (it may still act on a commit it did not answer: see the module docstring)
+            if was_running and not qmp.gone:
+                yank(qmp, mirrors.drives)
+                cut = True
+            raise
     finally:
         if was_running:
-            resume(qmp, stall_timeout, mirrors.drives)
+            resume(qmp, CONT_TIMEOUT if cut else stall_timeout, mirrors.drives)
             if watchdog:
                 watchdog.resumed()
     return Checkpoint(epoch, skipped is None, time.perf_counter() - t0, skipped, hook_time)
 
 
-def _stop(qmp: Qmp, mirrors: Mirrors, stall_timeout: float | None) -> None:
+def _left(deadline: float) -> float:
+    """Seconds to the pause's deadline (a little at least: a command is sent)."""
+    return max(0.01, deadline - time.monotonic())
+
+
+def _commit(ctl: ControlClient, epoch: int, deadline: float) -> None:
+    """commit() with the VM paused, bounded by the pause's deadline.
+
+    The control connection's socket timeout is its --stall-timeout; inside the pause
+    the commit may wait only until the deadline.  A late reply closes the connection
+    (ControlClient: a late reply would answer the next request), the outcome is then
+    unknown, and both bitmaps N-1 and N are kept (bitmaps.py)."""
+    sock = getattr(ctl, "_sock", None)
+    saved = sock.gettimeout() if sock is not None else None
     try:
-        qmp.execute("stop", timeout=stall_timeout)
+        if sock is not None:
+            sock.settimeout(_left(deadline))
+        try:
+            commit(ctl, epoch)
+        except SecondaryFailed as e:
+            if time.monotonic() >= deadline:
+                raise SecondaryStalled(f"the secondary did not acknowledge commit {epoch} "
+                                       f"within the pause's {PAUSE_DEADLINE:g} s: the VM "
+                                       "went on, the secondary is lost") from None
+            raise e
+    finally:
+        if sock is not None and getattr(ctl, "_sock", None) is sock:
+            sock.settimeout(saved)
+
+
+def _stop(qmp: Qmp, mirrors: Mirrors, timeout: float) -> None:
+    """``stop`` drains the guest's writes in flight to the secondary; the vCPUs are
+    already paused meanwhile, so it may wait only ``timeout`` (the pause's deadline)."""
+    try:
+        qmp.execute("stop", timeout=timeout)
     except QmpTimeout:
         yank(qmp, mirrors.drives)
         raise SecondaryStalled(f"the secondary stalled: pausing the VM waited more than "
-                               f"{stall_timeout:g} s for its writes; connections dropped") from None
+                               f"{PAUSE_DEADLINE:g} s for its writes; the VM went on and "
+                               "the connections were dropped") from None
 
 
 def resume(qmp: Qmp, stall_timeout: float | None = None, drives=None) -> None:

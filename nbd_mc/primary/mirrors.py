@@ -429,28 +429,38 @@ class _Jobs:
         self.ids = set(ids)
 
 
-def remove_leftovers(qmp: Qmp, drives: list[DriveSpec], watchdog=None) -> str | None:
+def remove_leftovers(qmp: Qmp, drives: list[DriveSpec], watchdog=None,
+                     resume_paused: bool = True) -> str | None:
     """Clean up after an earlier protect that died without detaching (kill -9).
 
-    Its mirror jobs and NBD nodes are still in QEMU and would make ours fail with
-    "duplicate id"; if it died mid-checkpoint it also left the VM paused.  Only one
-    client can use a QMP socket at a time, so nobody else is driving them now.
-    Returns what was done, or None if there was nothing to do.
+    Its mirror jobs, NBD nodes and fleecing filters (fleece.py) are still in QEMU
+    and would make ours fail with "duplicate id" -- and its write-blocking mirrors
+    would go on making guest writes wait for a secondary nobody watches, so their
+    connections are yanked first; if it died mid-checkpoint it also left the VM
+    paused (``resume_paused``: continue it; the watchdog decides that itself).
+    Only one client can use a QMP socket at a time, so nobody else is driving them
+    now.  Returns what was done, or None if there was nothing to do.
     """
+    from .fleece import FLEECE_PREFIX, remove_leftovers as remove_fleecing
     present = {n.get("node-name") for n in qmp.cmd("query-named-block-nodes")}
     running = jobs(qmp)
     stale_jobs = [j for d in drives for j in (d.job, BACKUP_PREFIX + d.drive) if j in running]
     stale_nodes = [d.node for d in drives if d.node in present]
-    if not stale_jobs and not stale_nodes:
+    fleecing = any((n or "").startswith(FLEECE_PREFIX) for n in present)
+    if not stale_jobs and not stale_nodes and not fleecing:
         return None
     paused = qmp.cmd("query-status").get("status") == "paused"
-    problems = drop(qmp, drives, watchdog=watchdog)
+    problems = [p for p in drop(qmp, drives, hard=True, watchdog=watchdog)
+                if p != RESUMED_AFTER_COPY_ERROR]
+    fleeced = remove_fleecing(qmp) if fleecing else []
     if problems:
         raise PrimaryError("cannot remove the mirrors an earlier protect left behind: "
                            + "; ".join(problems))
     done = f"removed {len(stale_jobs)} mirror(s) and {len(stale_nodes)} node(s) left by an " \
            "earlier protect that did not detach"
-    if paused:
+    if fleeced:
+        done += "; " + "; ".join(fleeced)
+    if paused and resume_paused:
         qmp.cmd("cont")
         done += "; resumed the VM it had left paused"
     return done

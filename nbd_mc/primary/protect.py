@@ -138,7 +138,7 @@ class Protector:
             check_sizes(sizes, status, opts.drives)
             self.sizes = sizes
             # (before the leftovers: removing a mirror pauses the VM for a moment)
-            self.watchdog = Watchdog(opts.qmp, opts.libvirt, opts.connect)
+            self.watchdog = Watchdog(opts.qmp, opts.libvirt, opts.connect, opts.drives)
             leftover = remove_leftovers(self.qmp, opts.drives, self.watchdog)
             if leftover:
                 console.say(f"nbd-mc protect: {leftover}")
@@ -403,7 +403,8 @@ class Protector:
                     qmp, opts.drives, bitmaps, committed,
                     lambda done, total: (console.progress("resync", done, total),
                                          self.metrics.sync_progress(done, total, self.report)),
-                    self.stop, opts.stall_timeout, self.watchdog)
+                    self.stop, opts.stall_timeout, self.watchdog,
+                    owner=qemu_identity(qmp, opts)[1])
             except QmpCommandError as e:  # a refused copy job or mirror: the target's fault
                 raise SecondaryFailed(f"the resync failed: {e.desc}") from None
         elif mode == "checksum":
@@ -414,7 +415,8 @@ class Protector:
                     qmp, self.ctl, self._ranges(), opts.drives, self.sizes, bitmaps, committed,
                     lambda d, t: (console.progress("checksum sync", d, t),
                                   self.metrics.sync_progress(d, t, self.report)),
-                    self.stop, opts.stall_timeout, self.watchdog)
+                    self.stop, opts.stall_timeout, self.watchdog,
+                    owner=qemu_identity(qmp, opts)[1])
             except QmpCommandError as e:
                 raise SecondaryFailed(f"the checksum sync failed: {e.desc}") from None
             except ChecksumUnsupported as e:

@@ -4,17 +4,23 @@ checksum sync, or full.
 QEMU 7.2's ``blockdev-mirror`` takes no bitmap, so an incremental resync is
 built from what 7.2 has, converging like migration pre-copy:
 
-1. round 1: in one ``transaction``, bitmap R1 starts and ``blockdev-backup
-   sync=bitmap`` copies what the epoch bitmap (bitmaps.py) marks into the NBD
-   node.  A backup job copies the point-in-time state of its start (its
-   copy-before-write filter saves old data first), so the guest's writes during
-   the round are R1's business;
+1. round 1: bitmap R1 starts, then a fleecing snapshot of every drive is taken
+   (fleece.py) and ``blockdev-backup sync=bitmap`` copies what the epoch bitmap
+   (bitmaps.py) marks from the snapshot into the NBD node.  The snapshot is the
+   point-in-time state of its start (our copy-before-write filter saves old data
+   into a local file first), so the guest's writes during the round are R1's
+   business -- and never wait for the secondary nor fail with it: a secondary that
+   fails or hangs ends the round (its job), not a guest write;
 2. round K+1 copies R_K the same way, while R_{K+1} counts; rounds go on while
    they shrink the dirty set and it is above FINAL_BYTES;
-3. the final round runs with the VM paused (short: little is dirty), then
+3. the final round runs with the VM paused (short: little is dirty), straight
+   from the drive (no guest write can come while paused), then
    ``blockdev-mirror sync=none copy-mode=write-blocking`` starts and the VM
    continues: from here every guest write reaches the secondary before it
-   completes, and the next commit is a consistent point again.
+   completes, and the next commit is a consistent point again.  Like a
+   checkpoint's, the pause gives way at checkpoint.PAUSE_DEADLINE: the NBD
+   connections are yanked, the jobs cancelled, the VM continues and the
+   secondary counts as lost (SecondaryStalled).
 
 Why backup rounds and not pulling extents with libnbd from QEMU's own NBD export
 (``block-export-add`` + ``qemu:dirty-bitmap:NAME``): measured in bench/resync.py
@@ -66,16 +72,18 @@ from .. import checksum
 from ..control import ControlError
 from ..errors import NbdMcError
 from .bitmaps import Bitmaps, checksum_name, epoch_name, round_name
-from .checkpoint import resume
+from .checkpoint import CONT_TIMEOUT, PAUSE_DEADLINE, resume
 from .errors import PrimaryGone, QmpCommandError, QmpTimeout, SecondaryFailed, SecondaryStalled
-from .mirrors import (BACKUP_PREFIX, Mirrors, cancel_mirrors, job_progress,
+from .fleece import Fleece
+from .mirrors import (BACKUP_PREFIX, Mirrors, _wait_gone, cancel_mirrors, job_progress, jobs,
                       resume_after_copy_error, start_mirrors, yank)
 from .options import DriveSpec
 from .qmp import Qmp
 from .ranges import RangeWriter
 
-#: Below this many dirty bytes the last round runs with the VM paused.
-FINAL_BYTES = 4 << 20
+#: Below this many dirty bytes the last round runs with the VM paused (its copy must
+#: fit in the pause's deadline, checkpoint.PAUSE_DEADLINE, on a busy host too).
+FINAL_BYTES = 1 << 20
 #: Pre-copy rounds before the final one, at most.
 MAX_ROUNDS = 8
 #: A round on a dead secondary fails fast; a slow one is bounded only by progress.
@@ -123,18 +131,26 @@ def backup_job(d: DriveSpec) -> str:
     return BACKUP_PREFIX + d.drive
 
 
-def _wait_jobs(qmp: Qmp, ids: set, cursor: int, progress=None, stop=lambda: False) -> int:
+def _wait_jobs(qmp: Qmp, ids: set, cursor: int, progress=None, stop=lambda: False,
+               deadline: float | None = None) -> int:
     """Wait until every backup job in ``ids`` completed; the bytes they copied.
 
-    A job that ends with an error means the secondary failed under us."""
+    A job that ends with an error means the secondary failed under us; one that
+    has not ended by ``deadline`` (monotonic) means it stalled (SecondaryStalled)."""
     pending = set(ids)
     copied = 0
     while pending:
+        poll = ROUND_POLL if deadline is None else \
+            max(0.0, min(ROUND_POLL, deadline - time.monotonic()))
         ev, cursor = qmp.wait_event(
             lambda e: e.get("event") in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
-            and (e.get("data") or {}).get("device") in pending, cursor, ROUND_POLL)
+            and (e.get("data") or {}).get("device") in pending, cursor, poll)
         if qmp.gone:
             raise PrimaryGone(f"QEMU ({qmp.path}): {qmp.gone}")
+        if ev is None and deadline is not None and time.monotonic() >= deadline:
+            raise SecondaryStalled(f"the final resync round did not end within the pause's "
+                                   f"{PAUSE_DEADLINE:g} s: the VM went on, the secondary "
+                                   "is lost")
         if ev is None:
             if progress:
                 progress(*job_progress(qmp, pending))
@@ -161,10 +177,26 @@ def _cancel_quietly(qmp: Qmp, job: str) -> None:
         pass
 
 
-def _backup_actions(bitmaps: Bitmaps, drives: list[DriveSpec], source: str) -> list[dict]:
+def _end_jobs(qmp: Qmp, drives: list[DriveSpec], ids) -> None:
+    """A round ends early: its copies are cut off the secondary (a hung one would
+    hold a cancel) and cancelled, and gone before its snapshot is taken away."""
+    if qmp.gone or not set(ids) & set(jobs(qmp)):
+        return
+    yank(qmp, drives)
+    for j in ids:
+        _cancel_quietly(qmp, j)
+    _wait_gone(qmp, ids)
+
+
+def _backup_actions(bitmaps: Bitmaps, drives: list[DriveSpec], source: str,
+                    fleece: Fleece | None = None) -> list[dict]:
+    """One backup job per drive copying what bitmap ``source`` marks: from the
+    drive's node, or from ``fleece``'s snapshot of it (with its copy of the bitmap)."""
     return [{"type": "blockdev-backup",
-             "data": {"job-id": backup_job(d), "device": bitmaps.nodes[d.drive],
-                      "target": d.node, "sync": "bitmap", "bitmap": source,
+             "data": {"job-id": backup_job(d),
+                      "device": fleece.source(d.drive) if fleece else bitmaps.nodes[d.drive],
+                      "target": d.node, "sync": "bitmap",
+                      "bitmap": fleece.bitmap(d.drive, source) if fleece else source,
                       "bitmap-mode": "never", "on-source-error": "report",
                       "on-target-error": "report", "auto-dismiss": True}}
             for d in drives]
@@ -172,11 +204,13 @@ def _backup_actions(bitmaps: Bitmaps, drives: list[DriveSpec], source: str) -> l
 
 def incremental(qmp: Qmp, drives: list[DriveSpec], bitmaps: Bitmaps, committed: int,
                 progress=None, stop=lambda: False, stall_timeout: float | None = None,
-                watchdog=None, source: str | None = None) -> tuple[Resync, Mirrors]:
+                watchdog=None, source: str | None = None,
+                owner: tuple[int, int] | None = None) -> tuple[Resync, Mirrors]:
     """Copy what changed since ``committed`` (or what bitmap ``source`` marks) into
     the (attached) NBD nodes, then start the write-blocking mirrors; returns what
     it did and the mirrors.  The epoch bitmap is left as it is: if this resync
-    fails, the next one needs it."""
+    fails, the next one needs it.  ``owner`` (uid, gid): who QEMU runs as, for the
+    fleecing files (fleece.py)."""
     group = bitmaps.group
     epoch_bitmap = source = source or epoch_name(group, committed)
     r = Resync(full=False, reason="", dirty=bitmaps.dirty_bytes(source), mode="bitmap")
@@ -193,10 +227,20 @@ def incremental(qmp: Qmp, drives: list[DriveSpec], bitmaps: Bitmaps, committed: 
                 r.bytes += copied
                 break
             nxt = round_name(group, k)
-            cursor = qmp.cursor
-            qmp.cmd("transaction", actions=bitmaps.add_actions(nxt)
-                    + _backup_actions(bitmaps, drives, source))
-            r.bytes += _wait_jobs(qmp, ids, cursor, progress, stop)
+            # R_k+1 first, the snapshot after: a write in between is copied twice
+            qmp.cmd("transaction", actions=bitmaps.add_actions(nxt))
+            fleece = Fleece(qmp, drives, bitmaps.nodes, owner)
+            try:
+                fleece.take(source)
+                cursor = qmp.cursor
+                qmp.cmd("transaction", actions=_backup_actions(bitmaps, drives, source, fleece))
+                r.bytes += _wait_jobs(qmp, ids, cursor, progress, stop)
+            except BaseException:
+                _end_jobs(qmp, drives, ids)
+                raise
+            finally:
+                if not qmp.gone:
+                    fleece.close()
             if source != epoch_bitmap:
                 bitmaps.remove_named(source)
             before, dirty = dirty, bitmaps.dirty_bytes(nxt)
@@ -222,39 +266,62 @@ def _final_round(qmp: Qmp, drives, bitmaps: Bitmaps, source: str, k: int, ids,
     start.  A real guest cannot write while paused, but anything else that writes
     (HMP qemu-io, a block job) would be lost: then the final round runs again."""
     running = bool(qmp.cmd("query-status").get("running"))
+    # asked before the pause: every QMP round trip in it is pause (on a busy host the
+    # long pauses of the guest-harm soak were final rounds made of round trips)
+    first_guard = bitmaps.add_actions(round_name(bitmaps.group, k))
     t0 = time.perf_counter()
+    deadline = time.monotonic() + PAUSE_DEADLINE
     copied = 0
+    cut = False
     if running and watchdog:
         watchdog.pausing()
     try:
-        if running:
-            try:
-                qmp.execute("stop", timeout=stall_timeout)
-            except QmpTimeout:
-                yank(qmp, drives)
-                raise SecondaryStalled("the secondary stalled during the final resync "
-                                       "round") from None
-        for attempt in range(FINAL_TRIES):
-            guard = round_name(bitmaps.group, k + attempt)
-            cursor = qmp.cursor
-            qmp.cmd("transaction", actions=bitmaps.add_actions(guard)
-                    + _backup_actions(bitmaps, drives, source))
-            copied += _wait_jobs(qmp, ids, cursor)
-            mirrors = Mirrors(qmp, drives)
-            start_mirrors(qmp, drives, sync="none")
-            if not mirrors.wait_ready(timeout=MIRROR_READY_TIMEOUT):
-                raise SecondaryFailed("the write-blocking mirror did not become ready")
-            if bitmaps.dirty_bytes(guard) == 0:
-                return copied, time.perf_counter() - t0, mirrors
-            cancel_mirrors(qmp, mirrors, force=True)  # something wrote: copy that too
-            if ".round" in source:
-                bitmaps.remove_named(source)
-            source = guard
-        raise SecondaryFailed("writes kept arriving while the VM was paused for the final "
-                              "resync round")
+        try:
+            if running:
+                try:
+                    qmp.execute("stop", timeout=PAUSE_DEADLINE)
+                except QmpTimeout:
+                    yank(qmp, drives)
+                    cut = True
+                    raise SecondaryStalled("the secondary stalled during the final resync "
+                                           f"round: pausing the VM waited more than "
+                                           f"{PAUSE_DEADLINE:g} s for its writes") from None
+            for attempt in range(FINAL_TRIES):
+                guard = round_name(bitmaps.group, k + attempt)
+                cursor = qmp.cursor
+                qmp.cmd("transaction", actions=(bitmaps.add_actions(guard) if attempt
+                                                else first_guard)
+                        + _backup_actions(bitmaps, drives, source))
+                copied += _wait_jobs(qmp, ids, cursor, deadline=deadline)
+                mirrors = Mirrors(qmp, drives)
+                start_mirrors(qmp, drives, sync="none")
+                if not mirrors.wait_ready(timeout=max(0.0, deadline - time.monotonic())):
+                    raise SecondaryStalled("the write-blocking mirror did not become ready "
+                                           f"within the pause's {PAUSE_DEADLINE:g} s")
+                if bitmaps.dirty_bytes(guard) == 0:
+                    return copied, time.perf_counter() - t0, mirrors
+                cancel_mirrors(qmp, mirrors, force=True)  # something wrote: copy that too
+                if ".round" in source:
+                    bitmaps.remove_named(source)
+                source = guard
+            raise SecondaryFailed("writes kept arriving while the VM was paused for the final "
+                                  "resync round")
+        except SecondaryFailed:
+            # the VM is paused: cut the secondary off and end the jobs before it runs on
+            # (a forced cancel with the VM paused is safe: mirrors.HeldStill)
+            if running and not qmp.gone:
+                if not cut:
+                    yank(qmp, drives)
+                    cut = True
+                # copies and mirrors at once, then one wait: the pause is still on
+                ours = set(ids) | {d.job for d in drives}
+                for j in ours & set(jobs(qmp)):
+                    _cancel_quietly(qmp, j)
+                _wait_gone(qmp, ours, timeout=CONT_TIMEOUT)
+            raise
     finally:
         if running:
-            resume(qmp, stall_timeout, drives)
+            resume(qmp, CONT_TIMEOUT if cut else stall_timeout, drives)
             if watchdog:
                 watchdog.resumed()
 
@@ -262,7 +329,8 @@ def _final_round(qmp: Qmp, drives, bitmaps: Bitmaps, source: str, k: int, ids,
 def checksum_sync(qmp: Qmp, ctl, writer: RangeWriter, drives: list[DriveSpec],
                   sizes: dict[str, int], bitmaps: Bitmaps, committed: int, progress=None,
                   stop=lambda: False, stall_timeout: float | None = None,
-                  watchdog=None) -> tuple[Resync, Mirrors] | None:
+                  watchdog=None, owner: tuple[int, int] | None = None
+                  ) -> tuple[Resync, Mirrors] | None:
     """The checksum sync (module docstring): bitmap R, the walk, the copy of what
     differs, then the incremental rounds from R and the write-blocking mirrors.
 
@@ -289,7 +357,7 @@ def checksum_sync(qmp: Qmp, ctl, writer: RangeWriter, drives: list[DriveSpec],
                 progress(done, total)
     copied = writer.written
     r, mirrors = incremental(qmp, drives, bitmaps, committed, None, stop, stall_timeout,
-                             watchdog, source=r_bitmap)
+                             watchdog, source=r_bitmap, owner=owner)
     r.mode = "checksum"
     r.hashed = hashed
     r.differing = differing

@@ -332,8 +332,8 @@ def test_protect_libvirt_guest_kill9_failover(servers, domains, procs):
 
 
 def test_protect_libvirt_killed_and_secondary_killed(servers, domains, procs):
-    """protect killed -9 with the domain paused as if mid-checkpoint: the next protect
-    removes the job and node it left, resumes the domain and commits on.  Then the
+    """protect killed -9 (its watchdog too) with the domain paused as if mid-checkpoint:
+    the next protect removes the job and node it left, resumes the domain and commits on.  Then the
     secondary's nbdkit is killed -9: protect exits 1, the domain runs on with nothing
     of ours left, and `nbd-mc recover` gives exactly the last acknowledged epoch."""
     rng = random.Random("libvirt-failures")
@@ -348,11 +348,15 @@ def test_protect_libvirt_killed_and_secondary_killed(servers, domains, procs):
         proc = start_protect(servers.root, procs, name, server, ["vda"], "--interval", "20ms",
                              "--checkpoint-hook", rec.hook)
         g.play(lambda: committed(server) >= 3 or proc.poll() is not None)
+        # its watchdog dies with it (as in a kill of their cgroup): else the watchdog
+        # would remove what protect left (docs/guest-harm.md) before the next protect
+        watchdog = ["pgrep", "-f", f"nbd_mc.primary.watchdog.*{name}"]
+        for pid in subprocess.run(watchdog, capture_output=True, text=True).stdout.split():
+            os.kill(int(pid), signal.SIGKILL)
         proc.kill()
         proc.wait(30)
-        wait_until(lambda: not subprocess.run(  # it resumes a VM protect left paused
-            ["pgrep", "-f", f"nbd_mc.primary.watchdog.*{name}"]).returncode == 0,
-            "protect's watchdog to finish", DEADLINE)
+        wait_until(lambda: not subprocess.run(watchdog).returncode == 0,
+                   "protect's watchdog to be gone", DEADLINE)
         s.cmd("stop")
         assert [j["device"] for j in s.cmd("query-block-jobs")] == ["nbd-mc-vda"]
         assert "nbd-mc-vda" in [n["node-name"] for n in s.cmd("query-named-block-nodes")]
