@@ -244,6 +244,10 @@ def test_fuzz_control_channel(target, lines, seed, trailing_newline):
     '[{"execute": "rollback"}]',
     '{"execute": "rollback"' + "}" * 3,
     '{"execute": "rollback", "execute": "query-status", "x": 1}',
+    # issue 23 #4: duplicated members ran the last one (quit stopped the server)
+    '{"execute": "query-status", "execute": "quit"}',
+    '{"execute": "quit", "arguments": {}, "arguments": {"x": 1}}',
+    '{"execute": "new-session", "arguments": {"stale_after": 1e400}}',
     "[" * 100000 + "]" * 100000,
 ])
 def test_near_miss_requests_change_nothing(target, request_text):
