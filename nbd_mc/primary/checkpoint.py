@@ -57,7 +57,7 @@ def run_hook(command: str, epoch: int, timeout: float = HOOK_TIMEOUT) -> str | N
 
 def checkpoint(qmp: Qmp, ctl: ControlClient, mirrors: Mirrors, epoch: int,
                hook=None, bitmaps: Bitmaps | None = None, stall_timeout: float | None = None,
-               watchdog=None) -> Checkpoint:
+               watchdog=None, drain=None) -> Checkpoint:
     """stop -> drained -> [bitmap ``epoch`` starts] -> hook -> commit epoch -> cont.
 
     ``hook`` is a shell command (run_hook) or, for library users and tests, a
@@ -72,6 +72,8 @@ def checkpoint(qmp: Qmp, ctl: ControlClient, mirrors: Mirrors, epoch: int,
     writes fail on the secondary's side only, and SecondaryStalled is raised.
     ``watchdog`` (watchdog.py) is told when the VM is paused by us and resumed,
     so that a protect killed in between does not leave it paused.
+    ``drain`` replaces ``mirrors.wait_drained`` (the async mode's background
+    mirrors still copy after the stop: shipping.drain).
     """
     mirrors.check()
     try:
@@ -90,7 +92,7 @@ def checkpoint(qmp: Qmp, ctl: ControlClient, mirrors: Mirrors, epoch: int,
     try:
         if was_running:
             _stop(qmp, mirrors, stall_timeout)
-        mirrors.wait_drained()
+        (drain or mirrors.wait_drained)()
         if bitmaps is not None:
             bitmaps.start_epoch(epoch)
         t_hook = time.perf_counter()

@@ -161,21 +161,25 @@ def _cancel_quietly(qmp: Qmp, job: str) -> None:
         pass
 
 
-def _backup_actions(bitmaps: Bitmaps, drives: list[DriveSpec], source: str) -> list[dict]:
+def _backup_actions(bitmaps: Bitmaps, drives: list[DriveSpec], source: str,
+                    speed: int = 0) -> list[dict]:
     return [{"type": "blockdev-backup",
              "data": {"job-id": backup_job(d), "device": bitmaps.nodes[d.drive],
                       "target": d.node, "sync": "bitmap", "bitmap": source,
                       "bitmap-mode": "never", "on-source-error": "report",
-                      "on-target-error": "report", "auto-dismiss": True}}
+                      "on-target-error": "report", "auto-dismiss": True,
+                      **({"speed": speed} if speed else {})}}
             for d in drives]
 
 
 def incremental(qmp: Qmp, drives: list[DriveSpec], bitmaps: Bitmaps, committed: int,
                 progress=None, stop=lambda: False, stall_timeout: float | None = None,
-                watchdog=None, source: str | None = None) -> tuple[Resync, Mirrors]:
+                watchdog=None, source: str | None = None,
+                speed: int = 0) -> tuple[Resync, Mirrors]:
     """Copy what changed since ``committed`` (or what bitmap ``source`` marks) into
     the (attached) NBD nodes, then start the write-blocking mirrors; returns what
-    it did and the mirrors.  The epoch bitmap is left as it is: if this resync
+    it did and the mirrors.  ``speed`` (--rate) limits the rounds that run while
+    the VM runs, not the paused final one.  The epoch bitmap is left as it is: if this resync
     fails, the next one needs it."""
     group = bitmaps.group
     epoch_bitmap = source = source or epoch_name(group, committed)
@@ -195,7 +199,7 @@ def incremental(qmp: Qmp, drives: list[DriveSpec], bitmaps: Bitmaps, committed: 
             nxt = round_name(group, k)
             cursor = qmp.cursor
             qmp.cmd("transaction", actions=bitmaps.add_actions(nxt)
-                    + _backup_actions(bitmaps, drives, source))
+                    + _backup_actions(bitmaps, drives, source, speed))
             r.bytes += _wait_jobs(qmp, ids, cursor, progress, stop)
             if source != epoch_bitmap:
                 bitmaps.remove_named(source)
