@@ -768,6 +768,18 @@ class Bench:
             "w11_failback", measure_failback(self.work / "resync-failback", GiB, 64 * MiB,
                                              3.0)), None)
 
+    def w13(self):
+        """Guest write latency across a slow link: unprotected, sync, async
+        (bench/asynclink.py)."""
+        from .asynclink import measure, plot
+        log("workload 13 (async across a slow link)")
+
+        def go():
+            res = measure(self.work / "asynclink", writes=400 if self.cfg.full else 200)
+            self.results["meta"]["w13"] = res
+            plot(res, self.out)
+        self.guarded("workload 13", "nbd-mc", go, None)
+
     # -- driver -----------------------------------------------------------
 
     def run(self):
@@ -786,7 +798,7 @@ class Bench:
         steps = [((1, 2, 3, 4), self.w1234, True), ((7,), self.w7, True),
                  ((9,), self.w9, True), ((10,), self.w10, True),
                  ((5,), self.w5, False), ((6,), self.w6, True), ((8,), self.w8, True),
-                 ((11,), self.w11, True)]
+                 ((11,), self.w11, True), ((13,), self.w13, False)]
         try:
             for nums, fn, anchors_too in steps:
                 if not any(self.want(n) for n in nums):
@@ -830,7 +842,7 @@ def write_report(results, out):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="longer runs, bigger images, repetitions")
-    ap.add_argument("--only", help="comma-separated workload numbers (1-11)")
+    ap.add_argument("--only", help="comma-separated workload numbers (1-11, 13)")
     ap.add_argument("--serve-args", default="", metavar="ARGS",
                     help="extra `nbd-mc serve` options for every nbd-mc server, one string "
                          "(e.g. \"--cluster-size 4K\"), to compare an engine option")

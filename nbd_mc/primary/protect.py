@@ -272,7 +272,7 @@ class Protector:
                                                                  self.epoch - 1))
                              if self.bitmaps is not None and self.bitmaps.group else 0)
             m.in_flight = backlog.left if backlog is not None else 0
-        except (QmpCommandError, QmpTimeout):
+        except PrimaryError:  # (QEMU gone: the loop finds out next)
             return
         m.lag = self.shipper.lag() if self.shipper is not None else None
         m.write(self.report)
@@ -295,8 +295,13 @@ class Protector:
         cp = checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, hook,
                         bitmaps=bitmaps, stall_timeout=opts.stall_timeout,
                         watchdog=self.watchdog, drain=drain)
-        self.metrics.checkpointed(report, cp.committed, self.mirrors.progress()[0]
-                                  if self.metrics.path else None)
+        mirrored = None
+        if self.metrics.path:
+            try:  # (QEMU gone just after the commit: the commit is counted all the same)
+                mirrored = self.mirrors.progress()[0]
+            except PrimaryError:
+                pass
+        self.metrics.checkpointed(report, cp.committed, mirrored)
         report.pauses.append(cp.pause)
         if opts.hook:
             report.hook_times.append(cp.hook)

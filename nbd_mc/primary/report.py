@@ -41,6 +41,7 @@ class Report:
                 "commits": self.commits, "skipped": self.skipped,
                 "pause_ms": {"median": round(statistics.median(p) * 1000, 3) if p else None,
                              "worst": round(p[-1] * 1000, 3) if p else None,
+                             "p99": _ms(_pct(p, 99)),
                              "count": len(p),
                              "hook_median": round(statistics.median(h) * 1000, 3) if h else None},
                 "initial_sync_bytes": self.initial_sync_bytes,

@@ -21,6 +21,7 @@ from support.protect_proc import spawn_protect
 from support.servers import describe, read_file, wait_until
 from test_primary import (DEADLINE, EXPORTS, SIZES, Coordinated, PrimaryVM,  # noqa: F401
                           assert_secondary_is, committed, failover, finished, make_pair, vms)
+from test_resync import Tracked, check_incremental, end_with_failover, progress
 
 pytestmark = pytest.mark.qemu
 
@@ -73,3 +74,190 @@ def test_async_kill_primary_over_slow_link(servers, vms, procs, links):
     out = failover(server)
     assert out["committed"] == last
     assert_secondary_is(server, co.record(last), server.disks, "async, after QEMU was killed")
+
+
+def protect_async(procs, vm, root, nbd, ctl, co, *args):
+    return start_async(procs, vm, root, nbd, ctl, "--interval", "20ms", "--checkpoint-hook",
+                       co.hook, "--json", "--stall-timeout", "3s", *args)
+
+
+# --- self-healing works in async mode as in sync mode -------------------------------------------
+def test_async_secondary_killed_and_restarted(servers, vms, procs, links):
+    """Behind the slow link: the secondary dies mid-epoch and comes back; protect
+    resyncs from the dirty bitmap, goes back to background shipping and commits on;
+    a failover then gives exactly the recorded disks."""
+    rng = random.Random("async-kill9")
+    vm, server = make_pair(servers, vms, rng)
+    nbd, ctl = slow_link(links, server, servers.root)
+    co = Tracked(servers.root, vm, rng)
+    proc = protect_async(procs, vm, servers.root, nbd, ctl, co)
+    progress(co, server, proc, 3)
+    co.play(lambda: False, ops=5)  # mid-epoch
+    last = committed(server)
+    server.kill9()
+    co.play(lambda: False, ops=10)  # the guest goes on: no write waits or fails
+    server.start()
+    after = progress(co, server, proc, 3)
+    assert after >= last + 3
+    report = end_with_failover(servers, vm, server, proc, co)
+    assert report["mode"] == "async"
+    assert report["outages"] == 1 and len(report["resyncs"]) == 2
+    check_incremental(report["resyncs"][1], co, last)
+
+
+def test_async_link_outage(servers, vms, procs, links):
+    """The link itself goes down (every connection dropped, new ones refused) and
+    comes back: the same self-healing, twice."""
+    rng = random.Random("async-link-cut")
+    vm, server = make_pair(servers, vms, rng)
+    nbd, ctl = slow_link(links, server, servers.root)
+    co = Tracked(servers.root, vm, rng)
+    proc = protect_async(procs, vm, servers.root, nbd, ctl, co)
+    progress(co, server, proc, 2)
+    for _ in range(2):
+        co.play(lambda: False, ops=4)
+        nbd.cut()
+        ctl.cut()
+        co.play(lambda: False, ops=8)
+        nbd.restore()
+        ctl.restore()
+        progress(co, server, proc, 3)
+    report = end_with_failover(servers, vm, server, proc, co)
+    assert report["outages"] >= 2
+    assert all(not r["full"] for r in report["resyncs"][1:]), report["resyncs"]
+
+
+# --- --max-lag: the link cannot keep up --------------------------------------------------------
+class Heavy(Coordinated):
+    """Coordinated, writing 512 KiB of one byte at a time (data the mirror copies,
+    unlike zeroes and discards): a guest that outpaces a 1 MiB/s link."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        rng, guest = self.guest.rng, self.guest
+
+        def op(complete=False):
+            drive = rng.choice(sorted(guest.sizes))
+            offset = rng.randrange(0, guest.sizes[drive] - (512 << 10)) & ~4095
+            guest.qmp.hmp(f'qemu-io {drive} "write -P {rng.randrange(1, 256)} {offset} 512k"')
+            guest.log.append((drive, offset, 512 << 10))
+        self.guest.op = op
+
+
+def test_async_lag_bound_on_a_capped_link(servers, vms, procs, links):
+    """The guest writes faster than the capped link carries: once the lag reaches
+    --max-lag protect forces the checkpoint (the VM waits for the link) and says
+    so: on the console, in --json and in the metrics file.  What is committed
+    stays exact."""
+    rng = random.Random("async-max-lag")
+    vm, server = make_pair(servers, vms, rng)
+    nbd, ctl = slow_link(links, server, servers.root, rate=512 << 10)  # 0.5 MiB/s each way
+    co = Heavy(servers.root, vm, rng)
+    metrics = os.path.join(servers.root, "protect.prom")
+    max_lag = 1.0
+    proc = start_async(procs, vm, servers.root, nbd, ctl, "--interval", "20ms",
+                       "--checkpoint-hook", co.hook, "--max-lag", f"{max_lag}s",
+                       "--metrics-file", metrics)
+    wait_until(lambda: committed(server) >= 1 or proc.poll() is not None, "the first commit",
+               timeout=120)
+    first = committed(server)
+    # 16 MiB of writes (some overwrite others): many times --max-lag of the link
+    co.play(lambda: proc.poll() is not None, ops=32)
+    co.play(lambda: committed(server) >= first + 3 or proc.poll() is not None)
+    vm.kill9()
+    rc, out, err = finished(proc)
+    assert rc == 1 and "The primary QEMU is gone" in err, (out, err)
+    prom = read_file(metrics).decode()  # (rewritten as protect ended)
+    acked = committed(server)
+    assert failover(server)["committed"] == acked
+    assert_secondary_is(server, co.record(acked), server.disks, f"after failover at {acked}")
+    assert "failed" not in read_file(vm.log).decode(errors="replace")  # no guest write failed
+    assert "secondary lost" not in out + err, (out, err)
+    # protect said so, on the console and in the metrics file
+    assert f"reached --max-lag {max_lag:g} s" in out and "back-pressure" in out, out
+    forced = [line for line in prom.splitlines()
+              if line.startswith("nbd_mc_protect_backpressure_total")]
+    assert forced and float(forced[0].split()[-1]) >= 1, prom
+    assert "nbd_mc_protect_epoch_lag_seconds" in prom and "nbd_mc_protect_in_flight_bytes" in prom
+    # the bound: a look at the lag forces the checkpoint once lag plus the backlog's
+    # crossing time reaches --max-lag, so the lag passes --max-lag by no more than
+    # one interval plus that checkpoint's drain (the summary's worst lag and pause;
+    # the margin covers the time one look takes on a loaded machine)
+    lag = float(out.split("epoch lag median ")[1].split(" s, worst ")[1].split(" s;")[0])
+    pause = float(out.split("VM pause per checkpoint: median ")[1].split("worst ")[1]
+                  .split(" ms")[0]) / 1000
+    assert lag <= max_lag + 1.0 + pause, out
+
+
+def test_async_json_reports_backpressure(servers, vms, procs, links):
+    """The same link with --json: the report counts the forced checkpoints and the
+    lag figures."""
+    rng = random.Random("async-max-lag-json")
+    vm, server = make_pair(servers, vms, rng)
+    nbd, ctl = slow_link(links, server, servers.root, rate=512 << 10)
+    co = Heavy(servers.root, vm, rng)
+    proc = protect_async(procs, vm, servers.root, nbd, ctl, co, "--max-lag", "1s",
+                         "--stall-timeout", "10s")
+    wait_until(lambda: committed(server) >= 1 or proc.poll() is not None, "the first commit",
+               timeout=120)
+    first = committed(server)
+    co.play(lambda: proc.poll() is not None, ops=32)
+    co.play(lambda: committed(server) >= first + 3 or proc.poll() is not None)
+    report = end_with_failover(servers, vm, server, proc, co)
+    assert report["mode"] == "async" and report["outages"] == 0, report
+    assert report["backpressure"] >= 1, report
+    assert report["lag_ms"]["count"] >= 1 and report["lag_ms"]["worst"] > 0, report
+
+
+# --- --rate ------------------------------------------------------------------------------------
+def test_rate_holds_the_sync(servers, vms, procs, tmp_path):
+    """--rate holds the initial sync of a full disk to the rate within 10%; a new
+    value in --rate-file reaches the running job."""
+    from support.servers import make_image
+    rng = random.Random("rate")
+    image = servers.path("big.raw")
+    make_image(image, 24 << 20, rng, data_fraction=1.0)
+    replica = servers.path("vda.raw")
+    with open(replica, "wb") as f:
+        f.truncate(24 << 20)
+    server = servers.new({"vda": replica})
+    server.start()
+    vm = vms(servers.root, {"drive0": image})
+    rate = 4 << 20
+    rate_file = str(tmp_path / "rate")
+    proc = spawn_protect(procs, servers.root, "--qmp", vm.qmp_path, "--target", server.uri(),
+                         "--control", server.control_path, "--drive", "drive0=vda",
+                         "--rate", "4M", "--rate-file", rate_file, "--epochs", "2", "--json")
+    rc, out, err = finished(proc, timeout=120)
+    assert rc == 0, (out, err)
+    sync = json.loads(out)["resyncs"][0]
+    assert sync["mode"] == "full" and sync["bytes"] >= 24 << 20, sync
+    measured = sync["bytes"] / sync["seconds"]
+    assert 0.9 * rate <= measured <= 1.1 * rate, (measured, sync)
+
+    # the rate file, while the sync runs
+    server2_replica = servers.path("vda2.raw")
+    with open(server2_replica, "wb") as f:
+        f.truncate(24 << 20)
+    with open(rate_file, "w") as f:
+        f.write("1M\n")
+    server.stop()
+    os.unlink(replica)
+    os.rename(server2_replica, replica)
+    import shutil
+    shutil.rmtree(server.state_dir)
+    server.start()
+    proc = spawn_protect(procs, servers.root, "--qmp", vm.qmp_path, "--target", server.uri(),
+                         "--control", server.control_path, "--drive", "drive0=vda",
+                         "--rate", "4M", "--rate-file", rate_file, "--epochs", "1")
+    job = "nbd-mc-drive0"
+    wait_until(lambda: any(j["device"] == job and j["speed"] == 1 << 20
+                           for j in vm.jobs()), "the sync to run at the file's 1M")
+    with open(rate_file, "w") as f:
+        f.write("64M\n")
+    wait_until(lambda: proc.poll() is not None or any(j["device"] == job and j["speed"] ==
+                                                      64 << 20 for j in vm.jobs()),
+               "the new rate to reach the job")
+    rc, out, err = finished(proc, timeout=120)
+    assert rc == 0, (out, err)
+    assert "rate now 64.0 MiB/s" in out + err, (out, err)
