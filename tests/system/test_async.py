@@ -306,3 +306,16 @@ def test_async_demo_story_over_slow_link(links):
             assert check.maxseq < result.seq_after_commit, text
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_async_refusals(tmp_path):
+    """Bad values of the new options are usage errors before anything is touched."""
+    from support.servers import nbd_mc
+    base = ["protect", "--qmp", str(tmp_path / "none.qmp"), "--drive", "drive0",
+            "--target", "nbd://127.0.0.1:1/", "--control", str(tmp_path / "none.sock")]
+    for extra, message in ((["--mode", "async", "--drive-mirror"], "--mode async needs"),
+                           (["--rate", "fast"], "is not a rate"),
+                           (["--max-lag", "soon"], "is not a duration"),
+                           (["--mode", "later"], "Invalid value for '--mode'")):
+        r = nbd_mc(*base, *extra)
+        assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)
