@@ -157,5 +157,7 @@ class Options:
 
     @property
     def stale_after(self) -> float:
-        """What the secondary is told: no commit for this long means stale protection."""
-        return max(10.0, 20 * self.interval)
+        """What the secondary is told: no commit for this long means stale protection
+        (async: an epoch may be extended up to --max-lag, and its drain comes on top)."""
+        lag = 2 * self.max_lag if self.mode == "async" and self.max_lag else 0.0
+        return max(10.0, 20 * self.interval, lag)
