@@ -30,10 +30,10 @@ from .checkpoint import checkpoint, run_hook
 from .console import Console, StopFlag, _mib
 from .errors import (PrimaryError, PrimaryGone, QmpCommandError, QmpTimeout, SecondaryFailed,
                      SecondaryRefused, why)
-from .mirrors import (BACKUP_PREFIX, Mirrors, add_tls_creds, attach, check_drives, check_sizes, detach, drop,
-                      remove_leftovers, start_drive_mirrors, start_mirrors)
-from .options import Options
 from . import shipping
+from .mirrors import (BACKUP_PREFIX, Mirrors, add_tls_creds, attach, check_drives, check_sizes,
+                      detach, drop, remove_leftovers, start_drive_mirrors, start_mirrors)
+from .options import Options
 from .qmp import Qmp
 from .ranges import RangeWriter
 from .rate import Rate
