@@ -14,8 +14,9 @@ The latency of each write is QEMU's own measurement (qemu-io's ops/sec for the
 one request), so the monitor round trip of the HMP command is not in it.  HMP
 would write while the VM is paused; the writer waits for the VM to run before
 each write, as a vCPU would (a race of a few microseconds remains), and the
-pause is not in the latency figure: pauses are reported on their own, from protect's --json report (p50/p99), as is the committed-epoch lag
-of the async mode.  Bytes shipped are the mirror jobs' progress after the
+pause is not in the latency figure: pauses are reported on their own, from
+protect's --json report (p50/p99), as is the committed-epoch lag of the async
+mode.  Bytes shipped are the mirror jobs' progress after the
 initial sync, per byte the guest wrote.
 
 Writes: results.json-style dict (returned, and ``async.json`` in --out) and
