@@ -181,12 +181,14 @@ def test_async_lag_bound_on_a_capped_link(servers, vms, procs, links):
     assert "nbd_mc_protect_epoch_lag_seconds" in prom and "nbd_mc_protect_in_flight_bytes" in prom
     # the bound: a look at the lag forces the checkpoint once lag plus the backlog's
     # crossing time reaches --max-lag, so the lag passes --max-lag by no more than
-    # one interval plus that checkpoint's drain (the summary's worst lag and pause;
-    # the margin covers the time one look takes on a loaded machine)
+    # one interval and one look plus that checkpoint's drain (the summary's worst
+    # lag and pause; the 3 s stand for the interval and a look on a machine at load
+    # 30).  Without back-pressure the lag here would reach the whole backlog's
+    # crossing time: 16 MiB at 0.5 MiB/s per drive
     lag = float(out.split("epoch lag median ")[1].split(" s, worst ")[1].split(" s;")[0])
     pause = float(out.split("VM pause per checkpoint: median ")[1].split("worst ")[1]
                   .split(" ms")[0]) / 1000
-    assert lag <= max_lag + 1.0 + pause, out
+    assert lag <= max_lag + 3.0 + pause, out
 
 
 def test_async_json_reports_backpressure(servers, vms, procs, links):
