@@ -290,6 +290,25 @@ def test_async_demo_story_over_slow_link(links):
             story.target, story.control = nbd.nbd_uri(), ctl.path
             story.protect_extra = ["--mode", "async"]
         story.start_secondary = start_secondary_behind_link
+        let_it_work = story.let_it_work
+
+        def let_it_work_until_a_record_is_committed():
+            # on a loaded machine the TCG guest may not have made a record durable in
+            # the story's few seconds: wait for one, and for a commit after it, so
+            # the epoch failover returns to holds at least one record
+            let_it_work()
+            from nbd_mc.control import ControlClient
+            ctl = ControlClient(str(story.state / "control.sock"))
+            try:
+                story._wait(lambda: story.serial_log.poll() is not None
+                            and story.serial_log.last_seq >= 1, "a durable guest record",
+                            story.qemu)
+                c = ctl.execute("query-status")["committed"]
+                story._wait(lambda: ctl.execute("query-status")["committed"] > c,
+                            "a commit after it", story.qemu)
+            finally:
+                ctl.close()
+        story.let_it_work = let_it_work_until_a_record_is_committed
         try:
             result = story.run()
         finally:
