@@ -505,6 +505,13 @@ def markdown(results):
                    f"({cfg.get('tib_touches'):,} first-touch 4 KiB writes spread over it, "
                    f"random reads, 256 MiB sequential read)\n\n")
         out.append(_table(["server"] + [f"after {n}: RSS / peak MiB" for n in names], body))
+    w15 = meta.get("w15")
+    if w15:
+        from .asynclink import markdown as async_table
+        out.append("\n## Across a slow link: unprotected, sync, async (workload 15)\n\n"
+                   "Guest 4 KiB QD1 writes (HMP qemu-io, QEMU's own latency figure), the "
+                   "secondary behind the link emulator; pause and lag from protect's "
+                   "--json (bench/asynclink.py).\n\n" + async_table(w15))
     checks = meta.get("preserved_check")
     if checks:
         bad = {k: v for k, v in checks.items() if v["expected"] != v["preserved_clusters"]}

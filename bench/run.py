@@ -783,6 +783,18 @@ class Bench:
         log("workload 13 (history on vs off)")
         self.guarded("workload 13", "nbd-mc", go, None)
 
+    def w15(self):
+        """Guest write latency across a slow link: unprotected, sync, async
+        (bench/asynclink.py)."""
+        from .asynclink import measure, plot
+        log("workload 15 (async across a slow link)")
+
+        def go():
+            res = measure(self.work / "asynclink", writes=400 if self.cfg.full else 200)
+            self.results["meta"]["w15"] = res
+            plot(res, self.out)
+        self.guarded("workload 15", "nbd-mc", go, None)
+
     # -- driver -----------------------------------------------------------
 
     def run(self):
@@ -801,7 +813,8 @@ class Bench:
         steps = [((1, 2, 3, 4), self.w1234, True), ((7,), self.w7, True),
                  ((9,), self.w9, True), ((10,), self.w10, True),
                  ((5,), self.w5, False), ((6,), self.w6, True), ((8,), self.w8, True),
-                 ((11,), self.w11, True), ((13,), self.w13, False)]
+                 ((11,), self.w11, True), ((13,), self.w13, False),
+                 ((15,), self.w15, False)]
         try:
             for nums, fn, anchors_too in steps:
                 if not any(self.want(n) for n in nums):
@@ -845,7 +858,7 @@ def write_report(results, out):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="longer runs, bigger images, repetitions")
-    ap.add_argument("--only", help="comma-separated workload numbers (1-11, 13)")
+    ap.add_argument("--only", help="comma-separated workload numbers (1-11, 13, 15)")
     ap.add_argument("--serve-args", default="", metavar="ARGS",
                     help="extra `nbd-mc serve` options for every nbd-mc server, one string "
                          "(e.g. \"--cluster-size 4K\"), to compare an engine option")

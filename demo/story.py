@@ -99,6 +99,11 @@ class Story:
         self.protect_out: list[str] = []
         self.result = DemoResult()
         self.step_no = 0
+        # where protect reaches the secondary, and more protect options (a test runs
+        # the same story across an emulated slow link with --mode async)
+        self.target = f"nbd+unix:///?socket={self.state}/nbd.sock"
+        self.control = StateDir(self.state).control
+        self.protect_extra: list[str] = []
 
     # --- printing ------------------------------------------------------------
     def step(self, title: str, why: str = "") -> None:
@@ -189,9 +194,8 @@ class Story:
                 f"mv {self.records}/$NBD_MC_EPOCH.tmp {self.records}/$NBD_MC_EPOCH.raw && "
                 f"rm -f {self.records}/$((NBD_MC_EPOCH - 3)).raw")
         argv = [_bin("nbd-mc"), "protect", "--qmp", str(self.qmp), "--drive", "drive0=vda",
-                "--target", f"nbd+unix:///?socket={self.state}/nbd.sock",
-                "--control", StateDir(self.state).control, "--interval", INTERVAL,
-                "--checkpoint-hook", hook, "--json"]
+                "--target", self.target, "--control", self.control, "--interval", INTERVAL,
+                "--checkpoint-hook", hook, "--json", *self.protect_extra]
         self.detail("$ nbd-mc protect --qmp primary.qmp --drive drive0=vda \\\n"
                     "      --target 'nbd+unix:///?socket=secondary-state/nbd.sock' \\\n"
                     "      --control secondary-state/control.sock --interval 100ms \\\n"

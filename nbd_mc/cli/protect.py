@@ -76,11 +76,29 @@ from .common import Failure, json_wanted, main, size_option
                    "(state changes, resyncs, refusals, the closing report), appended to "
                    "FILE, or to standard output with - (the human lines then go to "
                    "standard error). Fields: docs/events.md.")
+@click.option("--mode", "mode", type=click.Choice(["sync", "async"]), default="sync",
+              show_default=True,
+              help="sync: every guest write waits for the secondary (nothing committed is "
+                   "ever behind the guest by more than one epoch); async: guest writes "
+                   "complete at local-disk speed and each epoch ships in the background, "
+                   "committing once it is all on the secondary (for slow links, see "
+                   "docs/async.md).")
+@click.option("--max-lag", "max_lag", default="10s", show_default=True, metavar="DURATION",
+              help="async: how far the committed epoch may trail the primary; when the link "
+                   "cannot keep up, the checkpoint is taken anyway and the VM waits for the "
+                   "backlog to cross (back-pressure). 'none' for no bound.")
+@click.option("--rate", "rate", default="0", show_default=True, metavar="BYTES/s",
+              help="Bandwidth per drive for the initial sync, resyncs and async shipping "
+                   "(QEMU's job speed), e.g. 20M; 0 for unlimited.")
+@click.option("--rate-file", "rate_file", metavar="PATH",
+              help="A file holding the rate (e.g. '5M'); protect rereads it when it changes, "
+                   "so the rate can be changed while protect runs.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the closing summary and errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the closing report as JSON.")
 def protect(qmp_path, domain, connect_uri, drives, target, control, interval, epochs, hook,
             tls_dir, metrics_file, legacy, stall_timeout, retry_for, quiet, as_json,
-            events=None, verify=False, verify_slice="4M", verify_passes=None, repair=None, resync="auto"):
+            events=None, verify=False, verify_slice="4M", verify_passes=None, repair=None,
+            resync="auto", mode="sync", max_lag="10s", rate="0", rate_file=None):
     """Mirror a running QEMU's drives into the secondary and checkpoint them.
 
     Attaches the secondary's exports to QEMU, runs blockdev-mirror (sync=full,
@@ -93,8 +111,11 @@ def protect(qmp_path, domain, connect_uri, drives, target, control, interval, ep
     the secondary refuses for good, or --retry-for runs out.
     """
     from .. import primary  # here: qemu.qmp and asyncio would slow every other command's start
+    from ..primary.rate import parse_rate
     if bool(qmp_path) == bool(domain):
         raise click.UsageError("give --qmp PATH or --libvirt DOMAIN (one of them)")
+    if mode == "async" and legacy:
+        raise click.UsageError("--mode async needs blockdev-mirror: drop --drive-mirror")
     try:
         opts = primary.Options(
             qmp=qmp_path, drives=primary.parse_drives(drives),
@@ -106,7 +127,10 @@ def protect(qmp_path, domain, connect_uri, drives, target, control, interval, ep
             retry_for=(None if retry_for == "forever"
                        else primary.parse_interval(retry_for, zero=True)),
             verify=verify, verify_slice=size_option(verify_slice), verify_passes=verify_passes,
-            repair=True if repair is None else repair, resync=resync, events=events)
+            repair=True if repair is None else repair, resync=resync, events=events,
+            mode=mode, max_lag=(None if max_lag.strip().lower() in ("none", "off")
+                                else primary.parse_interval(max_lag)),
+            rate=parse_rate(rate), rate_file=rate_file)
         parse_address(control)
     except ValueError as e:
         raise click.UsageError(str(e)) from None

@@ -141,6 +141,12 @@ def summary(report: Report) -> str:
                 if p["hook_median"] is not None else "")
         lines.append(f"VM pause per checkpoint: median {p['median']:.2f} ms, worst "
                      f"{p['worst']:.2f} ms{hook}")
+    if report.mode == "async" and d["lag_ms"]["count"]:
+        lag = d["lag_ms"]
+        lines.append(f"async: epoch lag median {lag['median'] / 1000:.2f} s, worst "
+                     f"{lag['worst'] / 1000:.2f} s; {report.extended} interval(s) extended "
+                     f"while the link was behind, {report.backpressure} checkpoint(s) "
+                     "forced by --max-lag")
     lines.append(f"mirrored {_mib(report.mirrored_bytes)} (initial sync "
                  f"{_mib(report.initial_sync_bytes)}) in {report.seconds:.1f} s")
     if report.outages:

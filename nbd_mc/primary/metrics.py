@@ -38,6 +38,10 @@ class ProtectMetrics:
       last_commit    wall clock of the last commit by this protect, or None
       events         the --events stream (eventstream.py) it forwards each
                      notification to, or None
+      out_of_sync, in_flight, lag, rate -- the link's figures (protect's
+                     _link_metrics): bytes the committed epoch lacks, bytes not yet on
+                     the secondary, seconds the committed epoch trails (async), the
+                     --rate in force (bytes/s, 0 unlimited); None until known
 
     It is the one observer protect notifies of its state changes, checkpoints and
     sync progress; the event stream hears of them through it.
@@ -51,6 +55,10 @@ class ProtectMetrics:
         self.sync: tuple[int, int] | None = None
         self.mirrored = 0
         self.last_commit: float | None = None
+        self.out_of_sync: int | None = None
+        self.in_flight: int | None = None
+        self.lag: float | None = None
+        self.rate: int | None = None
         self._last_sync_write = 0.0
         self._file_error: str | None = None
         self._events_error: str | None = None
@@ -109,6 +117,22 @@ class ProtectMetrics:
                             v, last.bytes, unit="bytes"),
                      _gauge("nbd_mc_protect_last_resync_duration", "How long the last "
                             "(re)sync took.", v, last.seconds, unit="seconds")]
+        for name, doc, value, unit in (
+                ("nbd_mc_protect_out_of_sync", "Bytes written since the committed epoch "
+                 "(what a failover now would lose).", self.out_of_sync, "bytes"),
+                ("nbd_mc_protect_in_flight", "Bytes written on the primary and not yet on "
+                 "the secondary.", self.in_flight, "bytes"),
+                ("nbd_mc_protect_epoch_lag", "How far the committed epoch trails the "
+                 "primary (async mode).", self.lag, "seconds"),
+                ("nbd_mc_protect_rate", "The --rate in force per copy job (0: "
+                 "unlimited).", self.rate, "bytes_per_second")):
+            if value is not None:
+                fams.append(_gauge(name, doc, v, value, unit=unit))
+        bp = CounterMetricFamily("nbd_mc_protect_backpressure", "Checkpoints --max-lag "
+                                 "forced while the link was behind (the VM waited).",
+                                 labels=["vm"])
+        bp.add_metric([self.vm], getattr(report, "backpressure", 0))
+        fams.append(bp)
         if self.sync is not None:
             fams.append(_gauge("nbd_mc_protect_sync_done", "Bytes copied by the running "
                                "(re)sync.", v, self.sync[0], unit="bytes"))

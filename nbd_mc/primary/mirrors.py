@@ -95,15 +95,18 @@ def attach(qmp: Qmp, target: NbdTarget, drives: list[DriveSpec],
                                   f"({target.describe()}): {e}") from None
 
 
-def start_mirrors(qmp: Qmp, drives: list[DriveSpec], sync: str = "full") -> None:
+def start_mirrors(qmp: Qmp, drives: list[DriveSpec], sync: str = "full",
+                  speed: int = 0) -> None:
     """sync=full copies the whole disk once; write-blocking then makes every guest
     write wait for the secondary, which is what lets a paused VM mean "all there".
     sync=none copies nothing: after an incremental resync (resync.py) the
-    secondary already holds the disk."""
+    secondary already holds the disk.  ``speed`` (bytes/s, --rate) limits the copy
+    of the disk, not the guest's writes."""
     for d in drives:
         qmp.cmd("blockdev-mirror", **{"job-id": d.job, "device": d.source, "target": d.node,
                                       "sync": sync, "copy-mode": "write-blocking",
-                                      "on-target-error": "report"})
+                                      "on-target-error": "report",
+                                      **({"speed": speed} if speed else {})})
 
 
 def start_drive_mirrors(qmp: Qmp, target: NbdTarget, drives: list[DriveSpec]) -> None:

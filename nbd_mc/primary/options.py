@@ -145,8 +145,20 @@ class Options:
     #: How a secondary no dirty bitmap covers is brought in step: "auto" (checksum
     #: when its image holds data, else full), "full" or "checksum" (resync.py).
     resync: str = "auto"
+    #: "sync" (write-blocking: a guest write waits for the secondary) or "async"
+    #: (background mirror, epochs shipped behind the guest: shipping.py).
+    mode: str = "sync"
+    #: async: how far the committed epoch may trail (seconds) before protect applies
+    #: back-pressure (shipping.Shipper.decide); None: no bound.
+    max_lag: float | None = 10.0
+    #: Bytes/s per copy job (QEMU's job speed, rate.py); 0 unlimited.
+    rate: int = 0
+    #: A file whose contents replace ``rate`` while protect runs (rate.py).
+    rate_file: str | None = None
 
     @property
     def stale_after(self) -> float:
-        """What the secondary is told: no commit for this long means stale protection."""
-        return max(10.0, 20 * self.interval)
+        """What the secondary is told: no commit for this long means stale protection
+        (async: an epoch may be extended up to --max-lag, and its drain comes on top)."""
+        lag = 2 * self.max_lag if self.mode == "async" and self.max_lag else 0.0
+        return max(10.0, 20 * self.interval, lag)

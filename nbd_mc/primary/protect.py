@@ -30,11 +30,13 @@ from .checkpoint import checkpoint, run_hook
 from .console import Console, StopFlag, _mib
 from .errors import (PrimaryError, PrimaryGone, QmpCommandError, QmpTimeout, SecondaryFailed,
                      SecondaryRefused, why)
-from .mirrors import (Mirrors, add_tls_creds, attach, check_drives, check_sizes, detach, drop,
-                      remove_leftovers, start_drive_mirrors, start_mirrors)
+from . import shipping
+from .mirrors import (BACKUP_PREFIX, Mirrors, add_tls_creds, attach, check_drives, check_sizes,
+                      detach, drop, remove_leftovers, start_drive_mirrors, start_mirrors)
 from .options import Options
 from .qmp import Qmp
 from .ranges import RangeWriter
+from .rate import Rate
 from .repair import Repairs
 from .report import Report
 from .resync import ChecksumUnsupported, Resync, checksum_sync, incremental
@@ -87,6 +89,9 @@ class Protector:
       ranges   -- the ranges.RangeWriter of the current claim (libnbd connections to
                   the writer exports), opened on first use, None after a new claim
                   or an outage;
+      rate     -- --rate and its --rate-file (rate.py): the speed of our copy jobs;
+      shipper  -- --mode async's bookkeeping (shipping.Shipper: lag, backlog,
+                  back-pressure), None in sync mode;
       report, stop, console, watchdog -- output and control of the run.
     """
 
@@ -112,6 +117,9 @@ class Protector:
         self.source: PrimarySource | None = None
         self.source_refusal = ""
         self.ranges: RangeWriter | None = None
+        self.rate = Rate(opts.rate, opts.rate_file)
+        self.shipper = shipping.Shipper(opts.max_lag) if opts.mode == "async" else None
+        self.report.mode = opts.mode
         # --metrics-file (metrics.py); a no-op without a path
         self.metrics = ProtectMetrics(opts.metrics_file, opts.libvirt or opts.qmp or "",
                                       events=opts.events)
@@ -199,12 +207,76 @@ class Protector:
             if stop():
                 break
             try:
+                self._poll_rate()
+                if self.shipper is not None and not self._ship_or_wait():
+                    continue
                 if self._checkpoint() and (opts.epochs and report.commits >= opts.epochs
                                            or self.verifier is not None and self.verifier.done
                                            and not (self.repairs and self.repairs.busy)):
                     break
             except (SecondaryFailed, QmpTimeout) as e:
                 self._lose(e)
+
+    # --- async mode and --rate --------------------------------------------------------------
+    def _job_ids(self) -> set:
+        return {d.job for d in self.opts.drives} | {BACKUP_PREFIX + d.drive
+                                                     for d in self.opts.drives}
+
+    def _poll_rate(self) -> None:
+        """A changed --rate-file: the new rate goes to our running jobs."""
+        said = self.rate.error
+        line = self.rate.poll(self.qmp, self._job_ids())
+        if line:
+            self.console.say(line)
+        if self.rate.error and self.rate.error != said:
+            self.console.say(f"  {self.rate.error}")
+        self.metrics.rate = self.rate.speed
+
+    def _ship_or_wait(self) -> bool:
+        """--mode async, before a checkpoint: True to take it now (the backlog is
+        small, or the lag reached --max-lag: back-pressure), False to extend the
+        epoch (shipping.Shipper.decide)."""
+        sh = self.shipper
+        d = sh.decide(self.qmp, self.opts.drives)
+        self._link_metrics(d)
+        if d.action == "extend":
+            if not sh.behind:
+                sh.behind = True
+                self.console.say(f"  the link is behind: {_mib(d.backlog.left)} to ship, "
+                                 f"epoch lag {d.lag:.1f} s; epoch {self.epoch} extended "
+                                 f"until it crosses (--max-lag "
+                                 f"{'none' if sh.max_lag is None else f'{sh.max_lag:g} s'})")
+            return False
+        if d.action == "force":
+            self.report.backpressure += 1
+            self.console.say(f"  epoch lag {d.lag:.1f} s reached --max-lag {sh.max_lag:g} s "
+                             f"with {_mib(d.backlog.left)} still to ship: back-pressure, "
+                             f"the VM pauses until it has crossed")
+        elif sh.behind:
+            self.console.say(f"  the link caught up (epoch lag {d.lag:.1f} s)")
+        sh.behind = d.action == "force"
+        return True
+
+    def _link_metrics(self, d=None) -> None:
+        """What operators watch on a link (DRBD's oos, pending, lag), for the metrics
+        file: bytes the committed epoch lacks, bytes not yet on the secondary, the lag."""
+        m = self.metrics
+        if not m.path:
+            return
+        try:
+            if d is None:
+                backlog = shipping.backlog(self.qmp, self.opts.drives) if self.shipper \
+                    else None
+            else:
+                backlog = d.backlog
+            m.out_of_sync = (self.bitmaps.dirty_bytes(epoch_name(self.bitmaps.group,
+                                                                 self.epoch - 1))
+                             if self.bitmaps is not None and self.bitmaps.group else 0)
+            m.in_flight = backlog.left if backlog is not None else 0
+        except PrimaryError:  # (QEMU gone: the loop finds out next)
+            return
+        m.lag = self.shipper.lag() if self.shipper is not None else None
+        m.write(self.report)
 
     # --- one checkpoint ---------------------------------------------------------------
     def _checkpoint(self) -> bool:
@@ -216,11 +288,21 @@ class Protector:
         hook = self.verifier.hook(opts.hook, run_hook) if self.verifier else opts.hook
         if self.repairs is not None and self.repairs.busy:
             hook = self._repair_hook(hook)
+        drain = None
+        if self.shipper is not None:
+            mirrors = self.mirrors
+            drain = lambda: shipping.drain(self.qmp, mirrors, opts.stall_timeout)  # noqa: E731
+        cut = time.monotonic()
         cp = checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, hook,
                         bitmaps=bitmaps, stall_timeout=opts.stall_timeout,
-                        watchdog=self.watchdog)
-        self.metrics.checkpointed(report, cp.committed, self.mirrors.progress()[0]
-                                  if self.metrics.path else None, self.epoch, cp.skipped)
+                        watchdog=self.watchdog, drain=drain)
+        mirrored = None
+        if self.metrics.path:
+            try:  # (QEMU gone just after the commit: the commit is counted all the same)
+                mirrored = self.mirrors.progress()[0]
+            except PrimaryError:
+                pass
+        self.metrics.checkpointed(report, cp.committed, mirrored, self.epoch, cp.skipped)
         report.pauses.append(cp.pause)
         if opts.hook:
             report.hook_times.append(cp.hook)
@@ -231,6 +313,9 @@ class Protector:
             return False
         report.committed = self.epoch
         report.commits += 1
+        if self.shipper is not None:
+            self.shipper.committed(cut)
+        self._link_metrics()
         if bitmaps is not None:
             bitmaps.committed(self.epoch)
         if self.first_commit_after_sync:
@@ -402,9 +487,10 @@ class Protector:
                 r, self.mirrors = incremental(
                     qmp, opts.drives, bitmaps, committed,
                     lambda done, total: (console.progress("resync", done, total),
-                                         self.metrics.sync_progress(done, total, self.report)),
+                                         self.metrics.sync_progress(done, total, self.report),
+                                         self._poll_rate()),
                     self.stop, opts.stall_timeout, self.watchdog,
-                    owner=qemu_identity(qmp, opts)[1])
+                    owner=qemu_identity(qmp, opts)[1], speed=self.rate.speed)
             except QmpCommandError as e:  # a refused copy job or mirror: the target's fault
                 raise SecondaryFailed(f"the resync failed: {e.desc}") from None
         elif mode == "checksum":
@@ -438,13 +524,23 @@ class Protector:
             self._start_full()
             label = "initial sync" if not self.report.resyncs else "full resync"
             if not self.mirrors.wait_ready(lambda d, t: (console.progress(label, d, t),
-                                                         self.metrics.sync_progress(d, t, self.report)),
+                                                         self.metrics.sync_progress(d, t, self.report),
+                                                         self._poll_rate()),
                                            self.stop):
                 return False
             r = Resync(full=True, reason="", bytes=sum(self.mirrors.synced.values()),
                        mode="full")
             r.seconds = time.monotonic() - t0
         console.progress_end()
+        if self.shipper is not None:
+            if mode != "full":  # the resync ends with write-blocking mirrors (resync.py)
+                try:
+                    self.mirrors = shipping.to_background(qmp, self.mirrors, self.rate.speed,
+                                                          opts.stall_timeout, self.watchdog)
+                except QmpCommandError as e:
+                    raise SecondaryFailed(f"cannot switch to the background mirror: "
+                                          f"{e.desc}") from None
+            self.shipper.reset()
         r.from_epoch = committed
         r.reason = self.lost_reason + ("" if why is None else f"; {mode}: {why}")
         self.report.resyncs.append(r)
@@ -458,6 +554,7 @@ class Protector:
         self.metrics.set_state("checkpointing", self.report)
         console.say(f"  in step: {_mib(r.bytes)} copied in {r.seconds:.1f} s; "
                     f"checkpointing every {opts.interval * 1000:g} ms"
+                    + (" (async: epochs ship in the background)" if self.shipper else "")
                     + (f" for {opts.epochs} epochs" if opts.epochs else "")
                     + " (Ctrl-C detaches)")
         return True
@@ -507,7 +604,10 @@ class Protector:
             start_drive_mirrors(qmp, opts.target, self.writer_drives)
             return
         try:
-            start_mirrors(qmp, opts.drives)
+            if self.shipper is not None:
+                shipping.start_background(qmp, opts.drives, "full", self.rate.speed)
+            else:
+                start_mirrors(qmp, opts.drives, speed=self.rate.speed)
         except QmpCommandError as e:
             raise SecondaryFailed(f"cannot start the mirror: {e.desc}") from None
 
@@ -583,6 +683,9 @@ class Protector:
                 c.close()
         if self.lost_since is not None and report.resyncs:
             report.unprotected += time.monotonic() - self.lost_since
+        if self.shipper is not None:
+            report.lags = self.shipper.lags
+            report.extended = self.shipper.extended
 
 
 def open_session(opts: Options, timeout: float):

@@ -29,6 +29,10 @@ class Report:
     unprotected: float = 0.0  # seconds between losing the secondary and its resync's end
     refused: bool = False  # the secondary can never take our checkpoints again
     verify: dict | None = None  # verify.Stats.as_dict() when --verify
+    mode: str = "sync"  # --mode
+    lags: list = field(default_factory=list)  # async: epoch lag (s) at each look (shipping.py)
+    extended: int = 0  # async: intervals without a checkpoint (the backlog was large)
+    backpressure: int = 0  # async: checkpoints forced by --max-lag (the VM waited for the link)
 
     def as_dict(self) -> dict:
         p = sorted(self.pauses)
@@ -37,6 +41,7 @@ class Report:
                 "commits": self.commits, "skipped": self.skipped,
                 "pause_ms": {"median": round(statistics.median(p) * 1000, 3) if p else None,
                              "worst": round(p[-1] * 1000, 3) if p else None,
+                             "p99": _ms(_pct(p, 99)),
                              "count": len(p),
                              "hook_median": round(statistics.median(h) * 1000, 3) if h else None},
                 "initial_sync_bytes": self.initial_sync_bytes,
@@ -45,4 +50,21 @@ class Report:
                 "problems": self.problems,
                 "resyncs": [r.as_dict() for r in self.resyncs],
                 "outages": self.outages, "unprotected_seconds": round(self.unprotected, 3),
-                "verify": self.verify}
+                "verify": self.verify,
+                "mode": self.mode,
+                "lag_ms": {"median": _ms(_pct(self.lags, 50)), "p99": _ms(_pct(self.lags, 99)),
+                           "worst": _ms(max(self.lags) if self.lags else None),
+                           "count": len(self.lags)},
+                "extended_epochs": self.extended, "backpressure": self.backpressure}
+
+
+def _pct(values: list, p: float) -> float | None:
+    """The p-th percentile (nearest rank) of ``values``, None if empty."""
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, int(round(p / 100 * len(v) + 0.5)) - 1))]
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)

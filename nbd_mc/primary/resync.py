@@ -189,28 +189,32 @@ def _end_jobs(qmp: Qmp, drives: list[DriveSpec], ids) -> None:
 
 
 def _backup_actions(bitmaps: Bitmaps, drives: list[DriveSpec], source: str,
-                    fleece: Fleece | None = None) -> list[dict]:
+                    fleece: Fleece | None = None, speed: int = 0) -> list[dict]:
     """One backup job per drive copying what bitmap ``source`` marks: from the
-    drive's node, or from ``fleece``'s snapshot of it (with its copy of the bitmap)."""
+    drive's node, or from ``fleece``'s snapshot of it (with its copy of the bitmap);
+    ``speed`` (--rate) limits each job."""
     return [{"type": "blockdev-backup",
              "data": {"job-id": backup_job(d),
                       "device": fleece.source(d.drive) if fleece else bitmaps.nodes[d.drive],
                       "target": d.node, "sync": "bitmap",
                       "bitmap": fleece.bitmap(d.drive, source) if fleece else source,
                       "bitmap-mode": "never", "on-source-error": "report",
-                      "on-target-error": "report", "auto-dismiss": True}}
+                      "on-target-error": "report", "auto-dismiss": True,
+                      **({"speed": speed} if speed else {})}}
             for d in drives]
 
 
 def incremental(qmp: Qmp, drives: list[DriveSpec], bitmaps: Bitmaps, committed: int,
                 progress=None, stop=lambda: False, stall_timeout: float | None = None,
                 watchdog=None, source: str | None = None,
-                owner: tuple[int, int] | None = None) -> tuple[Resync, Mirrors]:
+                owner: tuple[int, int] | None = None,
+                speed: int = 0) -> tuple[Resync, Mirrors]:
     """Copy what changed since ``committed`` (or what bitmap ``source`` marks) into
     the (attached) NBD nodes, then start the write-blocking mirrors; returns what
     it did and the mirrors.  The epoch bitmap is left as it is: if this resync
     fails, the next one needs it.  ``owner`` (uid, gid): who QEMU runs as, for the
-    fleecing files (fleece.py)."""
+    fleecing files (fleece.py).  ``speed`` (--rate) limits the rounds that run
+    while the VM runs, not the paused final one."""
     group = bitmaps.group
     epoch_bitmap = source = source or epoch_name(group, committed)
     r = Resync(full=False, reason="", dirty=bitmaps.dirty_bytes(source), mode="bitmap")
@@ -233,7 +237,8 @@ def incremental(qmp: Qmp, drives: list[DriveSpec], bitmaps: Bitmaps, committed: 
             try:
                 fleece.take(source)
                 cursor = qmp.cursor
-                qmp.cmd("transaction", actions=_backup_actions(bitmaps, drives, source, fleece))
+                qmp.cmd("transaction", actions=_backup_actions(bitmaps, drives, source, fleece,
+                                                                  speed))
                 r.bytes += _wait_jobs(qmp, ids, cursor, progress, stop)
             except BaseException:
                 _end_jobs(qmp, drives, ids)
