@@ -28,6 +28,7 @@ from ..metrics import ProtectMetrics
 from .bitmaps import Bitmaps, epoch_name, source_nodes
 from .checkpoint import checkpoint, run_hook
 from .console import Console, StopFlag, _mib
+from .features import QemuFeatures
 from .errors import (PrimaryError, PrimaryGone, QmpCommandError, QmpTimeout, SecondaryFailed,
                      SecondaryRefused, why)
 from .mirrors import (Mirrors, add_tls_creds, attach, check_drives, check_sizes, detach, drop,
@@ -87,6 +88,8 @@ class Protector:
       ranges   -- the ranges.RangeWriter of the current claim (libnbd connections to
                   the writer exports), opened on first use, None after a new claim
                   or an outage;
+      features -- what this QEMU offers (features.QemuFeatures, from its QMP schema),
+                  asked once at the start;
       report, stop, console, watchdog -- output and control of the run.
     """
 
@@ -112,6 +115,7 @@ class Protector:
         self.source: PrimarySource | None = None
         self.source_refusal = ""
         self.ranges: RangeWriter | None = None
+        self.features: QemuFeatures | None = None
         # --metrics-file (metrics.py); a no-op without a path
         self.metrics = ProtectMetrics(opts.metrics_file, opts.libvirt or opts.qmp or "")
 
@@ -133,6 +137,9 @@ class Protector:
             # secondary QEMU may not answer anything, and protect must get to the yank
             self.qmp, drives = open_session(opts, max(opts.stall_timeout, MIN_QMP_TIMEOUT))
             self.opts = opts = replace(opts, drives=drives)
+            # what this QEMU offers, from its QMP schema (never from a version string)
+            self.features = QemuFeatures.ask(self.qmp)
+            self.features.require()
             sizes = check_drives(self.qmp, opts.drives)
             check_sizes(sizes, status, opts.drives)
             self.sizes = sizes

@@ -67,7 +67,8 @@ from ..control import ControlError
 from ..errors import NbdMcError
 from .bitmaps import Bitmaps, checksum_name, epoch_name, round_name
 from .checkpoint import resume
-from .errors import PrimaryGone, QmpCommandError, QmpTimeout, SecondaryFailed, SecondaryStalled
+from .errors import PrimaryGone, QmpTimeout, SecondaryFailed, SecondaryStalled
+from .lifecycle import end_jobs, wait_gone
 from .mirrors import (BACKUP_PREFIX, Mirrors, cancel_mirrors, job_progress,
                       resume_after_copy_error, start_mirrors, yank)
 from .options import DriveSpec
@@ -139,26 +140,18 @@ def _wait_jobs(qmp: Qmp, ids: set, cursor: int, progress=None, stop=lambda: Fals
             if progress:
                 progress(*job_progress(qmp, pending))
             if stop():
-                for j in pending:
-                    _cancel_quietly(qmp, j)
+                end_jobs(qmp, pending, force=True)  # gone before their bitmaps go
                 raise SecondaryFailed("stopped during the resync")
             continue
         data = ev["data"]
         pending.discard(data["device"])
         if ev["event"] == "BLOCK_JOB_CANCELLED" or data.get("error"):
-            for j in pending:
-                _cancel_quietly(qmp, j)
+            end_jobs(qmp, pending | {data["device"]}, force=True)  # lifecycle rule 2
             raise SecondaryFailed(f"resync copy {data['device']} failed: "
                                   f"{data.get('error') or 'cancelled'}")
         copied += data.get("offset", 0)
+    wait_gone(qmp, ids)  # lifecycle rule 2: their bitmaps are released when they are
     return copied
-
-
-def _cancel_quietly(qmp: Qmp, job: str) -> None:
-    try:
-        qmp.cmd("block-job-cancel", device=job, force=True)
-    except QmpCommandError:
-        pass
 
 
 def _backup_actions(bitmaps: Bitmaps, drives: list[DriveSpec], source: str) -> list[dict]:
