@@ -36,7 +36,7 @@ if [ ! -f "$PIN" ]; then
     # priority 1: never chosen for an install or upgrade unless asked for by name
     printf '%s\n' "Package: *" "Pin: release n=$SUITE" "Pin-Priority: 1" | $SUDO tee "$PIN" >/dev/null
 fi
-if ! apt-cache show "qemu-system-x86/$SUITE" >/dev/null 2>&1; then
+if ! apt-cache madison qemu-system-x86 2>/dev/null | grep -q "$SUITE"; then
     # only the new source's lists: the others stay as they are
     $SUDO $LOCK apt-get update -qq -o Dir::Etc::sourcelist="$SRC" -o Dir::Etc::sourceparts=- \
         -o APT::Get::List-Cleanup=0
