@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 		| { grep -v "^WARNING: Location .* is ignored" || true; }
 	@touch $(STAMP)
 
+# the system's QEMU first, then the QEMU-facing tests on QEMU 10.0 (mk/qemu.mk)
 test: setup
 	PATH=$(CURDIR)/$(VENV)/bin:/usr/bin:$$PATH $(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory test-qemu10
 
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:/usr/bin:$$PATH $(PY) -m demo

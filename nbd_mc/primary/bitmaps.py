@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import QmpCommandError
+from .lifecycle import remove_bitmap
 from .options import DriveSpec
 from .qmp import Qmp
 
@@ -129,10 +129,9 @@ class Bitmaps:
                     self.remove(node, name)
 
     def remove(self, node: str, name: str) -> None:
-        try:
-            self.qmp.cmd("block-dirty-bitmap-remove", node=node, name=name)
-        except QmpCommandError:  # gone already, or busy in a job that is ending
-            pass
+        """Remove one of our bitmaps if it is idle (lifecycle.remove_bitmap: a job's
+        sync bitmap stays until that job has ended, and goes at the next removal)."""
+        remove_bitmap(self.qmp, node, name)
 
     def remove_named(self, name: str) -> None:
         for node, names in self.listing().items():

@@ -12,20 +12,16 @@ import os
 import time
 import urllib.parse
 
-from .errors import PrimaryError, PrimaryGone, QmpCommandError, QmpTimeout, SecondaryFailed
+from .errors import PrimaryError, PrimaryGone, QmpCommandError, SecondaryFailed
+from .lifecycle import (CANCEL_TIMEOUT, HOLD_TIMEOUT, JOB_END_EVENTS, HeldStill,  # noqa: F401
+                        delete_nodes, end_jobs, live_jobs, wait_gone)
 from .options import DriveSpec, NbdTarget
 from .qmp import Qmp
 
 #: After ``stop`` the mirror's counters may lag its last write by an iteration.
 DRAIN_TIMEOUT = 10.0
 DRAIN_POLL = 0.001
-#: Cancelling a READY mirror copies what is still dirty; bound the wait.
-CANCEL_TIMEOUT = 30.0
-#: Pausing the VM before a forced cancel (HeldStill) waits for the guest writes in
-#: flight to the secondary; a hung one makes the cancel wait behind it (see there).
-HOLD_TIMEOUT = 10.0
 TLS_OBJECT = "nbd-mc-tls"
-JOB_END_EVENTS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
 #: Resync copies (resync.py) run as backup jobs named BACKUP_PREFIX + drive.
 BACKUP_PREFIX = "nbd-mc-backup-"
 #: The report's ``problems`` entry when drop() continued a VM (resume_after_copy_error).
@@ -123,7 +119,7 @@ def start_drive_mirrors(qmp: Qmp, target: NbdTarget, drives: list[DriveSpec]) ->
 
 
 def jobs(qmp: Qmp) -> dict[str, dict]:
-    return {j["device"]: j for j in qmp.cmd("query-block-jobs")}
+    return live_jobs(qmp)
 
 
 def job_progress(qmp: Qmp, ids) -> tuple[int, int]:
@@ -239,141 +235,22 @@ class Mirrors:
             time.sleep(DRAIN_POLL)  # polling a counter with a deadline
 
 
-class HeldStill:
-    """The VM paused around a forced cancel of a write-blocking mirror.
-
-    Why: in QEMU 7.2 (and upstream since, block/mirror.c) a mirror job that leaves
-    its loop because it was force-cancelled waits only for its own background
-    copies, then frees its in-flight bitmap -- while a guest write copied by the
-    write-blocking filter may still be waiting for the secondary.  When that write
-    settles it clears its bits in the freed bitmap: heap corruption, and QEMU dies
-    later (SIGSEGV or SIGABRT "malloc(): unaligned tcache chunk detected", found by
-    the chaos soak in about 1 run in 10) or, worse, goes on with a corrupt heap.
-    ``stop`` drains every guest write (each one settles before it returns) and
-    keeps new ones out, so a job cancelled while the VM is paused has no write in
-    flight to race.  A VM that does not run (paused by a checkpoint, stopped by an
-    I/O error) is left as it is: it has nothing in flight either.
-
-    If ``stop`` itself waits longer than HOLD_TIMEOUT (a write stuck on a hung
-    secondary), QmpTimeout propagates from the next command, which QEMU runs only
-    after the stop: the cancel never overtakes the drain.  The caller retries (protect's
-    needs_drop); the ``cont`` sent by release() runs after them.
-
-    State (the caller's thread): ``stopped`` -- we sent a ``stop`` that release() must
-    undo; ``watchdog`` (watchdog.py, or None) is told so that a protect killed in
-    between does not leave the VM paused.
-    """
-
-    def __init__(self, qmp: Qmp, watchdog=None, timeout: float = HOLD_TIMEOUT):
-        self.qmp = qmp
-        self.watchdog = watchdog
-        self.timeout = timeout
-        self.stopped = False
-
-    def hold(self, ids, running: dict[str, dict]) -> None:
-        """Pause the VM if any of ``ids`` is a live mirror job and the VM runs."""
-        if self.stopped or not any((running.get(j) or {}).get("type") == "mirror"
-                                   for j in ids):
-            return
-        if self.qmp.cmd("query-status").get("status") != "running":
-            return
-        if self.watchdog:
-            self.watchdog.pausing()
-        self.stopped = True
-        try:
-            self.qmp.execute("stop", timeout=self.timeout)
-        except QmpTimeout:
-            pass  # queued: QEMU runs the cancel after it (see the class docstring)
-
-    def release(self) -> None:
-        """``cont`` if we paused the VM (unless QEMU is gone)."""
-        if not self.stopped:
-            return
-        self.stopped = False
-        if self.qmp.gone:
-            return
-        try:
-            self.qmp.execute("cont", timeout=self.timeout)
-        except QmpTimeout:
-            return  # queued behind a stop still draining: it runs when that ends
-        except PrimaryGone:
-            return
-        if self.watchdog:
-            self.watchdog.resumed()
-
-
 def cancel_mirrors(qmp: Qmp, mirrors: Mirrors, timeout: float = CANCEL_TIMEOUT,
                    force: bool = False, watchdog=None) -> list[str]:
-    """block-job-cancel each mirror and wait for it to end.  After READY that ends the
-    job cleanly without a pivot: the VM goes on using its own disk.  ``force`` does not
-    copy what is still dirty first (the secondary is lost anyway).  A forced cancel of a
-    mirror, and any cancel of one not READY yet (QEMU forces those), happens only with
-    the VM paused (HeldStill: a QEMU 7.2 bug); ``watchdog`` is told about that pause.
-    Returns problems."""
-    problems = []
-    start = qmp.cursor
-    running = jobs(qmp)
-    live = set(running) & mirrors.ids
-    still = HeldStill(qmp, watchdog)
-    try:
-        # (QEMU cancels a mirror that is not READY yet as if forced)
-        still.hold(live if force else {j for j in live if not running[j].get("ready")},
-                   running)
-        for j in sorted(live):
-            try:
-                qmp.cmd("block-job-cancel", device=j, **({"force": True} if force else {}))
-            except QmpCommandError as e:
-                if e.qmp_class != "DeviceNotActive":  # not: it ended meanwhile (failed)
-                    problems.append(e.desc)
-                live.discard(j)
-        pending = set(live)
-        deadline = time.monotonic() + timeout
-        cursor = start
-        while pending and not qmp.gone:
-            ev, cursor = qmp.wait_event(
-                lambda e: e.get("event") in JOB_END_EVENTS and
-                (e.get("data") or {}).get("device") in pending, cursor,
-                max(0.0, deadline - time.monotonic()))
-            if ev is None:
-                if time.monotonic() >= deadline:
-                    still.hold(pending, jobs(qmp))
-                    for j in sorted(pending):  # a target that no longer answers: force it
-                        try:
-                            qmp.cmd("block-job-cancel", device=j, force=True)
-                        except QmpCommandError:
-                            pass
-                    pending = _wait_gone(qmp, pending)
-                    if pending:
-                        problems.append(f"mirror(s) {', '.join(sorted(pending))} did not end")
-                    break
-                continue
-            pending.discard(ev["data"]["device"])
-    finally:
-        still.release()
-    return problems
-
-
-def _wait_gone(qmp: Qmp, ids, timeout: float = HOLD_TIMEOUT) -> set:
-    """Wait (bounded) until the jobs ``ids`` are gone from query-block-jobs; those left."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = set(ids) & set(jobs(qmp))
-        if not left or time.monotonic() >= deadline:
-            return left
-        qmp.wait_event(lambda e: e.get("event") in JOB_END_EVENTS, qmp.cursor, 0.1)
+    """block-job-cancel each mirror and wait until QEMU lists none of them
+    (lifecycle.end_jobs).  After READY that ends the job cleanly without a pivot: the
+    VM goes on using its own disk.  ``force`` does not copy what is still dirty first
+    (the secondary is lost anyway); a forced cancel of a mirror, and any cancel of
+    one not READY yet (QEMU forces those), happens only with the VM paused
+    (lifecycle rule 1); ``watchdog`` is told about that pause.  Returns problems."""
+    return end_jobs(qmp, mirrors.ids, force=force, watchdog=watchdog, timeout=timeout)
 
 
 def remove_nodes(qmp: Qmp, drives: list[DriveSpec]) -> list[str]:
-    """blockdev-del our NBD nodes (those still there); returns problems."""
-    present = {n.get("node-name") for n in qmp.cmd("query-named-block-nodes")}
-    problems = []
-    for d in drives:
-        if d.node in present:
-            try:
-                qmp.cmd("blockdev-del", **{"node-name": d.node})
-            except QmpCommandError as e:
-                problems.append(e.desc)
-    return problems
+    """blockdev-del our NBD nodes (those still there), once none of our jobs is left
+    (lifecycle rule 4); returns problems."""
+    return delete_nodes(qmp, [d.node for d in drives],
+                        jobs=[j for d in drives for j in (d.job, BACKUP_PREFIX + d.drive)])
 
 
 def yank(qmp: Qmp, drives: list[DriveSpec], timeout: float = 5.0) -> None:

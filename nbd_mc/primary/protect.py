@@ -28,6 +28,7 @@ from .metrics import ProtectMetrics
 from .bitmaps import Bitmaps, epoch_name, source_nodes
 from .checkpoint import checkpoint, run_hook
 from .console import Console, StopFlag, _mib
+from .features import QemuFeatures
 from .errors import (PrimaryError, PrimaryGone, QmpCommandError, QmpTimeout, SecondaryFailed,
                      SecondaryRefused, why)
 from . import shipping
@@ -92,6 +93,8 @@ class Protector:
       rate     -- --rate and its --rate-file (rate.py): the speed of our copy jobs;
       shipper  -- --mode async's bookkeeping (shipping.Shipper: lag, backlog,
                   back-pressure), None in sync mode;
+      features -- what this QEMU offers (features.QemuFeatures, from its QMP schema),
+                  asked once at the start;
       report, stop, console, watchdog -- output and control of the run.
     """
 
@@ -120,6 +123,7 @@ class Protector:
         self.rate = Rate(opts.rate, opts.rate_file)
         self.shipper = shipping.Shipper(opts.max_lag) if opts.mode == "async" else None
         self.report.mode = opts.mode
+        self.features: QemuFeatures | None = None
         # --metrics-file (metrics.py); a no-op without a path
         self.metrics = ProtectMetrics(opts.metrics_file, opts.libvirt or opts.qmp or "",
                                       events=opts.events)
@@ -142,6 +146,9 @@ class Protector:
             # secondary QEMU may not answer anything, and protect must get to the yank
             self.qmp, drives = open_session(opts, max(opts.stall_timeout, MIN_QMP_TIMEOUT))
             self.opts = opts = replace(opts, drives=drives)
+            # what this QEMU offers, from its QMP schema (never from a version string)
+            self.features = QemuFeatures.ask(self.qmp)
+            self.features.require()
             sizes = check_drives(self.qmp, opts.drives)
             check_sizes(sizes, status, opts.drives)
             self.sizes = sizes

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
+import os
 import threading
+import time
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
@@ -26,6 +29,19 @@ logging.getLogger("qemu.qmp").propagate = False
 QMP_TIMEOUT = 60.0
 #: QEMU greets at once; no greeting means another client holds the socket.
 CONNECT_TIMEOUT = 10.0
+#: A file to append every command, reply and event to (one JSON line each), for
+#: finding which sequence of QMP commands made QEMU misbehave (tools/qemu-bugs/).
+TRACE_ENV = "NBD_MC_QMP_TRACE"
+
+
+def _trace(path: str, what: str, **fields) -> None:
+    line = json.dumps({"t": round(time.time(), 6), "pid": os.getpid(), "qmp": path,
+                       "what": what, **fields}, default=str) + "\n"
+    fd = os.open(os.environ[TRACE_ENV], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 class _Recorder(EventListener):
@@ -51,6 +67,7 @@ class Qmp(EventLog):
     def __init__(self, path: str, timeout: float = QMP_TIMEOUT):
         super().__init__()
         self.path = path
+        self._tracing = bool(os.environ.get(TRACE_ENV))
         self.timeout = timeout
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="qmp", daemon=True)
@@ -74,8 +91,13 @@ class Qmp(EventLog):
         client = QMPClient("nbd-mc")
         # The default listener keeps every event forever: make it keep none.
         client.events.names = {"nbd-mc: this listener keeps no events"}
-        client.register_listener(_Recorder(self._record))
+        client.register_listener(_Recorder(self._traced_record if self._tracing
+                                           else self._record))
         return client
+
+    def _traced_record(self, event) -> None:
+        _trace(self.path, "event", event=dict(event))
+        self._record(event)
 
     async def _start_watch(self) -> None:
         asyncio.get_running_loop().create_task(self._watch())
@@ -113,11 +135,20 @@ class Qmp(EventLog):
         if self.gone:
             raise PrimaryGone(f"QEMU ({self.path}): {self.gone}")
         timeout = self.timeout if timeout is None else timeout
+        if self._tracing:
+            _trace(self.path, "cmd", cmd=name, args=arguments)
         try:
-            return self._run(self._client.execute(name, arguments or None, oob=oob), timeout)
+            reply = self._run(self._client.execute(name, arguments or None, oob=oob), timeout)
+            if self._tracing:
+                _trace(self.path, "reply", cmd=name, reply=reply)
+            return reply
         except ExecuteError as e:
+            if self._tracing:
+                _trace(self.path, "error", cmd=name, error=str(e))
             raise QmpCommandError(name, e.error_class, str(e)) from None
         except (asyncio.TimeoutError, TimeoutError) as e:
+            if self._tracing:
+                _trace(self.path, "timeout", cmd=name)
             if self._connected():
                 raise QmpTimeout(f"QEMU did not answer {name} within {timeout:g} s "
                                  f"(it is running: the QMP connection is open)") from None

@@ -73,9 +73,10 @@ from ..control import ControlError
 from ..errors import NbdMcError
 from .bitmaps import Bitmaps, checksum_name, epoch_name, round_name
 from .checkpoint import CONT_TIMEOUT, PAUSE_DEADLINE, resume
-from .errors import PrimaryGone, QmpCommandError, QmpTimeout, SecondaryFailed, SecondaryStalled
+from .errors import PrimaryGone, QmpTimeout, SecondaryFailed, SecondaryStalled
 from .fleece import Fleece
-from .mirrors import (BACKUP_PREFIX, Mirrors, _wait_gone, cancel_mirrors, job_progress, jobs,
+from .lifecycle import end_jobs, live_jobs, wait_gone
+from .mirrors import (BACKUP_PREFIX, Mirrors, cancel_mirrors, job_progress,
                       resume_after_copy_error, start_mirrors, yank)
 from .options import DriveSpec
 from .qmp import Qmp
@@ -155,37 +156,28 @@ def _wait_jobs(qmp: Qmp, ids: set, cursor: int, progress=None, stop=lambda: Fals
             if progress:
                 progress(*job_progress(qmp, pending))
             if stop():
-                for j in pending:
-                    _cancel_quietly(qmp, j)
+                end_jobs(qmp, pending, force=True)  # gone before their bitmaps go
                 raise SecondaryFailed("stopped during the resync")
             continue
         data = ev["data"]
         pending.discard(data["device"])
         if ev["event"] == "BLOCK_JOB_CANCELLED" or data.get("error"):
-            for j in pending:
-                _cancel_quietly(qmp, j)
+            end_jobs(qmp, pending | {data["device"]}, force=True)  # lifecycle rule 2
             raise SecondaryFailed(f"resync copy {data['device']} failed: "
                                   f"{data.get('error') or 'cancelled'}")
         copied += data.get("offset", 0)
+    wait_gone(qmp, ids)  # lifecycle rule 2: their bitmaps are released when they are
     return copied
-
-
-def _cancel_quietly(qmp: Qmp, job: str) -> None:
-    try:
-        qmp.cmd("block-job-cancel", device=job, force=True)
-    except QmpCommandError:
-        pass
 
 
 def _end_jobs(qmp: Qmp, drives: list[DriveSpec], ids) -> None:
     """A round ends early: its copies are cut off the secondary (a hung one would
-    hold a cancel) and cancelled, and gone before its snapshot is taken away."""
-    if qmp.gone or not set(ids) & set(jobs(qmp)):
+    hold a cancel), then ended through the lifecycle (its rule 2: gone before
+    their snapshot and bitmaps are taken away)."""
+    if qmp.gone or not set(ids) & set(live_jobs(qmp)):
         return
     yank(qmp, drives)
-    for j in ids:
-        _cancel_quietly(qmp, j)
-    _wait_gone(qmp, ids)
+    end_jobs(qmp, ids, force=True)
 
 
 def _backup_actions(bitmaps: Bitmaps, drives: list[DriveSpec], source: str,
@@ -320,9 +312,7 @@ def _final_round(qmp: Qmp, drives, bitmaps: Bitmaps, source: str, k: int, ids,
                     cut = True
                 # copies and mirrors at once, then one wait: the pause is still on
                 ours = set(ids) | {d.job for d in drives}
-                for j in ours & set(jobs(qmp)):
-                    _cancel_quietly(qmp, j)
-                _wait_gone(qmp, ours, timeout=CONT_TIMEOUT)
+                end_jobs(qmp, ours, force=True, timeout=CONT_TIMEOUT)
             raise
     finally:
         if running:

@@ -1,0 +1,241 @@
+"""The lifecycle of what protect creates in QEMU, and the rules for ending it.
+
+protect creates, in the primary's QEMU:
+
+* NBD client nodes ``nbd-mc-<drive>`` on the secondary's exports (``blockdev-add``,
+  mirrors.attach);
+* write-blocking mirror jobs ``nbd-mc-<drive>`` into them (``blockdev-mirror``), each
+  with its implicit mirror filter above the drive;
+* backup jobs ``nbd-mc-backup-<drive>`` for the rounds of a resync (``blockdev-backup
+  sync=bitmap``, resync.py), each with its implicit copy-before-write filter;
+* dirty bitmaps ``nbd-mc.<group>.*`` on the drives' nodes (bitmaps.py);
+* an NBD server and read-only exports of the drives (source.py).
+
+Everything that *ends* one of these -- a job's end or cancel, a bitmap's removal, a
+node's deletion -- goes through this module, which keeps these rules.  Each rule
+names the QEMU bug it avoids; tools/qemu-bugs/ holds a standalone reproducer per
+bug that says whether the QEMU it runs has it (QEMU 7.2 and 10.0 both do, unless
+the rule says otherwise).
+
+1. **A write-blocking mirror is force-cancelled only while the VM is paused**
+   (HeldStill; a cancel before READY counts as forced).  QEMU bug
+   (force-cancel-write-blocking-mirror.py): a mirror that leaves its loop frees
+   its in-flight bitmap after waiting only for its own copies; a guest write the
+   write-blocking filter is still copying clears its bits in freed memory later:
+   heap corruption (QEMU 7.2: 7 of 9 tries; 10.0: 8 of 9).  ``stop`` drains every
+   guest write first.
+2. **A job is waited for until QEMU no longer lists it** before anything it uses
+   is removed (its bitmaps, its target node) and before a new job starts on the
+   same drive (end_jobs).  A cancelled job still holds its filter, its bitmaps
+   (a backup's sync bitmap stays *busy* until its cleanup) and its nodes; removing
+   them under it is refused at best.
+3. **A bitmap is removed only when QEMU shows it idle** (not ``busy``: no job's
+   sync bitmap, no export's) -- remove_bitmap skips a busy one and says so; the
+   caller removes it once its job has ended.
+4. **A node is deleted only when no job of ours is alive** (delete_nodes after
+   end_jobs), so the deletion is the last reference and QEMU closes the node then
+   and there, not later from inside a job's cleanup.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .errors import PrimaryGone, QmpCommandError, QmpTimeout
+from .qmp import Qmp
+
+#: Ending a job: QEMU reports it with one of these.
+JOB_END_EVENTS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+#: Cancelling a READY mirror copies what is still dirty; bound the wait.
+CANCEL_TIMEOUT = 30.0
+#: Pausing the VM before a forced cancel (HeldStill) waits for the guest writes in
+#: flight to the secondary; a hung one makes the cancel wait behind it (see there).
+HOLD_TIMEOUT = 10.0
+
+
+def live_jobs(qmp: Qmp) -> dict[str, dict]:
+    """QEMU's block jobs by id (``query-block-jobs``)."""
+    return {j["device"]: j for j in qmp.cmd("query-block-jobs")}
+
+
+class HeldStill:
+    """The VM paused around a forced cancel of a write-blocking mirror (rule 1).
+
+    Why: in QEMU 7.2 and 10.0 (block/mirror.c) a mirror job that leaves its loop
+    because it was force-cancelled waits only for its own background copies, then
+    frees its in-flight bitmap -- while a guest write copied by the write-blocking
+    filter may still be waiting for the secondary.  When that write settles it
+    clears its bits in the freed bitmap: heap corruption, and QEMU dies later
+    (SIGSEGV or SIGABRT "malloc(): unaligned tcache chunk detected", found by the
+    chaos soak in about 1 run in 10) or, worse, goes on with a corrupt heap.
+    ``stop`` drains every guest write (each one settles before it returns) and
+    keeps new ones out, so a job cancelled while the VM is paused has no write in
+    flight to race.  A VM that does not run (paused by a checkpoint, stopped by an
+    I/O error) is left as it is: it has nothing in flight either.
+
+    If ``stop`` itself waits longer than HOLD_TIMEOUT (a write stuck on a hung
+    secondary), QmpTimeout propagates from the next command, which QEMU runs only
+    after the stop: the cancel never overtakes the drain.  The caller retries (protect's
+    needs_drop); the ``cont`` sent by release() runs after them.
+
+    State (the caller's thread): ``stopped`` -- we sent a ``stop`` that release() must
+    undo; ``watchdog`` (watchdog.py, or None) is told so that a protect killed in
+    between does not leave the VM paused.
+    """
+
+    def __init__(self, qmp: Qmp, watchdog=None, timeout: float = HOLD_TIMEOUT):
+        self.qmp = qmp
+        self.watchdog = watchdog
+        self.timeout = timeout
+        self.stopped = False
+
+    def hold(self, ids, running: dict[str, dict]) -> None:
+        """Pause the VM if any of ``ids`` is a live mirror job and the VM runs."""
+        if self.stopped or not any((running.get(j) or {}).get("type") == "mirror"
+                                   for j in ids):
+            return
+        if self.qmp.cmd("query-status").get("status") != "running":
+            return
+        if self.watchdog:
+            self.watchdog.pausing()
+        self.stopped = True
+        try:
+            self.qmp.execute("stop", timeout=self.timeout)
+        except QmpTimeout:
+            pass  # queued: QEMU runs the cancel after it (see the class docstring)
+
+    def release(self) -> None:
+        """``cont`` if we paused the VM (unless QEMU is gone)."""
+        if not self.stopped:
+            return
+        self.stopped = False
+        if self.qmp.gone:
+            return
+        try:
+            self.qmp.execute("cont", timeout=self.timeout)
+        except QmpTimeout:
+            return  # queued behind a stop still draining: it runs when that ends
+        except PrimaryGone:
+            return
+        if self.watchdog:
+            self.watchdog.resumed()
+
+
+def cancel_job(qmp: Qmp, job: str, force: bool) -> str | None:
+    """``block-job-cancel`` one job; None if it was cancelled or had ended already,
+    else QEMU's refusal.  Rule 1 is the caller's (end_jobs holds the VM)."""
+    try:
+        qmp.cmd("block-job-cancel", device=job, **({"force": True} if force else {}))
+    except QmpCommandError as e:
+        # DeviceNotActive: it ended meanwhile (failed); GenericError "not found": gone
+        if e.qmp_class == "DeviceNotActive" or "not found" in e.desc:
+            return None
+        return e.desc
+    return None
+
+
+def end_jobs(qmp: Qmp, ids, force: bool = False, watchdog=None,
+             timeout: float = CANCEL_TIMEOUT) -> list[str]:
+    """Cancel our jobs ``ids`` that QEMU still lists and wait until it lists none of
+    them (rule 2); returns problems.
+
+    Without ``force`` a READY mirror first copies what is still dirty (it ends
+    cleanly, the VM goes on using its own disk).  A forced cancel of a mirror, and
+    any cancel of one not READY yet (QEMU forces those), happens with the VM paused
+    (rule 1); ``watchdog`` is told about that pause.  A job that does not end within
+    ``timeout`` (a target that no longer answers) is then force-cancelled the same
+    way; one that still does not go is a problem."""
+    problems: list[str] = []
+    start = qmp.cursor
+    running = live_jobs(qmp)
+    live = set(running) & set(ids)
+    still = HeldStill(qmp, watchdog)
+    try:
+        # (QEMU cancels a mirror that is not READY yet as if forced)
+        still.hold(live if force else {j for j in live if not running[j].get("ready")},
+                   running)
+        for j in sorted(live):
+            problem = cancel_job(qmp, j, force)
+            if problem:
+                problems.append(problem)
+        pending = set(live)
+        deadline = time.monotonic() + timeout
+        cursor = start
+        while pending and not qmp.gone:
+            ev, cursor = qmp.wait_event(
+                lambda e: e.get("event") in JOB_END_EVENTS and
+                (e.get("data") or {}).get("device") in pending, cursor,
+                max(0.0, deadline - time.monotonic()))
+            if ev is not None:
+                pending.discard(ev["data"]["device"])
+                continue
+            pending &= set(live_jobs(qmp))  # ended without an event we saw (refused)
+            if pending and time.monotonic() >= deadline:
+                still.hold(pending, live_jobs(qmp))
+                for j in sorted(pending):  # a target that no longer answers: force it
+                    cancel_job(qmp, j, force=True)
+                break
+        # an end event comes before QEMU's cleanup is over: wait until it lists none
+        left = wait_gone(qmp, live)
+        if left:
+            problems.append(f"job(s) {', '.join(sorted(left))} did not end")
+    finally:
+        still.release()
+    return problems
+
+
+def wait_gone(qmp: Qmp, ids, timeout: float = HOLD_TIMEOUT) -> set:
+    """Wait (bounded) until the jobs ``ids`` are gone from query-block-jobs; those left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if qmp.gone:
+            return set()
+        left = set(ids) & set(live_jobs(qmp))
+        if not left or time.monotonic() >= deadline:
+            return left
+        qmp.wait_event(lambda e: e.get("event") in JOB_END_EVENTS + ("JOB_STATUS_CHANGE",),
+                       qmp.cursor, 0.05)
+
+
+def bitmap_busy(qmp: Qmp, node: str, name: str) -> bool | None:
+    """Is bitmap ``name`` on ``node`` in use by a job or an export?  None: no such bitmap."""
+    for n in qmp.cmd("query-named-block-nodes"):
+        if n.get("node-name") == node:
+            for b in n.get("dirty-bitmaps") or []:
+                if b.get("name") == name:
+                    return bool(b.get("busy")) or b.get("status") in ("frozen", "locked")
+    return None
+
+
+def remove_bitmap(qmp: Qmp, node: str, name: str) -> bool:
+    """``block-dirty-bitmap-remove`` if the bitmap is there and idle (rule 3); True if
+    it is gone now.  A busy one is left for its owner's end (QEMU would refuse it)."""
+    busy = bitmap_busy(qmp, node, name)
+    if busy is None:
+        return True
+    if busy:
+        return False
+    try:
+        qmp.cmd("block-dirty-bitmap-remove", node=node, name=name)
+    except QmpCommandError:  # gone meanwhile
+        return bitmap_busy(qmp, node, name) is None
+    return True
+
+
+def delete_nodes(qmp: Qmp, nodes, jobs=()) -> list[str]:
+    """``blockdev-del`` the nodes ``nodes`` that QEMU still has (rule 4: after our
+    ``jobs`` are gone -- the caller ended them; one still listed is a problem and
+    its nodes stay).  Returns problems."""
+    alive = set(jobs) & set(live_jobs(qmp))
+    if alive:
+        return [f"not removing node(s) {', '.join(sorted(nodes))}: job(s) "
+                f"{', '.join(sorted(alive))} still running"]
+    present = {n.get("node-name") for n in qmp.cmd("query-named-block-nodes")}
+    problems = []
+    for node in nodes:
+        if node in present:
+            try:
+                qmp.cmd("blockdev-del", **{"node-name": node})
+            except QmpCommandError as e:
+                problems.append(e.desc)
+    return problems
