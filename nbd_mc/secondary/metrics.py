@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..metrics import gauge as _gauge, render
 
