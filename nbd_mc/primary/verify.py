@@ -183,7 +183,7 @@ class Verifier:
         t = self.targets[i]
         t0 = time.perf_counter()
         data = memoryview(self._buf)[:n]
-        from .control import ControlError
+        from ..control import ControlError
         try:
             r = ctl.execute("verify-range", disk=t.disk, offset=off, length=n, epoch=epoch)
             if r["digest"] != digest(data):
