@@ -23,6 +23,13 @@ nbdkit kills itself at the N-th time it reaches POINT, then:
   every overlay is clean (`qemu-img check` exit 0) and shows E; a restarted
   server serves E on both exports and still rolls back correctly.
 
+A group that a failover promoted is read the way its users read it: with no
+server, the image files; a restarted server serves it only through the writer
+exports `failover` hands out (asked again: failover is idempotent on a primary),
+which must show E and take the new primary's writes, while the plain and
+``@committed`` names are refused (nbd_mc/secondary/writer.py).  Once a failover was
+acknowledged, the crash state must still be that promotion, with the same writer.
+
 Used by tests/system/test_crash_matrix.py (a sample covering every point in both
 durability modes) and by `make soak` (every point at every hit count).
 """
@@ -40,6 +47,7 @@ import nbd
 import pytest
 
 from nbd_mc import crashpoints, qcow2
+from nbd_mc.secondary import writer
 from nbd_mc.secondary.state import lock_held
 from support.servers import (GroupModel, Server, describe, make_image, nbd_mc, pid_alive, qemu_img_check,
                      read_all, read_file, run, wait_until, write_file)
@@ -87,6 +95,9 @@ class Result:
     killed_in: str = ""           # the workload step it died in
     second_killed: bool = False   # the restart died at the second point
     committed: int | None = None  # the epoch the group recovered to
+    promoted: bool = False        # the crash state was a group promoted by a failover
+    read_through: str = ""        # how the recovered data was read: "image file", plus
+                                  # "live export" or "writer export" when served again
     failures: list = field(default_factory=list)
 
     @property
@@ -185,6 +196,7 @@ def _run(srv: Server, trial: Trial, res: Result, initial: dict, tdir: str) -> No
     handles = {d: srv.connect(d) for d in DISKS}
     inflight = None  # (epoch, contents) of a commit whose reply never came
     failover_to = None  # the epoch the final failover was sent to return to
+    handed = None       # {disk: writer export} the acknowledged failover handed out
     steps = workload(trial.seed, trial.cluster_size)
     finished = False
     for i, step in enumerate(steps):
@@ -209,6 +221,7 @@ def _run(srv: Server, trial: Trial, res: Result, initial: dict, tdir: str) -> No
                 r = srv.execute("failover", to_epoch=target)
                 if r["committed"] != target:
                     _fail(f"failover --to-epoch {target} returned {r}")
+                handed = handed_exports(r)
                 model.settle(target)
                 finished = True
         except (_Crashed, ConnectionError, OSError, nbd.Error) as e:
@@ -235,7 +248,12 @@ def _run(srv: Server, trial: Trial, res: Result, initial: dict, tdir: str) -> No
             if status["role"] != "primary" or status["committed"] != model.epoch:
                 _fail(f"after failover: {status}")
     srv.wait_dead() if res.killed else srv.stop()
-    _check_after_crash(srv, trial, res, model, inflight, tdir, failover_to)
+    _check_after_crash(srv, trial, res, model, inflight, tdir, failover_to, handed)
+
+
+def handed_exports(reply: dict) -> dict:
+    """{disk: export} from a ``failover`` reply: what the new primary writes through."""
+    return {d["name"]: d["export"] for d in reply["disks"]}
 
 
 def _io(handles: dict, ops: list, model: GroupModel) -> None:
@@ -327,7 +345,10 @@ def _check_layers(srv: Server, tdir: str, history: dict, when: str) -> None:
 
 
 def _check_after_crash(srv: Server, trial: Trial, res: Result, model: GroupModel,
-                       inflight, tdir: str, failover_to: int | None = None) -> None:
+                       inflight, tdir: str, failover_to: int | None = None,
+                       handed: dict | None = None) -> None:
+    """``handed``: the writer exports an acknowledged failover handed out (None if
+    no failover was acknowledged before the crash)."""
     state = srv.state()
     committed = state["committed"]
     rewind = state.get("rewind")
@@ -350,6 +371,12 @@ def _check_after_crash(srv: Server, trial: Trial, res: Result, model: GroupModel
             _fail(f"state file returns to epoch {rewind}, never committed")
         committed, expected = rewind, history[rewind]
     res.committed = committed
+    res.promoted = state["role"] == "primary"
+    if handed is not None:
+        have = writer.writer_exports(DISKS, state["writer"]) if res.promoted else {}
+        if have != handed:
+            _fail(f"failover was acknowledged with exports {handed}; the state file has "
+                  f"role {state['role']}, writer {state['writer']}")
 
     # Before recovery: each overlay shows the committed epoch -- or, while a commit
     # is half done, the epoch its own record names (recovery drops it as stale).
@@ -379,11 +406,12 @@ def _check_after_crash(srv: Server, trial: Trial, res: Result, model: GroupModel
                 _check_layers(srv, tdir, history, "after the kill")
         if not res.second_killed:
             srv.start(with_disks=False)
-            _check_served(srv, state, committed, expected)
+            res.read_through = _check_served(srv, state, committed, expected)
             srv.stop()
             _check_overlays(srv, tdir, exact, clean=True, when="after restart")
             _check_images(srv, expected, "after restart")
             _check_layers(srv, tdir, history, "after restart")
+            res.read_through = f"image file, {res.read_through}"
             return
     r = nbd_mc("recover", "--state-dir", srv.state_dir, "--json")
     if r.returncode != 0:
@@ -392,6 +420,7 @@ def _check_after_crash(srv: Server, trial: Trial, res: Result, model: GroupModel
     if rep["committed"] != committed:
         _fail(f"recover reports epoch {rep['committed']}, state file {committed}")
     _check_images(srv, expected, "after recover")
+    res.read_through = "image file"
     _check_overlays(srv, tdir, exact, clean=True, when="after recover")
     _check_layers(srv, tdir, history, "after recover")
     # recover is idempotent: a second run restores nothing and changes nothing
@@ -414,11 +443,16 @@ def _check_images(srv: Server, expected: dict, when: str) -> None:
             _fail(f"{when}: image of {d} differs from the committed epoch at byte {off}")
 
 
-def _check_served(srv: Server, state: dict, committed: int, expected: dict) -> None:
+def _check_served(srv: Server, state: dict, committed: int, expected: dict) -> str:
+    """A restarted server serves epoch ``committed``; returns which exports showed it."""
     st = srv.execute("query-status")
     if st["committed"] != committed:
         _fail(f"restarted server reports epoch {st['committed']}, state file {committed}")
-    promoted = st["role"] == "primary"  # only the new primary's writer export is served
+    if st["role"] == "primary":
+        _check_promoted_served(srv, st, committed, expected)
+        srv.close_clients()
+        return "writer export"
+    promoted = False
     for d in DISKS:
         if read_all(srv.connect(f"{d}@{st['writer']}" if promoted else d)) != expected[d]:
             _fail(f"restarted server: live export {d} is not the committed epoch")
@@ -437,6 +471,44 @@ def _check_served(srv: Server, state: dict, committed: int, expected: dict) -> N
             if read_all(srv.connect(d)) != expected[d]:
                 _fail(f"restarted server: rollback did not return {d} to epoch {committed}")
     srv.close_clients()
+    return "live export"
+
+
+def _refused(srv: Server, export: str) -> bool:
+    try:
+        srv.connect(export)
+    except nbd.Error:
+        return True
+    return False
+
+
+def _check_promoted_served(srv: Server, st: dict, committed: int, expected: dict) -> None:
+    """A promoted group, served again, as its new primary sees it: ``failover``
+    (idempotent on a primary) hands out the writer exports, which show the epoch
+    and take writes; the plain and committed names are refused (the one-writer
+    rule).  A write is put back as it was, so the files still equal ``expected``."""
+    r = srv.execute("failover")
+    if r["committed"] != committed:
+        _fail(f"promoted group: failover again reports epoch {r['committed']}, "
+              f"state file {committed}")
+    exports = handed_exports(r)
+    if not st["writer"] or exports != writer.writer_exports(DISKS, st["writer"]):
+        _fail(f"promoted group: failover hands out {exports}, status says writer {st['writer']}")
+    rng = random.Random(committed)
+    for d in DISKS:
+        h = srv.connect(exports[d])
+        if read_all(h) != expected[d]:
+            _fail(f"promoted group: writer export {exports[d]} is not the committed epoch")
+        off = rng.randrange(0, DISK_SIZE - 8192, 512)
+        data = rng.randbytes(8192)
+        h.pwrite(data, off)
+        if h.pread(8192, off) != data:
+            _fail(f"promoted group: a write through {exports[d]} does not read back")
+        h.pwrite(expected[d][off:off + 8192], off)
+        h.flush()
+        for name in (d, f"{d}@{writer.COMMITTED}"):
+            if not _refused(srv, name):
+                _fail(f"promoted group: export {name} opens (only {exports[d]} may)")
 
 
 # --- plans ------------------------------------------------------------------------------
@@ -458,6 +530,9 @@ def sample_plan(seed: int = 1) -> list[Trial]:
             trials.append(Trial(rng.choice(("preserve.before-l1", "write.after-image",
                                             "zero.before-image", "rollback.between-disks")),
                                 1, mode, rng.randrange(1 << 30), "serve", f"{second}:1"))
+        # the workload runs to its end (failover is reached once): the promoted group,
+        # served again, is read through the writer exports
+        trials.append(Trial("failover.before-promote", 2, mode, seed, "serve"))
     return trials
 
 

@@ -21,7 +21,10 @@ of that epoch, every overlay passes `qemu-img check` and shows it through QEMU's
 qcow2 reader (`qemu-img compare`), a restarted server serves it and rolls back.
 
 What the client knew at each instant travels with the samples as a *note*: the
-last acknowledged commit and the one being sent.
+last acknowledged commit, the one being sent, and the writer exports of an
+acknowledged failover (a crash state after it must still be that promotion).  A
+promoted group is read as its users read it (crash_driver): the image files, and
+through a restarted server its writer exports, not the refused plain names.
 
 Trims are sent as write-zeroes: the power-loss file system cannot punch holes, so
 the server (correctly) skips a trim there, while the byte model expects zeros.
@@ -70,6 +73,8 @@ class CutResult:
     where: str                    # "crash point" or "op N"
     mode: str
     committed: int | None = None
+    promoted: bool = False        # the state was a group promoted by a failover
+    read_through: str = ""        # how its data was read (crash_driver.Result.read_through)
     failures: list = field(default_factory=list)
 
 
@@ -185,7 +190,9 @@ def _run(srv: Server, fs: PowerLoss, trial: PowerTrial, res: PowerResult, initia
             elif step[0] == "failover":
                 target = model.epoch - crash_driver.BACK
                 fs.note({"acked": model.epoch, "sending": None, "failover_to": target})
-                srv.execute("failover", to_epoch=target)  # the last step: model stays
+                r = srv.execute("failover", to_epoch=target)  # the last step: model stays
+                fs.note({"acked": model.epoch, "sending": None, "failover_to": target,
+                         "promoted": crash_driver.handed_exports(r)})
         except (_Crashed, ConnectionError, OSError, nbd.Error) as e:
             if srv.pid is not None and pid_alive(srv.pid):
                 try:
@@ -245,21 +252,30 @@ def _check_cut(fs, srv, trial, cut: CutResult, sample, mode, seed, dest, link, i
     ignored = crash_driver.Result(ctrial)
     try:
         crash_driver._check_after_crash(srv, ctrial, ignored, known, inflight, dest,
-                                        note.get("failover_to"))
+                                        note.get("failover_to"), note.get("promoted"))
         cut.committed = ignored.committed
     except TrialFailure as e:
         cut.failures.append(str(e))
     except (Exception, pytest.fail.Exception) as e:
         cut.failures.append(f"{type(e).__name__}: {e}")
     finally:
+        cut.promoted, cut.read_through = ignored.promoted, ignored.read_through
         srv.kill_all()
+
+
+def promoted_states(results) -> tuple[int, int]:
+    """(crash states after a failover, of them read through a writer export)."""
+    cuts = [c for r in results for c in r.cuts if c.promoted]
+    return len(cuts), sum("writer export" in c.read_through for c in cuts)
 
 
 def summarise(results) -> str:
     states = sum(len(r.cuts) for r in results)
     bad = [(r, c) for r in results for c in r.violations]
+    promoted, served = promoted_states(results)
     lines = [f"{len(results)} runs, {states} crash states explored under power loss, "
-             f"{len(bad)} violations, {sum(bool(r.failures) for r in results)} runs failed"]
+             f"{len(bad)} violations, {sum(bool(r.failures) for r in results)} runs failed; "
+             f"{promoted} states after a failover ({served} read through a writer export)"]
     lines += [f"RUN FAIL {r.trial}: {'; '.join(r.failures)}" for r in results if r.failures]
     lines += [f"VIOLATION {r.trial} at {c.where} ({c.mode}): {'; '.join(c.failures)}"
               for r, c in bad]

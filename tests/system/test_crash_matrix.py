@@ -59,6 +59,9 @@ def test_every_crash_point_in_both_modes(workdir):  # noqa: F811
         second = Counter(r.trial.second.split(":")[0] for r in results
                          if r.second_killed and r.trial.durability == mode)
         assert second, f"{mode}: no restart was killed inside its recovery"
+    # a group promoted by the workload's failover was served again and read back
+    promoted = [r for r in results if r.promoted and "writer export" in r.read_through]
+    assert {r.trial.durability for r in promoted} == {"process", "power"}, summary
     assert set(crash_driver.POINTS) | {"recover.after-apply"} == set(crashpoints.POINTS)
     assert not plugin_pids(workdir + "/")
 
