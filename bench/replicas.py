@@ -247,7 +247,7 @@ def measure(work: str, counts=(1, 4, 8), runtime: int = 5, size: int = 128 * MiB
                       f"(load {r['load']})", file=sys.stderr, flush=True)
     for kind in ("trivial-python", "nbd-mc", "nbd-mc-parallel"):
         if kind in kinds:
-            r = cpu_per_write(work, template, kind, min(size, 64 * MiB))
+            r = cpu_per_write(work, template, kind, size)
             out["cpu_per_write"].append(r)
             print(f"[replicas] CPU per 4K write, {kind}: {r}", file=sys.stderr, flush=True)
     out["thread_models"] = thread_models(work, template, runtime,
@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(util.ROOT / "bench" / "work"))
     ap.add_argument("--json", metavar="FILE", help="also write every number here")
     a = ap.parse_args(argv)
-    r = measure(a.work, [int(x) for x in a.counts.split(",")], a.runtime,
+    r = measure(a.work, [int(x) for x in a.counts.split(",") if x], a.runtime,
                 util.parse_size(a.size), a.kinds.split(","), a.reps)
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=1) + "\n")

@@ -50,6 +50,59 @@ PHASES = {
 }
 
 
+#: a py-spy stack -> the phase of a write request it is in: the first of these
+#: frames (innermost first) found in the stack names it
+SPY_PHASES = [
+    ("pread_into (nbd_mc/fileio.py", "preserve: read old data", "UndoOverlay.preserve"),
+    ("_write_data", "preserve: write old data", None),
+    ("HostSpace.allocate", "preserve: allocate + refcount", None),
+    ("_publish", "preserve: L2/L1 entries", None),
+    ("_current_entries", "preserve: read entries", None),
+    ("UndoOverlay.preserve", "preserve: rest", None),
+    ("Disk._preserve_into", "preserve: lock + bitmap", None),
+    ("pwrite_all", "image pwrite", "Group.write"),
+    ("Group.write", "engine: rest", None),
+    ("pwrite (nbd_mc/secondary/nbdkit_plugin", "plugin glue", None),
+    ("UndoOverlay.drop", "commit: drop", None),
+    ("ControlServer", "control channel", None),
+]
+
+
+#: innermost frames that wait rather than work (a blocking read, a condition)
+_WAITS = ("LineReader.readline", "Condition.wait", "Event.wait", "select", "accept")
+
+
+def spy_breakdown(path: str) -> dict:
+    """Share of py-spy samples (``py-spy record -f raw``) per phase of a request."""
+    counts: dict = {}
+    total = 0
+    for line in open(path):
+        stack, _, n = line.rstrip("\n").rpartition(" ")
+        n = int(n)
+        total += n
+        frames = [f for f in stack.split(";") if f]
+        if not frames:  # no Python frame: nbdkit's own C code (or a thread between calls)
+            counts["outside Python"] = counts.get("outside Python", 0) + n
+            continue
+        if any(w in frames[-1] for w in _WAITS):
+            counts["waiting"] = counts.get("waiting", 0) + n
+            continue
+        phase = "other"
+        for needle, name, within in SPY_PHASES:
+            hit = [i for i, f in enumerate(frames) if f.startswith(needle) or needle in f]
+            if hit and (within is None or any(within in f for f in frames[:hit[-1]])):
+                phase = name
+                break
+        counts[phase] = counts.get(phase, 0) + n
+    # shares of the samples that were doing our work (a Python frame, not waiting):
+    # py-spy samples every thread, and nbdkit's idle workers have no Python frame
+    idle = {k: counts.pop(k, 0) for k in ("outside Python", "waiting")}
+    busy = sum(counts.values()) or 1
+    out = {k: round(v / busy * 100, 1) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+    out["_samples"] = {"busy": busy, **idle, "total": total}
+    return out
+
+
 def _phase_table(prof: cProfile.Profile, n: int) -> dict:
     st = pstats.Stats(prof)
     out: dict = {}
@@ -124,7 +177,13 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--reps", type=int, default=3, help="median of this many runs")
     ap.add_argument("--work", default=tempfile.gettempdir())
+    ap.add_argument("--spy", metavar="RAW", help="only print the phase shares of a py-spy "
+                    "raw profile of a server (py-spy record -f raw -p PID)")
     a = ap.parse_args(argv)
+    if a.spy:
+        json.dump(spy_breakdown(a.spy), sys.stdout, indent=1)
+        print()
+        return 0
     runs = [measure(a.work, a.count, a.size << 20, a.profile) for _ in range(a.reps)]
     out = {}
     for k in runs[0]:
