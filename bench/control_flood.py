@@ -54,16 +54,16 @@ def _connect(address: str, tls_dir, source=None):
     greeted; from ``source`` if given.  Returns (socket, file)."""
     from nbd_mc.address import parse_address
     parsed = parse_address(address)
-    if parsed[0] == "unix":
+    if not parsed.is_tcp:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(parsed[1])
+        s.connect(parsed.path)
     else:
         from nbd_mc.tls import TlsFiles
         raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if source:
             raw.bind((source, 0))
-        raw.connect((parsed[1], parsed[2]))
-        s = TlsFiles(tls_dir).client_context().wrap_socket(raw, server_hostname=parsed[1])
+        raw.connect((parsed.host, parsed.port))
+        s = TlsFiles(tls_dir).client_context().wrap_socket(raw, server_hostname=parsed.host)
     f = s.makefile("rwb")
     line = f.readline()
     if b'"nbd-mc"' not in line:

@@ -519,6 +519,12 @@ def markdown(results):
                    + ("all as expected.\n" if not bad else
                       "; ".join(f"{k}: {v['preserved_clusters']} of {v['expected']}"
                                 for k, v in bad.items()) + "\n"))
+    w14 = meta.get("w14")
+    if w14:
+        from .replicas import summary as replicas_summary
+        out.append(f"\n## Many replicas on one host (workload 14: 4 KiB random writes, "
+                   f"QD{w14['qd']} per server, nbd-mc committed every "
+                   f"{w14['epoch_s'] * 1000:.0f} ms)\n\n" + "\n".join(replicas_summary(w14)) + "\n")
     vl = verdict_lines(results)
     if vl:
         out.append("\n## Verdicts\n\nEach target decided in this run: the median over "

@@ -783,6 +783,20 @@ class Bench:
         log("workload 13 (history on vs off)")
         self.guarded("workload 13", "nbd-mc", go, None)
 
+    def w14(self):
+        """Many replicas on one host (bench/replicas.py): 1, 4 and 8 servers of each
+        kind, each with its own QD4 client, nbd-mc committing every 100 ms."""
+        from .replicas import measure, summary
+
+        def go():
+            r = measure(str(self.work / "replicas"), (1, 4, 8), 5 if not self.cfg.full else 15,
+                        128 * MiB, reps=1 if not self.cfg.full else 3)
+            self.results["meta"]["w14"] = r
+            for line in summary(r):
+                log(line)
+        log("workload 14 (many replicas on one host)")
+        self.guarded("workload 14", "nbd-mc", go, None)
+
     def w15(self):
         """Guest write latency across a slow link: unprotected, sync, async
         (bench/asynclink.py)."""
@@ -814,7 +828,7 @@ class Bench:
                  ((9,), self.w9, True), ((10,), self.w10, True),
                  ((5,), self.w5, False), ((6,), self.w6, True), ((8,), self.w8, True),
                  ((11,), self.w11, True), ((13,), self.w13, False),
-                 ((15,), self.w15, False)]
+                 ((14,), self.w14, False), ((15,), self.w15, False)]
         try:
             for nums, fn, anchors_too in steps:
                 if not any(self.want(n) for n in nums):
@@ -858,7 +872,7 @@ def write_report(results, out):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="longer runs, bigger images, repetitions")
-    ap.add_argument("--only", help="comma-separated workload numbers (1-11, 13, 15)")
+    ap.add_argument("--only", help="comma-separated workload numbers (1-11, 13-15)")
     ap.add_argument("--serve-args", default="", metavar="ARGS",
                     help="extra `nbd-mc serve` options for every nbd-mc server, one string "
                          "(e.g. \"--cluster-size 4K\"), to compare an engine option")

@@ -42,6 +42,8 @@ from .format import (ALL_SUBCLUSTERS, NBD_MC_EXT, NBD_MC_EXT_VERSION, OFFSET_MAS
                      OFLAG_ZERO, U64, ZERO_ENTRY, pack_u64s, read_layout, unpack_u64s)
 from .space import HostSpace, zeros as _zeros
 
+SCRATCH_MAX = 1 << 20  # preserves up to this many bytes reuse one buffer
+_ONES = b"\xff" * 512  # full bitmap bytes, compared against a slice of the bitmap
 ZERO_SOURCE = 1  # unit source code "reads as zeros" (host offsets are multiples of 512)
 
 
@@ -109,6 +111,8 @@ class UndoOverlay:
         self.space = HostSpace(fd, lay)
         # Changed by drop / set_epoch (gate closed):
         self.epoch = lay.epoch              # committed epoch the undo data returns to
+        # The old data's buffer, reused by preserve (disk lock), grown as needed:
+        self._scratch = bytearray(0)
 
     @property
     def refblocks(self) -> dict:
@@ -118,6 +122,33 @@ class UndoOverlay:
     # --- queries -----------------------------------------------------------------
     def is_preserved(self, unit: int) -> bool:
         return (self.bitmap[unit >> 3] >> (unit & 7)) & 1 == 1
+
+    def all_preserved(self, first: int, last: int) -> bool:
+        """Whether units [first, last] are all preserved.  The hot path's question
+        for a request: whole bitmap bytes are compared at once (a 64 KiB write of
+        2 KiB units is a 4-byte compare, not 32 calls of ``is_preserved``)."""
+        bm = self.bitmap
+        a, b = first, last + 1
+        while a < b and a & 7:
+            if not (bm[a >> 3] >> (a & 7)) & 1:
+                return False
+            a += 1
+        while b > a and b & 7:
+            b -= 1
+            if not (bm[b >> 3] >> (b & 7)) & 1:
+                return False
+        if a < b:
+            n = (b - a) >> 3
+            return bm[a >> 3:b >> 3] == _ONES[:n] if n <= len(_ONES) \
+                else bm[a >> 3:b >> 3].count(0xFF) == n
+        return True
+
+    def not_preserved(self, first: int, last: int) -> list[int]:
+        """The units of [first, last] not yet preserved, in order."""
+        if self.all_preserved(first, last):
+            return []
+        bm = self.bitmap
+        return [u for u in range(first, last + 1) if not (bm[u >> 3] >> (u & 7)) & 1]
 
     @property
     def undo_bytes(self) -> int:
@@ -248,16 +279,27 @@ class UndoOverlay:
         """
         U = self.unit_size
         ub = self.unit_bits
-        old = bytearray(count * U)
-        view = memoryview(old)
+        need = count * U
+        if need <= SCRATCH_MAX:
+            # one buffer reused by every preserve of this overlay (they are serialised
+            # by the disk lock, and nothing keeps a view of it past the call)
+            if len(self._scratch) < need:
+                self._scratch = bytearray(max(need, len(self._scratch) * 2))
+            old = self._scratch
+            view = memoryview(old)[:need]
+        else:  # a huge zero/trim request: not kept for the life of the server
+            old = bytearray(need)
+            view = memoryview(old)
         start = first << ub
         end = min((first + count) << ub, self.size)
         try:
             pread_into(self.image_fd, view[:end - start], start)
         except OSError as e:
             raise io_failure(f"reading old data from the image at {start}", e) from None
+        if end - start < need:  # a last unit past the end of the disk reads as zeros
+            view[end - start:] = _zeros(need - (end - start))
         zero = _zeros(U)
-        if old.find(zero) < 0:  # no run of U zero bytes anywhere: every unit has data
+        if old.find(zero, 0, need) < 0:  # no run of U zero bytes: every unit has data
             nonzero = list(range(count))
         else:
             nonzero = [i for i in range(count) if not old.startswith(zero, i * U)]

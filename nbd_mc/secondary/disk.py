@@ -119,14 +119,10 @@ class Disk:
             return
         first = offset >> self.bits
         last = (offset + length - 1) >> self.bits
-        if not self.power:
-            if first == last:
-                if ov.is_preserved(first):
-                    return
-            elif all(ov.is_preserved(c) for c in range(first, last + 1)):
-                return
+        if not self.power and ov.all_preserved(first, last):
+            return
         with self._lock:
-            todo = [c for c in range(first, last + 1) if not ov.is_preserved(c)]
+            todo = ov.not_preserved(first, last)
             for start, n in runs(todo):
                 ov.preserve(start, n)
             if todo:
@@ -146,7 +142,10 @@ class Disk:
         first = offset >> self.bits
         last = (offset + len(view) - 1) >> self.bits
         while True:
-            before = [c for c in range(first, last + 1) if not self.overlay.is_preserved(c)]
+            if self.overlay.all_preserved(first, last):  # bits stay set: nothing can race
+                self.overlay.read_committed(view, offset)
+                return
+            before = self.overlay.not_preserved(first, last)
             self.overlay.read_committed(view, offset)
             if all(not self.overlay.is_preserved(c) for c in before):
                 return

@@ -206,7 +206,7 @@ def crash_once(servers, workdir, crashpoint: str, how: str, seed: int, sub: str 
 #: Points our workload can't reach: recover.after-apply is reached only while a
 #: server or recover opens the group (tested on its own below); the history points
 #: need `serve --history` and `failover --to-epoch` (the crash matrix and the
-#: power-loss sweep serve with history; tests/unit/test_history.py kills at each).
+#: power-loss sweep serve with history; tests/unit/test_history_engine.py kills at each).
 STARTUP_ONLY = {"recover.after-apply"} | {p for p in crashpoints.POINTS
                                           if p.startswith(("history.", "rewind."))}
 RUNTIME_POINTS = [p for p in crashpoints.POINTS if p not in STARTUP_ONLY]
