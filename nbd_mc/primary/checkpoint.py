@@ -114,15 +114,18 @@ def checkpoint(qmp: Qmp, ctl: ControlClient, mirrors: Mirrors, epoch: int,
         watchdog.pausing()
     try:
         try:
-            if was_running:
-                _stop(qmp, mirrors, _left(deadline))
             if drain is None:
+                if was_running:
+                    _stop(qmp, mirrors, _left(deadline))
                 mirrors.wait_drained(timeout=_left(deadline))
             else:
-                # async: the epoch's last bytes cross the link with the VM paused
-                # (shipping.drain, bounded by progress); that time is the mode's, not
-                # a wait on a hung secondary (docs/async.md)
+                # async: the ``stop`` waits for the background mirrors' copies in
+                # flight and the epoch's last bytes cross the link with the VM paused
+                # (shipping.drain, bounded by progress): that time is the mode's, bounded
+                # by ``stall_timeout``, not the pause deadline's (docs/async.md)
                 t_drain = time.perf_counter()
+                if was_running:
+                    _stop(qmp, mirrors, stall_timeout)
                 drain()
                 deadline += time.perf_counter() - t_drain
             if bitmaps is not None:
@@ -189,7 +192,7 @@ def _stop(qmp: Qmp, mirrors: Mirrors, timeout: float) -> None:
     except QmpTimeout:
         yank(qmp, mirrors.drives)
         raise SecondaryStalled(f"the secondary stalled: pausing the VM waited more than "
-                               f"{PAUSE_DEADLINE:g} s for its writes; the VM went on and "
+                               f"{timeout:g} s for its writes; the VM went on and "
                                "the connections were dropped") from None
 
 
