@@ -109,7 +109,8 @@ def _hog(address, tls_dir, source, stop, count, counts):
 def _silent(address, stop, counts):
     """Peers without a certificate: connect from several addresses, send nothing."""
     from nbd_mc.address import parse_address
-    _, host, port = parse_address(address)
+    parsed = parse_address(address)
+    host, port = parsed.host, parsed.port
     socks = {}
     while not stop.is_set():
         for src in SILENT_SOURCES:

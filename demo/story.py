@@ -101,8 +101,9 @@ class Story:
         self.step_no = 0
         # where protect reaches the secondary, and more protect options (a test runs
         # the same story across an emulated slow link with --mode async)
-        self.target = f"nbd+unix:///?socket={self.state}/nbd.sock"
-        self.control = StateDir(self.state).control
+        # (None: the secondary's own sockets in self.state, which a subclass may move)
+        self.target: str | None = None
+        self.control: str | None = None
         self.protect_extra: list[str] = []
 
     # --- printing ------------------------------------------------------------
@@ -194,7 +195,8 @@ class Story:
                 f"mv {self.records}/$NBD_MC_EPOCH.tmp {self.records}/$NBD_MC_EPOCH.raw && "
                 f"rm -f {self.records}/$((NBD_MC_EPOCH - 3)).raw")
         argv = [_bin("nbd-mc"), "protect", "--qmp", str(self.qmp), "--drive", "drive0=vda",
-                "--target", self.target, "--control", self.control, "--interval", INTERVAL,
+                "--target", self.target or f"nbd+unix:///?socket={self.state}/nbd.sock",
+                "--control", self.control or StateDir(self.state).control, "--interval", INTERVAL,
                 "--checkpoint-hook", hook, "--json", *self.protect_extra]
         self.detail("$ nbd-mc protect --qmp primary.qmp --drive drive0=vda \\\n"
                     "      --target 'nbd+unix:///?socket=secondary-state/nbd.sock' \\\n"
