@@ -27,7 +27,7 @@ refuses while another node is promoted.  A promoted instance whose monitor or
 demote finds another node promoted too records it in ``STATE_DIR.split-brain``
 and logs an error; Pacemaker (promoted-max=1) demotes one of the two, and the
 demoted node keeps its image untouched -- not served, no promotion score -- until
-an operator decides (see README, Fencing and split brain): its writes since the
+an operator decides (see docs/pacemaker.md, Fencing and split brain): its writes since the
 split exist nowhere else.  The node that stays promoted clears its record.
 
 Never promote garbage: a replica with no committed epoch (the initial sync or

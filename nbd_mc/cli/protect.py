@@ -46,7 +46,7 @@ from .common import Failure, json_wanted, main, size_option
                    "an nbds:// target and a tcp:// control address.")
 @click.option("--metrics-file", metavar="PATH",
               help="Prometheus textfile rewritten atomically after every checkpoint "
-                   "(see README, Metrics).")
+                   "(see docs/metrics.md).")
 @click.option("--drive-mirror", "legacy", is_flag=True,
               help="Use the older drive-mirror command (QEMU opens the NBD URI itself).")
 @click.option("--stall-timeout", default="10s", show_default=True, metavar="DURATION",

@@ -46,7 +46,7 @@ from .common import (Failure, control_options, emit, json_wanted, main, refusals
               help="x509 directory (ca-cert.pem, server-cert.pem, server-key.pem, ...).")
 @click.option("--thread-model", type=click.Choice(["parallel", "serialize"]), default="serialize",
               show_default=True, help="nbdkit thread model for the plugin: on few cores one "
-              "request at a time beats threads fighting over Python's GIL (see README, Benchmarks).")
+              "request at a time beats threads fighting over Python's GIL (see bench/README.md).")
 @click.option("--threads", type=click.IntRange(1, 256), help="nbdkit worker threads per connection.")
 @click.option("--foreground", is_flag=True, help="Stay in the foreground (for supervisors).")
 @click.option("--pidfile", metavar="PATH", help="Write nbdkit's pid here (default DIR/nbdkit.pid).")
@@ -133,7 +133,7 @@ def _history_option(keep, every, most):
 
 @main.command()
 @click.option("--prometheus", is_flag=True, help="Print Prometheus text exposition format "
-              "(for node_exporter's textfile collector; see README, Metrics).")
+              "(for node_exporter's textfile collector; see docs/metrics.md).")
 @click.option("--group", "group_label", metavar="NAME",
               help="The group label of --prometheus series (default: the control address).")
 @click.option("--stale-after", type=click.FloatRange(0), default=60.0, show_default=True,
@@ -322,7 +322,7 @@ def _offline_group(state_dir: str) -> engine.Group:
 @main.command()
 @click.option("--instant", is_flag=True,
               help="Skip the rollback: hand out the qcow2 overlay that already shows the last "
-                   "commit (faster for big undo data; see README).")
+                   "commit (faster for big undo data; see docs/failover.md).")
 @click.option("--to-epoch", "to_epoch", type=click.IntRange(0), metavar="N",
               help="Return to retained epoch N instead of the last commit (see `nbd-mc "
                    "history`, docs/history.md).")

@@ -38,7 +38,7 @@ HOOK_TIMEOUT = 60.0
 #: drain it releases and the ``cont``.
 PAUSE_DEADLINE = 0.5
 #: Seconds the ``cont`` after a yank may take before protect yanks again (a write
-#: that the first yank did not release, over a unix socket: README Known gaps).
+#: that the first yank did not release, over a unix socket: docs/known-issues.md).
 CONT_TIMEOUT = 2.0
 
 

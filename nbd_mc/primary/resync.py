@@ -24,7 +24,7 @@ built from what 7.2 has, converging like migration pre-copy:
 
 Why backup rounds and not pulling extents with libnbd from QEMU's own NBD export
 (``block-export-add`` + ``qemu:dirty-bitmap:NAME``): measured in bench/resync.py
-and written down in the README (no extra data copy through our process, no
+and written down in docs/protect.md (no extra data copy through our process, no
 export to secure, and QEMU's copy-before-write gives each round a consistent
 point for free).
 
