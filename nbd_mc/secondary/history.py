@@ -390,21 +390,21 @@ class History:
         in its own thread after a failover's reply: ``_lock`` keeps it and
         ``close`` from closing a descriptor twice."""
         with self._lock:
-            for d in self.disks:
-                self._close_open(d)
-            for ov in self._frozen.values():
-                ov.close()
-            self._frozen.clear()
+            self._close_all()
             self._sizes.clear()
             self._unlink(self._stray_files(set()))
 
     def close(self) -> None:
         with self._lock:
-            for d in self.disks:
-                self._close_open(d)
-            for ov in self._frozen.values():
-                ov.close()
-            self._frozen.clear()
+            self._close_all()
+
+    def _close_all(self) -> None:
+        """Close every disk's open layer and every frozen layer (``_lock`` held)."""
+        for d in self.disks:
+            self._close_open(d)
+        for ov in self._frozen.values():
+            ov.close()
+        self._frozen.clear()
 
     # --- reading an epoch ---------------------------------------------------------
     def _layer(self, d, history: list, i: int):
