@@ -13,16 +13,17 @@ import shutil
 import pytest
 
 from support import guestharm
+from support.qemu_version import PREFIXES
 from support.reliability import record
 from support.servers import short_tmpdir
 
 pytestmark = pytest.mark.qemu
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CYCLES = int(os.environ.get("NBD_MC_HARM_CYCLES") or 0)
 SEED = os.environ.get("NBD_MC_HARM_SEED", "harm")
-#: QEMUs to run on: the system's, and 10.0 where `make setup` installed it.
-QEMUS = {"system": None, "10.0": os.path.join(ROOT, ".deps", "qemu-10.0", "bin")}
+#: QEMUs to run on: the system's, and 10.0 where `make setup` installed it (the
+#: prefixes the one QEMU setting knows, support/qemu_version.py).
+QEMUS = {"system": None, **PREFIXES}
 
 
 def _qemus():
