@@ -294,6 +294,20 @@ class Story:
         self.detail(f"QEMU killed; the guest had reported records up to #{self.serial_log.last_seq} "
                     f"as durable, #{self.result.seq_after_commit} and later ones written entirely "
                     f"after checkpoint {self.result.kill_epoch}")
+        rc, text, rest = self.protect_report()
+        p = self.result.protect
+        self.detail(f"nbd-mc protect (exit {rc}): {p['commits']} checkpoints committed, "
+                    f"epochs {p['first_epoch']}..{p['committed']}")
+        self.detail(f"VM pause per checkpoint: median {p['pause_ms']['median']:.1f} ms, worst "
+                    f"{p['pause_ms']['worst']:.1f} ms; of that the hook's copy of the disk: "
+                    f"median {p['pause_ms']['hook_median']:.1f} ms")
+        self.detail(rest.strip().replace("nbd-mc: error: ", ""))
+        if rc != 1 or not p.get("primary_gone"):
+            raise DemoFailed(f"nbd-mc protect should report the lost primary (exit 1):\n{text}")
+
+    def protect_report(self) -> tuple[int, str, str]:
+        """Once the primary was killed: protect's exit status, its whole output and
+        the output around its --json report, which goes to ``result.protect``."""
         try:
             rc = self.protect.wait(30)
         except subprocess.TimeoutExpired:
@@ -304,16 +318,7 @@ class Story:
             self.result.protect, end = json.JSONDecoder().raw_decode(text, start)
         except ValueError:
             raise DemoFailed(f"unexpected output of nbd-mc protect:\n{text}") from None
-        rest = text[:start] + text[end:]
-        p = self.result.protect
-        self.detail(f"nbd-mc protect (exit {rc}): {p['commits']} checkpoints committed, "
-                    f"epochs {p['first_epoch']}..{p['committed']}")
-        self.detail(f"VM pause per checkpoint: median {p['pause_ms']['median']:.1f} ms, worst "
-                    f"{p['pause_ms']['worst']:.1f} ms; of that the hook's copy of the disk: "
-                    f"median {p['pause_ms']['hook_median']:.1f} ms")
-        self.detail(rest.strip().replace("nbd-mc: error: ", ""))
-        if rc != 1 or not p.get("primary_gone"):
-            raise DemoFailed(f"nbd-mc protect should report the lost primary (exit 1):\n{text}")
+        return rc, text, text[:start] + text[end:]
 
     def fail_over(self) -> None:
         self.step("Fail over to the secondary: nbd-mc failover",

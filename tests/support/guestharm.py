@@ -49,7 +49,6 @@ NBD_MC_QEMU puts the chosen one first); the result names its version.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -425,15 +424,7 @@ class GuestHarmStory(chaos.ChaosStory):
         guest.kill(self.qemu)
         self.serial_log.poll()
         self.result.last_seq_primary = self.serial_log.last_seq
-        try:
-            rc = self.protect.wait(30)
-        except subprocess.TimeoutExpired:
-            raise DemoFailed("nbd-mc protect did not notice that the primary died") from None
-        text = "".join(self.protect_out)
-        try:
-            self.result.protect, _ = json.JSONDecoder().raw_decode(text, text.index("{"))
-        except ValueError:
-            raise DemoFailed(f"unexpected output of nbd-mc protect:\n{text}") from None
+        rc, text, _ = self.protect_report()
         p = self.result.protect
         self.detail(f"nbd-mc protect (exit {rc}): {p['commits']} checkpoints committed, "
                     f"epochs {p['first_epoch']}..{p['committed']}; {p.get('outages')} "
