@@ -19,7 +19,10 @@ from ..units import parse_size
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]},
-             invoke_without_command=True)
+             invoke_without_command=True,
+             # a command is required (see below); spelled out so that the usage
+             # line, and docs/cli.md, read the same under click 8.1 and 8.2+
+             subcommand_metavar="COMMAND [ARGS]...")
 @click.version_option(package_name="nbd-mc")
 @click.option("--json", "as_json", is_flag=True, help="JSON output for every command.")
 @click.pass_context
