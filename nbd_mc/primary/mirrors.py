@@ -62,15 +62,32 @@ def check_sizes(sizes: dict[str, int], status: dict, drives: list[DriveSpec]) ->
 
 
 def add_tls_creds(qmp: Qmp, directory: str) -> str:
-    """A client tls-creds-x509 object for an nbds:// secondary (reused if present)."""
-    try:
-        qmp.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": TLS_OBJECT,
-                                 "dir": os.path.abspath(directory), "endpoint": "client",
-                                 "verify-peer": True})
-    except QmpCommandError as e:
-        if "already" not in str(e).lower():
-            raise
+    """A client tls-creds-x509 object for an nbds:// secondary, made from DIRECTORY.
+
+    One may be there already: an earlier attach of this protect (a lost secondary is
+    attached again) or a protect killed before it could delete it.  It is replaced
+    when no node uses it any more (so a changed --tls-certificates takes effect), and
+    reused while one does.  Found by asking QEMU (`qom-list /objects`), not from
+    object-add's refusal, whose wording differs between versions (7.2: "attempt to
+    add duplicate property").
+    """
+    if TLS_OBJECT in _user_objects(qmp):
+        try:
+            qmp.cmd("object-del", id=TLS_OBJECT)
+        except QmpCommandError:
+            return TLS_OBJECT  # in use by a node still attached: keep it
+    qmp.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": TLS_OBJECT,
+                             "dir": os.path.abspath(directory), "endpoint": "client",
+                             "verify-peer": True})
     return TLS_OBJECT
+
+
+def _user_objects(qmp: Qmp) -> set[str]:
+    """The ids of the objects made with object-add (7.2 has no /objects before the first)."""
+    try:
+        return {o["name"] for o in qmp.cmd("qom-list", path="/objects")}
+    except QmpCommandError:
+        return set()
 
 
 def attach(qmp: Qmp, target: NbdTarget, drives: list[DriveSpec],
