@@ -23,6 +23,16 @@ class Observer:
         self.metrics = metrics
         self.report = report
 
+    def start(self) -> None:
+        """Before protect attaches: the metrics file's first write (an unusable path
+        raises OSError then, and only then)."""
+        self.metrics.start(self.report)
+
+    @property
+    def error(self) -> str | None:
+        """Why an output could not be written (the metrics file, the event stream)."""
+        return self.metrics.error
+
     def say(self, line: str) -> None:
         """One line for the person watching."""
         self.console.say(line)
@@ -39,6 +49,22 @@ class Observer:
 
     def progress_end(self) -> None:
         self.console.progress_end()
+
+    @property
+    def watching_link(self) -> bool:
+        """Whether anyone reads the link's figures (a metrics file): they cost QMP
+        queries, asked only then."""
+        return bool(self.metrics.path)
+
+    def rate(self, speed: int) -> None:
+        """The --rate in force (read with the next write)."""
+        self.metrics.link.rate = speed
+
+    def link(self, out_of_sync: int, in_flight: int, lag: float | None) -> None:
+        """The link's figures changed (metrics.Link)."""
+        link = self.metrics.link
+        link.out_of_sync, link.in_flight, link.lag = out_of_sync, in_flight, lag
+        self.metrics.write(self.report)
 
     def checkpointed(self, committed: bool, mirrored: int | None, epoch: int,
                      skipped: str | None) -> None:

@@ -76,4 +76,4 @@ def test_what_observers_hear_of_a_run_with_an_outage(tmp_path):
     assert states == ["syncing", "checkpointing", "lost", "lost", "resyncing", "checkpointing",
                       "detached"]
     assert [e["reason"] for e in events if e.get("state") == "lost"] == ["EOF", "EOF"]
-    assert p.metrics.state == "detached"
+    assert p.observer.metrics.state == "detached"
