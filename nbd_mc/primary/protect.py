@@ -44,6 +44,7 @@ from .rate import Rate
 from .repair import Repairs
 from .report import Report
 from .resync import ChecksumUnsupported, Resync, checksum_sync, incremental
+from .side import PrimarySide
 from .secondary import claim_writer, connect, first_epoch, secondary_status
 from .source import (READ_TIMEOUT, NbdExport, PrimarySource, SourceError, SourceUnavailable,
                      qemu_owner_from_xml, qemu_owner_of_pidfile, qemu_owner_of_socket)
@@ -131,10 +132,10 @@ class Protector:
         self.shipper = shipping.Shipper(opts.max_lag) if opts.mode == "async" else None
         self.report.mode = opts.mode
         self.features: QemuFeatures | None = None
-        # --metrics-file (metrics.py); a no-op without a path
-        self.metrics = ProtectMetrics(opts.metrics_file, opts.libvirt or opts.qmp or "",
-                                      events=opts.events)
-        self.observer = Observer(console, self.metrics, self.report)
+        # the console, --metrics-file and --events (observer.py; no-ops without them)
+        self.observer = Observer(console, ProtectMetrics(opts.metrics_file,
+                                                         opts.libvirt or opts.qmp or "",
+                                                         events=opts.events), self.report)
 
     # --- the run --------------------------------------------------------------------
     def run(self) -> Report:
@@ -142,7 +143,7 @@ class Protector:
         t_start = time.monotonic()
         try:
             try:
-                self.metrics.start(report)
+                self.observer.start()
             except OSError as e:
                 raise PrimaryError(f"--metrics-file: {e}") from None
             self.ctl = self._connect()
@@ -173,13 +174,17 @@ class Protector:
             if opts.verify:
                 self.verifier = self._verifier()
             self.bitmaps = Bitmaps(self.qmp, opts.drives, source_nodes(self.qmp, opts.drives))
+            self.side = PrimarySide(self.qmp, opts.drives,
+                                    None if opts.legacy_drive_mirror else self.bitmaps,
+                                    opts.stall_timeout, self.watchdog,
+                                    owner=qemu_identity(self.qmp, opts)[1])
             state = ("not protected yet: epoch 0, the first commit after the sync makes it "
                      "protected" if next_epoch == 1 else
                      f"already protected at epoch {next_epoch - 1}: what the sync writes is "
                      f"kept as undo until epoch {next_epoch} commits")
             observer.say(f"nbd-mc protect: "
-                        f"{', '.join(f'{d.drive} -> {d.export}' for d in opts.drives)}"
-                        f" on {opts.target.describe()}; secondary {state}")
+                         f"{', '.join(f'{d.drive} -> {d.export}' for d in opts.drives)}"
+                         f" on {opts.target.describe()}; secondary {state}")
             report.attached = True
             self.lost_since = time.monotonic()
             try:
@@ -200,8 +205,8 @@ class Protector:
             self._finish()
             report.seconds = time.monotonic() - t_start
             self._enter(Phase.DETACHED if report.outcome == "detached" else Phase.FAILED)
-            if self.metrics.error:
-                report.problems.append(self.metrics.error)
+            if self.observer.error:
+                report.problems.append(self.observer.error)
         return report
 
     def _loop(self) -> None:
@@ -263,7 +268,7 @@ class Protector:
             self.observer.say(line)
         if self.rate.error and self.rate.error != said:
             self.observer.say(f"  {self.rate.error}")
-        self.metrics.rate = self.rate.speed
+        self.observer.rate(self.rate.speed)
 
     def _ship_or_wait(self) -> bool:
         """--mode async, before a checkpoint: True to take it now (the backlog is
@@ -276,15 +281,15 @@ class Protector:
             if not sh.behind:
                 sh.behind = True
                 self.observer.say(f"  the link is behind: {_mib(d.backlog.left)} to ship, "
-                                 f"epoch lag {d.lag:.1f} s; epoch {self.epoch} extended "
-                                 f"until it crosses (--max-lag "
-                                 f"{'none' if sh.max_lag is None else f'{sh.max_lag:g} s'})")
+                                  f"epoch lag {d.lag:.1f} s; epoch {self.epoch} extended "
+                                  f"until it crosses (--max-lag "
+                                  f"{'none' if sh.max_lag is None else f'{sh.max_lag:g} s'})")
             return False
         if d.action == "force":
             self.report.backpressure += 1
             self.observer.say(f"  epoch lag {d.lag:.1f} s reached --max-lag {sh.max_lag:g} s "
-                             f"with {_mib(d.backlog.left)} still to ship: back-pressure, "
-                             f"the VM pauses until it has crossed")
+                              f"with {_mib(d.backlog.left)} still to ship: back-pressure, "
+                              f"the VM pauses until it has crossed")
         elif sh.behind:
             self.observer.say(f"  the link caught up (epoch lag {d.lag:.1f} s)")
         sh.behind = d.action == "force"
@@ -293,8 +298,7 @@ class Protector:
     def _link_metrics(self, d=None) -> None:
         """What operators watch on a link (DRBD's oos, pending, lag), for the metrics
         file: bytes the committed epoch lacks, bytes not yet on the secondary, the lag."""
-        m = self.metrics
-        if not m.path:
+        if not self.observer.watching_link:
             return
         try:
             if d is None:
@@ -302,20 +306,20 @@ class Protector:
                     else None
             else:
                 backlog = d.backlog
-            m.out_of_sync = (self.bitmaps.dirty_bytes(epoch_name(self.bitmaps.group,
-                                                                 self.epoch - 1))
-                             if self.bitmaps is not None and self.bitmaps.group else 0)
-            m.in_flight = backlog.left if backlog is not None else 0
+            out_of_sync = (self.bitmaps.dirty_bytes(epoch_name(self.bitmaps.group,
+                                                               self.epoch - 1))
+                           if self.bitmaps is not None and self.bitmaps.group else 0)
+            in_flight = backlog.left if backlog is not None else 0
         except PrimaryError:  # (QEMU gone: the loop finds out next)
             return
-        m.lag = self.shipper.lag() if self.shipper is not None else None
-        m.write(self.report)
+        self.observer.link(out_of_sync, in_flight,
+                           self.shipper.lag() if self.shipper is not None else None)
 
     # --- one checkpoint ---------------------------------------------------------------
     def _checkpoint(self) -> bool:
         """Returns whether the epoch committed."""
         opts, report = self.opts, self.report
-        bitmaps = None if opts.legacy_drive_mirror else self.bitmaps
+        bitmaps = self.side.bitmaps
         # --verify copies its slice in the hook, with the VM stopped and drained, and
         # the repairs copy what an earlier slice found different
         hook = self.verifier.hook(opts.hook, run_hook) if self.verifier else opts.hook
@@ -326,11 +330,9 @@ class Protector:
             mirrors = self.mirrors
             drain = lambda: shipping.drain(self.qmp, mirrors, opts.stall_timeout)  # noqa: E731
         cut = time.monotonic()
-        cp = checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, hook,
-                        bitmaps=bitmaps, stall_timeout=opts.stall_timeout,
-                        watchdog=self.watchdog, drain=drain)
+        cp = checkpoint(self.side, self.ctl, self.mirrors, self.epoch, hook, drain=drain)
         mirrored = None
-        if self.metrics.path:
+        if self.observer.watching_link:
             try:  # (QEMU gone just after the commit: the commit is counted all the same)
                 mirrored = self.mirrors.progress()[0]
             except PrimaryError:
@@ -342,7 +344,7 @@ class Protector:
         if not cp.committed:
             report.skipped += 1
             self.observer.say(f"  epoch {self.epoch} not committed: {cp.skipped}; "
-                             "the VM continues")
+                              "the VM continues")
             return False
         report.committed = self.epoch
         report.commits += 1
@@ -478,7 +480,8 @@ class Protector:
 
         Which resync, and why, is plan_resync's (plan.py: incremental when a bitmap
         of this group covers the secondary's committed epoch, otherwise a checksum
-        sync or a full one); this says it in one line and runs it.  Returns False if a stop request came first."""
+        sync or a full one); this says it in one line and runs it (_incremental,
+        _checksum, _full).  Returns False if a stop request came first."""
         opts, qmp, bitmaps, observer = self.opts, self.qmp, self.bitmaps, self.observer
         committed = int(status["committed"])
         group = status.get("group_id") or None
@@ -500,53 +503,20 @@ class Protector:
         plan = plan_resync(status, previous, bitmaps.epochs, resync=opts.resync,
                            drive_mirror=opts.legacy_drive_mirror,
                            image_data=self._image_data, source_refusal=self._source_refusal)
-        mode = plan.kind
-        if mode == "bitmap":
-            observer.say(plan.line(bitmaps.dirty_bytes(epoch_name(group, committed)),
-                                  committed))
-            try:
-                r, self.mirrors = incremental(
-                    qmp, opts.drives, bitmaps, committed,
-                    self._progress("resync"),
-                    self.stop, opts.stall_timeout, self.watchdog,
-                    owner=qemu_identity(qmp, opts)[1], speed=self.rate.speed)
-            except QmpCommandError as e:  # a refused copy job or mirror: the target's fault
-                raise SecondaryFailed(f"the resync failed: {e.desc}") from None
-        elif mode == "checksum":
-            observer.say(plan.line(sum(self.sizes.values()), committed))
-            try:
-                done = checksum_sync(
-                    qmp, self.ctl, self._ranges(), opts.drives, self.sizes, bitmaps, committed,
-                    self._progress("checksum sync", poll_rate=False),
-                    self.stop, opts.stall_timeout, self.watchdog,
-                    owner=qemu_identity(qmp, opts)[1])
-            except QmpCommandError as e:
-                raise SecondaryFailed(f"the checksum sync failed: {e.desc}") from None
-            except ChecksumUnsupported as e:
-                plan, done = plan.unsupported(e.desc), False
-            except SourceError as e:  # the full sync rewrites whatever the walk copied
-                plan, done = plan.unreadable(e.desc), False
-            mode = plan.kind
+        if plan.kind == "bitmap":
+            r = self._incremental(plan, committed)
+        elif plan.kind == "checksum":
+            done = self._checksum(plan, committed)
             if done is None:
                 return False
-            if done:
-                r, self.mirrors = done
-        if mode == "full":
-            total = sum(self.sizes.values())
-            observer.say(plan.line(total, committed))
-            if not opts.legacy_drive_mirror:
-                bitmaps.drop_all()
-            self.mirrors = Mirrors(qmp, opts.drives)
-            self._start_full()
-            label = "initial sync" if not self.report.resyncs else "full resync"
-            if not self.mirrors.wait_ready(self._progress(label), self.stop):
+            r, plan = done
+        if plan.kind == "full":
+            r = self._full(plan, committed, t0)
+            if r is None:
                 return False
-            r = Resync(full=True, reason="", bytes=sum(self.mirrors.synced.values()),
-                       mode="full")
-            r.seconds = time.monotonic() - t0
         observer.progress_end()
         if self.shipper is not None:
-            if mode != "full":  # the resync ends with write-blocking mirrors (resync.py)
+            if plan.kind != "full":  # the resync ends with write-blocking mirrors (resync.py)
                 try:
                     self.mirrors = shipping.to_background(qmp, self.mirrors, self.rate.speed,
                                                           opts.stall_timeout, self.watchdog)
@@ -564,11 +534,58 @@ class Protector:
         self.lost_since = None
         self._enter(Phase.IN_STEP)
         observer.say(f"  in step: {_mib(r.bytes)} copied in {r.seconds:.1f} s; "
-                    f"checkpointing every {opts.interval * 1000:g} ms"
-                    + (" (async: epochs ship in the background)" if self.shipper else "")
-                    + (f" for {opts.epochs} epochs" if opts.epochs else "")
-                    + " (Ctrl-C detaches)")
+                     f"checkpointing every {opts.interval * 1000:g} ms"
+                     + (" (async: epochs ship in the background)" if self.shipper else "")
+                     + (f" for {opts.epochs} epochs" if opts.epochs else "")
+                     + " (Ctrl-C detaches)")
         return True
+
+    def _incremental(self, plan, committed: int) -> Resync:
+        """The incremental resync (resync.incremental); sets the mirrors."""
+        self.observer.say(plan.line(self.bitmaps.dirty_bytes(
+            epoch_name(self.bitmaps.group, committed)), committed))
+        try:
+            r, self.mirrors = incremental(self.side, committed, self._progress("resync"),
+                                          self.stop, speed=self.rate.speed)
+        except QmpCommandError as e:  # a refused copy job or mirror: the target's fault
+            raise SecondaryFailed(f"the resync failed: {e.desc}") from None
+        return r
+
+    def _checksum(self, plan, committed: int):
+        """The checksum sync (resync.checksum_sync); sets the mirrors.  Returns
+        (what it did, the plan), or (None, a full plan) when it gave way to a full
+        sync before copying (plan.Plan.unsupported, unreadable), or None if a stop
+        request came first."""
+        self.observer.say(plan.line(sum(self.sizes.values()), committed))
+        try:
+            done = checksum_sync(self.side, self.ctl, self._ranges(), self.sizes, committed,
+                                 self._progress("checksum sync", poll_rate=False), self.stop)
+        except QmpCommandError as e:
+            raise SecondaryFailed(f"the checksum sync failed: {e.desc}") from None
+        except ChecksumUnsupported as e:
+            return None, plan.unsupported(e.desc)
+        except SourceError as e:  # the full sync rewrites whatever the walk copied
+            return None, plan.unreadable(e.desc)
+        if done is None:
+            return None
+        r, self.mirrors = done
+        return r, plan
+
+    def _full(self, plan, committed: int, t0: float) -> Resync | None:
+        """The full sync (a sync=full mirror of every drive); sets the mirrors.
+        None if a stop request came first."""
+        opts = self.opts
+        self.observer.say(plan.line(sum(self.sizes.values()), committed))
+        if not opts.legacy_drive_mirror:
+            self.bitmaps.drop_all()
+        self.mirrors = Mirrors(self.qmp, opts.drives)
+        self._start_full()
+        label = "initial sync" if not self.report.resyncs else "full resync"
+        if not self.mirrors.wait_ready(self._progress(label), self.stop):
+            return None
+        r = Resync(full=True, reason="", bytes=sum(self.mirrors.synced.values()), mode="full")
+        r.seconds = time.monotonic() - t0
+        return r
 
     def _image_data(self) -> int:
         """Bytes of data in the secondary's image (NBD block status), for plan_resync."""
@@ -626,7 +643,7 @@ class Protector:
         exported = [d for d, r in self.source.drives.items() if isinstance(r, NbdExport)]
         if exported:
             self.observer.say(f"nbd-mc protect: reading {', '.join(exported)} through QEMU's "
-                             f"read-only NBD export ({self.source.socket})")
+                              f"read-only NBD export ({self.source.socket})")
 
     def _close_source(self) -> None:
         if self.source is not None:
