@@ -9,8 +9,11 @@ One concept per module:
   secondary   -- the secondary's control channel: status, group check, commit
   mirrors     -- block-job plumbing: NBD nodes, write-blocking mirrors, detaching
   bitmaps     -- dirty bitmaps per epoch: what changed since the secondary's commit
+  plan        -- which resync brings the secondary in step, and why (a pure function)
   resync      -- bringing the secondary in step: incremental rounds, a checksum sync
                  or a full sync
+  side        -- PrimarySide: what the checkpoint and resync steps share (QMP, drives,
+                 bitmaps, stall timeout, watchdog, QEMU's user)
   fleece      -- the fleecing snapshot a resync round copies from (our own
                  copy-before-write filter: the secondary never meets a guest write)
   source      -- reading a drive from outside QEMU: its local raw file, or QEMU's own
@@ -21,6 +24,10 @@ One concept per module:
                  PAUSE_DEADLINE: the vCPUs never wait for the secondary)
   watchdog    -- a child that resumes the VM and removes the mirrors if protect dies
   report      -- what protect did (summary and --json)
+  phase       -- protect's phase (connecting, syncing, in step, lost, ...) and its
+                 transitions
+  observer    -- the one object protect tells what happens: console, metrics file,
+                 event stream
   protect     -- the orchestration of a whole run
   console     -- the terminal: stop requests, progress, summary, failure advice
 
@@ -41,6 +48,7 @@ from .options import (NODE_PREFIX, DriveSpec, NbdTarget, Options, parse_drive, p
                       parse_interval, parse_nbd_uri)
 from .protect import Protector, protect
 from .resync import Resync
+from .side import PrimarySide
 from .qmp import CONNECT_TIMEOUT, QMP_TIMEOUT, Qmp
 from .report import Report
 from .secondary import claim_writer, commit, first_epoch, new_session, secondary_status

@@ -24,11 +24,11 @@ import time
 from dataclasses import dataclass
 
 from ..control import ControlClient
-from .bitmaps import Bitmaps
 from .errors import PrimaryGone, QmpTimeout, SecondaryFailed, SecondaryStalled
 from .mirrors import Mirrors, yank
 from .qmp import Qmp
 from .secondary import commit
+from .side import PrimarySide
 
 #: The VM stays stopped while the hook runs: a hung hook must not hang the VM.
 HOOK_TIMEOUT = 60.0
@@ -74,9 +74,8 @@ def run_hook(command: str, epoch: int, timeout: float = HOOK_TIMEOUT) -> str | N
     return None
 
 
-def checkpoint(qmp: Qmp, ctl: ControlClient, mirrors: Mirrors, epoch: int,
-               hook=None, bitmaps: Bitmaps | None = None, stall_timeout: float | None = None,
-               watchdog=None, drain=None) -> Checkpoint:
+def checkpoint(side: PrimarySide, ctl: ControlClient, mirrors: Mirrors, epoch: int,
+               hook=None, drain=None) -> Checkpoint:
     """stop -> drained -> [bitmap ``epoch`` starts] -> hook -> commit epoch -> cont.
 
     ``hook`` is a shell command (run_hook) or, for library users and tests, a
@@ -89,13 +88,16 @@ def checkpoint(qmp: Qmp, ctl: ControlClient, mirrors: Mirrors, epoch: int,
     the ``stop`` drains every guest write, and one stuck on a hung secondary would
     hold the VM (and QEMU's monitor) as long as the secondary hangs.  After the
     deadline the NBD connections are yanked, the stuck writes fail on the
-    secondary's side only, and SecondaryStalled is raised.  ``stall_timeout``
+    secondary's side only, and SecondaryStalled is raised.  ``side.stall_timeout``
     bounds the waits outside the pause (the ``query-status`` before it).
-    ``watchdog`` (watchdog.py) is told when the VM is paused by us and resumed,
-    so that a protect killed in between does not leave it paused.
+    ``side.watchdog`` (watchdog.py) is told when the VM is paused by us and
+    resumed, so that a protect killed in between does not leave it paused; bitmap
+    ``epoch`` starts in ``side.bitmaps`` (none without them).
     ``drain`` replaces ``mirrors.wait_drained`` (the async mode's background
     mirrors still copy after the stop: shipping.drain).
     """
+    qmp, bitmaps = side.qmp, side.bitmaps
+    stall_timeout, watchdog = side.stall_timeout, side.watchdog
     mirrors.check()
     try:
         was_running = vm_running(qmp, stall_timeout)

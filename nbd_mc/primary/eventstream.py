@@ -7,10 +7,11 @@ protect's state, every finished (re)sync, the first commit after it (protected
 again), every checkpoint whose commit was skipped, and at the end the report
 ``--json`` prints.  docs/events.md documents the fields.
 
-It listens where the metrics file listens: ProtectMetrics (metrics.py) is the one
-observer protect notifies and forwards each notification here, so protect itself
-knows nothing of the stream.  Writing never ends protection: a failure (a closed
-pipe, a full disk) is remembered in ``error`` and the stream goes quiet.
+It listens where the metrics file listens: protect notifies its one Observer
+(observer.py), which tells ProtectMetrics (metrics.py), which forwards each
+notification here, so protect itself knows nothing of the stream.  Writing never
+ends protection: a failure (a closed pipe, a full disk) is remembered in ``error``
+and the stream goes quiet.
 
 State (used only by the thread that runs protect): ``_out`` (the open stream or
 None once closed or broken), ``_resyncs`` (resyncs already reported),

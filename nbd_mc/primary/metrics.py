@@ -7,6 +7,7 @@ docs/metrics.md lists the series.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from prometheus_client.core import (CounterMetricFamily, StateSetMetricFamily,
                                     SummaryMetricFamily)
@@ -21,6 +22,18 @@ PROTECT_STATES = ("connecting", "syncing", "resyncing", "checkpointing", "lost",
 #: How a (re)sync brought the secondary in step (protect --json ``resyncs[].mode``):
 #: everything, what a dirty bitmap marked, or what differed by content.
 RESYNC_MODES = ("full", "bitmap", "checksum")
+
+
+@dataclass
+class Link:
+    """What operators watch on a link (DRBD's oos, pending, lag), None until known:
+    bytes the committed epoch lacks, bytes not yet on the secondary, seconds the
+    committed epoch trails (async), the --rate in force (bytes/s, 0 unlimited)."""
+
+    out_of_sync: int | None = None
+    in_flight: int | None = None
+    lag: float | None = None
+    rate: int | None = None
 
 
 def resync_mode(r) -> str:
@@ -38,12 +51,9 @@ class ProtectMetrics:
       last_commit    wall clock of the last commit by this protect, or None
       events         the --events stream (eventstream.py) it forwards each
                      notification to, or None
-      out_of_sync, in_flight, lag, rate -- the link's figures (protect's
-                     _link_metrics): bytes the committed epoch lacks, bytes not yet on
-                     the secondary, seconds the committed epoch trails (async), the
-                     --rate in force (bytes/s, 0 unlimited); None until known
+      link           the link's figures (Link; protect's _link_metrics)
 
-    It is the one observer protect notifies of its state changes, checkpoints and
+    protect's Observer (observer.py) notifies it of state changes, checkpoints and
     sync progress; the event stream hears of them through it.
     """
 
@@ -55,10 +65,7 @@ class ProtectMetrics:
         self.sync: tuple[int, int] | None = None
         self.mirrored = 0
         self.last_commit: float | None = None
-        self.out_of_sync: int | None = None
-        self.in_flight: int | None = None
-        self.lag: float | None = None
-        self.rate: int | None = None
+        self.link = Link()
         self._last_sync_write = 0.0
         self._file_error: str | None = None
         self._events_error: str | None = None
@@ -119,13 +126,13 @@ class ProtectMetrics:
                             "(re)sync took.", v, last.seconds, unit="seconds")]
         for name, doc, value, unit in (
                 ("nbd_mc_protect_out_of_sync", "Bytes written since the committed epoch "
-                 "(what a failover now would lose).", self.out_of_sync, "bytes"),
+                 "(what a failover now would lose).", self.link.out_of_sync, "bytes"),
                 ("nbd_mc_protect_in_flight", "Bytes written on the primary and not yet on "
-                 "the secondary.", self.in_flight, "bytes"),
+                 "the secondary.", self.link.in_flight, "bytes"),
                 ("nbd_mc_protect_epoch_lag", "How far the committed epoch trails the "
-                 "primary (async mode).", self.lag, "seconds"),
+                 "primary (async mode).", self.link.lag, "seconds"),
                 ("nbd_mc_protect_rate", "The --rate in force per copy job (0: "
-                 "unlimited).", self.rate, "bytes_per_second")):
+                 "unlimited).", self.link.rate, "bytes_per_second")):
             if value is not None:
                 fams.append(_gauge(name, doc, v, value, unit=unit))
         bp = CounterMetricFamily("nbd_mc_protect_backpressure", "Checkpoints --max-lag "

@@ -34,13 +34,17 @@ from .errors import (PrimaryError, PrimaryGone, QmpCommandError, QmpTimeout, Sec
 from . import shipping
 from .mirrors import (BACKUP_PREFIX, Mirrors, add_tls_creds, attach, check_drives, check_sizes,
                       detach, drop, remove_leftovers, start_drive_mirrors, start_mirrors)
+from .observer import Observer
 from .options import Options
+from .phase import Phase, check_transition
+from .plan import plan_resync
 from .qmp import Qmp
 from .ranges import RangeWriter
 from .rate import Rate
 from .repair import Repairs
 from .report import Report
 from .resync import ChecksumUnsupported, Resync, checksum_sync, incremental
+from .side import PrimarySide
 from .secondary import claim_writer, connect, first_epoch, secondary_status
 from .source import (READ_TIMEOUT, NbdExport, PrimarySource, SourceError, SourceUnavailable,
                      qemu_owner_from_xml, qemu_owner_of_pidfile, qemu_owner_of_socket)
@@ -71,11 +75,15 @@ class Protector:
       mirrors  -- our write-blocking mirrors; None while detached;
       bitmaps  -- our dirty bitmaps in QEMU (bitmaps.group: the secondary's group);
       epoch    -- the epoch the next commit closes (committed + 1);
-      in_step  -- the secondary holds exactly what the VM wrote up to now (mirrors
-                  ready after a sync); a commit is allowed only then;
-      lost_since -- when the secondary was lost (monotonic), None while in step;
+      phase    -- where the run is (phase.Phase: connecting, syncing, in step,
+                  protected, lost, ...), changed only by _enter along
+                  phase.TRANSITIONS; a commit is allowed only in step
+                  (``phase.in_step``), ``ctl`` and ``mirrors`` are None while LOST;
+      lost_since -- since when the VM is unprotected (monotonic): set when the
+                  run attaches and when the secondary is lost, None once in step;
       lost_reason -- why, for the next resync's report entry;
-      needs_drop -- dropping the mirrors timed out (QEMU busy): try again first;
+      drop_pending -- LOST only: dropping the mirrors timed out (QEMU busy): try
+                  again before the next probe;
       verifier -- --verify's walk (nbd_mc/verify.py), or None; it survives outages
                   (a slice captured at a checkpoint that did not commit is captured
                   again at the next one);
@@ -95,12 +103,13 @@ class Protector:
                   back-pressure), None in sync mode;
       features -- what this QEMU offers (features.QemuFeatures, from its QMP schema),
                   asked once at the start;
-      report, stop, console, watchdog -- output and control of the run.
+      observer -- the one object told what happens (observer.py: console, metrics
+                  file, event stream; it holds the report);
+      report, stop, watchdog -- the outcome and control of the run.
     """
 
     def __init__(self, opts: Options, console: Console, stop: StopFlag):
         self.opts = opts
-        self.console = console
         self.stop = stop
         self.report = Report()
         self.qmp: Qmp | None = None
@@ -109,11 +118,10 @@ class Protector:
         self.bitmaps: Bitmaps | None = None
         self.watchdog: Watchdog | None = None
         self.epoch = 0
-        self.in_step = False
+        self.phase = Phase.CONNECTING
         self.lost_since: float | None = None
         self.lost_reason = "initial sync"
-        self.needs_drop = False
-        self.first_commit_after_sync = True
+        self.drop_pending = False
         self.writer_drives = opts.drives
         self.verifier = None
         self.repairs: Repairs | None = None
@@ -124,17 +132,18 @@ class Protector:
         self.shipper = shipping.Shipper(opts.max_lag) if opts.mode == "async" else None
         self.report.mode = opts.mode
         self.features: QemuFeatures | None = None
-        # --metrics-file (metrics.py); a no-op without a path
-        self.metrics = ProtectMetrics(opts.metrics_file, opts.libvirt or opts.qmp or "",
-                                      events=opts.events)
+        # the console, --metrics-file and --events (observer.py; no-ops without them)
+        self.observer = Observer(console, ProtectMetrics(opts.metrics_file,
+                                                         opts.libvirt or opts.qmp or "",
+                                                         events=opts.events), self.report)
 
     # --- the run --------------------------------------------------------------------
     def run(self) -> Report:
-        opts, report, console = self.opts, self.report, self.console
+        opts, report, observer = self.opts, self.report, self.observer
         t_start = time.monotonic()
         try:
             try:
-                self.metrics.start(report)
+                self.observer.start()
             except OSError as e:
                 raise PrimaryError(f"--metrics-file: {e}") from None
             self.ctl = self._connect()
@@ -156,7 +165,7 @@ class Protector:
             self.watchdog = Watchdog(opts.qmp, opts.libvirt, opts.connect, opts.drives)
             leftover = remove_leftovers(self.qmp, opts.drives, self.watchdog)
             if leftover:
-                console.say(f"nbd-mc protect: {leftover}")
+                observer.say(f"nbd-mc protect: {leftover}")
             # (after the leftovers: a mirror filter hides the drive's file)
             if opts.verify or opts.resync == "checksum" and not opts.legacy_drive_mirror:
                 self._open_source()
@@ -165,19 +174,23 @@ class Protector:
             if opts.verify:
                 self.verifier = self._verifier()
             self.bitmaps = Bitmaps(self.qmp, opts.drives, source_nodes(self.qmp, opts.drives))
+            self.side = PrimarySide(self.qmp, opts.drives,
+                                    None if opts.legacy_drive_mirror else self.bitmaps,
+                                    opts.stall_timeout, self.watchdog,
+                                    owner=qemu_identity(self.qmp, opts)[1])
             state = ("not protected yet: epoch 0, the first commit after the sync makes it "
                      "protected" if next_epoch == 1 else
                      f"already protected at epoch {next_epoch - 1}: what the sync writes is "
                      f"kept as undo until epoch {next_epoch} commits")
-            console.say(f"nbd-mc protect: "
-                        f"{', '.join(f'{d.drive} -> {d.export}' for d in opts.drives)}"
-                        f" on {opts.target.describe()}; secondary {state}")
+            observer.say(f"nbd-mc protect: "
+                         f"{', '.join(f'{d.drive} -> {d.export}' for d in opts.drives)}"
+                         f" on {opts.target.describe()}; secondary {state}")
             report.attached = True
             self.lost_since = time.monotonic()
             try:
                 if not self._sync(status):
                     report.outcome = "detached"
-                    console.say("stopped before the initial sync finished: nothing was committed")
+                    observer.say("stopped before the initial sync finished: nothing was committed")
                     return report
             except (SecondaryFailed, QmpTimeout) as e:
                 self._lose(e)
@@ -191,16 +204,16 @@ class Protector:
         finally:
             self._finish()
             report.seconds = time.monotonic() - t_start
-            self.metrics.set_state(report.outcome or "failed", report)
-            if self.metrics.error:
-                report.problems.append(self.metrics.error)
+            self._enter(Phase.DETACHED if report.outcome == "detached" else Phase.FAILED)
+            if self.observer.error:
+                report.problems.append(self.observer.error)
         return report
 
     def _loop(self) -> None:
         """Checkpoint every interval; when the secondary is lost, get it back."""
         opts, report, stop = self.opts, self.report, self.stop
         while not stop():
-            if not self.in_step:
+            if not self.phase.in_step:
                 status = self._reconnect()
                 if status is None:
                     continue
@@ -224,6 +237,24 @@ class Protector:
             except (SecondaryFailed, QmpTimeout) as e:
                 self._lose(e)
 
+    def _enter(self, phase: Phase, reason: str | None = None) -> None:
+        """The one place the phase changes (phase.py: the table of transitions);
+        observers hear of it unless it is no news for them.  ``reason``: why the
+        secondary was lost."""
+        check_transition(self.phase, phase)
+        self.phase = phase
+        if phase.heard:
+            self.observer.state(phase.state, reason)
+
+    def _progress(self, label: str, poll_rate: bool = True):
+        """The progress callback of a (re)sync: the observer hears of it, and a
+        changed --rate-file reaches the running copy jobs meanwhile."""
+        def progress(done: int, total: int) -> None:
+            self.observer.progress(label, done, total)
+            if poll_rate:
+                self._poll_rate()
+        return progress
+
     # --- async mode and --rate --------------------------------------------------------------
     def _job_ids(self) -> set:
         return {d.job for d in self.opts.drives} | {BACKUP_PREFIX + d.drive
@@ -234,10 +265,10 @@ class Protector:
         said = self.rate.error
         line = self.rate.poll(self.qmp, self._job_ids())
         if line:
-            self.console.say(line)
+            self.observer.say(line)
         if self.rate.error and self.rate.error != said:
-            self.console.say(f"  {self.rate.error}")
-        self.metrics.rate = self.rate.speed
+            self.observer.say(f"  {self.rate.error}")
+        self.observer.rate(self.rate.speed)
 
     def _ship_or_wait(self) -> bool:
         """--mode async, before a checkpoint: True to take it now (the backlog is
@@ -249,26 +280,25 @@ class Protector:
         if d.action == "extend":
             if not sh.behind:
                 sh.behind = True
-                self.console.say(f"  the link is behind: {_mib(d.backlog.left)} to ship, "
-                                 f"epoch lag {d.lag:.1f} s; epoch {self.epoch} extended "
-                                 f"until it crosses (--max-lag "
-                                 f"{'none' if sh.max_lag is None else f'{sh.max_lag:g} s'})")
+                self.observer.say(f"  the link is behind: {_mib(d.backlog.left)} to ship, "
+                                  f"epoch lag {d.lag:.1f} s; epoch {self.epoch} extended "
+                                  f"until it crosses (--max-lag "
+                                  f"{'none' if sh.max_lag is None else f'{sh.max_lag:g} s'})")
             return False
         if d.action == "force":
             self.report.backpressure += 1
-            self.console.say(f"  epoch lag {d.lag:.1f} s reached --max-lag {sh.max_lag:g} s "
-                             f"with {_mib(d.backlog.left)} still to ship: back-pressure, "
-                             f"the VM pauses until it has crossed")
+            self.observer.say(f"  epoch lag {d.lag:.1f} s reached --max-lag {sh.max_lag:g} s "
+                              f"with {_mib(d.backlog.left)} still to ship: back-pressure, "
+                              f"the VM pauses until it has crossed")
         elif sh.behind:
-            self.console.say(f"  the link caught up (epoch lag {d.lag:.1f} s)")
+            self.observer.say(f"  the link caught up (epoch lag {d.lag:.1f} s)")
         sh.behind = d.action == "force"
         return True
 
     def _link_metrics(self, d=None) -> None:
         """What operators watch on a link (DRBD's oos, pending, lag), for the metrics
         file: bytes the committed epoch lacks, bytes not yet on the secondary, the lag."""
-        m = self.metrics
-        if not m.path:
+        if not self.observer.watching_link:
             return
         try:
             if d is None:
@@ -276,20 +306,20 @@ class Protector:
                     else None
             else:
                 backlog = d.backlog
-            m.out_of_sync = (self.bitmaps.dirty_bytes(epoch_name(self.bitmaps.group,
-                                                                 self.epoch - 1))
-                             if self.bitmaps is not None and self.bitmaps.group else 0)
-            m.in_flight = backlog.left if backlog is not None else 0
+            out_of_sync = (self.bitmaps.dirty_bytes(epoch_name(self.bitmaps.group,
+                                                               self.epoch - 1))
+                           if self.bitmaps is not None and self.bitmaps.group else 0)
+            in_flight = backlog.left if backlog is not None else 0
         except PrimaryError:  # (QEMU gone: the loop finds out next)
             return
-        m.lag = self.shipper.lag() if self.shipper is not None else None
-        m.write(self.report)
+        self.observer.link(out_of_sync, in_flight,
+                           self.shipper.lag() if self.shipper is not None else None)
 
     # --- one checkpoint ---------------------------------------------------------------
     def _checkpoint(self) -> bool:
         """Returns whether the epoch committed."""
         opts, report = self.opts, self.report
-        bitmaps = None if opts.legacy_drive_mirror else self.bitmaps
+        bitmaps = self.side.bitmaps
         # --verify copies its slice in the hook, with the VM stopped and drained, and
         # the repairs copy what an earlier slice found different
         hook = self.verifier.hook(opts.hook, run_hook) if self.verifier else opts.hook
@@ -300,23 +330,21 @@ class Protector:
             mirrors = self.mirrors
             drain = lambda: shipping.drain(self.qmp, mirrors, opts.stall_timeout)  # noqa: E731
         cut = time.monotonic()
-        cp = checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, hook,
-                        bitmaps=bitmaps, stall_timeout=opts.stall_timeout,
-                        watchdog=self.watchdog, drain=drain)
+        cp = checkpoint(self.side, self.ctl, self.mirrors, self.epoch, hook, drain=drain)
         mirrored = None
-        if self.metrics.path:
+        if self.observer.watching_link:
             try:  # (QEMU gone just after the commit: the commit is counted all the same)
                 mirrored = self.mirrors.progress()[0]
             except PrimaryError:
                 pass
-        self.metrics.checkpointed(report, cp.committed, mirrored, self.epoch, cp.skipped)
+        self.observer.checkpointed(cp.committed, mirrored, self.epoch, cp.skipped)
         report.pauses.append(cp.pause)
         if opts.hook:
             report.hook_times.append(cp.hook)
         if not cp.committed:
             report.skipped += 1
-            self.console.say(f"  epoch {self.epoch} not committed: {cp.skipped}; "
-                             "the VM continues")
+            self.observer.say(f"  epoch {self.epoch} not committed: {cp.skipped}; "
+                              "the VM continues")
             return False
         report.committed = self.epoch
         report.commits += 1
@@ -325,9 +353,9 @@ class Protector:
         self._link_metrics()
         if bitmaps is not None:
             bitmaps.committed(self.epoch)
-        if self.first_commit_after_sync:
-            self.first_commit_after_sync = False
-            self.console.say(f"  epoch {self.epoch} committed: the secondary is protected")
+        if self.phase is Phase.IN_STEP:
+            self._enter(Phase.PROTECTED)
+            self.observer.say(f"  epoch {self.epoch} committed: the secondary is protected")
         self.epoch += 1
         if self.verifier is not None:  # the VM runs again: compare the slice with the commit
             try:
@@ -369,17 +397,17 @@ class Protector:
             raise e
         if self.opts.retry_for == 0:
             raise e  # --retry-for 0: the first outage ends protect, as before
-        self.in_step = False
         if self.stop():  # a stop request interrupted a resync: not an outage
+            self._enter(Phase.STOPPING)
             self._drop()
             return
         self.report.outages += 1
         self.lost_since = self.lost_since or time.monotonic()
         self.lost_reason = e.desc
-        self.console.progress_end()
-        self.console.say(f"nbd-mc protect: secondary lost: {e.desc}; the VM runs on "
-                         "unprotected, retrying")
-        self.metrics.set_state("lost", self.report, e.desc)
+        self.observer.progress_end()
+        self.observer.say(f"nbd-mc protect: secondary lost: {e.desc}; the VM runs on "
+                          "unprotected, retrying")
+        self._enter(Phase.LOST, e.desc)
         self._close_ranges()
         if self.repairs is not None:
             self.repairs.abandon()
@@ -392,12 +420,12 @@ class Protector:
         self.mirrors = None
         try:
             problems = drop(self.qmp, self.opts.drives, hard=True, watchdog=self.watchdog)
-            self.needs_drop = False
+            self.drop_pending = False
             for p in problems:
                 self.report.problems.append(p)
         except QmpTimeout as e:
-            self.needs_drop = True
-            self.console.say(f"  QEMU is alive but busy ({e.desc}); will retry")
+            self.drop_pending = True
+            self.observer.say(f"  QEMU is alive but busy ({e.desc}); will retry")
 
     def _reconnect(self) -> dict | None:
         """Wait (with backoff) and try the secondary once; its status, or None."""
@@ -411,9 +439,9 @@ class Protector:
             raise PrimaryError(f"the secondary did not come back within "
                                f"{self.opts.retry_for:g} s (--retry-for); last: "
                                f"{self.lost_reason}")
-        if self.needs_drop:
+        if self.drop_pending:
             self._drop()
-            if self.needs_drop:
+            if self.drop_pending:
                 return None
         try:
             self.ctl = self._connect(timeout=PROBE_TIMEOUT)
@@ -450,10 +478,11 @@ class Protector:
     def _sync_now(self, status: dict) -> bool:
         """Bring the secondary in step with the VM and start the write-blocking mirrors.
 
-        Incremental when a bitmap of this group covers the secondary's committed
-        epoch, otherwise a checksum sync or a full one (_full_or_checksum); says which
-        and why in one line.  Returns False if a stop request came first."""
-        opts, qmp, bitmaps, console = self.opts, self.qmp, self.bitmaps, self.console
+        Which resync, and why, is plan_resync's (plan.py: incremental when a bitmap
+        of this group covers the secondary's committed epoch, otherwise a checksum
+        sync or a full one); this says it in one line and runs it (_incremental,
+        _checksum, _full).  Returns False if a stop request came first."""
+        opts, qmp, bitmaps, observer = self.opts, self.qmp, self.bitmaps, self.observer
         committed = int(status["committed"])
         group = status.get("group_id") or None
         if self.ctl.timeout != opts.stall_timeout:
@@ -465,82 +494,29 @@ class Protector:
         # claim = new-session (older connections can no longer write) plus a new writer
         # id: every sync mirrors into exports that no earlier session can open
         self._close_ranges()
-        self.ctl, self.writer_drives = claim_writer(self.ctl, opts.drives, console.say,
+        self.ctl, self.writer_drives = claim_writer(self.ctl, opts.drives, observer.say,
                                                     opts.stale_after)
         self.epoch = committed + 1
         t0 = time.monotonic()
-        self.metrics.set_state("resyncing" if self.report.resyncs else "syncing", self.report)
+        self._enter(Phase.RESYNCING if self.report.resyncs else Phase.SYNCING)
         self._attach()
-        if opts.legacy_drive_mirror:
-            why = "--drive-mirror copies whole disks"
-        elif previous and group != previous:
-            why = f"a different secondary (group {group}, was {previous})"
-        elif group is None:
-            why = "the secondary has no group id"
-        elif committed == 0:
-            why = "the secondary holds no committed epoch yet"
-        elif not bitmaps.covers(committed):
-            have = sorted(bitmaps.epochs())
-            why = (f"no dirty bitmap of group {group} covers its committed epoch {committed}"
-                   + (f" (have: {', '.join(map(str, have))})" if have else ""))
-        else:
-            why = None
-        mode, because = ("bitmap", "") if why is None else self._full_or_checksum()
-        if mode == "bitmap":
-            dirty = bitmaps.dirty_bytes(epoch_name(group, committed))
-            console.say(f"  resyncing {_mib(dirty)} changed since epoch {committed} "
-                        f"(incremental)")
-            try:
-                r, self.mirrors = incremental(
-                    qmp, opts.drives, bitmaps, committed,
-                    lambda done, total: (console.progress("resync", done, total),
-                                         self.metrics.sync_progress(done, total, self.report),
-                                         self._poll_rate()),
-                    self.stop, opts.stall_timeout, self.watchdog,
-                    owner=qemu_identity(qmp, opts)[1], speed=self.rate.speed)
-            except QmpCommandError as e:  # a refused copy job or mirror: the target's fault
-                raise SecondaryFailed(f"the resync failed: {e.desc}") from None
-        elif mode == "checksum":
-            console.say(f"  checksum sync of {_mib(sum(self.sizes.values()))}: {why}; "
-                        f"{because}")
-            try:
-                done = checksum_sync(
-                    qmp, self.ctl, self._ranges(), opts.drives, self.sizes, bitmaps, committed,
-                    lambda d, t: (console.progress("checksum sync", d, t),
-                                  self.metrics.sync_progress(d, t, self.report)),
-                    self.stop, opts.stall_timeout, self.watchdog,
-                    owner=qemu_identity(qmp, opts)[1])
-            except QmpCommandError as e:
-                raise SecondaryFailed(f"the checksum sync failed: {e.desc}") from None
-            except ChecksumUnsupported as e:
-                mode, because, done = "full", f"{e.desc}; nothing was copied yet", False
-            except SourceError as e:  # the full sync rewrites whatever the walk copied
-                mode, because, done = "full", f"the checksum sync could not read: {e.desc}", \
-                    False
+        plan = plan_resync(status, previous, bitmaps.epochs, resync=opts.resync,
+                           drive_mirror=opts.legacy_drive_mirror,
+                           image_data=self._image_data, source_refusal=self._source_refusal)
+        if plan.kind == "bitmap":
+            r = self._incremental(plan, committed)
+        elif plan.kind == "checksum":
+            done = self._checksum(plan, committed)
             if done is None:
                 return False
-            if done:
-                r, self.mirrors = done
-        if mode == "full":
-            total = sum(self.sizes.values())
-            console.say(f"  full sync of {_mib(total)}: {why}" + (f" ({because})" if because
-                                                                    else ""))
-            if not opts.legacy_drive_mirror:
-                bitmaps.drop_all()
-            self.mirrors = Mirrors(qmp, opts.drives)
-            self._start_full()
-            label = "initial sync" if not self.report.resyncs else "full resync"
-            if not self.mirrors.wait_ready(lambda d, t: (console.progress(label, d, t),
-                                                         self.metrics.sync_progress(d, t, self.report),
-                                                         self._poll_rate()),
-                                           self.stop):
+            r, plan = done
+        if plan.kind == "full":
+            r = self._full(plan, committed, t0)
+            if r is None:
                 return False
-            r = Resync(full=True, reason="", bytes=sum(self.mirrors.synced.values()),
-                       mode="full")
-            r.seconds = time.monotonic() - t0
-        console.progress_end()
+        observer.progress_end()
         if self.shipper is not None:
-            if mode != "full":  # the resync ends with write-blocking mirrors (resync.py)
+            if plan.kind != "full":  # the resync ends with write-blocking mirrors (resync.py)
                 try:
                     self.mirrors = shipping.to_background(qmp, self.mirrors, self.rate.speed,
                                                           opts.stall_timeout, self.watchdog)
@@ -549,48 +525,79 @@ class Protector:
                                           f"{e.desc}") from None
             self.shipper.reset()
         r.from_epoch = committed
-        r.reason = self.lost_reason + ("" if why is None else f"; {mode}: {why}")
+        r.reason = self.lost_reason + plan.reason
         self.report.resyncs.append(r)
         if len(self.report.resyncs) == 1:
             self.report.initial_sync_bytes = r.bytes
         if self.lost_since is not None:
             self.report.unprotected += time.monotonic() - self.lost_since
         self.lost_since = None
-        self.in_step = True
-        self.first_commit_after_sync = True
-        self.metrics.set_state("checkpointing", self.report)
-        console.say(f"  in step: {_mib(r.bytes)} copied in {r.seconds:.1f} s; "
-                    f"checkpointing every {opts.interval * 1000:g} ms"
-                    + (" (async: epochs ship in the background)" if self.shipper else "")
-                    + (f" for {opts.epochs} epochs" if opts.epochs else "")
-                    + " (Ctrl-C detaches)")
+        self._enter(Phase.IN_STEP)
+        observer.say(f"  in step: {_mib(r.bytes)} copied in {r.seconds:.1f} s; "
+                     f"checkpointing every {opts.interval * 1000:g} ms"
+                     + (" (async: epochs ship in the background)" if self.shipper else "")
+                     + (f" for {opts.epochs} epochs" if opts.epochs else "")
+                     + " (Ctrl-C detaches)")
         return True
 
-    def _full_or_checksum(self) -> tuple[str, str]:
-        """When no bitmap covers the secondary: "full" or "checksum", and why.
+    def _incremental(self, plan, committed: int) -> Resync:
+        """The incremental resync (resync.incremental); sets the mirrors."""
+        self.observer.say(plan.line(self.bitmaps.dirty_bytes(
+            epoch_name(self.bitmaps.group, committed)), committed))
+        try:
+            r, self.mirrors = incremental(self.side, committed, self._progress("resync"),
+                                          self.stop, speed=self.rate.speed)
+        except QmpCommandError as e:  # a refused copy job or mirror: the target's fault
+            raise SecondaryFailed(f"the resync failed: {e.desc}") from None
+        return r
 
-        --resync auto takes the checksum sync when the secondary's image holds data
-        (it may be a near copy: a returning old primary) and the full sync when it
-        is empty (nothing to compare: hashing would only cost time)."""
+    def _checksum(self, plan, committed: int):
+        """The checksum sync (resync.checksum_sync); sets the mirrors.  Returns
+        (what it did, the plan), or (None, a full plan) when it gave way to a full
+        sync before copying (plan.Plan.unsupported, unreadable), or None if a stop
+        request came first."""
+        self.observer.say(plan.line(sum(self.sizes.values()), committed))
+        try:
+            done = checksum_sync(self.side, self.ctl, self._ranges(), self.sizes, committed,
+                                 self._progress("checksum sync", poll_rate=False), self.stop)
+        except QmpCommandError as e:
+            raise SecondaryFailed(f"the checksum sync failed: {e.desc}") from None
+        except ChecksumUnsupported as e:
+            return None, plan.unsupported(e.desc)
+        except SourceError as e:  # the full sync rewrites whatever the walk copied
+            return None, plan.unreadable(e.desc)
+        if done is None:
+            return None
+        r, self.mirrors = done
+        return r, plan
+
+    def _full(self, plan, committed: int, t0: float) -> Resync | None:
+        """The full sync (a sync=full mirror of every drive); sets the mirrors.
+        None if a stop request came first."""
         opts = self.opts
-        if opts.legacy_drive_mirror:
-            return "full", ""
-        if opts.resync == "full":
-            return "full", "--resync full"
-        if opts.resync == "auto":
-            ranges = self._ranges()
-            data = sum(ranges.allocated(d.drive, self.sizes[d.drive]) for d in opts.drives)
-            if not data:  # (asked first: an empty replica needs no source)
-                return "full", "the secondary's image is empty"
-            because = (f"the secondary's image holds {_mib(data)} of data: comparing block "
-                       "hashes, copying only what differs")
-        else:
-            because = "--resync checksum: comparing block hashes, copying what differs"
+        self.observer.say(plan.line(sum(self.sizes.values()), committed))
+        if not opts.legacy_drive_mirror:
+            self.bitmaps.drop_all()
+        self.mirrors = Mirrors(self.qmp, opts.drives)
+        self._start_full()
+        label = "initial sync" if not self.report.resyncs else "full resync"
+        if not self.mirrors.wait_ready(self._progress(label), self.stop):
+            return None
+        r = Resync(full=True, reason="", bytes=sum(self.mirrors.synced.values()), mode="full")
+        r.seconds = time.monotonic() - t0
+        return r
+
+    def _image_data(self) -> int:
+        """Bytes of data in the secondary's image (NBD block status), for plan_resync."""
+        ranges = self._ranges()
+        return sum(ranges.allocated(d.drive, self.sizes[d.drive]) for d in self.opts.drives)
+
+    def _source_refusal(self) -> str | None:
+        """Why the primary's drives cannot be read for a checksum sync, for
+        plan_resync; opens the source if it is not open yet."""
         if self.source is None:
             self._open_source()
-        if self.source is None:  # (--resync checksum: refused at the start if so)
-            return "full", f"no checksum sync: {self.source_refusal}"
-        return "checksum", because
+        return None if self.source is not None else self.source_refusal
 
     def _attach(self) -> None:
         opts, qmp = self.opts, self.qmp
@@ -635,8 +642,8 @@ class Protector:
             return
         exported = [d for d, r in self.source.drives.items() if isinstance(r, NbdExport)]
         if exported:
-            self.console.say(f"nbd-mc protect: reading {', '.join(exported)} through QEMU's "
-                             f"read-only NBD export ({self.source.socket})")
+            self.observer.say(f"nbd-mc protect: reading {', '.join(exported)} through QEMU's "
+                              f"read-only NBD export ({self.source.socket})")
 
     def _close_source(self) -> None:
         if self.source is not None:
@@ -649,11 +656,11 @@ class Protector:
         try:
             targets = verify.targets_for(self.opts.drives, self.sizes, self.source)
             v = verify.Verifier(targets, self.source, self.opts.verify_slice,
-                                self.opts.verify_passes, self.console.say)
+                                self.opts.verify_passes, self.observer.say)
         except (ValueError, OSError) as e:
             raise PrimaryError(f"cannot verify: {e}") from None
         if self.opts.repair:
-            self.repairs = Repairs(v.stats, self.console.say)
+            self.repairs = Repairs(v.stats, self.observer.say)
             v.repair = self.repairs.queue
         return v
 
@@ -662,7 +669,7 @@ class Protector:
         """Leave QEMU as we found it (the dirty bitmaps stay: a later protect resyncs
         from them); close everything."""
         report, qmp = self.report, self.qmp
-        self.console.progress_end()
+        self.observer.progress_end()
         if qmp is not None and report.attached:
             if self.mirrors is not None:
                 report.mirrored_bytes = _mirrored_bytes(self.mirrors, report)

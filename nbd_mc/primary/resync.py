@@ -81,6 +81,7 @@ from .mirrors import (BACKUP_PREFIX, Mirrors, cancel_mirrors, job_progress,
 from .options import DriveSpec
 from .qmp import Qmp
 from .ranges import RangeWriter
+from .side import PrimarySide
 
 #: Below this many dirty bytes the last round runs with the VM paused (its copy must
 #: fit in the pause's deadline, checkpoint.PAUSE_DEADLINE, on a busy host too).
@@ -196,17 +197,15 @@ def _backup_actions(bitmaps: Bitmaps, drives: list[DriveSpec], source: str,
             for d in drives]
 
 
-def incremental(qmp: Qmp, drives: list[DriveSpec], bitmaps: Bitmaps, committed: int,
-                progress=None, stop=lambda: False, stall_timeout: float | None = None,
-                watchdog=None, source: str | None = None,
-                owner: tuple[int, int] | None = None,
-                speed: int = 0) -> tuple[Resync, Mirrors]:
+def incremental(side: PrimarySide, committed: int, progress=None, stop=lambda: False,
+                source: str | None = None, speed: int = 0) -> tuple[Resync, Mirrors]:
     """Copy what changed since ``committed`` (or what bitmap ``source`` marks) into
-    the (attached) NBD nodes, then start the write-blocking mirrors; returns what
-    it did and the mirrors.  The epoch bitmap is left as it is: if this resync
-    fails, the next one needs it.  ``owner`` (uid, gid): who QEMU runs as, for the
-    fleecing files (fleece.py).  ``speed`` (--rate) limits the rounds that run
-    while the VM runs, not the paused final one."""
+    ``side``'s (attached) NBD nodes, then start the write-blocking mirrors; returns
+    what it did and the mirrors.  The epoch bitmap is left as it is: if this resync
+    fails, the next one needs it.  The fleecing files belong to ``side.owner``
+    (fleece.py).  ``speed`` (--rate) limits the rounds that run while the VM runs,
+    not the paused final one."""
+    qmp, drives, bitmaps = side.qmp, side.drives, side.bitmaps
     group = bitmaps.group
     epoch_bitmap = source = source or epoch_name(group, committed)
     r = Resync(full=False, reason="", dirty=bitmaps.dirty_bytes(source), mode="bitmap")
@@ -218,14 +217,13 @@ def incremental(qmp: Qmp, drives: list[DriveSpec], bitmaps: Bitmaps, committed: 
         while True:
             k += 1
             if k > MAX_ROUNDS or (k > 1 and dirty <= FINAL_BYTES):
-                copied, r.paused, mirrors = _final_round(qmp, drives, bitmaps, source, k, ids,
-                                                         stall_timeout, watchdog)
+                copied, r.paused, mirrors = _final_round(side, source, k, ids)
                 r.bytes += copied
                 break
             nxt = round_name(group, k)
             # R_k+1 first, the snapshot after: a write in between is copied twice
             qmp.cmd("transaction", actions=bitmaps.add_actions(nxt))
-            fleece = Fleece(qmp, drives, bitmaps.nodes, owner)
+            fleece = Fleece(qmp, drives, bitmaps.nodes, side.owner)
             try:
                 fleece.take(source)
                 cursor = qmp.cursor
@@ -254,14 +252,14 @@ def incremental(qmp: Qmp, drives: list[DriveSpec], bitmaps: Bitmaps, committed: 
     return r, mirrors
 
 
-def _final_round(qmp: Qmp, drives, bitmaps: Bitmaps, source: str, k: int, ids,
-                 stall_timeout: float | None, watchdog) -> tuple[int, float, Mirrors]:
+def _final_round(side: PrimarySide, source: str, k: int, ids) -> tuple[int, float, Mirrors]:
     """With the VM paused: copy ``source``, start the write-blocking mirrors, cont.
     Returns (bytes copied, seconds paused, the mirrors).
 
     A guard bitmap counts writes between the final copy's start and the mirrors'
     start.  A real guest cannot write while paused, but anything else that writes
     (HMP qemu-io, a block job) would be lost: then the final round runs again."""
+    qmp, drives, bitmaps, watchdog = side.qmp, side.drives, side.bitmaps, side.watchdog
     running = bool(qmp.cmd("query-status").get("running"))
     # asked before the pause: every QMP round trip in it is pause (on a busy host the
     # long pauses of the guest-harm soak were final rounds made of round trips)
@@ -316,21 +314,20 @@ def _final_round(qmp: Qmp, drives, bitmaps: Bitmaps, source: str, k: int, ids,
             raise
     finally:
         if running:
-            resume(qmp, CONT_TIMEOUT if cut else stall_timeout, drives)
+            resume(qmp, CONT_TIMEOUT if cut else side.stall_timeout, drives)
             if watchdog:
                 watchdog.resumed()
 
 
-def checksum_sync(qmp: Qmp, ctl, writer: RangeWriter, drives: list[DriveSpec],
-                  sizes: dict[str, int], bitmaps: Bitmaps, committed: int, progress=None,
-                  stop=lambda: False, stall_timeout: float | None = None,
-                  watchdog=None, owner: tuple[int, int] | None = None
+def checksum_sync(side: PrimarySide, ctl, writer: RangeWriter, sizes: dict[str, int],
+                  committed: int, progress=None, stop=lambda: False
                   ) -> tuple[Resync, Mirrors] | None:
     """The checksum sync (module docstring): bitmap R, the walk, the copy of what
     differs, then the incremental rounds from R and the write-blocking mirrors.
 
-    ``drives`` name the secondary's disks (``export``), ``writer`` writes its writer
-    exports.  Returns None if ``stop()`` became true during the walk."""
+    ``side.drives`` name the secondary's disks (``export``), ``writer`` writes its
+    writer exports.  Returns None if ``stop()`` became true during the walk."""
+    qmp, drives, bitmaps = side.qmp, side.drives, side.bitmaps
     t0 = time.monotonic()
     r_bitmap = checksum_name(bitmaps.group)
     qmp.cmd("transaction", actions=bitmaps.add_actions(r_bitmap))
@@ -351,8 +348,7 @@ def checksum_sync(qmp: Qmp, ctl, writer: RangeWriter, drives: list[DriveSpec],
             if progress:
                 progress(done, total)
     copied = writer.written
-    r, mirrors = incremental(qmp, drives, bitmaps, committed, None, stop, stall_timeout,
-                             watchdog, source=r_bitmap, owner=owner)
+    r, mirrors = incremental(side, committed, None, stop, source=r_bitmap)
     r.mode = "checksum"
     r.hashed = hashed
     r.differing = differing

@@ -70,6 +70,7 @@ from pathlib import Path
 
 from nbd_mc.control import ControlClient
 from nbd_mc.primary.mirrors import RESUMED_AFTER_COPY_ERROR
+from nbd_mc.statedir import StateDir
 
 from demo import guest
 from demo import story as demo
@@ -310,7 +311,7 @@ class ChaosStory(demo.Story):
         right after the previous one would otherwise prove nothing), then for the
         middle of an epoch."""
         self._wait(self._record_committed, "a guest record in a committed epoch", self.qemu)
-        ctl = ControlClient(str(self.state / "control.sock"))
+        ctl = ControlClient(StateDir(self.state).control)
         try:
             self._sample()
             self.result.kill_epoch, self.result.seq_after_commit = self._mid_epoch(ctl)
@@ -335,7 +336,7 @@ class ChaosStory(demo.Story):
         return max((s for s, c in self.samples if c + 1 <= final), default=0)
 
     def _status(self) -> dict:
-        ctl = ControlClient(str(self.state / "control.sock"))
+        ctl = ControlClient(StateDir(self.state).control)
         try:
             return ctl.execute("query-status")
         finally:
@@ -345,7 +346,7 @@ class ChaosStory(demo.Story):
         return self._status()["committed"]
 
     def _nbdkit_pid(self) -> int:
-        return int((self.state / "nbdkit.pid").read_text().strip())
+        return int(Path(StateDir(self.state).pidfile).read_text().strip())
 
     def _serve(self) -> None:
         self.sh([_bin("nbd-mc"), "serve", f"vda={self.secondary_img}",
@@ -384,7 +385,7 @@ class ChaosStory(demo.Story):
     def control_drop(self) -> None:
         # a control client that sends half a request and vanishes
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(str(self.state / "control.sock"))
+        s.connect(StateDir(self.state).control)
         s.sendall(b'{"execute": "query-st')
         s.close()
         # the secondary's control server goes away and comes back

@@ -18,11 +18,13 @@ import os
 import signal
 import subprocess
 
+from nbd_mc.statedir import INSIDE
+
 from support.servers import pid_alive, read_file, wait_until
 
 #: Files a run may rewrite without changing any data: the lock holder's pid, the
 #: server's log and pid file.  Everything else must be byte-identical after a refusal.
-RUNTIME_FILES = {"lock", "nbdkit.log", "nbdkit.pid"}
+RUNTIME_FILES = {INSIDE["lock"], INSIDE["log"], INSIDE["pidfile"]}
 
 
 def file_hashes(*roots: str) -> dict:

@@ -61,6 +61,7 @@ from pathlib import Path
 
 from nbd_mc.control import ControlClient
 from nbd_mc.primary.qmp import Qmp
+from nbd_mc.statedir import StateDir
 
 from demo import guest
 from demo import story as demo
@@ -262,7 +263,7 @@ class GuestHarmStory(chaos.ChaosStory):
 
     def start_secondary(self) -> None:
         self.step("Start the secondary: nbd-mc serve, NBD over TCP",
-                  f"127.0.0.1:{self.port}; control on {self.state.name}/control.sock")
+                  f"127.0.0.1:{self.port}; control on {StateDir(self.state.name).control}")
         self._serve()
 
     def boot_primary(self, files: guest.GuestFiles) -> None:
@@ -287,7 +288,7 @@ class GuestHarmStory(chaos.ChaosStory):
         self.protect_out = []
         self._argv = [_bin("nbd-mc"), "protect", "--qmp", str(self.qmp), "--drive",
                       "drive0=vda", "--target", f"nbd://127.0.0.1:{self.port}",
-                      "--control", str(self.state / "control.sock"),
+                      "--control", StateDir(self.state).control,
                       "--interval", demo.INTERVAL, "--json"]
         self._start_protect_again()
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from demo import guest
+from nbd_mc.statedir import StateDir
 
 from .cluster import ADDRS, DATA, Cluster, ClusterError, wait_for
 
@@ -215,7 +216,7 @@ class Story:
 
     def rolled_back(self, name: str) -> int:
         """Bytes the last promotion of ``name`` rolled back (its STATE_DIR.rolled-back)."""
-        p = self.cluster.nodes[name].data / "state.rolled-back" / "summary.json"
+        p = Path(StateDir(self.cluster.nodes[name].data / "state").rolled_back) / "summary.json"
         if not p.exists():
             return 0
         s = json.loads(p.read_text())
@@ -402,15 +403,15 @@ class Story:
                     f"refusing to promote: {primary} is promoted", "promote in a split brain")
         info = json.loads(n.sh(["nbd-mc", "inspect", st, "--json"]).stdout)
         if (info["role"] != "primary" or info["server_running"]
-                or (n.data / "sb-state.diverged").exists()):
+                or Path(StateDir(n.data / "sb-state").diverged).exists()):
             raise ClusterError(f"the split-brain side was touched: {info}")
         self.say(f"   a promoted instance on {other} that sees {primary} promoted too: SPLIT "
-                 f"BRAIN recorded ({st}.split-brain); demoted, it keeps its image untouched, "
+                 f"BRAIN recorded ({StateDir(st).split_brain}); demoted, it keeps its image untouched, "
                  f"unserved, without a promotion score, and refuses promotion")
         # The operator keeps the promoted side: removing the record lets it rejoin.  The
         # monitor only observes: it reports the failback due (not running, with the
         # reason), and the restart Pacemaker makes of it -- start -- does it.
-        n.sh(["rm", f"{st}.split-brain"])
+        n.sh(["rm", StateDir(st).split_brain])
         self.expect(self.agent(other, "monitor", params, run, False), 7,
                     "ocf-exit-reason:failback due", "monitor after the operator's choice")
         self.expect(self.agent(other, "start", params, run, False), 0,
@@ -420,7 +421,7 @@ class Story:
         if status["role"] != "secondary" or status["committed"] != 0 or not kept:
             raise ClusterError(f"after the record's removal: {status}, image kept: {kept}")
         self.expect(self.agent(other, "stop", params, run, False), 0, "", "stop")
-        n.sh(f"rm -rf {img} {st} {st}.diverged {DATA}/split-brain-run {run}")
+        n.sh(f"rm -rf {img} {st} {StateDir(st).diverged} {DATA}/split-brain-run {run}")
         self.say(f"   record removed by the operator: it rejoins as a replica of {primary} "
                  f"(new group at epoch 0, its image kept for the checksum resync)")
 

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 import nbd
 import pytest
 
+from nbd_mc.statedir import StateDir
+
 from support import crash_driver
 from support.crash_driver import DISKS, DISK_SIZE, TrialFailure, _Crashed, _io
 from support.powerloss import PowerLoss
@@ -246,7 +248,7 @@ def _check_cut(fs, srv, trial, cut: CutResult, sample, mode, seed, dest, link, i
     known.history = {e: c for e, c in model.history.items() if e <= acked}
     known.epoch = acked
     inflight = (sending, sent[sending]) if sending is not None else None
-    if acked == 0 and not os.path.exists(os.path.join(srv.state_dir, "state.json")):
+    if acked == 0 and not os.path.exists(StateDir(srv.state_dir).state_file):
         return  # no commit was ever acknowledged: losing the whole group loses nothing
     ctrial = crash_driver.Trial("power", 1, trial.durability, seed, trial.recovery)
     ignored = crash_driver.Result(ctrial)

@@ -25,6 +25,7 @@ import nbd
 import pytest
 
 from nbd_mc.control import ControlClient
+from nbd_mc.statedir import StateDir
 from nbd_mc.secondary.launch import pid_alive  # noqa: F401  (re-exported for callers of this module)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -251,21 +252,21 @@ class Server:
         self._handles: list[nbd.NBD] = []
         self._control: ControlClient | None = None
 
-    # paths
+    # paths: the state directory's own names (nbd_mc/statedir.py), never spelled here
     @property
     def sock(self) -> str:
-        return os.path.join(self.state_dir, "nbd.sock")
+        return StateDir(self.state_dir).nbd_socket
 
     @property
     def control_path(self) -> str:
-        return os.path.join(self.state_dir, "control.sock")
+        return StateDir(self.state_dir).control
 
     @property
     def pidfile(self) -> str:
-        return os.path.join(self.state_dir, "nbdkit.pid")
+        return StateDir(self.state_dir).pidfile
 
     def overlay(self, name: str) -> str:
-        return os.path.join(self.state_dir, f"{name}.undo.qcow2")
+        return StateDir(self.state_dir).overlay(name)
 
     def image(self, name: str) -> str:
         return self.disks[name]
@@ -274,7 +275,7 @@ class Server:
         return f"nbd+unix:///{export}?socket={self.sock}"
 
     def state(self) -> dict:
-        with open(os.path.join(self.state_dir, "state.json")) as f:
+        with open(StateDir(self.state_dir).state_file) as f:
             return json.load(f)
 
     # lifecycle

@@ -246,15 +246,15 @@ def test_checksum_sync_recopies_writes_during_the_walk(servers, vms):
                 read_file(images["drive0"])[5 * 65536:6 * 65536]
             vm.qemu_io("drive0", f"write -P 77 {raced[0]} {raced[1]}")
     try:
-        r, mirrors = resync.checksum_sync(qmp, ctl, writer, drives, sizes, bitmaps, 1,
-                                          progress)
+        side = primary.PrimarySide(qmp, drives, bitmaps)
+        r, mirrors = resync.checksum_sync(side, ctl, writer, sizes, 1, progress)
         assert r.mode == "checksum" and r.hashed == sum(SIZES.values())
         blocks = {(d, o // 65536) for d, off, n in differ for o in (off, off + n - 1)}
         assert r.differing == len(blocks) * 65536, (r, blocks)
         assert r.dirty == raced[1]  # the write during the walk, and nothing else
         assert r.bytes >= r.differing + raced[1]
         recorded = {}
-        cp = primary.checkpoint(qmp, ctl, mirrors, 2,
+        cp = primary.checkpoint(primary.PrimarySide(qmp, drives), ctl, mirrors, 2,
                                 hook=lambda epoch: recorded.update(vm.record()))
         assert cp.committed, cp
         for d in SIZES:

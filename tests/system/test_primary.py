@@ -209,7 +209,8 @@ class Protection:
         def record(epoch):
             self.records[epoch] = self.vm.record()
             self.records.pop(epoch - 3, None)
-        cp = primary.checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, hook=record)
+        cp = primary.checkpoint(primary.PrimarySide(self.qmp, self.drives), self.ctl,
+                                self.mirrors, self.epoch, hook=record)
         assert cp.committed, cp
         self.pauses.append(cp.pause)
         self.acked = self.epoch

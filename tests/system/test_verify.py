@@ -151,7 +151,8 @@ class Walk:
                 self.repairs.at_checkpoint(self.writer, epoch)
             if self.before_commit:
                 self.before_commit(epoch)
-        cp = primary.checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, hook)
+        cp = primary.checkpoint(primary.PrimarySide(self.qmp, self.mirrors.drives), self.ctl,
+                                self.mirrors, self.epoch, hook)
         assert cp.committed, cp
         if self.repairs:
             self.repairs.after_commit(self.ctl, self.epoch)

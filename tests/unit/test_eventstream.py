@@ -1,6 +1,6 @@
 """protect --events: the JSON-lines stream a supervisor reads while protect runs.
 
-Driven through ProtectMetrics, the observer protect notifies, in the order a run
+Driven through ProtectMetrics, which protect's Observer notifies, in the order a run
 with an outage produces the notifications (protect.py's calls); no QEMU needed.
 tests/system/test_primary.py runs the real thing.
 """

@@ -94,3 +94,20 @@ def test_each_side_stays_on_its_side_of_the_wire():
     for path in (ROOT / "nbd_mc" / "primary").glob("*.py"):
         bad = {m for m in _imports(path) if m.startswith("nbd_mc.secondary")}
         assert not bad, f"{path.name} imports {bad}"
+
+
+def test_test_helpers_ask_the_state_directory_for_its_names():
+    """tests/support spells none of the state directory's file names (docstrings and
+    comments may mention them): it asks StateDir, so a renamed file moves there too."""
+    from nbd_mc.statedir import BESIDE, INSIDE, OVERLAY_SUFFIX
+    names = [n for n in INSIDE.values() if "." in n] + list(BESIDE.values()) + [OVERLAY_SUFFIX]
+    spelled = []
+    for path in sorted((ROOT / "tests" / "support").glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and id(node) not in docs):
+                spelled += [f"{path.name}:{node.lineno}: {n}" for n in names
+                            if n in node.value]
+    assert not spelled
