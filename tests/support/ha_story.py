@@ -59,10 +59,11 @@ NBD_PORT = 10809
 CONTROL_PORT = 10810
 
 
-def vm_args(files: guest.GuestFiles, image: str, console: str) -> str:
+def vm_args(files: guest.GuestFiles, image: str, console: str, append: tuple = ()) -> str:
     """The qemu agent's ``args`` for the test guest (``service`` mode) on ``image``, its
     console appended to ``console`` (in a node's data dir: kept across boots)."""
-    args = guest.qemu_args(files, "service", guest.disk_drive_args(image), serial="stdio")[1:]
+    args = guest.qemu_args(files, "service", guest.disk_drive_args(image), serial="stdio",
+                           append=append)[1:]
     i = args.index("-serial")
     args[i:i + 2] = ["-chardev", f"file,id=con,path={console},append=on",
                      "-serial", "chardev:con"]

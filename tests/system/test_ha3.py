@@ -33,7 +33,7 @@ def tmp():
 
 @pytest.mark.timeout(900)  # about 2-3 min; its own waits have deadlines
 def test_three_nodes_three_vms_one_node_killed(tmp, capsys):
-    from support.ha3_story import VMS, RingStory
+    from support.ha3_story import RingStory
     lines = []
     story = RingStory(tmp / "story", say=lines.append)
     try:
@@ -44,12 +44,14 @@ def test_three_nodes_three_vms_one_node_killed(tmp, capsys):
         print(story.agents_log()[-8000:])
         raise
     finally:
+        agents_log = story.agents_log()
         story.stop()
     with capsys.disabled():
         print("\n" + "\n".join(lines))
     report = os.environ.get("NBD_MC_HA_REPORT")
     if report:  # the figures first: a failing assertion below still leaves them
         Path(report).write_text(json.dumps(figures, indent=2))
+        Path(report).with_suffix(".agents.log").write_text(agents_log)
     assert all(s["mode"] == "full" for s in figures["initial_sync"].values())
     kill = figures["node_kill"]
     assert sorted(kill["vms"]) == ["vm2"]  # exactly the VM that ran on node2 moved
@@ -60,8 +62,11 @@ def test_three_nodes_three_vms_one_node_killed(tmp, capsys):
     # (primary, secondary) of each VM after the return: vm2 stayed where it failed over
     assert back["pairs"] == {"vm1": ("node1", "node2"), "vm2": ("node3", "node2"),
                              "vm3": ("node3", "node1")}
-    assert sorted(back["restart_to_protected_s"]) == sorted(VMS)
-    # node2's images were kept and brought in step by content, not copied whole
-    for vm in ("vm1", "vm2"):
-        r = back["resyncs"][vm]
-        assert r["mode"] == "checksum" and r["bytes"] < r["disk_bytes"] // 4, (vm, r)
+    assert sorted(back["restart_to_protected_s"]) == ["vm1", "vm2"]
+    # node2's images were kept and brought in step incrementally, not copied whole:
+    # vm1's replica (a secondary that died) from protect's dirty bitmap, vm2's old
+    # live disk (it diverged: the failover rolled back past it) by content
+    r1, r2 = back["resyncs"]["vm1"], back["resyncs"]["vm2"]
+    assert r1["mode"] in ("bitmap", "checksum") and r2["mode"] == "checksum", (r1, r2)
+    for r in (r1, r2):
+        assert r["bytes"] < r["disk_bytes"] // 4, r
