@@ -19,6 +19,11 @@ its replica on node2, vm2 on node2 -> node3, vm3 on node3 -> node1.
    disk (failback); protect brings both in step (checksum resyncs) and all three
    VMs are protected again.
 
+The short version (``size=2``, `make test`; the three-node story is `make soak`'s):
+two nodes, two VMs, vm1 on node1 -> node2 and vm2 on node2 -> node1; node2 dies,
+vm2 fails over onto node1, vm1 runs on unprotected, and node2's return brings both
+replicas back.
+
 Figures: per affected VM, the time from the kill to its QEMU running again (crm_mon
 shows it started) and to the guest's own verdict; per VM, the time from the node's
 restart (corosync starting) to that VM protected again (its replica reports
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -49,6 +55,10 @@ NODES = ("node1", "node2", "node3")
 VMS = {"vm1": ("node1", "node2", 10809, 10810),
        "vm2": ("node2", "node3", 10811, 10812),
        "vm3": ("node3", "node1", 10813, 10814)}
+#: The short version (`make test`): two nodes, two VMs, vm1 on node1 -> node2 and vm2
+#: on node2 -> node1 (ha/cluster3.crm's first two VMs, vm2's pair closed on node1).
+VMS2 = {"vm1": ("node1", "node2", 10809, 10810),
+        "vm2": ("node2", "node1", 10811, 10812)}
 EXAMPLE_ADDRS = {"node1": "10.0.0.1", "node2": "10.0.0.2", "node3": "10.0.0.3"}
 #: Three (four, after the kill) TCG guests on a 2-core machine: each guest pauses after
 #: every record instead of taking a whole core, or the agents' own actions (a Python
@@ -56,22 +66,44 @@ EXAMPLE_ADDRS = {"node1": "10.0.0.1", "node2": "10.0.0.2", "node3": "10.0.0.3"}
 GUEST_APPEND = ("mc.pause=0.2",)
 
 
-def render_config(tls_dir: Path, files: guest.GuestFiles, netns_map: str) -> str:
+def ring(size: int) -> tuple[tuple, dict]:
+    """The nodes and the VMs (name -> first node, replica's node, ports) of a ring."""
+    return (NODES, VMS) if size == 3 else (NODES[:2], VMS2)
+
+
+def ring_config(size: int) -> str:
+    """ha/cluster3.crm for a ring of ``size`` nodes: as shipped for three; for two, its
+    first two VMs with vm2's pair closed on node1 and no placement constraints (every
+    node is in every pair)."""
+    text = CRM_TEMPLATE.read_text()
+    if size == 3:
+        return text
+    if size != 2:
+        raise ValueError("a ring of 2 or 3 nodes")
+    head, vm1, vm2, _vm3 = re.split(r"(?m)^(?=# == vm\d)", text)
+    vm2 = vm2.replace("node3=10.0.0.3", "node1=10.0.0.1").replace("node3", "node1")
+    return "".join(line for line in (head + vm1 + vm2).splitlines(keepends=True)
+                   if not line.startswith("location "))
+
+
+def render_config(tls_dir: Path, files: guest.GuestFiles, netns_map: str,
+                  size: int = 3) -> str:
     """ha/cluster3.crm with this machine's paths and addresses and STONITH by the test
     fence agent.  The monitor intervals stay the production ones: a node's death is
     seen by corosync, not by a monitor, and nine monitors a second (one Python
     process each) would load the machine more than the three VMs do."""
-    text = CRM_TEMPLATE.read_text()
+    nodes, vms = ring(size)
+    text = ring_config(size)
     # (load-threshold: three nodes on one machine each see the whole machine's load;
     # without it Pacemaker throttles every node to one action at a time whenever the
     # host is busy, as its default, 80 % of a node's CPUs, is exceeded)
     text = text.replace("property stonith-enabled=false", f"""\
 property stonith-enabled=true load-threshold=1000%
 primitive fence-nodes stonith:fence_nbdmc_netns \\
-    params netns_map="{netns_map}" pcmk_host_list="{' '.join(NODES)}" pcmk_reboot_action=off \\
+    params netns_map="{netns_map}" pcmk_host_list="{' '.join(nodes)}" pcmk_reboot_action=off \\
     op monitor interval=60s""")
     text = text.replace("/etc/nbd-mc/tls", str(tls_dir))
-    for vm in VMS:
+    for vm in vms:
         text = text.replace(f"@QEMU_ARGS_{vm}@", vm_args(
             files, f"{DATA}/{vm}/vda.raw", f"{DATA}/{vm}/console.log", GUEST_APPEND))
     for node, example in EXAMPLE_ADDRS.items():
@@ -98,6 +130,10 @@ class RingStory:
     tls: Path | None = None
     figures: dict = field(default_factory=dict)
     logs: dict = field(default_factory=dict)  # (node, vm) -> console offset
+    size: int = 3  # nodes and VMs: 3 (the soak), 2 (`make test`)
+
+    def __post_init__(self):
+        self.nodes, self.vms = ring(self.size)
 
     # --- set up ------------------------------------------------------------------------
     def setup(self) -> None:
@@ -105,21 +141,21 @@ class RingStory:
         self.files = guest.build()
         self.tls = self.root / "tls"
         subprocess.run([str(REPO / "tools" / "make-certs.sh"), str(self.tls),
-                        *(ADDRS[n] for n in NODES)], check=True, capture_output=True)
+                        *(ADDRS[n] for n in self.nodes)], check=True, capture_output=True)
         env = {"NBD_MC_OCF_LOG": str(self.root / "agents.log")}
-        self.cluster = c = Cluster(self.root / "nodes", env=env, size=len(NODES))
-        for vm, (first, replica, _, _) in VMS.items():
+        self.cluster = c = Cluster(self.root / "nodes", env=env, size=len(self.nodes))
+        for vm, (first, replica, _, _) in self.vms.items():
             for node in (first, replica):
                 (c.nodes[node].data / vm).mkdir(parents=True, exist_ok=True)
             guest.format_disk(c.nodes[first].data / vm / "vda.raw", DISK_SIZE)
             with open(c.nodes[replica].data / vm / "vda.raw", "wb") as f:
                 f.truncate(DISK_SIZE)
-        self.say(f"1. three Pacemaker nodes (network + mount namespaces, corosync knet over a "
-                 f"bridge: {', '.join(ADDRS[n] for n in NODES)})")
+        self.say(f"1. {len(self.nodes)} Pacemaker nodes (network + mount namespaces, corosync knet over a "
+                 f"bridge: {', '.join(ADDRS[n] for n in self.nodes)})")
         t0 = time.monotonic()
         c.start()
-        self.say(f"   all three online after {time.monotonic() - t0:.1f} s")
-        for vm, (first, *_rest) in VMS.items():
+        self.say(f"   all online after {time.monotonic() - t0:.1f} s")
+        for vm, (first, *_rest) in self.vms.items():
             st = f"{DATA}/{vm}/state"
             c.nodes[first].sh(
                 f"nbd-mc serve vda={DATA}/{vm}/vda.raw --state-dir {st} >/dev/null && "
@@ -127,7 +163,7 @@ class RingStory:
                 f"nbd-mc failover --state-dir {st} >/dev/null && "
                 f"nbd-mc stop --state-dir {st} >/dev/null")
         self.say("   each VM's image made the first primary on its first node: "
-                 + ", ".join(f"{vm} on {first}" for vm, (first, *_r) in VMS.items()))
+                 + ", ".join(f"{vm} on {first}" for vm, (first, *_r) in self.vms.items()))
 
     # --- looking -----------------------------------------------------------------------
     def replica(self, vm: str, node: str) -> dict | None:
@@ -135,7 +171,7 @@ class RingStory:
         n = self.cluster.nodes[node]
         if not n.alive():
             return None
-        control = VMS[vm][3]
+        control = self.vms[vm][3]
         p = n.sh(["nbd-mc", "status", "--control", f"tcp://{ADDRS[node]}:{control}",
                   "--tls-certificates", str(self.tls), "--json"], check=False, timeout=20)
         return json.loads(p.stdout) if p.returncode == 0 else None
@@ -165,7 +201,7 @@ class RingStory:
     def placement(self, st) -> dict:
         """vm -> (node its QEMU runs on, node of protect, node of the promoted replica)."""
         return {vm: (st.where(vm), st.where(f"protect{vm[2:]}"),
-                     st.where(f"replica{vm[2:]}-clone", "Promoted")) for vm in VMS}
+                     st.where(f"replica{vm[2:]}-clone", "Promoted")) for vm in self.vms}
 
     def resync_record(self, node: str, vm: str) -> dict | None:
         p = self.cluster.nodes[node].sh(
@@ -196,47 +232,47 @@ class RingStory:
 
     # --- the steps ---------------------------------------------------------------------
     def first_start(self) -> None:
-        for vm, (first, *_r) in VMS.items():
+        for vm, (first, *_r) in self.vms.items():
             self.mark_console(first, vm)
-        self.say("2. crm configure load update (ha/cluster3.crm): three replica clones, VMs "
-                 "and protects, placed as a ring; STONITH by a test fence agent")
+        self.say(f"2. crm configure load update (ha/cluster3.crm): {len(self.vms)} replica clones, "
+                 "VMs and protects, placed as a ring; STONITH by a test fence agent")
         netns_map = self.cluster.install_fence_agent()
         t0 = time.monotonic()
-        self.cluster.configure(render_config(self.tls, self.files, netns_map))
-        want = {vm: ([first], [first], [first]) for vm, (first, *_r) in VMS.items()}
+        self.cluster.configure(render_config(self.tls, self.files, netns_map, self.size))
+        want = {vm: ([first], [first], [first]) for vm, (first, *_r) in self.vms.items()}
         self.cluster.wait(lambda st: self.placement(st) == want,
                           "every VM, its protect and promoted replica on its first node", 120)
         self.say(f"   every VM running on its first node {time.monotonic() - t0:.1f} s later")
-        times = self.wait_protected({vm: (f, r) for vm, (f, r, _, _) in VMS.items()}, t0)
+        times = self.wait_protected({vm: (f, r) for vm, (f, r, _, _) in self.vms.items()}, t0)
         self.figures["initial_protected_s"] = times
         self.figures["initial_sync"] = {}
-        for vm, (first, replica, _, _) in VMS.items():
+        for vm, (first, replica, _, _) in self.vms.items():
             r = wait_for(lambda: self.resync_record(first, vm), f"{vm}'s resync record", 30)
             self.figures["initial_sync"][vm] = {"mode": r["mode"], "bytes": r["bytes"]}
-        self.say("   all three protected: " + ", ".join(
-            f"{vm} into {VMS[vm][1]} after {s:.1f} s" for vm, s in sorted(times.items())))
+        self.say("   all protected: " + ", ".join(
+            f"{vm} into {self.vms[vm][1]} after {s:.1f} s" for vm, s in sorted(times.items())))
 
     def kill_node(self, victim: str) -> None:
-        affected = [vm for vm, (first, *_r) in VMS.items() if first == victim]
-        others = [vm for vm in VMS if vm not in affected]
+        affected = [vm for vm, (first, *_r) in self.vms.items() if first == victim]
+        others = [vm for vm in self.vms if vm not in affected]
         # the records a commit covers, for each VM that fails over
         covered = {}
         for vm in affected:
             log = self.console(victim, vm)
             log.wait_for(r"MC-WORK-START", 120)
             seq = log.wait_seq(log.last_seq + 5, 120)
-            replica = VMS[vm][1]
+            replica = self.vms[vm][1]
             base = wait_for(lambda: (self.replica(vm, replica) or {}).get("committed"),
                             f"the committed epoch of {vm} on {replica}", 30)
             wait_for(lambda: (self.replica(vm, replica) or {}).get("committed", 0) >= base + 2,
                      f"two commits of {vm} after MC-SEQ {seq}", 30)
             covered[vm] = seq
             self.mark_console(replica, vm)
-        before = {vm: (VMS[vm][0], self.qemu_pid(VMS[vm][0], vm)) for vm in others}
-        kept = {vm: VMS[vm] for vm in others if VMS[vm][1] != victim}  # stay protected
+        before = {vm: (self.vms[vm][0], self.qemu_pid(self.vms[vm][0], vm)) for vm in others}
+        kept = {vm: self.vms[vm] for vm in others if self.vms[vm][1] != victim}  # stay protected
         kept_state = {vm: (self.resync_record(f, vm), self.replica(vm, r)["committed"])
                       for vm, (f, r, _, _) in kept.items()}
-        seqs = {vm: self.console(VMS[vm][0], vm) for vm in others}
+        seqs = {vm: self.console(self.vms[vm][0], vm) for vm in others}
         for log in seqs.values():
             log.poll()
         self.say(f"3. kill the whole of {victim} (corosync, pacemaker, QEMU: every process of "
@@ -244,20 +280,20 @@ class RingStory:
                  f"{', '.join(f'{vm}: {s}' for vm, s in covered.items())})")
         t0 = time.monotonic()
         self.cluster.nodes[victim].kill()
-        via = next(n for n in NODES if n != victim)
+        via = next(n for n in self.nodes if n != victim)
         pending = set(affected)
         times: dict = {}
 
         def moved(st):
             for vm in list(pending):
-                if st.where(vm) == [VMS[vm][1]]:
+                if st.where(vm) == [self.vms[vm][1]]:
                     times[vm] = {"kill_to_vm_running_s": round(time.monotonic() - t0, 2)}
                     pending.discard(vm)
             return not pending
         self.cluster.wait(moved, f"{sorted(pending)} started on their replicas' nodes", 120,
                           via=via)
         for vm in affected:
-            replica = VMS[vm][1]
+            replica = self.vms[vm][1]
             log = self.console(replica, vm)
             log.wait_for(r"MC-CHECK-(OK|FAIL)", 120)
             result = guest.parse_check(log.text())
@@ -316,7 +352,7 @@ class RingStory:
         t_online = round(time.monotonic() - t0, 2)
         st = self.cluster.status()
         pairs = {}
-        for vm, (first, replica, _, _) in VMS.items():
+        for vm, (first, replica, _, _) in self.vms.items():
             primary = st.where(vm)
             if len(primary) != 1:
                 raise ClusterError(f"{vm} runs on {primary}:\n{st.text()}")
