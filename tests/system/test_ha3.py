@@ -9,9 +9,10 @@ VM is protected again, the returning node's images brought in step incrementally
 Times (kill -> VM running, restart -> protected) are measured and reported, never
 asserted (docs/pacemaker.md "Three nodes, three VMs" has the figures).
 
-`make test` runs the short version, two nodes and two VMs (about 3 minutes on a
-loaded 2-core machine); `make soak` (NBD_MC_SOAK_SECONDS set) the three-node,
-three-VM story (about 4.5 minutes).
+`make test` runs the short version, two nodes and two VMs; `make soak`
+(NBD_MC_SOAK_SECONDS set) the three-node, three-VM story.  Both take about 4.5
+minutes on the loaded 2-core development machine: Pacemaker's actions, one Python
+agent process each, set the pace more than the number of VMs does.
 """
 
 from __future__ import annotations
