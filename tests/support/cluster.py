@@ -16,7 +16,8 @@ its own copy of the nbd-mc OCF agents (wrappers that run this checkout's
 ``make setup`` cannot swap the agents under a running cluster.
 
 corosync runs in the foreground with knet over the bridge (``two_node: 1``
-with two nodes, plain majority quorum with three or more); pacemakerd starts once corosync answers.  Killing a node is
+with two nodes, plain majority quorum with three or more); pacemakerd starts
+once corosync answers.  Killing a node is
 SIGKILL to every process of its network namespace (cluster daemons, QEMU,
 nbdkit, agents): what a power cut looks like to the survivor.
 
