@@ -10,9 +10,10 @@ Times (kill -> VM running, restart -> protected) are measured and reported, neve
 asserted (docs/pacemaker.md "Three nodes, three VMs" has the figures).
 
 `make test` runs the short version, two nodes and two VMs; `make soak`
-(NBD_MC_SOAK_SECONDS set) the three-node, three-VM story.  Both take about 4.5
-minutes on the loaded 2-core development machine: Pacemaker's actions, one Python
-agent process each, set the pace more than the number of VMs does.
+(NBD_MC_SOAK_SECONDS set) the three-node, three-VM story.  On the loaded 2-core
+development machine the short one took 2.5-4.5 minutes, the long one 3.5-4.7:
+Pacemaker's actions, one Python agent process each, set the pace more than the
+number of VMs does.
 """
 
 from __future__ import annotations
