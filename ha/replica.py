@@ -31,9 +31,10 @@ an operator decides (see docs/pacemaker.md, Fencing and split brain): its writes
 split exist nowhere else.  The node that stays promoted clears its record.
 
 Never promote garbage: a replica with no committed epoch (the initial sync or
-the failback resync never finished), a fenced, stale or broken group gets no
+the failback resync never finished), a fenced or broken group gets no
 promotion score, and the reason is logged (DRBD does the same for Inconsistent
-data).
+data).  A stale group (no commit for a while: its primary stopped checkpointing,
+or died) holds a valid checkpoint and gets a low score, below a fresh replica.
 
 Runtime state: ``$HA_RSCTMP/nbd-mc-replica-<instance>.state`` holds ``unpromoted``
 or ``promoted`` while the instance is started (absent: stopped).  The group's
@@ -61,6 +62,10 @@ from nbd_mc.statedir import StateDir  # noqa: E402
 
 PRIMARY_SCORE = 1000  # holds the live disk: newer than any replica
 REPLICA_SCORE = 100  # a protected replica: the last checkpoint
+#: A replica whose primary stopped committing a while ago (status ``stale``): still
+#: the last checkpoint of the VM, and after its primary died the only copy left, so
+#: promotable -- below a fresh replica, which Pacemaker prefers where both exist.
+STALE_SCORE = 10
 
 PARAMS = [
     Param("disks", "Disks of the group: NAME=PATH ...",
@@ -430,7 +435,11 @@ def score_for(cfg: Config, st: dict | None, serving: dict | None) -> tuple[int |
     if serving.get("fenced"):
         return None, f"the group is fenced (generation {serving.get('generation')})"
     if serving.get("stale"):
-        return None, "the group is marked stale"
+        # Every replica goes stale once its primary dies: refusing it would make a
+        # failover depend on being promoted within stale_after of the last commit.
+        return STALE_SCORE, (f"replica at committed epoch {serving['committed']}, stale: no "
+                             f"commit for {serving.get('last_commit_age')} s (its primary "
+                             "stopped checkpointing or died)")
     if serving.get("broken"):
         return None, f"the group is broken: {serving.get('broken')}"
     if serving.get("handoff"):
@@ -595,7 +604,12 @@ def action_promote() -> int:
             raise ocf.AgentError(ocf.ERR_GENERIC, "refusing to promote garbage: no epoch was "
                                                   "ever committed (initial sync unfinished)")
         if info.get("stale"):
-            raise ocf.AgentError(ocf.ERR_GENERIC, "refusing to promote a stale group")
+            # Pacemaker promotes here only with no other node promoted (checked above):
+            # the primary is gone, and this last commit is the newest copy there is.
+            # (Refusing it made the failover fail whenever fencing, a loaded machine or
+            # the monitor interval took longer than stale_after, 10 s by default.)
+            ocf.log("warning", f"promoting a stale group: its last commit is "
+                               f"{info.get('last_commit_age')} s old")
         t0 = time.monotonic()
         if serving is not None:
             record_rollback(cfg, serving)
@@ -673,7 +687,11 @@ def action_demote() -> int:
         cfg.mark_split_brain(other, "demoted while it was promoted")
         hold_live_disks(cfg)  # the record keeps the images as they are, without a score
     else:
-        set_score(PRIMARY_SCORE, "this node holds the live disks (role primary)")
+        st = cfg.offline()
+        if st is not None and st.get("role") == "primary":
+            set_score(PRIMARY_SCORE, "this node holds the live disks (role primary)")
+        else:  # the demotion after a promote that failed before the failover
+            set_score(*score_for(cfg, st, cfg.status()))
     return ocf.SUCCESS
 
 

@@ -18,13 +18,16 @@
 #     HARM_CYCLES fault cycles (secondary SIGSTOP 1-20 s, kill, stop/serve, protect
 #     kill, ENOSPC, EIO) on each QEMU (7.2, and 10.0 where installed), counting QEMU
 #     deaths, guest I/O errors, protect exits and the longest VM pause (<= 1 s).
+#   * many VMs in one cluster (tests/system/test_ha3.py, docs/pacemaker.md): three
+#     Pacemaker nodes, three protected VMs, one node killed and returning (make test
+#     runs two nodes and two VMs).
 # The table of fault classes, cases and failures: build/soak/report.md (also printed).
 SOAK_SECONDS ?= 600
 HARM_CYCLES ?= 200
 SOAK_DIR := build/soak
 SOAK_TESTS := $(addprefix tests/system/,test_load.py test_crash_matrix.py test_powerloss.py \
 	test_faults.py test_corrupt.py test_hostile.py test_tls.py test_fencing.py test_resync.py \
-	test_writer.py test_verify.py test_chaos.py test_guestharm.py test_deb.py)
+	test_writer.py test_verify.py test_chaos.py test_guestharm.py test_ha3.py test_deb.py)
 
 soak: setup
 	@mkdir -p $(SOAK_DIR) && rm -f $(SOAK_DIR)/report.jsonl

@@ -1,7 +1,8 @@
-"""Two real Pacemaker nodes on one machine, for the HA tests and `make demo-ha`.
+"""Real Pacemaker nodes on one machine (two or more), for the HA tests and `make demo-ha`.
 
 Each node is a network namespace plus a private mount namespace: its own
-loopback and veth address (10.88.0.1 / 10.88.0.2 -- only those), its own /run
+loopback and veth address (10.88.0.N for nodeN -- only those; the veths meet on
+a bridge in a hub namespace of their own), its own /run
 and /dev/shm (libqb's IPC lives there and in abstract sockets, which the netns
 keeps apart), and its own /etc/corosync, /var/lib/pacemaker, /var/log and the
 data directory (``DATA``, where the node's disk images and nbd-mc state live)
@@ -14,8 +15,9 @@ its own copy of the nbd-mc OCF agents (wrappers that run this checkout's
 ``ha/*.py``) over ``/usr/lib/ocf/resource.d/nbd-mc``, so another checkout's
 ``make setup`` cannot swap the agents under a running cluster.
 
-corosync runs in the foreground with knet over the veth pair and
-``two_node: 1``; pacemakerd starts once corosync answers.  Killing a node is
+corosync runs in the foreground with knet over the bridge (``two_node: 1``
+with two nodes, plain majority quorum with three or more); pacemakerd starts
+once corosync answers.  Killing a node is
 SIGKILL to every process of its network namespace (cluster daemons, QEMU,
 nbdkit, agents): what a power cut looks like to the survivor.
 
@@ -42,12 +44,14 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ADDRS = {"node1": "10.88.0.1", "node2": "10.88.0.2"}
+MAX_NODES = 9
+ADDRS = {f"node{i}": f"10.88.0.{i}" for i in range(1, MAX_NODES + 1)}
 DATA = "/var/lib/nbd-mc"  # the data directory, the same path on every node
 REPO = Path(__file__).resolve().parents[2]
 NS_PREFIX = f"nbdmc-{hashlib.sha1(str(REPO).encode()).hexdigest()[:4]}-"
 OCF_AGENTS = "/usr/lib/ocf/resource.d/nbd-mc"  # where Pacemaker looks for ocf:nbd-mc:*
-VETH = ("nbdmc-v1", "nbdmc-v2")
+VETH = "nbdmc-v"  # + the node's number: its end of the veth; the hub's end is "p" + number
+BRIDGE = "nbdmc-br"  # in the hub namespace, NS_PREFIX + "hub"
 POLL = 0.1
 VENV_BIN = os.path.dirname(os.path.abspath(sys.executable))  # nbd-mc for Node.sh
 
@@ -62,21 +66,10 @@ totem {{
     join: 50
 }}
 nodelist {{
-    node {{
-        ring0_addr: {a1}
-        name: node1
-        nodeid: 1
-    }}
-    node {{
-        ring0_addr: {a2}
-        name: node2
-        nodeid: 2
-    }}
-}}
+{nodes}}}
 quorum {{
     provider: corosync_votequorum
-    two_node: 1
-}}
+{two_node}}}
 logging {{
     to_logfile: yes
     logfile: /var/log/corosync/corosync.log
@@ -85,6 +78,23 @@ logging {{
     timestamp: on
 }}
 """
+
+COROSYNC_NODE = """\
+    node {{
+        ring0_addr: {addr}
+        name: {name}
+        nodeid: {id}
+    }}
+"""
+
+
+def corosync_conf(names: list[str], token: int = 1000) -> str:
+    """corosync.conf of a cluster of ``names`` (node1..nodeN, addresses from ADDRS)."""
+    nodes = "".join(COROSYNC_NODE.format(addr=ADDRS[n], name=n, id=n.removeprefix("node"))
+                    for n in names)
+    two = "    two_node: 1\n" if len(names) == 2 else ""
+    return COROSYNC_CONF.format(nodes=nodes, two_node=two, token=token)
+
 
 # The CIB a node starts with (`cibadmin --empty` plus properties that must hold
 # before the first DC election: a short dc-deadtime forms the cluster in seconds).
@@ -137,6 +147,7 @@ class Node:
     proc: subprocess.Popen | None = None
     env: dict = field(default_factory=dict)
     agents: Path | None = None  # this checkout's agent wrappers, mounted at OCF_AGENTS
+    members: list = field(default_factory=lambda: ["node1", "node2"])  # the cluster's nodes
 
     @property
     def ns(self) -> str:
@@ -153,8 +164,7 @@ class Node:
                     "pacemaker/cib", "pacemaker/pengine", "pacemaker/blackbox",
                     "pacemaker/cores"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        (self.root / "corosync" / "corosync.conf").write_text(
-            COROSYNC_CONF.format(a1=ADDRS["node1"], a2=ADDRS["node2"], token=1000))
+        (self.root / "corosync" / "corosync.conf").write_text(corosync_conf(self.members))
         cib = self.root / "pacemaker" / "cib" / "cib.xml"
         if not cib.exists():
             cib.write_text(initial_cib(self.stonith))
@@ -297,14 +307,19 @@ FENCE_INSTALLED = Path("/usr/sbin/fence_nbdmc_netns")  # where pacemaker-fenced 
 
 
 class Cluster:
-    """Two nodes, node1 and node2, on a veth pair; stop() removes everything."""
+    """``size`` nodes, node1..nodeN, each on a veth to one bridge; stop() removes everything."""
 
-    def __init__(self, root: Path, stonith: bool = False, env: dict | None = None):
+    def __init__(self, root: Path, stonith: bool = False, env: dict | None = None,
+                 size: int = 2):
+        if not 2 <= size <= MAX_NODES:
+            raise ValueError(f"a cluster of 2..{MAX_NODES} nodes, not {size}")
         self.root = Path(root)
         agents = self.root / "ocf-agents"
-        self.nodes = {n: Node(n, a, self.root / n, stonith=stonith, env=dict(env or {}),
-                              agents=agents)
-                      for n, a in ADDRS.items()}
+        names = [f"node{i}" for i in range(1, size + 1)]
+        self.nodes = {n: Node(n, ADDRS[n], self.root / n, stonith=stonith, env=dict(env or {}),
+                              agents=agents, members=names)
+                      for n in names}
+        self.hub = NS_PREFIX + "hub"  # the namespace of the bridge the nodes' veths meet on
 
     def write_agents(self) -> None:
         """The wrappers tools/setup-ha.sh installs, for this checkout only."""
@@ -318,12 +333,18 @@ class Cluster:
     # --- network ------------------------------------------------------------------------
     def setup_network(self) -> None:
         self.teardown_network()
-        n1, n2 = self.nodes["node1"], self.nodes["node2"]
-        run(["ip", "netns", "add", n1.ns])
-        run(["ip", "netns", "add", n2.ns])
-        run(["ip", "link", "add", VETH[0], "netns", n1.ns, "type", "veth",
-             "peer", "name", VETH[1], "netns", n2.ns])
-        for node, veth in ((n1, VETH[0]), (n2, VETH[1])):
+        run(["ip", "netns", "add", self.hub])
+        hub = ["ip", "-n", self.hub]
+        run(hub + ["link", "add", BRIDGE, "type", "bridge"])
+        run(hub + ["link", "set", BRIDGE, "up"])
+        for node in self.nodes.values():
+            i = node.name.removeprefix("node")
+            veth, port = f"{VETH}{i}", f"p{i}"
+            run(["ip", "netns", "add", node.ns])
+            run(["ip", "link", "add", veth, "netns", node.ns, "type", "veth",
+                 "peer", "name", port, "netns", self.hub])
+            run(hub + ["link", "set", port, "master", BRIDGE])
+            run(hub + ["link", "set", port, "up"])
             ns = ["ip", "-n", node.ns]
             run(ns + ["addr", "add", f"{node.addr}/24", "dev", veth])
             run(ns + ["link", "set", veth, "up"])
@@ -357,6 +378,8 @@ class Cluster:
                     except ProcessLookupError:
                         pass
                 run(["ip", "netns", "del", node.ns], check=False)
+        if os.path.exists(f"/run/netns/{self.hub}"):
+            run(["ip", "netns", "del", self.hub], check=False)
 
     # --- life cycle ---------------------------------------------------------------------
     def start(self, timeout: float = 90) -> None:
@@ -366,10 +389,10 @@ class Cluster:
             node.prepare()
         for node in self.nodes.values():
             node.start()
-        self.wait_online({"node1", "node2"}, timeout)
+        self.wait_online(set(self.nodes), timeout)
 
     def stop(self) -> None:
-        """Kill both nodes and remove the namespaces (whatever state they are in)."""
+        """Kill every node and remove the namespaces (whatever state they are in)."""
         for node in self.nodes.values():
             if os.path.exists(f"/run/netns/{node.ns}"):
                 node.kill()
@@ -381,7 +404,7 @@ class Cluster:
         """Bring a killed node back: fresh /run (nothing running), same disks and CIB dir."""
         node = self.nodes[name]
         node.start()
-        self.wait_online({"node1", "node2"}, timeout, via=name)
+        self.wait_online(set(self.nodes), timeout, via=name)
 
     # --- looking ------------------------------------------------------------------------
     def status(self, via: str | None = None) -> Status | None:

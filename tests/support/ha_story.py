@@ -60,6 +60,17 @@ NBD_PORT = 10809
 CONTROL_PORT = 10810
 
 
+def vm_args(files: guest.GuestFiles, image: str, console: str, append: tuple = ()) -> str:
+    """The qemu agent's ``args`` for the test guest (``service`` mode) on ``image``, its
+    console appended to ``console`` (in a node's data dir: kept across boots)."""
+    args = guest.qemu_args(files, "service", guest.disk_drive_args(image), serial="stdio",
+                           append=append)[1:]
+    i = args.index("-serial")
+    args[i:i + 2] = ["-chardev", f"file,id=con,path={console},append=on",
+                     "-serial", "chardev:con"]
+    return shlex.join(args)
+
+
 def render_config(tls_dir: Path, files: guest.GuestFiles, netns_map: str | None = None) -> str:
     """ha/cluster.crm with this machine's paths: the guest's QEMU arguments, the TLS dir;
     with netns_map, STONITH by the test fence agent (tests/support/fence_nbdmc_netns)."""
@@ -70,14 +81,9 @@ property stonith-enabled=true
 primitive fence-nodes stonith:fence_nbdmc_netns \\
     params netns_map="{netns_map}" pcmk_host_list="node1 node2" pcmk_reboot_action=off \\
     op monitor interval=60s""")
-    args = guest.qemu_args(files, "service", guest.disk_drive_args(f"{DATA}/vda.raw"),
-                           serial="stdio")[1:]
-    i = args.index("-serial")  # the console goes to the node's data dir, kept across boots
-    args[i:i + 2] = ["-chardev", f"file,id=con,path={DATA}/console.log,append=on",
-                     "-serial", "chardev:con"]
     replace = {
         "/etc/nbd-mc/tls": str(tls_dir),
-        "@QEMU_ARGS@": shlex.join(args),
+        "@QEMU_ARGS@": vm_args(files, f"{DATA}/vda.raw", f"{DATA}/console.log"),
         "node1=10.0.0.1 node2=10.0.0.2": f"node1={ADDRS['node1']} node2={ADDRS['node2']}",
     }
     for k, v in replace.items():
@@ -123,7 +129,7 @@ class Story:
         with open(c.nodes["node2"].data / "vda.raw", "wb") as f:
             f.truncate(DISK_SIZE)
         self.say("1. two Pacemaker nodes (network + mount namespaces, corosync knet over "
-                 f"veth {ADDRS['node1']} <-> {ADDRS['node2']})")
+                 f"a bridge: {ADDRS['node1']}, {ADDRS['node2']})")
         t0 = time.monotonic()
         c.start()
         self.say(f"   both nodes online after {time.monotonic() - t0:.1f} s")

@@ -245,6 +245,41 @@ def test_a_fenced_replica_gets_no_promotion_score(tmp):
         assert agent("replica", "stop", dict(params)).returncode == 0
 
 
+def test_a_stale_replica_is_promoted_with_a_low_score(tmp):
+    """Every replica goes stale once its primary dies (no commit for stale_after):
+    its last commit is still the newest copy there is, so it keeps a (low) promotion
+    score and promote fails it over, logging the age, instead of refusing -- a
+    refusal made every failover later than stale_after fail (the three-node story)."""
+    from nbd_mc.control.client import ControlClient
+    from nbd_mc.statedir import StateDir
+    disks, st = committed_replica(tmp)
+    params = {"disks": disks, "state_dir": st, "_rsctmp": str(tmp / "run")}
+    try:
+        assert agent("replica", "start", dict(params)).returncode == 0
+        ctl = ControlClient(StateDir(st).control)
+        try:
+            ctl.execute("new-session", stale_after=0.2)
+            ctl.execute("commit", epoch=2)
+            deadline = time.monotonic() + 30
+            while not ctl.execute("query-status")["stale"]:
+                assert time.monotonic() < deadline, "the group never went stale"
+                time.sleep(0.05)
+        finally:
+            ctl.close()
+        mon = agent("replica", "monitor", dict(params))
+        assert mon.returncode == 0, mon.stderr
+        assert "promotion score 10: replica at committed epoch 2, stale" in mon.stderr
+        promote = agent("replica", "promote", dict(params))
+        assert promote.returncode == 0, promote.stderr
+        assert "promoting a stale group: its last commit is" in promote.stderr
+        assert "failover: the disks hold committed epoch 2" in promote.stderr
+        assert agent("replica", "monitor", dict(params)).returncode == 8  # running promoted
+    finally:
+        assert agent("replica", "stop", dict(params)).returncode == 0
+    info = json.loads(nbd_mc("inspect", st, "--json").stdout)
+    assert info["role"] == "primary" and info["committed"] == 2
+
+
 def test_ocf_tester_passes_on_the_protect_agent(tmp):
     """Start, monitor, stop of the supervisor (its peer does not exist: it waits)."""
     tls = tmp / "tls"
