@@ -27,6 +27,10 @@ REQUIRED = {
 }
 
 
+#: Seconds to wait for QEMU's schema at start (QemuFeatures.ask).
+SCHEMA_TIMEOUT = 60.0
+
+
 class QemuFeatures:
     def __init__(self, schema: list[dict]):
         self.types = {e["name"]: e for e in schema}
@@ -35,8 +39,14 @@ class QemuFeatures:
 
     @classmethod
     def ask(cls, qmp) -> "QemuFeatures":
+        """Read the schema, waiting up to SCHEMA_TIMEOUT (at least the session's own
+        timeout): the answer is large (about 1 MB of JSON in QEMU 10.0), and on a busy
+        host its transfer and parsing alone took 0.4-2.1 s (2 cores, load 35), so the
+        session's timeout (--stall-timeout, as low as 2 s; it bounds waits that hang on
+        the secondary, which this one does not) made protect fail at start."""
         try:
-            return cls(qmp.cmd("query-qmp-schema"))
+            return cls(qmp.execute("query-qmp-schema",
+                                   timeout=max(SCHEMA_TIMEOUT, getattr(qmp, "timeout", 0))))
         except QmpCommandError as e:  # older than any QEMU protect supports (2.5)
             raise PrimaryError(f"QEMU cannot describe its QMP commands "
                                f"(query-qmp-schema: {e.desc}); it is too old") from None

@@ -35,6 +35,10 @@ Node names start with FLEECE_PREFIX; remove_leftovers() takes away what a protec
 killed in the middle of a round left in QEMU (the watchdog calls it, and the next
 protect): with the filter left in place every guest write would go on copying into
 the local file.
+The fleecing targets' directories carry the creating protect's pid
+(``nbd-mc-fleece-<pid>-*``): remove_stale_files() removes those of protects that
+are gone (protect and mirrors.remove_leftovers call it at start), so a protect
+killed in a round leaks no file for longer than until the next start.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ CBW_TIMEOUT = 1
 #: Where the fleecing targets go (a disk, not /run's tmpfs: they hold what the
 #: guest overwrites during a round).
 FLEECE_DIR = "/var/tmp"
+#: The fleecing targets' directories: DIR_PREFIX + "<pid of the protect>-" + random.
+DIR_PREFIX = "nbd-mc-fleece-"
 BITMAP = "nbd-mc-fleece"
 
 
@@ -141,8 +147,8 @@ class Fleece:
 
     def _target_file(self, drive: str, size: int) -> str:
         if self.directory is None:
-            base = FLEECE_DIR if os.access(FLEECE_DIR, os.W_OK) else None
-            self.directory = tempfile.mkdtemp(prefix="nbd-mc-fleece-", dir=base)
+            self.directory = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-",
+                                              dir=_fleece_dir())
             if self.owner is not None:
                 try:
                     os.chown(self.directory, *self.owner)
@@ -208,7 +214,7 @@ def _remove(qmp: Qmp, drive: str, qdev: str | None, node: str | None) -> list[st
             step("blockdev-del", **{"node-name": n[key]})
     # the target's file, in its own temporary directory (Fleece._target_file)
     path = (infos.get(n["file"]) or {}).get("file") or ""
-    if os.path.basename(os.path.dirname(path)).startswith("nbd-mc-fleece-"):
+    if os.path.basename(os.path.dirname(path)).startswith(DIR_PREFIX):
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
     return problems
 
@@ -243,3 +249,47 @@ def remove_leftovers(qmp: Qmp) -> list[str]:
     for drive in sorted(left):
         _remove(qmp, drive, None, None)
     return done
+
+
+def _fleece_dir() -> str | None:
+    """Where the fleecing targets' directories go (None: tempfile's default)."""
+    return FLEECE_DIR if os.access(FLEECE_DIR, os.W_OK) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's process: alive
+        return True
+    return True
+
+
+def remove_stale_files() -> list[str]:
+    """Remove the fleecing directories of protects that are gone; returns them.
+
+    A protect killed during a round (kill -9, its watchdog killed with it) leaves its
+    fleecing target, up to a drive's size of what the guest overwrote, in
+    ``/var/tmp``.  Several protects (one per VM) may share the directory, so only a
+    directory whose creator's pid is no longer alive goes; a recycled pid keeps one
+    until a later start, never removes a live protect's file.  A QEMU that still has
+    the file open (its fleecing nodes not removed yet) keeps writing to it unlinked,
+    and mirrors.remove_leftovers removes those nodes."""
+    base = _fleece_dir() or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in sorted(names):
+        if not name.startswith(DIR_PREFIX):
+            continue
+        pid = name[len(DIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        path = os.path.join(base, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

@@ -336,16 +336,21 @@ def remove_leftovers(qmp: Qmp, drives: list[DriveSpec], watchdog=None,
     connections are yanked first; if it died mid-checkpoint it also left the VM
     paused (``resume_paused``: continue it; the watchdog decides that itself).
     Only one client can use a QMP socket at a time, so nobody else is driving them
-    now.  Returns what was done, or None if there was nothing to do.
+    now.  The fleecing files of protects that are gone go too (any VM's: their
+    directories name their protect's pid, fleece.remove_stale_files).  Returns what
+    was done, or None if there was nothing to do.
     """
-    from .fleece import FLEECE_PREFIX, remove_leftovers as remove_fleecing
+    from .fleece import FLEECE_PREFIX, remove_leftovers as remove_fleecing, remove_stale_files
+    files = remove_stale_files()
+    files_done = (f"removed {len(files)} fleecing file director{'y' if len(files) == 1 else 'ies'}"
+                  f" of protects that are gone ({', '.join(files)})") if files else None
     present = {n.get("node-name") for n in qmp.cmd("query-named-block-nodes")}
     running = jobs(qmp)
     stale_jobs = [j for d in drives for j in (d.job, BACKUP_PREFIX + d.drive) if j in running]
     stale_nodes = [d.node for d in drives if d.node in present]
     fleecing = any((n or "").startswith(FLEECE_PREFIX) for n in present)
     if not stale_jobs and not stale_nodes and not fleecing:
-        return None
+        return files_done
     paused = qmp.cmd("query-status").get("status") == "paused"
     problems = [p for p in drop(qmp, drives, hard=True, watchdog=watchdog)
                 if p != RESUMED_AFTER_COPY_ERROR]
@@ -357,6 +362,8 @@ def remove_leftovers(qmp: Qmp, drives: list[DriveSpec], watchdog=None,
            "earlier protect that did not detach"
     if fleeced:
         done += "; " + "; ".join(fleeced)
+    if files_done:
+        done += "; " + files_done
     if paused and resume_paused:
         qmp.cmd("cont")
         done += "; resumed the VM it had left paused"

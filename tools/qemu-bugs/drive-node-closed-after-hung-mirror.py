@@ -1,32 +1,43 @@
 #!/usr/bin/env python3
-"""The drive's own node is closed when a filter is inserted above it after
-write-blocking mirrors ended on a hung target (QEMU aborts: busy bitmap).
+"""The drive's own node is closed when a filter is inserted above it after a
+write-blocking mirror ended, on a failed target, inside ``stop`` (QEMU 7.2 aborts:
+busy bitmap).
 
-The bug (QEMU 7.2, from a core dump of nbd-mc's test_secondary_hung_then_continued):
+The bug (QEMU 7.2; core dump of nbd-mc's test_secondary_hung_then_continued):
 ``transaction`` [block-dirty-bitmap-add, blockdev-backup sync=bitmap] ->
 backup_job_create -> bdrv_cbw_append -> bdrv_insert_node -> bdrv_replace_node,
 whose last ``bdrv_unref`` of the drive's node brings its reference count to 0:
 bdrv_close releases the node's named bitmaps, one of them is busy (the backup just
 gave it a successor), and QEMU aborts with ``bdrv_release_dirty_bitmap_locked:
-Assertion '!bdrv_dirty_bitmap_busy(bitmap)'``.  The node's count was one short
-before the transaction; where QEMU lost the reference is not known.
+Assertion '!bdrv_dirty_bitmap_busy(bitmap)'``.  Where inside QEMU the reference
+goes is not known; what leaves the node one short is known: a write-blocking mirror
+whose target failed (yanked) ends *inside* a ``stop`` (the drain's guest writes
+fail on the target, the job ends in the drain's event loop).
 
-This script replays what preceded it in every failing run, on two drives: READY
-write-blocking mirrors into nbdkit over TCP, guest writes (HMP qemu-io: write, zero,
-discard), the target SIGSTOPped with a write stuck in the mirror, ``yank`` of the
-NBD nodes (out of band), one more write, ``stop``, forced cancels of what is left,
-``cont``, more writes, ``blockdev-del`` and ``blockdev-add`` of the NBD nodes, the
-target continued, then the resync round's transaction.  It has not hit the abort
-standalone yet (QEMU 7.2: 0 in 150 iterations); the test hit it in 3 of about 250
-runs on 7.2 and in none of about 150 on 10.0.
+This script: two drives, READY write-blocking mirrors into nbdkit over TCP, a guest
+writing all the time (HMP qemu-io from its own thread), the target SIGSTOPped, a
+``yank`` of the NBD nodes (out of band), ``stop`` (the mirrors end inside it),
+``cont``, ``blockdev-del`` and ``blockdev-add`` of the NBD nodes, the target
+continued, and the resync round's transaction; 15 outages per try.
 
     python3 tools/qemu-bugs/drive-node-closed-after-hung-mirror.py [--qemu PATH] [--tries N]
+        [--wait-end | --pause-jobs]
+
+Measured (2026-12-07, 15 outages per try): QEMU 7.2.22 has it in 27 of 40 tries
+(8 of 10 with the guest's writes held from the yank to the ``cont``; 6 of 10 with
+the guest writing through QEMU's NBD server, an asynchronous path like a real
+guest's, instead of HMP); 0 of 10 with ``--wait-end`` (the failing mirrors end by
+themselves before the ``stop``).  QEMU 10.0.2: 0 of 12.  The guest-harm test hit
+the same abort with a real Linux guest on 7.2 (a mirror ended inside protect's
+``stop``; the resync's final round then aborted).  nbd-mc pauses the mirror jobs
+before it pauses the VM to end them (``--pause-jobs``; lifecycle.py rule 5).
 """
 
 import os
 import random
 import signal
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -34,26 +45,45 @@ import qemubug  # noqa: E402
 
 SIZE = 8 << 20
 OPS = ["write -P 7", "write -z", "write -z -u", "discard"]
+#: --wait-end: let the failing mirrors end by themselves before the ``stop``;
+#: --pause-jobs: ``block-job-pause`` the mirrors before the yank and the ``stop``
+#: (nbd-mc's way around it, lifecycle rule 5).
+WAIT_END = "--wait-end" in sys.argv
+PAUSE_JOBS = "--pause-jobs" in sys.argv
+sys.argv = [a for a in sys.argv if a not in ("--wait-end", "--pause-jobs")]
 
 
 def attempt(qemu: str, d: str, seed: int, rounds: int = 15) -> str | None:
-    """``rounds`` outages in one QEMU; None if it survived, else how it died."""
+    """``rounds`` outages in one QEMU; None if it survived, else how it died.
+
+    The guest writes all the time from its own thread (HMP qemu-io on its own
+    monitor), as nbd-mc's test does: without writes concurrent with the sequence
+    the replay never hit the abort (0 in 150 iterations)."""
     rng = random.Random(seed)
     drives = {f"drive{i}": qemubug.image(d, f"d{i}.raw", SIZE) for i in range(2)}
     target = qemubug.Nbdkit(d, "memory", str(SIZE))
     vm = qemubug.Qemu(qemu, d, drives, monitors=3)
     m, guest, oob = vm.monitors  # protect's monitor, the "guest", the yank's
+    halt = threading.Event()
 
-    def write(drive: str, stuck: bool = False):
-        off = rng.randrange(0, SIZE - 400000) // 512 * 512
-        line = (f'qemu-io {drive} "write -P 3 {off} 322367"' if stuck else
-                f'qemu-io {drive} "{rng.choice(OPS)} {off} {rng.choice([512, 4096, 65536, 200192])}"')
-        return guest.send("human-monitor-command", **{"command-line": line})
+    def writes():
+        r = random.Random(seed + 1000)
+        try:
+            while not halt.is_set():
+                dr = r.choice(list(drives))
+                off = r.randrange(0, SIZE - 400000) // 512 * 512
+                n = r.choice([512, 4096, 65536, 200192, 322367])
+                line = f'qemu-io {dr} "{r.choice(OPS)} {off} {n}"'
+                guest.reply(guest.send("human-monitor-command", **{"command-line": line}))
+        except Exception:  # QEMU died: the main thread sees it
+            pass
 
+    writer = threading.Thread(target=writes, daemon=True)
     try:
         nodes = {dr: qemubug.node_of(m, dr) for dr in drives}
         for dr in drives:
             m.cmd("block-dirty-bitmap-add", node=nodes[dr], name="epoch")
+        writer.start()
         for k in range(rounds):
             for dr in drives:
                 m.cmd("blockdev-add", driver="nbd", **{"node-name": "t-" + dr},
@@ -65,19 +95,24 @@ def attempt(qemu: str, d: str, seed: int, rounds: int = 15) -> str | None:
             for dr in drives:
                 if not m.wait_event("BLOCK_JOB_READY", 60, device="m-" + dr):
                     raise RuntimeError("a mirror did not become ready")
-            for i in range(10):
-                guest.reply(write(f"drive{i % 2}"))
-            target.signal(signal.SIGSTOP)
-            stuck = write("drive1", stuck=True)
-            time.sleep(0.3)
+            time.sleep(rng.uniform(0.05, 0.3))
+            target.signal(signal.SIGSTOP)  # a guest write gets stuck in a mirror
+            time.sleep(rng.uniform(0.3, 1.0))
+            # (the main loop waits for the stuck HMP write: these run after the yank)
+            paused = [m.send("block-job-pause", device="m-" + dr)
+                      for dr in drives] if PAUSE_JOBS else []
             for dr in drives:
                 oob.reply(oob.send("yank", oob=True,
                                    instances=[{"type": "block-node", "node-name": "t-" + dr}]))
-            guest.reply(stuck)
-            after = write("drive0")
-            stop = m.send("stop")
-            guest.reply(after)
-            m.reply(stop)
+            for p in paused:
+                m.reply(p)
+            time.sleep(rng.uniform(0, 0.03))
+            if WAIT_END:  # nbd-mc's way around it: the failing mirrors end before the stop
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and any(
+                        j["device"].startswith("m-") for j in m.cmd("query-block-jobs")):
+                    time.sleep(0.01)
+            m.cmd("stop")  # the mirrors, failing on the yanked target, end inside it
             for dr in drives:
                 m.try_cmd("block-job-cancel", device="m-" + dr, force=True)
             for dr in drives:
@@ -85,14 +120,14 @@ def attempt(qemu: str, d: str, seed: int, rounds: int = 15) -> str | None:
                         or m.wait_event("BLOCK_JOB_CANCELLED", 30, device="m-" + dr)):
                     raise RuntimeError("a mirror did not end")
             m.cmd("cont")
-            for i in range(12):
-                guest.reply(write(f"drive{i % 2}"))
             for dr in drives:
                 m.cmd("blockdev-del", **{"node-name": "t-" + dr})
             target.signal(signal.SIGCONT)
+            time.sleep(rng.uniform(0, 0.2))
             for dr in drives:
                 m.cmd("blockdev-add", driver="nbd", **{"node-name": "t-" + dr},
                       server=target.server(), export="")
+            # the resync round: where QEMU aborts (its filter goes above the drive)
             m.cmd("transaction", actions=[
                 {"type": "block-dirty-bitmap-add",
                  "data": {"node": nodes[dr], "name": f"round{k}"}} for dr in drives] + [
@@ -111,6 +146,7 @@ def attempt(qemu: str, d: str, seed: int, rounds: int = 15) -> str | None:
         vm.died()
         return vm.how_it_died()
     finally:
+        halt.set()
         vm.close()
         target.close()
 
