@@ -91,7 +91,7 @@ class HeldStill:
     If ``stop`` itself waits longer than HOLD_TIMEOUT (a write stuck on a hung
     secondary), QmpTimeout propagates from the next command, which QEMU runs only
     after the stop: the cancel never overtakes the drain.  The caller retries (protect's
-    needs_drop); the ``cont`` sent by release() runs after them.
+    drop_pending); the ``cont`` sent by release() runs after them.
 
     State (the caller's thread): ``stopped`` -- we sent a ``stop`` that release() must
     undo; ``watchdog`` (watchdog.py, or None) is told so that a protect killed in
