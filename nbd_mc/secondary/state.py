@@ -11,7 +11,10 @@ commit is exactly the moment the new contents land.  Two ways to land them:
   millisecond or more per commit.
 
 The file is padded with spaces to a whole page, so in-place writes never change
-its length (JSON ignores trailing whitespace).
+its length (JSON ignores trailing whitespace).  A state that outgrows a page (a
+long history: about 40 bytes per retained checkpoint) is always replaced by
+rename, in process durability too: a kill -9 before the rename leaves the old
+file whole (only the spare was written), after it the new one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .. import crashpoints
 from ..errors import StateError
 from ..fileio import fsync_dir
 from ..statedir import StateDir
@@ -153,9 +157,13 @@ def save(state_dir: str, state: GroupState, durable: bool = True) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+    if crashpoints.ARMED:  # (not in crashpoints.POINTS: reached only by a state file
+        crashpoints.reached("state.before-rename")  # past a page, or power durability)
     os.rename(tmp, path)
     if durable:
         fsync_dir(state_dir)
+    if crashpoints.ARMED:
+        crashpoints.reached("state.after-rename")
     _make_spare(tmp, len(data))
 
 

@@ -285,3 +285,74 @@ def test_kill_at_every_history_crash_point(made, point):
         for name in SIZES:
             assert_bytes(read_file(g.disk(name).spec.image), expect.history[2][name],
                          f"{name} after the failover finished")
+
+
+LONG_CHILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from nbd_mc.secondary import history
+from nbd_mc.secondary.engine import Group
+st, durability = sys.argv[2], sys.argv[3]
+with open(sys.argv[4]) as f:
+    ops = json.load(f)
+g = Group(st, durability=durability, history_policy=history.make_policy(3600, 0, 0))
+for op in ops:
+    if op[0] == "w":
+        g.write(g.disk(op[1]), g.generation, bytes.fromhex(op[3]), op[2])
+    else:
+        g.commit(op[1])
+g.close()
+print("done")
+"""
+
+
+# the state file outgrows a page at about commit 70 (two disks): from then on
+# state.before/after-rename are reached at every commit in process durability too
+@pytest.mark.parametrize("point,durability", [("state.before-rename:40", "process"),
+                                              ("state.after-rename:40", "process"),
+                                              ("state.before-rename:110", "power")])
+def test_a_long_history_survives_kill_in_the_state_write(made, point, durability):
+    """Past about 70 retained checkpoints the state file outgrows a page and every
+    commit replaces it by rename: a kill -9 on either side of the rename, with
+    more than 100 checkpoints listed, leaves a state file that loads, lists the
+    checkpoints of the old or the new commit, and each of them exact."""
+    open_group, model, st, rng, tmp_path = made
+    g = open_group(history_policy=EVERY_COMMIT, durability=durability)
+    g.close()
+    ops = []
+    for epoch in range(1, 121):
+        name = rng.choice(list(SIZES))
+        off = rng.randrange(0, SIZES[name] - 4096)
+        data = rng.randbytes(rng.choice((512, 4096)))
+        ops.append(["w", name, off, data.hex()])
+        model.write(name, off, data)
+        ops.append(["c", epoch])
+        model.commit(epoch)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = str(tmp_path / "ops.json")
+    with open(script, "w") as f:
+        json.dump(ops, f)
+    r = subprocess.run([sys.executable, "-c", LONG_CHILD, repo, st, durability, script],
+                       capture_output=True, text=True, timeout=600,
+                       env=subprocess_env(NBD_MC_CRASHPOINT=point))
+    assert r.returncode == -9, f"{point} was not reached: {r.returncode} {r.stdout} {r.stderr}"
+    assert os.path.getsize(os.path.join(st, "state.json")) > 4096  # past a page
+    g = open_group()
+    kept = history.retained(g.state)
+    committed = g.state.committed
+    assert len(kept) > 100 and kept == list(range(1, committed + 1)), (committed, kept)
+    for name in SIZES:
+        assert_bytes(read_file(g.disk(name).spec.image), model.history[committed][name],
+                     f"{name} recovered")
+    for n in kept[::5] + kept[-3:]:
+        for name in SIZES:
+            assert_bytes(read_epoch(g, name, n), model.history[n][name], f"{name}@epoch-{n}")
+    for n in (kept[0], kept[len(kept) // 2], kept[-1]):
+        for name in SIZES:
+            compare_layer(history.layer_path(st, name, n), model.history[n][name], tmp_path)
+            assert_check(history.layer_path(st, name, n), allowed=(0,))
+    listed = {history.layer_path(st, nm, e) for nm in SIZES for e in kept}
+    assert {os.path.join(st, f) for f in os.listdir(st) if ".epoch-" in f} == listed
+    # and it goes on: the next commit lists one more
+    g.commit(committed + 1)
+    assert history.retained(g.state)[-1] == committed + 1
