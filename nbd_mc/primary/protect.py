@@ -509,7 +509,7 @@ class Protector:
                     lambda d, t: (console.progress("checksum sync", d, t),
                                   self.metrics.sync_progress(d, t, self.report)),
                     self.stop, opts.stall_timeout, self.watchdog,
-                    owner=qemu_identity(qmp, opts)[1])
+                    owner=qemu_identity(qmp, opts)[1], rate=lambda: self.rate.speed)
             except QmpCommandError as e:
                 raise SecondaryFailed(f"the checksum sync failed: {e.desc}") from None
             except ChecksumUnsupported as e:

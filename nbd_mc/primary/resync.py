@@ -81,6 +81,7 @@ from .mirrors import (BACKUP_PREFIX, Mirrors, cancel_mirrors, job_progress,
 from .options import DriveSpec
 from .qmp import Qmp
 from .ranges import RangeWriter
+from .rate import Pacer
 
 #: Below this many dirty bytes the last round runs with the VM paused (its copy must
 #: fit in the pause's deadline, checkpoint.PAUSE_DEADLINE, on a busy host too).
@@ -324,14 +325,17 @@ def _final_round(qmp: Qmp, drives, bitmaps: Bitmaps, source: str, k: int, ids,
 def checksum_sync(qmp: Qmp, ctl, writer: RangeWriter, drives: list[DriveSpec],
                   sizes: dict[str, int], bitmaps: Bitmaps, committed: int, progress=None,
                   stop=lambda: False, stall_timeout: float | None = None,
-                  watchdog=None, owner: tuple[int, int] | None = None
-                  ) -> tuple[Resync, Mirrors] | None:
+                  watchdog=None, owner: tuple[int, int] | None = None,
+                  rate=lambda: 0) -> tuple[Resync, Mirrors] | None:
     """The checksum sync (module docstring): bitmap R, the walk, the copy of what
     differs, then the incremental rounds from R and the write-blocking mirrors.
 
     ``drives`` name the secondary's disks (``export``), ``writer`` writes its writer
-    exports.  Returns None if ``stop()`` became true during the walk."""
+    exports.  ``rate()`` (--rate, bytes/s, 0 unlimited) holds the walk's copies
+    (rate.Pacer) and limits the incremental rounds' jobs.  Returns None if
+    ``stop()`` became true during the walk."""
     t0 = time.monotonic()
+    pacer = Pacer(rate)
     r_bitmap = checksum_name(bitmaps.group)
     qmp.cmd("transaction", actions=bitmaps.add_actions(r_bitmap))
     hashed = differing = 0
@@ -346,13 +350,14 @@ def checksum_sync(qmp: Qmp, ctl, writer: RangeWriter, drives: list[DriveSpec],
             for start, length in _differing(ctl, writer, d, off, n):
                 writer.write(d.drive, start, writer.read(d.drive, start, length))
                 differing += length
+                pacer.sent(length, stop)
             hashed += n
             done += n
             if progress:
                 progress(done, total)
     copied = writer.written
     r, mirrors = incremental(qmp, drives, bitmaps, committed, None, stop, stall_timeout,
-                             watchdog, source=r_bitmap, owner=owner)
+                             watchdog, source=r_bitmap, owner=owner, speed=rate())
     r.mode = "checksum"
     r.hashed = hashed
     r.differing = differing
