@@ -129,8 +129,13 @@ def test_async_link_outage(servers, vms, procs, links):
 
 # --- --max-lag: the link cannot keep up --------------------------------------------------------
 class Heavy(Coordinated):
-    """Coordinated, writing 512 KiB of one byte at a time (data the mirror copies,
-    unlike zeroes and discards): a guest that outpaces a 1 MiB/s link."""
+    """Coordinated, writing 2 MiB of one byte at a time (data the mirror copies,
+    unlike zeroes and discards): a guest that outpaces a 0.5 MiB/s link whatever
+    the machine's load.  (With 512 KiB per write, at load 40 one HMP write took
+    about as long as the link needed to carry it: no back-pressure, one run in
+    three.)"""
+
+    SIZE = 2 << 20
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -138,9 +143,10 @@ class Heavy(Coordinated):
 
         def op(complete=False):
             drive = rng.choice(sorted(guest.sizes))
-            offset = rng.randrange(0, guest.sizes[drive] - (512 << 10)) & ~4095
-            guest.qmp.hmp(f'qemu-io {drive} "write -P {rng.randrange(1, 256)} {offset} 512k"')
-            guest.log.append((drive, offset, 512 << 10))
+            offset = rng.randrange(0, guest.sizes[drive] - self.SIZE) & ~4095
+            guest.qmp.hmp(f'qemu-io {drive} "write -P {rng.randrange(1, 256)} {offset} '
+                          f'{self.SIZE >> 10}k"')
+            guest.log.append((drive, offset, self.SIZE))
         self.guest.op = op
 
 
@@ -163,7 +169,7 @@ def test_async_lag_bound_on_a_capped_link(servers, vms, procs, links):
                timeout=120)
     first = committed(server)
     # 16 MiB of writes (some overwrite others): many times --max-lag of the link
-    co.play(lambda: proc.poll() is not None, ops=32)
+    co.play(lambda: proc.poll() is not None, ops=8)
     co.play(lambda: committed(server) >= first + 3 or proc.poll() is not None)
     vm.kill9()
     rc, out, err = finished(proc)
@@ -209,7 +215,7 @@ def test_async_json_reports_backpressure(servers, vms, procs, links):
     wait_until(lambda: committed(server) >= 1 or proc.poll() is not None, "the first commit",
                timeout=120)
     first = committed(server)
-    co.play(lambda: proc.poll() is not None, ops=32)
+    co.play(lambda: proc.poll() is not None, ops=8)
     co.play(lambda: committed(server) >= first + 3 or proc.poll() is not None)
     report = end_with_failover(servers, vm, server, proc, co)
     assert report["mode"] == "async" and report["outages"] == 0, report
