@@ -298,7 +298,8 @@ class Protector:
         drain = None
         if self.shipper is not None:
             mirrors = self.mirrors
-            drain = lambda: shipping.drain(self.qmp, mirrors, opts.stall_timeout)  # noqa: E731
+            drain = lambda: shipping.drain(self.qmp, mirrors, opts.stall_timeout,  # noqa: E731
+                                           self.shipper)
         cut = time.monotonic()
         cp = checkpoint(self.qmp, self.ctl, self.mirrors, self.epoch, hook,
                         bitmaps=bitmaps, stall_timeout=opts.stall_timeout,
@@ -311,6 +312,12 @@ class Protector:
                 pass
         self.metrics.checkpointed(report, cp.committed, mirrored, self.epoch, cp.skipped)
         report.pauses.append(cp.pause)
+        late = self.shipper.take_late() if self.shipper is not None else None
+        if late is not None:  # the guest wrote between the look and the stop
+            report.backpressure += 1
+            self.console.say(f"  epoch {self.epoch}: {_mib(late)} written just before the "
+                             "checkpoint still to ship: back-pressure, the VM paused until "
+                             "it had crossed")
         if opts.hook:
             report.hook_times.append(cp.hook)
         if not cp.committed:

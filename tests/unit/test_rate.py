@@ -77,3 +77,22 @@ def test_pacer_holds_copies_to_the_rate():
     calls = []
     assert p.sent(8 << 20, stop=lambda: calls.append(1) or len(calls) > 3) == \
         pytest.approx(3 * Pacer.SLICE)
+
+
+def test_a_go_checkpoint_that_finds_a_large_backlog_once_stopped_is_back_pressure():
+    """shipping.Shipper: after a "go" look, the guest may write on until the stop;
+    a large backlog found then is back-pressure to count and say (take_late),
+    once; a small one, or one after a forced checkpoint (already counted), is not."""
+    from nbd_mc.primary.shipping import PAUSE_BYTES, Backlog, Shipper
+    sh = Shipper(max_lag=1.0)
+    sh.action = "go"
+    sh.stopped(Backlog(dirty=PAUSE_BYTES))
+    assert sh.take_late() is None
+    sh.stopped(Backlog(dirty=6 << 20, copying=1 << 20))
+    assert sh.take_late() == 7 << 20 and sh.take_late() is None
+    sh.throughput = 1e12  # crosses in no time at the measured throughput: not a wait
+    sh.stopped(Backlog(dirty=6 << 20))
+    assert sh.take_late() is None
+    sh.throughput, sh.action = None, "force"
+    sh.stopped(Backlog(dirty=6 << 20))
+    assert sh.take_late() is None
