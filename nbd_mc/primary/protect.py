@@ -328,7 +328,8 @@ class Protector:
         drain = None
         if self.shipper is not None:
             mirrors = self.mirrors
-            drain = lambda: shipping.drain(self.qmp, mirrors, opts.stall_timeout)  # noqa: E731
+            drain = lambda: shipping.drain(self.qmp, mirrors, opts.stall_timeout,  # noqa: E731
+                                           self.shipper)
         cut = time.monotonic()
         cp = checkpoint(self.side, self.ctl, self.mirrors, self.epoch, hook, drain=drain)
         mirrored = None
@@ -339,6 +340,12 @@ class Protector:
                 pass
         self.observer.checkpointed(cp.committed, mirrored, self.epoch, cp.skipped)
         report.pauses.append(cp.pause)
+        late = self.shipper.take_late() if self.shipper is not None else None
+        if late is not None:  # the guest wrote between the look and the stop
+            report.backpressure += 1
+            self.console.say(f"  epoch {self.epoch}: {_mib(late)} written just before the "
+                             "checkpoint still to ship: back-pressure, the VM paused until "
+                             "it had crossed")
         if opts.hook:
             report.hook_times.append(cp.hook)
         if not cp.committed:
@@ -559,7 +566,8 @@ class Protector:
         self.observer.say(plan.line(sum(self.sizes.values()), committed))
         try:
             done = checksum_sync(self.side, self.ctl, self._ranges(), self.sizes, committed,
-                                 self._progress("checksum sync", poll_rate=False), self.stop)
+                                 self._progress("checksum sync", poll_rate=False), self.stop,
+                                 rate=lambda: self.rate.speed)
         except QmpCommandError as e:
             raise SecondaryFailed(f"the checksum sync failed: {e.desc}") from None
         except ChecksumUnsupported as e:

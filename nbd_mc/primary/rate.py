@@ -9,15 +9,19 @@ writing a new value into the ``--rate-file`` (``echo 20M > FILE``): protect
 looks at the file's modification time at every checkpoint interval and at every
 progress report of a sync, so a change lands within about a quarter of a second.
 
+The checksum sync's own copies through libnbd (nbd_mc/primary/ranges.py) are no
+QEMU job: ``Pacer`` holds them to the same rate in protect's thread.
+
 What is not limited: a write-blocking mirror's guest writes in sync mode (they
 must reach the secondary before the guest goes on: limiting them would slow the
 guest, not the copy), the paused final round of a resync (the VM waits on it),
-and the checksum sync's own copies through libnbd (nbd_mc/primary/ranges.py).
+and a verify repair's copies (made with the VM paused: nbd_mc/primary/repair.py).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 from ..units import human_size, parse_size
 from .errors import QmpCommandError
@@ -103,3 +107,48 @@ class Rate:
             return None
         self.apply(qmp, ids)
         return f"  rate now {describe(self.speed)} (from {self.path})"
+
+
+class Pacer:
+    """Holds copies that protect makes itself (the checksum sync's libnbd writes) to
+    the rate, as QEMU's ``speed`` holds a job: after each copy, wait until the bytes
+    sent since the rate was last set would have taken that long at the rate.  Like
+    QEMU's limiter it lets one copy run ahead and waits after it, so the rate
+    holds over seconds, not per request.  Hand-written: a dozen lines that need
+    protect's own stop flag, not a library's thread.
+
+    State (protect's one thread): ``_start`` -- monotonic instant the count began
+    (None: unlimited so far); ``_sent`` -- bytes since then; ``_speed`` -- the rate
+    the count is for (a new rate starts a new count).  ``clock``/``sleep`` are
+    time.monotonic/time.sleep (replaceable in tests).
+    """
+
+    #: Longest single sleep: a stop request is seen within this.
+    SLICE = 0.1
+
+    def __init__(self, rate, clock=time.monotonic, sleep=time.sleep):
+        self.rate = rate  # callable: the rate in force (bytes/s, 0 unlimited)
+        self.clock, self.sleep = clock, sleep
+        self._start: float | None = None
+        self._sent = 0
+        self._speed = 0
+
+    def sent(self, n: int, stop=lambda: False) -> float:
+        """``n`` bytes were just copied: wait as the rate says (until ``stop()``);
+        returns the seconds waited."""
+        speed = self.rate()
+        now = self.clock()
+        if not speed:
+            self._start = None
+            return 0.0
+        if self._start is None or speed != self._speed:
+            self._start, self._sent, self._speed = now, 0, speed
+        self._sent += n
+        due = self._start + self._sent / speed
+        waited = 0.0
+        while now < due and not stop():
+            step = min(self.SLICE, due - now)
+            self.sleep(step)  # pacing a copy to the operator's rate, not synchronisation
+            waited += step
+            now = self.clock()
+        return waited

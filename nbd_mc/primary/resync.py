@@ -81,6 +81,7 @@ from .mirrors import (BACKUP_PREFIX, Mirrors, cancel_mirrors, job_progress,
 from .options import DriveSpec
 from .qmp import Qmp
 from .ranges import RangeWriter
+from .rate import Pacer
 from .side import PrimarySide
 
 #: Below this many dirty bytes the last round runs with the VM paused (its copy must
@@ -320,15 +321,18 @@ def _final_round(side: PrimarySide, source: str, k: int, ids) -> tuple[int, floa
 
 
 def checksum_sync(side: PrimarySide, ctl, writer: RangeWriter, sizes: dict[str, int],
-                  committed: int, progress=None, stop=lambda: False
+                  committed: int, progress=None, stop=lambda: False, rate=lambda: 0
                   ) -> tuple[Resync, Mirrors] | None:
     """The checksum sync (module docstring): bitmap R, the walk, the copy of what
     differs, then the incremental rounds from R and the write-blocking mirrors.
 
     ``side.drives`` name the secondary's disks (``export``), ``writer`` writes its
-    writer exports.  Returns None if ``stop()`` became true during the walk."""
+    writer exports.  ``rate()`` (--rate, bytes/s, 0 unlimited) holds the walk's copies
+    (rate.Pacer) and limits the incremental rounds' jobs.  Returns None if ``stop()``
+    became true during the walk."""
     qmp, drives, bitmaps = side.qmp, side.drives, side.bitmaps
     t0 = time.monotonic()
+    pacer = Pacer(rate)
     r_bitmap = checksum_name(bitmaps.group)
     qmp.cmd("transaction", actions=bitmaps.add_actions(r_bitmap))
     hashed = differing = 0
@@ -343,12 +347,13 @@ def checksum_sync(side: PrimarySide, ctl, writer: RangeWriter, sizes: dict[str, 
             for start, length in _differing(ctl, writer, d, off, n):
                 writer.write(d.drive, start, writer.read(d.drive, start, length))
                 differing += length
+                pacer.sent(length, stop)
             hashed += n
             done += n
             if progress:
                 progress(done, total)
     copied = writer.written
-    r, mirrors = incremental(side, committed, None, stop, source=r_bitmap)
+    r, mirrors = incremental(side, committed, None, stop, source=r_bitmap, speed=rate())
     r.mode = "checksum"
     r.hashed = hashed
     r.differing = differing

@@ -143,11 +143,12 @@ def kick(qmp: Qmp, drives: list[DriveSpec]) -> None:
             pass
 
 
-def drain(qmp: Qmp, mirrors: Mirrors, stall_timeout: float) -> Backlog:
+def drain(qmp: Qmp, mirrors: Mirrors, stall_timeout: float, shipper=None) -> Backlog:
     """With the VM stopped: wait until the background mirrors have put everything
     on the secondary.  As long as the copy progresses, however slowly (a forced
     checkpoint on a slow link: back-pressure), it waits; no progress for
-    ``stall_timeout`` is a stalled secondary."""
+    ``stall_timeout`` is a stalled secondary.  ``shipper`` (Shipper) is told the
+    backlog found with the VM stopped (``Shipper.stopped``)."""
     kick(qmp, mirrors.drives)
     poll = DRAIN_POLL_FIRST
     last, progressed = None, time.monotonic()
@@ -156,6 +157,8 @@ def drain(qmp: Qmp, mirrors: Mirrors, stall_timeout: float) -> Backlog:
         b = backlog(qmp, mirrors.drives)
         if b.problem:
             raise SecondaryFailed(b.problem)
+        if last is None and shipper is not None:
+            shipper.stopped(b)
         if b.left == 0:
             return b
         now = time.monotonic()
@@ -221,7 +224,10 @@ class Shipper:
     the mirrors moved while they had a backlog (EWMA), None until measured;
     ``last`` -- the previous (instant, Backlog) sample; ``lags`` -- the lag at
     every look (for the report); ``extended``/``forced`` -- counts;
-    ``behind`` -- an episode of extending is going on (one console line each).
+    ``behind`` -- an episode of extending is going on (one console line each);
+    ``action`` -- the last decision; ``late`` -- set by ``stopped`` when a "go"
+    checkpoint found a large backlog once the VM was stopped (the bytes), taken
+    by protect (``take_late``) to count and say it.
     """
 
     max_lag: float | None
@@ -232,6 +238,8 @@ class Shipper:
     extended: int = 0
     forced: int = 0
     behind: bool = False
+    action: str | None = None
+    late: int | None = None
 
     def lag(self, now: float | None = None) -> float:
         if self.cut_at is None:
@@ -258,17 +266,38 @@ class Shipper:
             eta = b.left / self.throughput
         else:
             eta = float("inf")
+        self.action = "go"
         if b.problem or eta <= PAUSE_TARGET:
             return Decision("go", b, lag, eta)  # (a problem: the checkpoint says what)
         known = 0.0 if eta == float("inf") else eta
         if self.max_lag is not None and self.cut_at is not None and \
                 lag + known >= self.max_lag:
             self.forced += 1
+            self.action = "force"
             return Decision("force", b, lag, eta)
+        self.action = "extend"
         self.extended += 1
         if b.dirty:  # the job may be in its idle sleep with writes waiting: start them
             kick(qmp, drives)
         return Decision("extend", b, lag, eta)
+
+    def stopped(self, b: Backlog) -> None:
+        """The first backlog of a checkpoint's drain, with the VM stopped.  After a
+        "go" it should be small, but the guest goes on writing between the look
+        and the ``stop`` (QMP round trips; seconds on a loaded host): what it
+        wrote then is shipped with the VM paused, at the link's pace.  That is
+        back-pressure too, unannounced by ``decide``; recorded here so protect
+        counts and says it (``take_late``) instead of a silent long pause."""
+        if self.action != "go" or b.left <= PAUSE_BYTES:
+            return
+        if self.throughput and b.left / self.throughput <= PAUSE_TARGET:
+            return
+        self.late = b.left
+
+    def take_late(self) -> int | None:
+        """The bytes a "go" checkpoint found to ship with the VM paused (None: none)."""
+        late, self.late = self.late, None
+        return late
 
     def committed(self, cut_at: float) -> None:
         self.cut_at = cut_at

@@ -154,6 +154,46 @@ class HostSpace:
             self._metadata_index = (len(self.permanent), by_block)
         return self._metadata_index[1]
 
+    def reclaim_leaks(self, referenced: set) -> int:
+        """Set refcount 0 for every cluster that counts but that nothing references
+        (neither metadata nor in ``referenced``, the clusters the L1/L2 tables point
+        at as read at open): the leaks a preserve interrupted between its refcount
+        write and its L1/L2 writes leaves.  Returns how many were cleared.
+
+        The undo overlay never needs this (its next drop rewrites the refcounts);
+        a history layer is never dropped, so recovery calls it (docs/history.md).
+        Safe at any instant: a cleared cluster is referenced by nothing, and only
+        a later allocation references it again, after writing its refcount anew.
+        """
+        E = self.geo.refblock_entries
+        by_block: dict = {}
+        for c in referenced:
+            by_block.setdefault(c // E, []).append(c % E)
+        cleared = 0
+        for block, off in sorted(self.refblocks.items()):
+            want = bytearray(self.clean_block(block))
+            for i in by_block.get(block, ()):
+                want[i * 2:i * 2 + 2] = REFCOUNT_ONE
+            have = os.pread(self.fd, self.cluster_size, off)
+            if have == want:
+                continue
+            leaks = [i for i in range(E) if have[i * 2:i * 2 + 2] != b"\0\0"
+                     and want[i * 2:i * 2 + 2] == b"\0\0"]
+            for start, n in _runs(leaks):
+                pwrite_all(self.fd, [zeros(n * 2)], off + start * 2)
+            cleared += len(leaks)
+        return cleared
+
+    def cut_tail(self) -> None:
+        """Cut the file after the allocation cursor (right after open: past every
+        referenced cluster and all metadata), once ``reclaim_leaks`` has cleared the
+        refcounts there: leaked data no longer holds space."""
+        end = max(self.cursor, max(self.permanent) + 1)
+        if self.file_clusters > end:
+            os.ftruncate(self.fd, end * self.cluster_size)
+            self.file_clusters = end
+            self.top = end
+
     def counts_only_metadata(self) -> bool:
         """No cluster but metadata has a refcount (no undo, no leaks)."""
         for block, off in self.refblocks.items():

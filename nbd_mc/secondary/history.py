@@ -231,7 +231,8 @@ class History:
         Unlisted layer files are deleted (finish_recover, once the state lists
         the result), after the newest listed layer has been pointed back at the
         image (a crash between creating a layer and the state write that lists it
-        leaves the newest backing onto that empty layer).
+        leaves the newest backing onto that empty layer) and has given back the
+        clusters a crashed copy into it had allocated (``_reclaim``).
         """
         history = list(state.history)
         if state.history_policy is None or state.role == "primary":
@@ -243,6 +244,7 @@ class History:
         if history:  # only the newest is ever rebased (at the next retain)
             for d in self.disks:
                 self._fix_backing(d, history, len(history) - 1)
+                self._reclaim(d, history[-1][0])
         if crashpoints.ARMED and self._stray_files({(d.name, n) for d in self.disks
                                                    for n, _t in history}):
             crashpoints.reached("history.recover-before-unlink")
@@ -254,6 +256,19 @@ class History:
     def finish_recover(self, state) -> None:
         """After the state lists what ``recover`` kept: delete everything else."""
         self._unlink(self._stray_files({(d.name, n) for d in self.disks for n, _t in state.history}))
+
+    def _reclaim(self, d, epoch: int) -> None:
+        """The newest layer is the only one written into: a kill -9 in the middle
+        of a copy into it leaves clusters allocated (refcount 1) that no L2 entry
+        references yet.  The undo overlay's next drop cleans such leaks; a layer
+        is never dropped, so they are given back here, or the layer would keep
+        them (``qemu-img check`` exit 3) until it expires."""
+        path = self.path(d, epoch)
+        lay = qcow2.UndoOverlay(path, d.fd, expected_size=d.size, expected_image=d.spec.image)
+        try:
+            lay.reclaim_leaks()
+        finally:
+            lay.close()
 
     def _fix_backing(self, d, history: list, i: int) -> None:
         path = self.path(d, history[i][0])

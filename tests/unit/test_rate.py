@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from nbd_mc.primary.rate import Rate, describe, parse_rate
+from nbd_mc.primary.rate import Pacer, Rate, describe, parse_rate
 
 
 @pytest.mark.parametrize("text,rate", [("20M", 20 << 20), ("512K", 512 << 10),
@@ -37,3 +37,62 @@ def test_rate_file(tmp_path):
     assert not r.reload() and r.speed == 1 << 20 and "bogus" in r.error
     path.write_text("0")
     assert r.reload() and r.speed == 0 and r.error is None
+
+
+class FakeClock:
+    """time.monotonic and time.sleep of a clock that moves only when slept on (or
+    when the test says a copy took time): the pacing is checked exactly."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def clock(self):
+        return self.now
+
+    def sleep(self, s):
+        self.now += s
+
+
+def test_pacer_holds_copies_to_the_rate():
+    """The checksum sync's own copies: 40 copies of 1 MiB at 4 MiB/s take 10 s of
+    the (fake) clock, whatever each copy itself took; a new rate starts a new
+    count; 0 waits for nothing; a stop request ends a wait."""
+    t = FakeClock()
+    rate = [4 << 20]
+    p = Pacer(lambda: rate[0], t.clock, t.sleep)
+    start = t.now
+    for _ in range(40):
+        t.now += 0.01  # the copy itself
+        p.sent(1 << 20)
+    # (the count starts as the first copy is reported: its own 0.01 s comes first)
+    assert t.now - start == pytest.approx(0.01 + (40 << 20) / (4 << 20))
+    rate[0] = 1 << 20  # the --rate-file changed
+    start = t.now
+    p.sent(2 << 20)
+    assert t.now - start == pytest.approx(2.0)
+    rate[0] = 0
+    start = t.now
+    assert p.sent(64 << 20) == 0 and t.now == start
+    rate[0] = 1 << 20
+    calls = []
+    assert p.sent(8 << 20, stop=lambda: calls.append(1) or len(calls) > 3) == \
+        pytest.approx(3 * Pacer.SLICE)
+
+
+def test_a_go_checkpoint_that_finds_a_large_backlog_once_stopped_is_back_pressure():
+    """shipping.Shipper: after a "go" look, the guest may write on until the stop;
+    a large backlog found then is back-pressure to count and say (take_late),
+    once; a small one, or one after a forced checkpoint (already counted), is not."""
+    from nbd_mc.primary.shipping import PAUSE_BYTES, Backlog, Shipper
+    sh = Shipper(max_lag=1.0)
+    sh.action = "go"
+    sh.stopped(Backlog(dirty=PAUSE_BYTES))
+    assert sh.take_late() is None
+    sh.stopped(Backlog(dirty=6 << 20, copying=1 << 20))
+    assert sh.take_late() == 7 << 20 and sh.take_late() is None
+    sh.throughput = 1e12  # crosses in no time at the measured throughput: not a wait
+    sh.stopped(Backlog(dirty=6 << 20))
+    assert sh.take_late() is None
+    sh.throughput, sh.action = None, "force"
+    sh.stopped(Backlog(dirty=6 << 20))
+    assert sh.take_late() is None
