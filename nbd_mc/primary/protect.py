@@ -343,7 +343,7 @@ class Protector:
         late = self.shipper.take_late() if self.shipper is not None else None
         if late is not None:  # the guest wrote between the look and the stop
             report.backpressure += 1
-            self.console.say(f"  epoch {self.epoch}: {_mib(late)} written just before the "
+            self.observer.say(f"  epoch {self.epoch}: {_mib(late)} written just before the "
                              "checkpoint still to ship: back-pressure, the VM paused until "
                              "it had crossed")
         if opts.hook:
