@@ -344,8 +344,8 @@ class Protector:
         if late is not None:  # the guest wrote between the look and the stop
             report.backpressure += 1
             self.observer.say(f"  epoch {self.epoch}: {_mib(late)} written just before the "
-                             "checkpoint still to ship: back-pressure, the VM paused until "
-                             "it had crossed")
+                              "checkpoint still to ship: back-pressure, the VM paused until "
+                              "it had crossed")
         if opts.hook:
             report.hook_times.append(cp.hook)
         if not cp.committed:
