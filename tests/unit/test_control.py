@@ -26,7 +26,7 @@ from nbd_mc.control import (AfterReply, ControlClient, ControlError, ControlProt
                             ControlServer)
 from nbd_mc.tls import TlsFiles
 from nbd_mc.errors import CommandNotFound, EpochMismatch
-from support.servers import connect_as_children
+from support.servers import connect_as_children, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 MAKE_CERTS = REPO / "tools" / "make-certs.sh"
@@ -1168,12 +1168,23 @@ def test_idle_local_processes_cannot_lock_out_a_new_one(make_server):
         s.close()
 
 
+def _wait_idle(server, n: int) -> None:
+    """Until the server counts ``n`` connections idle (between requests)."""
+    def idle():
+        with server._lock:
+            return sum(not c.busy for c in server._clients) >= n
+    wait_until(idle, f"{n} idle control connections", timeout=WIRE_TIMEOUT)
+
+
 def test_a_connection_in_the_middle_of_a_request_is_never_displaced(make_server, counter):
     server = make_server(max_clients=2, max_per_peer=2)
     hogs = connect_as_children(server.address, 2, 2)
     for s in hogs:
         s.settimeout(WIRE_TIMEOUT)
         assert b'"nbd-mc"' in s.recv(65536)
+    # the greeting is on the wire before its thread marks the connection idle (it is
+    # busy while written to, so that no displacement writes over it): wait for that
+    _wait_idle(server, 2)
     hogs[0].sendall(b'{"execute":"wait","id":1}\n')
     assert counter.entered.wait(WIRE_TIMEOUT)
     client = ControlClient(server.address, timeout=WIRE_TIMEOUT)   # displaces hogs[1]
