@@ -22,15 +22,27 @@
 SOAK_SECONDS ?= 600
 HARM_CYCLES ?= 200
 SOAK_DIR := build/soak
+# The classes run two at a time (pytest-xdist: SOAK_WORKERS workers, each test sent
+# to whichever is free; the crash and power-loss sweeps are split into parts that are
+# tests of their own); the two guest soaks, which count VM pauses and time guest I/O,
+# run after them on their own (SOAK_SERIAL_TESTS). Either list can be overridden to
+# run one class: make soak SOAK_TESTS=tests/system/test_powerloss.py SOAK_SERIAL_TESTS=
+SOAK_WORKERS ?= 2
 SOAK_TESTS := $(addprefix tests/system/,test_load.py test_crash_matrix.py test_powerloss.py \
 	test_faults.py test_corrupt.py test_hostile.py test_tls.py test_fencing.py test_resync.py \
-	test_writer.py test_verify.py test_chaos.py test_guestharm.py test_deb.py)
+	test_writer.py test_verify.py test_deb.py)
+SOAK_SERIAL_TESTS := $(addprefix tests/system/,test_chaos.py test_guestharm.py)
+SOAK_PYTEST = PATH=$(CURDIR)/$(VENV)/bin:/usr/bin:$$PATH NBD_MC_SOAK_SECONDS=$(SOAK_SECONDS) \
+	  NBD_MC_CRASH_SWEEP=1 NBD_MC_FUZZ_EXAMPLES=3000 NBD_MC_OUTAGES=30 NBD_MC_HARM_CYCLES=$(HARM_CYCLES) \
+	  NBD_MC_REPORT=$(CURDIR)/$(SOAK_DIR)/report.jsonl \
+	  $(PY) -m pytest -q -s -p no:cacheprovider --timeout=0
 
 soak: setup
 	@mkdir -p $(SOAK_DIR) && rm -f $(SOAK_DIR)/report.jsonl
-	@PATH=$(CURDIR)/$(VENV)/bin:/usr/bin:$$PATH NBD_MC_SOAK_SECONDS=$(SOAK_SECONDS) \
-	  NBD_MC_CRASH_SWEEP=1 NBD_MC_FUZZ_EXAMPLES=3000 NBD_MC_OUTAGES=30 NBD_MC_HARM_CYCLES=$(HARM_CYCLES) \
-	  NBD_MC_REPORT=$(CURDIR)/$(SOAK_DIR)/report.jsonl \
-	  $(PY) -m pytest -q -s -p no:cacheprovider --timeout=0 $(SOAK_TESTS); status=$$?; \
+	@status=0; \
+	  if [ -n "$(strip $(SOAK_TESTS))" ]; then \
+	    $(SOAK_PYTEST) -n $(SOAK_WORKERS) --dist load $(SOAK_TESTS) || status=$$?; fi; \
+	  if [ -n "$(strip $(SOAK_SERIAL_TESTS))" ]; then \
+	    $(SOAK_PYTEST) $(SOAK_SERIAL_TESTS) || status=$$?; fi; \
 	  $(PY) tests/support/reliability.py $(SOAK_DIR)/report.jsonl | tee $(SOAK_DIR)/report.md; \
 	  exit $$status
