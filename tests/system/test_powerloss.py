@@ -124,13 +124,24 @@ def full_power_trials() -> list[PowerTrial]:
 
 
 def power_sweep_part(trials: list[PowerTrial], part: int) -> list[PowerTrial]:
-    """Part ``part`` of SWEEP_PARTS: every SWEEP_PARTS-th crash-point trial, and the
-    random-instant runs two by two (seeds 2k and 2k+1: one recovered offline, one
-    by a restart that reads a promoted group through its writer exports)."""
-    points = [t for t in trials if t.point is not None]
+    """Part ``part`` of SWEEP_PARTS, the parts about equally long: the trials, most
+    crash states first, each go to the part with the fewest so far.  The random-instant
+    runs go two by two (seeds 2k and 2k+1: one recovered offline, one by a restart that
+    reads a promoted group through its writer exports), so every part has both."""
+    def states(unit):  # the crash states a unit of trials explores
+        return sum((1 + t.samples + t.recovery_samples) * len(t.cuts) for t in unit)
+
     runs = [t for t in trials if t.point is None]
-    return points[part::SWEEP_PARTS] + [t for i, t in enumerate(runs)
-                                        if (i // 2) % SWEEP_PARTS == part]
+    units = [[t] for t in trials if t.point is not None] + \
+        [runs[i:i + 2] for i in range(0, len(runs), 2)]
+    units.sort(key=states, reverse=True)  # stable: ties keep the plan's order
+    load, mine = [0] * SWEEP_PARTS, []
+    for unit in units:
+        k = load.index(min(load))
+        load[k] += states(unit)
+        if k == part:
+            mine += unit
+    return mine
 
 
 def full_power_sweep(workdir, part):
@@ -162,6 +173,7 @@ def test_the_sweep_parts_are_the_whole_sweep():
     parts = [power_sweep_part(trials, k) for k in range(SWEEP_PARTS)]
     assert sorted(map(str, sum(parts, []))) == sorted(map(str, trials))
     assert all(any(t.point is None and t.recovery == "serve" for t in p) for p in parts)
+    assert all(any(t.point is None and t.recovery == "recover" for t in p) for p in parts)
 
 
 if os.environ.get("NBD_MC_CRASH_SWEEP"):  # `make soak` only: collected, never skipped
