@@ -247,7 +247,7 @@ def _run(srv: Server, trial: Trial, res: Result, initial: dict, tdir: str) -> No
         else:
             if status["role"] != "primary" or status["committed"] != model.epoch:
                 _fail(f"after failover: {status}")
-    srv.wait_dead() if res.killed else srv.stop()
+    srv.wait_dead() if res.killed else srv.quit()
     _check_after_crash(srv, trial, res, model, inflight, tdir, failover_to, handed)
 
 
@@ -396,7 +396,7 @@ def _check_after_crash(srv: Server, trial: Trial, res: Result, model: GroupModel
         if trial.second:
             r = srv.start(with_disks=False, crashpoint=trial.second, check=False)
             if r.returncode == 0:  # recovery did not pass the point: stop, go on unarmed
-                srv.stop()
+                srv.quit()
             else:
                 res.second_killed = True
                 wait_until(lambda: not lock_held(srv.state_dir), "the killed restart to let go")
@@ -407,7 +407,7 @@ def _check_after_crash(srv: Server, trial: Trial, res: Result, model: GroupModel
         if not res.second_killed:
             srv.start(with_disks=False)
             res.read_through = _check_served(srv, state, committed, expected)
-            srv.stop()
+            srv.quit()
             _check_overlays(srv, tdir, exact, clean=True, when="after restart")
             _check_images(srv, expected, "after restart")
             _check_layers(srv, tdir, history, "after restart")
