@@ -2,12 +2,16 @@
 #   * load: 8 connections of mixed I/O, a commit every 50 ms, quiesced commit and
 #     rollback cycles checked byte for byte; SOAK_SECONDS in each durability mode;
 #   * crash matrix: every crash point at hit counts 1..6 (two seeds, both modes,
-#     both recovery paths), restarts killed inside recovery, and "*:N" for
-#     N = 1, 2, ... until the workload runs to its end;
+#     both recovery paths; a point's hit counts stop at the first one its workload
+#     never reached), restarts killed inside recovery, and "*:N" for
+#     N = 1, 2, ... until the workload runs to its end (about 830 points a run);
+#     in 4 + 6 parts (tests of their own);
 #   * power loss (tests/system/test_powerloss.py): every crash point at hit counts 1..4 (a
 #     second cut inside the recovery of each hit-1 cut) and
 #     random instants of 20 runs, cut on a file system that forgets what was not
-#     made durable; the same in process mode, where violations are expected;
+#     made durable, the states after each run's final failover read back as its
+#     users read them (the image files; a restarted server's writer exports); in 8 parts; the same in process mode, where violations
+#     are expected;
 #   * the fault, corrupt-file, hostile-input (fuzz x10), TLS and fencing tests;
 #   * one writer (claims racing writers) and online verify (sectors corrupted
 #     behind the server's back, found exactly), for SOAK_SECONDS each;

@@ -6,7 +6,8 @@ as one JSON line; `python tests/support/reliability.py FILE` prints them as a ta
 A long class run in parts (tests of their own, spread over pytest-xdist's workers,
 each recording its figures as soon as it ends) records one line per part, with the
 same class name and a figure ``part``: the table adds the parts up into one row
-(numbers summed, a figure named ``*_max`` by its maximum) and says how many it saw,
+(numbers summed, a figure named ``*_max`` by its maximum, lists joined into the
+set of their items, printed as its size) and says how many it saw,
 so a part that never ran shows as a smaller ``parts``.
 """
 
@@ -45,10 +46,12 @@ def merged(rows: list[dict]) -> list[dict]:
             continue
         m["parts"] += 1
         for k, v in r.items():
-            if k in ("class", "time", "part") or not isinstance(v, (int, float)) \
-                    or isinstance(v, bool):
+            if k in ("class", "time", "part") or isinstance(v, bool):
                 continue
-            m[k] = max(m.get(k, v), v) if k.endswith("_max") else m.get(k, 0) + v
+            if isinstance(v, list):
+                m[k] = sorted(set(m.get(k, [])) | set(v))
+            elif isinstance(v, (int, float)):
+                m[k] = max(m.get(k, v), v) if k.endswith("_max") else m.get(k, 0) + v
     return out
 
 
@@ -56,8 +59,8 @@ def table(path: str) -> str:
     rows = merged([json.loads(line) for line in open(path) if line.strip()])
     out = ["| fault or input class | cases | failures | figures |", "|---|---:|---:|---|"]
     for r in rows:
-        extra = ", ".join(f"{k}={v}" for k, v in r.items()
-                          if k not in ("class", "cases", "failures", "time"))
+        extra = ", ".join(f"{k}={len(v) if 'parts' in r and isinstance(v, list) else v}"
+                          for k, v in r.items() if k not in ("class", "cases", "failures", "time"))
         out.append(f"| {r['class']} | {r['cases']} | {r['failures']} | {extra} |")
     return "\n".join(out)
 
