@@ -27,6 +27,7 @@ import pytest
 from nbd_mc.control import ControlClient
 from nbd_mc.statedir import StateDir
 from nbd_mc.secondary.launch import pid_alive  # noqa: F401  (re-exported for callers of this module)
+from nbd_mc.secondary.state import lock_held
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VENV_BIN = os.path.dirname(sys.executable)
@@ -355,6 +356,27 @@ class Server:
                 os.kill(self.pid, signal.SIGKILL)
             pid = self.pid
             wait_until(lambda: not pid_alive(pid), f"nbdkit pid {pid} to stop")
+        self.pid = None
+
+    def quit(self) -> None:
+        """Stop the server cleanly as `nbd-mc stop` does -- the control command quit --
+        but over the control connection the test already holds, then wait until nbdkit
+        is gone and has let go of the state directory.  The crash and power-loss sweeps
+        stop a server after every crash state they check (thousands of times): a CLI
+        process starting costs seconds on a loaded machine.  `nbd-mc stop` itself is
+        tested by system/test_cli.py and every test that calls stop()."""
+        if self.pid is None or not pid_alive(self.pid):
+            return self.stop()
+        pid = self.pid
+        control = self.control()
+        self._control = None
+        self.close_clients()  # the NBD clients go first, as before `nbd-mc stop`
+        try:
+            control.execute("quit")
+        finally:
+            control.close()
+        wait_until(lambda: not pid_alive(pid) and not lock_held(self.state_dir),
+                   f"nbdkit pid {pid} to quit")
         self.pid = None
 
     def kill_all(self) -> None:

@@ -5,7 +5,7 @@ The short version here covers every point of nbd_mc.crashpoints in each mode at
 least once (hit counts and the recovery path -- offline `recover` or restarting
 `serve` -- vary), a few "any point" kills, and restarts that crash again inside
 their own recovery.  `make soak` runs tests/support/crash_driver.full_plan and the
-open-ended "*" sweep.  Power loss itself is not simulated (see the report).
+open-ended "*" sweep, in parts (full_sweep_named, full_sweep_any).  Power loss itself is not simulated (see the report).
 """
 
 from __future__ import annotations
@@ -66,28 +66,58 @@ def test_every_crash_point_in_both_modes(workdir):  # noqa: F811
     assert not plugin_pids(workdir + "/")
 
 
-def full_sweep(workdir):  # noqa: F811
-    """`make soak`: every named point at several hit counts, then "*:N" for
-    N = 1, 2, ... until the workload runs to its end without being killed."""
-    results = run_plan(workdir, crash_driver.full_plan())
-    for mode in ("process", "power"):
-        n = 1
-        while True:
-            batch = run_plan(workdir, [Trial("*", n + k, mode, seed=n + k,
-                                             recovery="serve" if (n + k) % 2 else "recover")
-                                       for k in range(PARALLEL * 4)])
-            results += batch
-            n += len(batch)
-            if not all(r.killed for r in batch) or n > 2000:
-                break
+#: `make soak` runs the full sweep as tests of their own, so that pytest-xdist spreads
+#: them over its workers and each records its figures as soon as it ends (the report
+#: adds them up into one row): the named points per (seed, mode), and the "*" sweep
+#: of each mode in ANY_PARTS interleaved parts.
+NAMED_PARTS = [(seed, mode) for seed in (1, 2) for mode in ("process", "power")]
+ANY_PARTS = 3
+
+
+def _record_full(results, **figures) -> None:
+    record("crash matrix (full sweep)", len(results), sum(not r.ok for r in results),
+           killed_at=sorted({r.trial.point for r in results if r.killed and r.trial.point != "*"}),
+           killed=sum(r.killed for r in results),
+           second_kills=sum(r.second_killed for r in results), **figures)
+
+
+def full_sweep_named(workdir, seed, mode):
+    """Every named point at hit counts 1..6 (each point's chain ends at the first
+    hit its workload never reached: crash_driver.full_plan), and restarts killed
+    inside their recovery."""
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        chains = crash_driver.full_plan((seed,), (mode,))
+        results = sum(pool.map(lambda c: crash_driver.run_chain(workdir, c), chains), [])
     summary = summarise(results)
     print(summary)
-    record("crash matrix (full sweep)", len(results), sum(not r.ok for r in results),
-           kill_points=len({r.trial.point for r in results if r.killed}),
-           killed=sum(r.killed for r in results),
-           any_point_max=n)
+    _record_full(results, part=f"{mode} seed {seed}")
+    assert all(r.ok for r in results), summary
+    assert {r.trial.point for r in results if r.killed} >= set(crash_driver.POINTS), summary
+
+
+def full_sweep_any(workdir, mode, part):
+    """"*:N" (the server killed at the N-th point it passes, whatever its name) for
+    N = part + 1, part + 1 + ANY_PARTS, ... until the workload runs to its end
+    without being killed (each N with its own seed: a different workload)."""
+    results = []
+    n = part + 1
+    while True:
+        ns = [n + k * ANY_PARTS for k in range(PARALLEL * 2)]
+        batch = run_plan(workdir, [Trial("*", m, mode, seed=m,
+                                         recovery="serve" if m % 2 else "recover")
+                                   for m in ns])
+        results += batch
+        n = ns[-1] + ANY_PARTS
+        if not all(r.killed for r in batch) or n > 2000:
+            break
+    summary = summarise(results)
+    print(summary)
+    _record_full(results, any_point_max=max(r.trial.hit for r in results if r.killed),
+                 part=f"{mode} * {part}")
     assert all(r.ok for r in results), summary
 
 
 if os.environ.get("NBD_MC_CRASH_SWEEP"):  # `make soak` only: collected, never skipped
-    test_full_sweep = full_sweep
+    test_full_sweep_named = pytest.mark.parametrize("seed,mode", NAMED_PARTS)(full_sweep_named)
+    test_full_sweep_any = pytest.mark.parametrize("mode", ("process", "power"))(
+        pytest.mark.parametrize("part", range(ANY_PARTS))(full_sweep_any))

@@ -102,10 +102,16 @@ def test_process_mode_loses_a_commit_under_power_loss(workdir):
     assert r.ok and r.cuts[0].committed == 6 - crash_driver.BACK, summarise([r])
 
 
-def full_power_sweep(workdir):
-    """`make soak`: every point at hit counts 1..4 in both recovery paths, and
-    random instants of many whole runs; then the same in ``process`` mode, where
-    violations are expected (recorded, not asserted: they show the cut bites)."""
+#: `make soak` runs the full sweep in this many parts (tests of their own, so that
+#: pytest-xdist spreads them over its workers and each part's figures are recorded
+#: as soon as it ends; reliability.py adds the parts up into one row).
+SWEEP_PARTS = 8
+
+
+def full_power_trials() -> list[PowerTrial]:
+    """The full sweep: every point at hit counts 1..4 in both recovery paths (a second
+    cut inside the recovery of each hit-1 cut), and random instants of 20 whole
+    runs, each ending with a failover --to-epoch."""
     trials = []
     for point in crash_driver.POINTS:
         for hit in range(1, 5):
@@ -114,21 +120,62 @@ def full_power_sweep(workdir):
                                      recovery_samples=6 if hit == 1 else 0))
     trials += [PowerTrial(None, "power", seed, samples=12,
                           recovery="serve" if seed % 2 else "recover") for seed in range(20)]
-    results = run_plan(workdir, trials)
+    return trials
+
+
+def power_sweep_part(trials: list[PowerTrial], part: int) -> list[PowerTrial]:
+    """Part ``part`` of SWEEP_PARTS, the parts about equally long: the trials, most
+    crash states first, each go to the part with the fewest so far.  The random-instant
+    runs go two by two (seeds 2k and 2k+1: one recovered offline, one by a restart that
+    reads a promoted group through its writer exports), so every part has both."""
+    def states(unit):  # the crash states a unit of trials explores
+        return sum((1 + t.samples + t.recovery_samples) * len(t.cuts) for t in unit)
+
+    runs = [t for t in trials if t.point is None]
+    units = [[t] for t in trials if t.point is not None] + \
+        [runs[i:i + 2] for i in range(0, len(runs), 2)]
+    units.sort(key=states, reverse=True)  # stable: ties keep the plan's order
+    load, mine = [0] * SWEEP_PARTS, []
+    for unit in units:
+        k = load.index(min(load))
+        load[k] += states(unit)
+        if k == part:
+            mine += unit
+    return mine
+
+
+def full_power_sweep(workdir, part):
+    """`make soak`, one part of the full sweep (full_power_trials)."""
+    results = run_plan(workdir, power_sweep_part(full_power_trials(), part))
     summary = summarise(results)
     print(summary)
     promoted, served = promoted_states(results)
     record("power loss (full)", sum(len(r.cuts) for r in results),
            sum(len(r.violations) for r in results), runs=len(results),
-           after_failover=promoted, via_writer_export=served)
+           after_failover=promoted, via_writer_export=served, part=part)
+    assert all(r.ok for r in results), summary
+    assert served, "no crash state after a failover was read through a writer export"
+
+
+def full_process_sweep(workdir):
+    """`make soak`: the random instants in ``process`` mode, where violations are
+    expected (recorded, not asserted per state: they show the cut bites)."""
     proc = run_plan(workdir, [PowerTrial(None, "process", seed, samples=6) for seed in range(6)])
     print("process mode:", summarise(proc).splitlines()[0])
     record("power loss, process mode (violations expected)", sum(len(r.cuts) for r in proc),
            sum(len(r.violations) for r in proc), runs=len(proc))
-    assert all(r.ok for r in results), summary
-    assert served, "no crash state after a failover was read through a writer export"
     assert any(r.violations for r in proc)
 
 
+def test_the_sweep_parts_are_the_whole_sweep():
+    """Splitting the full sweep loses and repeats no trial."""
+    trials = full_power_trials()
+    parts = [power_sweep_part(trials, k) for k in range(SWEEP_PARTS)]
+    assert sorted(map(str, sum(parts, []))) == sorted(map(str, trials))
+    assert all(any(t.point is None and t.recovery == "serve" for t in p) for p in parts)
+    assert all(any(t.point is None and t.recovery == "recover" for t in p) for p in parts)
+
+
 if os.environ.get("NBD_MC_CRASH_SWEEP"):  # `make soak` only: collected, never skipped
-    test_full_power_sweep = full_power_sweep
+    test_full_power_sweep = pytest.mark.parametrize("part", range(SWEEP_PARTS))(full_power_sweep)
+    test_full_process_sweep = full_process_sweep
