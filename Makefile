@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 # the system's QEMU first, then the QEMU-facing tests on QEMU 10.0 (mk/qemu.mk)
 test: setup
-	PATH=$(CURDIR)/$(VENV)/bin:/usr/bin:$$PATH $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	PATH=$(CURDIR)/$(VENV)/bin:/usr/bin:$$PATH $(PY) -m pytest -n 2 $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory test-qemu10
 
 demo: setup

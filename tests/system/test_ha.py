@@ -27,9 +27,7 @@ import pytest
 
 from support.servers import pid_alive, short_tmpdir
 
-# Pacemaker stories use fixed namespace names (node1..), addresses and node paths:
-# one at a time, on one xdist worker (make test runs --dist loadgroup)
-pytestmark = [pytest.mark.qemu, pytest.mark.xdist_group("pacemaker")]
+pytestmark = pytest.mark.qemu
 
 REPO = Path(__file__).resolve().parents[2]
 AGENTS = ("replica", "protect", "qemu")
