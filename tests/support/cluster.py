@@ -10,7 +10,10 @@ bind-mounted from ``ROOT/<node>/``.  Everything else of the file system is
 shared, like two hosts with the same software installed.
 
 Two checkouts on one machine may run their clusters at the same time: the
-namespaces' names carry a hash of the checkout's path, and each node bind-mounts
+namespaces' names carry a hash of the checkout's path (within one checkout, one
+cluster at a time: :meth:`Cluster.start` waits for a lock on ``LOCK``, which
+:meth:`Cluster.stop` releases, so that `make test`'s two xdist workers never run
+two stories at once), and each node bind-mounts
 its own copy of the nbd-mc OCF agents (wrappers that run this checkout's
 ``ha/*.py``) over ``/usr/lib/ocf/resource.d/nbd-mc``, so another checkout's
 ``make setup`` cannot swap the agents under a running cluster.
@@ -33,6 +36,7 @@ thread.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -53,6 +57,7 @@ OCF_AGENTS = "/usr/lib/ocf/resource.d/nbd-mc"  # where Pacemaker looks for ocf:n
 VETH = "nbdmc-v"  # + the node's number: its end of the veth; the hub's end is "p" + number
 BRIDGE = "nbdmc-br"  # in the hub namespace, NS_PREFIX + "hub"
 POLL = 0.1
+LOCK = f"/run/lock/{NS_PREFIX}cluster.lock"  # one cluster per checkout at a time
 VENV_BIN = os.path.dirname(os.path.abspath(sys.executable))  # nbd-mc for Node.sh
 
 COROSYNC_CONF = """\
@@ -320,6 +325,7 @@ class Cluster:
                               agents=agents, members=names)
                       for n in names}
         self.hub = NS_PREFIX + "hub"  # the namespace of the bridge the nodes' veths meet on
+        self._lock = None  # the open LOCK file while this cluster runs (start..stop)
 
     def write_agents(self) -> None:
         """The wrappers tools/setup-ha.sh installs, for this checkout only."""
@@ -383,6 +389,11 @@ class Cluster:
 
     # --- life cycle ---------------------------------------------------------------------
     def start(self, timeout: float = 90) -> None:
+        # the namespaces' names are this checkout's: wait for another story of it
+        # (the other xdist worker) to end; the test's own timeout bounds the wait
+        os.makedirs(os.path.dirname(LOCK), exist_ok=True)
+        self._lock = open(LOCK, "w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         self.setup_network()
         self.write_agents()
         for node in self.nodes.values():
@@ -399,6 +410,9 @@ class Cluster:
         self.teardown_network()
         if FENCE_INSTALLED.is_symlink() and FENCE_INSTALLED.resolve() == FENCE_AGENT:
             FENCE_INSTALLED.unlink()
+        if self._lock is not None:
+            self._lock.close()  # (closing releases the flock)
+            self._lock = None
 
     def restart(self, name: str, timeout: float = 90) -> None:
         """Bring a killed node back: fresh /run (nothing running), same disks and CIB dir."""
