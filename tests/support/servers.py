@@ -9,6 +9,7 @@ that imports them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -186,6 +187,35 @@ class GroupModel:
 
 
 # --- NBD clients ----------------------------------------------------------------------
+@contextlib.contextmanager
+def group_on_images(tmp_path, sizes: dict[str, int]):
+    """For an in-process engine test: images of ``sizes`` with random data, an
+    opener of Groups on them sharing one state directory (the first one creates
+    the group), and their model.  Yields (open_group, model, state_dir, rng);
+    every group still open is closed at the end."""
+    from nbd_mc.secondary.engine import Group
+    rng = random.Random(str(tmp_path))
+    disks, initial = [], {}
+    for name, size in sizes.items():
+        path = str(tmp_path / f"{name}.raw")
+        initial[name] = make_image(path, size, rng)
+        disks.append((name, path))
+    st = str(tmp_path / "state")
+    groups = []
+
+    def open_group(**kwargs):
+        g = Group(st, disks if not groups else None, **kwargs)
+        groups.append(g)
+        return g
+
+    try:
+        yield open_group, GroupModel(initial), st, rng
+    finally:
+        for g in groups:
+            if g.lock is not None and g.lock.fd >= 0:
+                g.close()
+
+
 def connect(sock: str, export: str = "") -> nbd.NBD:
     h = nbd.NBD()
     h.set_export_name(export)

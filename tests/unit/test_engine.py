@@ -9,7 +9,6 @@ The same rules over the wire (nbdkit, the CLI) are in tests/system/test_cli.py.
 from __future__ import annotations
 
 import os
-import random
 import threading
 
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from nbd_mc.secondary import disk
 from nbd_mc.secondary.engine import Group, undo_status
 from nbd_mc.errors import EpochMismatch, Fenced, IOFailure, NotProtected, StateError
-from support.servers import GroupModel, assert_bytes, assert_check, make_image, read_file
+from support.servers import GroupModel, assert_bytes, assert_check, group_on_images, read_file
 
 C = 65536
 SIZES = {"vda": 8 * C, "vdb": 5 * C}
@@ -26,26 +25,8 @@ SIZES = {"vda": 8 * C, "vdb": 5 * C}
 @pytest.fixture
 def made(tmp_path):
     """A new two-disk group and its model; the group is closed afterwards."""
-    rng = random.Random(str(tmp_path))
-    disks = []
-    initial = {}
-    for name, size in SIZES.items():
-        path = str(tmp_path / f"{name}.raw")
-        initial[name] = make_image(path, size, rng)
-        disks.append((name, path))
-    st = str(tmp_path / "state")
-    groups = []
-
-    def open_group(**kwargs):
-        g = Group(st, disks if not groups else None, **kwargs)
-        groups.append(g)
-        return g
-
-    model = GroupModel(initial)
-    yield open_group, model, st
-    for g in groups:
-        if g.state_file is not None and g.lock is not None and g.lock.fd >= 0:
-            g.close()
+    with group_on_images(tmp_path, SIZES) as (open_group, model, st, _rng):
+        yield open_group, model, st
 
 
 def write(g: Group, model: GroupModel, name: str, offset: int, data: bytes, generation=None):

@@ -22,7 +22,7 @@ from nbd_mc.errors import NotRetained
 from nbd_mc.secondary.metrics import render_status
 from nbd_mc.secondary import history
 from nbd_mc.secondary.engine import Group
-from support.servers import (GroupModel, assert_bytes, assert_check, describe, make_image,
+from support.servers import (GroupModel, assert_bytes, assert_check, describe, group_on_images,
                              read_file, run, subprocess_env, write_file)
 
 C = 65536
@@ -32,24 +32,8 @@ EVERY_COMMIT = history.make_policy(3600, 0, 0)
 
 @pytest.fixture
 def made(tmp_path):
-    rng = random.Random(str(tmp_path))
-    disks, initial = [], {}
-    for name, size in SIZES.items():
-        path = str(tmp_path / f"{name}.raw")
-        initial[name] = make_image(path, size, rng)
-        disks.append((name, path))
-    st = str(tmp_path / "state")
-    groups = []
-
-    def open_group(**kwargs):
-        g = Group(st, disks if not groups else None, **kwargs)
-        groups.append(g)
-        return g
-
-    yield open_group, GroupModel(initial), st, rng, tmp_path
-    for g in groups:
-        if g.lock is not None and g.lock.fd >= 0:
-            g.close()
+    with group_on_images(tmp_path, SIZES) as (open_group, model, st, rng):
+        yield open_group, model, st, rng, tmp_path
 
 
 def random_ops(g: Group, model: GroupModel, rng: random.Random, n: int) -> None:
