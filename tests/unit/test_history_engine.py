@@ -290,13 +290,15 @@ print("done")
 """
 
 
-# the state file outgrows a page at about commit 140 (two disks): from then on
-# state.before/after-rename are reached at every commit in process durability too
+# the state file outgrows a page at about commit 140-170 (two disks; each entry is
+# ~20 bytes, and the images' paths, as long as pytest's temporary directory, take
+# their share): from then on state.before/after-rename are reached at every commit
+# in process durability too.  230 commits reach the 15th rename with any path.
 @pytest.mark.parametrize("point,durability", [("state.before-rename:15", "process"),
                                               ("state.after-rename:15", "process"),
                                               ("state.before-rename:165", "power")])
 def test_a_long_history_survives_kill_in_the_state_write(made, point, durability):
-    """Past about 140 retained checkpoints the state file outgrows a page and every
+    """Past about 140-170 retained checkpoints the state file outgrows a page and every
     commit replaces it by rename: a kill -9 on either side of the rename, with
     more than 150 checkpoints listed, leaves a state file that loads, lists the
     checkpoints of the old or the new commit, and each of them exact."""
@@ -304,7 +306,7 @@ def test_a_long_history_survives_kill_in_the_state_write(made, point, durability
     g = open_group(history_policy=EVERY_COMMIT, durability=durability)
     g.close()
     ops = []
-    for epoch in range(1, 171):
+    for epoch in range(1, 231):
         name = rng.choice(list(SIZES))
         off = rng.randrange(0, SIZES[name] - 4096)
         data = rng.randbytes(rng.choice((512, 4096)))
