@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from ..control import ControlClient
 from .errors import PrimaryGone, QmpTimeout, SecondaryFailed, SecondaryStalled
+from .lifecycle import JobsHeld
 from .mirrors import Mirrors, yank
 from .qmp import Qmp
 from .secondary import commit
@@ -107,6 +108,11 @@ def checkpoint(side: PrimarySide, ctl: ControlClient, mirrors: Mirrors, epoch: i
         yank(qmp, mirrors.drives)
         raise SecondaryStalled(f"the secondary stalled: QEMU's monitor waited more than "
                                f"{stall_timeout:g} s; connections dropped") from None
+    # the mirror jobs wait at a pause point across the ``stop``, so that one whose
+    # target fails inside its drain ends after it (lifecycle rule 5: a QEMU 7.2 abort)
+    held = JobsHeld(qmp)
+    if was_running:
+        held.hold(mirrors.ids)
     t0 = time.perf_counter()
     deadline = time.monotonic() + PAUSE_DEADLINE
     skipped = None
@@ -119,6 +125,7 @@ def checkpoint(side: PrimarySide, ctl: ControlClient, mirrors: Mirrors, epoch: i
             if drain is None:
                 if was_running:
                     _stop(qmp, mirrors, _left(deadline))
+                    held.release()
                 mirrors.wait_drained(timeout=_left(deadline))
             else:
                 # async: the ``stop`` waits for the background mirrors' copies in
@@ -128,6 +135,7 @@ def checkpoint(side: PrimarySide, ctl: ControlClient, mirrors: Mirrors, epoch: i
                 t_drain = time.perf_counter()
                 if was_running:
                     _stop(qmp, mirrors, stall_timeout)
+                    held.release()
                 drain()
                 deadline += time.perf_counter() - t_drain
             if bitmaps is not None:
@@ -150,6 +158,8 @@ def checkpoint(side: PrimarySide, ctl: ControlClient, mirrors: Mirrors, epoch: i
             raise
     finally:
         if was_running:
+            # a ``stop`` that did not return in time: the resumes queue behind it
+            held.release(CONT_TIMEOUT)
             resume(qmp, CONT_TIMEOUT if cut else stall_timeout, mirrors.drives)
             if watchdog:
                 watchdog.resumed()

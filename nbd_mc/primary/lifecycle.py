@@ -35,8 +35,9 @@ the rule says otherwise).
 4. **A node is deleted only when no job of ours is alive** (delete_nodes after
    end_jobs), so the deletion is the last reference and QEMU closes the node then
    and there, not later from inside a job's cleanup.
-5. **A mirror job is paused (``block-job-pause``) before protect pauses the VM to
-   end it** (HeldStill.hold), so that it cannot end inside ``stop``.  QEMU bug
+5. **A mirror job is paused (``block-job-pause``) before protect pauses the VM**,
+   to end it (HeldStill.hold) or for a checkpoint (checkpoint.py, JobsHeld: resumed
+   once the ``stop`` has returned), so that it cannot end inside ``stop``.  QEMU bug
    (drive-node-closed-after-hung-mirror.py, QEMU 7.2 only): a write-blocking
    mirror whose target failed (a yanked or dead secondary) ends by itself at its
    next iteration; when that end runs inside ``stop``'s drain (the drain itself
@@ -48,8 +49,11 @@ the rule says otherwise).
    reproducer hit it in 27 of 40 tries on 7.2 (15 outages each), 6 of 10 with the
    guest writing through QEMU's NBD server instead of HMP, 0 of 12 on 10.0; with
    the failing mirrors left to end before the ``stop``, 0 of 10.  A paused job
-   does not run its end until its cancel resumes it, after the ``stop``: outside
-   any drain.
+   does not run its end until its cancel or ``block-job-resume`` resumes it, after
+   the ``stop``: outside any drain.  A checkpoint's own ``stop`` met the same
+   abort on 7.2 (a secondary failing a write or yanked at the pause's deadline
+   inside the drain; an async checkpoint's drain of copies in flight to a
+   secondary just killed), hence JobsHeld there too.
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ CANCEL_TIMEOUT = 30.0
 #: Pausing the VM before a forced cancel (HeldStill) waits for the guest writes in
 #: flight to the secondary; a hung one makes the cancel wait behind it (see there).
 HOLD_TIMEOUT = 10.0
+#: Seconds to wait for the answer to a command that only has to be queued behind one
+#: QEMU's monitor is still running (a ``stop`` draining): it runs there, in order.
+QUEUED = 0.1
 
 
 def live_jobs(qmp: Qmp) -> dict[str, dict]:
@@ -138,15 +145,61 @@ class HeldStill:
             self.watchdog.resumed()
 
 
-def pause_jobs(qmp: Qmp, ids) -> None:
+def pause_jobs(qmp: Qmp, ids) -> list[str]:
     """``block-job-pause`` each job of ``ids`` (rule 5); one that ended meanwhile is
     skipped.  The command only asks: QEMU pauses the job at its next pause point,
-    and a job paused by us is resumed by its cancel."""
+    and a job paused by us is resumed by its cancel or by resume_jobs.  Returns the
+    jobs paused."""
+    paused = []
     for j in sorted(ids):
         try:
             qmp.cmd("block-job-pause", device=j)
         except QmpCommandError:
-            pass  # ended or ending meanwhile: nothing to hold back
+            continue  # ended or ending meanwhile: nothing to hold back
+        paused.append(j)
+    return paused
+
+
+def resume_jobs(qmp: Qmp, ids, timeout: float | None = None) -> None:
+    """``block-job-resume`` each job of ``ids``; one that ended meanwhile is skipped.
+    A resume that waits longer than ``timeout`` stays queued in QEMU's monitor (behind
+    a ``stop`` still draining) and runs there, in order, before any later command."""
+    for j in sorted(ids):
+        try:
+            qmp.execute("block-job-resume", {"device": j}, timeout=timeout)
+        except QmpCommandError:
+            pass  # ended meanwhile (a failed target): check() says why
+        except QmpTimeout:
+            timeout = QUEUED  # the monitor is busy: the rest need only be queued
+
+
+class JobsHeld:
+    """Our mirror jobs paused across a checkpoint's ``stop`` (rule 5).
+
+    hold() before the ``stop`` (the VM still runs: the round trips are not the
+    pause's), release() once the ``stop`` has returned -- or, when it did not return
+    in time, just before the ``cont``, which QEMU runs after the ``stop`` in any case.
+    A paused write-blocking mirror still copies every guest write (QEMU's filter
+    does not look at the pause); only its background loop waits, and with it the
+    end of a job whose target failed: that end then runs after the drain.
+
+    State (the checkpoint's thread): ``jobs`` -- those paused and not resumed yet.
+    """
+
+    def __init__(self, qmp: Qmp):
+        self.qmp = qmp
+        self.jobs: list[str] = []
+
+    def hold(self, ids) -> None:
+        self.jobs = pause_jobs(self.qmp, ids)
+
+    def release(self, timeout: float | None = None) -> None:
+        jobs, self.jobs = self.jobs, []
+        if jobs and not self.qmp.gone:
+            try:
+                resume_jobs(self.qmp, jobs, timeout)
+            except PrimaryGone:
+                pass
 
 
 def cancel_job(qmp: Qmp, job: str, force: bool) -> str | None:

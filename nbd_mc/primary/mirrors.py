@@ -226,7 +226,8 @@ class Mirrors:
 
         ``stop`` drains guest I/O, and write-blocking means a finished guest write is
         on the secondary; the job's len - offset is what is still to be copied (its
-        counters can trail by a moment, hence the bounded poll).
+        counters can trail by a moment, hence the bounded poll).  A job in ``standby``
+        was held across the ``stop`` (lifecycle rule 5) and is being resumed: pending.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -240,6 +241,10 @@ class Mirrors:
                     raise SecondaryFailed(f"mirror {j} is gone from QEMU's block jobs")
                 if info.get("io-status", "ok") != "ok":
                     raise SecondaryFailed(f"mirror {j}: I/O status {info['io-status']}")
+                if info.get("status") == "standby" and info.get("ready"):
+                    # held across the ``stop`` (JobsHeld): its resume is on its way
+                    pending.append(f"{j}: standby")
+                    continue
                 if info.get("status") != "ready" or not info.get("ready"):
                     raise SecondaryFailed(f"mirror {j} is {info.get('status')}, not ready")
                 if info["len"] - info["offset"]:

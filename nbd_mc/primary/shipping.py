@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 from ..units import human_size
 from .errors import QmpCommandError, SecondaryFailed, SecondaryStalled
+from .lifecycle import JobsHeld
 from .mirrors import Mirrors, cancel_mirrors, jobs
 from .options import NODE_PREFIX, DriveSpec
 from .qmp import Qmp
@@ -179,13 +180,16 @@ def to_background(qmp: Qmp, mirrors: Mirrors, speed: int, stall_timeout: float,
     written between the old job's end and the new one's start, so the secondary
     stays in step).  QEMU 7.2 cannot change a mirror's copy mode in place
     (``block-job-change`` is 8.2+ and goes the other way)."""
-    from .checkpoint import _stop, resume, vm_running
+    from .checkpoint import CONT_TIMEOUT, _stop, resume, vm_running
     running = vm_running(qmp, stall_timeout)
     if running and watchdog:
         watchdog.pausing()
+    held = JobsHeld(qmp)  # lifecycle rule 5: no job ends inside the ``stop``
     try:
         if running:
+            held.hold(mirrors.ids)
             _stop(qmp, mirrors, stall_timeout)
+            held.release()
         mirrors.wait_drained()
         problems = cancel_mirrors(qmp, mirrors)
         if problems:
@@ -201,6 +205,7 @@ def to_background(qmp: Qmp, mirrors: Mirrors, speed: int, stall_timeout: float,
         return new
     finally:
         if running:
+            held.release(CONT_TIMEOUT)
             resume(qmp, stall_timeout, mirrors.drives)
             if watchdog:
                 watchdog.resumed()
