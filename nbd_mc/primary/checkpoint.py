@@ -100,19 +100,20 @@ def checkpoint(side: PrimarySide, ctl: ControlClient, mirrors: Mirrors, epoch: i
     qmp, bitmaps = side.qmp, side.bitmaps
     stall_timeout, watchdog = side.stall_timeout, side.watchdog
     mirrors.check()
-    try:
-        was_running = vm_running(qmp, stall_timeout)
-    except QmpTimeout:
-        # QEMU's monitor itself waits, for a write to the secondary that does not
-        # come back (a synchronous one holds the main loop): the same stall
-        yank(qmp, mirrors.drives)
-        raise SecondaryStalled(f"the secondary stalled: QEMU's monitor waited more than "
-                               f"{stall_timeout:g} s; connections dropped") from None
     # the mirror jobs wait at a pause point across the ``stop``, so that one whose
     # target fails inside its drain ends after it (lifecycle rule 5: a QEMU 7.2 abort)
     held = JobsHeld(qmp)
-    if was_running:
-        held.hold(mirrors.ids)
+    try:
+        was_running = vm_running(qmp, stall_timeout)
+        if was_running:
+            held.hold(mirrors.ids, stall_timeout)
+    except QmpTimeout:
+        # QEMU's monitor itself waits, for a write to the secondary that does not
+        # come back (a synchronous one holds the main loop): the same stall (a job
+        # held meanwhile is resumed by its cancel when the secondary is dropped)
+        yank(qmp, mirrors.drives)
+        raise SecondaryStalled(f"the secondary stalled: QEMU's monitor waited more than "
+                               f"{stall_timeout:g} s; connections dropped") from None
     t0 = time.perf_counter()
     deadline = time.monotonic() + PAUSE_DEADLINE
     skipped = None

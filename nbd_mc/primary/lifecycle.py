@@ -145,7 +145,7 @@ class HeldStill:
             self.watchdog.resumed()
 
 
-def pause_jobs(qmp: Qmp, ids) -> list[str]:
+def pause_jobs(qmp: Qmp, ids, timeout: float | None = None) -> list[str]:
     """``block-job-pause`` each job of ``ids`` (rule 5); one that ended meanwhile is
     skipped.  The command only asks: QEMU pauses the job at its next pause point,
     and a job paused by us is resumed by its cancel or by resume_jobs.  Returns the
@@ -153,7 +153,7 @@ def pause_jobs(qmp: Qmp, ids) -> list[str]:
     paused = []
     for j in sorted(ids):
         try:
-            qmp.cmd("block-job-pause", device=j)
+            qmp.execute("block-job-pause", {"device": j}, timeout=timeout)
         except QmpCommandError:
             continue  # ended or ending meanwhile: nothing to hold back
         paused.append(j)
@@ -190,8 +190,8 @@ class JobsHeld:
         self.qmp = qmp
         self.jobs: list[str] = []
 
-    def hold(self, ids) -> None:
-        self.jobs = pause_jobs(self.qmp, ids)
+    def hold(self, ids, timeout: float | None = None) -> None:
+        self.jobs = pause_jobs(self.qmp, ids, timeout)
 
     def release(self, timeout: float | None = None) -> None:
         jobs, self.jobs = self.jobs, []

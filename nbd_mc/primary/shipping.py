@@ -187,7 +187,7 @@ def to_background(qmp: Qmp, mirrors: Mirrors, speed: int, stall_timeout: float,
     held = JobsHeld(qmp)  # lifecycle rule 5: no job ends inside the ``stop``
     try:
         if running:
-            held.hold(mirrors.ids)
+            held.hold(mirrors.ids, stall_timeout)
             _stop(qmp, mirrors, stall_timeout)
             held.release()
         mirrors.wait_drained()
