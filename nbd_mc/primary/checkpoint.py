@@ -125,8 +125,7 @@ def checkpoint(side: PrimarySide, ctl: ControlClient, mirrors: Mirrors, epoch: i
         try:
             if drain is None:
                 if was_running:
-                    _stop(qmp, mirrors, _left(deadline))
-                    held.release()
+                    _stop(qmp, mirrors, _left(deadline), held)
                 mirrors.wait_drained(timeout=_left(deadline))
             else:
                 # async: the ``stop`` waits for the background mirrors' copies in
@@ -135,8 +134,7 @@ def checkpoint(side: PrimarySide, ctl: ControlClient, mirrors: Mirrors, epoch: i
                 # by ``stall_timeout``, not the pause deadline's (docs/async.md)
                 t_drain = time.perf_counter()
                 if was_running:
-                    _stop(qmp, mirrors, stall_timeout)
-                    held.release()
+                    _stop(qmp, mirrors, stall_timeout, held)
                 drain()
                 deadline += time.perf_counter() - t_drain
             if bitmaps is not None:
@@ -159,9 +157,7 @@ def checkpoint(side: PrimarySide, ctl: ControlClient, mirrors: Mirrors, epoch: i
             raise
     finally:
         if was_running:
-            # a ``stop`` that did not return in time: the resumes queue behind it
-            held.release(CONT_TIMEOUT)
-            resume(qmp, CONT_TIMEOUT if cut else stall_timeout, mirrors.drives)
+            resume(qmp, CONT_TIMEOUT if cut else stall_timeout, mirrors.drives, held)
             if watchdog:
                 watchdog.resumed()
     return Checkpoint(epoch, skipped is None, time.perf_counter() - t0, skipped, hook_time)
@@ -197,11 +193,14 @@ def _commit(ctl: ControlClient, epoch: int, deadline: float) -> None:
             sock.settimeout(saved)
 
 
-def _stop(qmp: Qmp, mirrors: Mirrors, timeout: float) -> None:
+def _stop(qmp: Qmp, mirrors: Mirrors, timeout: float, held: JobsHeld) -> None:
     """``stop`` drains the guest's writes in flight to the secondary; the vCPUs are
-    already paused meanwhile, so it may wait only ``timeout`` (the pause's deadline)."""
+    already paused meanwhile, so it may wait only ``timeout`` (the pause's deadline).
+    The jobs ``held`` across it are released once it has returned (a ``stop`` that
+    did not return in time: by resume(), before the ``cont``)."""
     try:
         qmp.execute("stop", timeout=timeout)
+        held.release()
     except QmpTimeout:
         yank(qmp, mirrors.drives)
         raise SecondaryStalled(f"the secondary stalled: pausing the VM waited more than "
@@ -209,8 +208,10 @@ def _stop(qmp: Qmp, mirrors: Mirrors, timeout: float) -> None:
                                "the connections were dropped") from None
 
 
-def resume(qmp: Qmp, stall_timeout: float | None = None, drives=None) -> None:
-    """cont, unless QEMU is gone (then there is nothing to resume).
+def resume(qmp: Qmp, stall_timeout: float | None = None, drives=None,
+           held: JobsHeld | None = None) -> None:
+    """cont, unless QEMU is gone (then there is nothing to resume); jobs still
+    ``held`` are resumed first (queued behind a ``stop`` still draining).
 
     After a stalled ``stop`` QEMU answers once the stop is over; the cont waits
     behind it (QEMU runs monitor commands in order).  If the cont itself waits
@@ -218,6 +219,8 @@ def resume(qmp: Qmp, stall_timeout: float | None = None, drives=None) -> None:
     secondary), ``drives``' NBD connections are yanked and the cont waits on."""
     if qmp.gone:
         return
+    if held is not None:
+        held.release(CONT_TIMEOUT)
     try:
         try:
             qmp.execute("cont", timeout=stall_timeout)

@@ -180,7 +180,7 @@ def to_background(qmp: Qmp, mirrors: Mirrors, speed: int, stall_timeout: float,
     written between the old job's end and the new one's start, so the secondary
     stays in step).  QEMU 7.2 cannot change a mirror's copy mode in place
     (``block-job-change`` is 8.2+ and goes the other way)."""
-    from .checkpoint import CONT_TIMEOUT, _stop, resume, vm_running
+    from .checkpoint import _stop, resume, vm_running
     running = vm_running(qmp, stall_timeout)
     if running and watchdog:
         watchdog.pausing()
@@ -188,8 +188,7 @@ def to_background(qmp: Qmp, mirrors: Mirrors, speed: int, stall_timeout: float,
     try:
         if running:
             held.hold(mirrors.ids, stall_timeout)
-            _stop(qmp, mirrors, stall_timeout)
-            held.release()
+            _stop(qmp, mirrors, stall_timeout, held)
         mirrors.wait_drained()
         problems = cancel_mirrors(qmp, mirrors)
         if problems:
@@ -205,8 +204,7 @@ def to_background(qmp: Qmp, mirrors: Mirrors, speed: int, stall_timeout: float,
         return new
     finally:
         if running:
-            held.release(CONT_TIMEOUT)
-            resume(qmp, stall_timeout, mirrors.drives)
+            resume(qmp, stall_timeout, mirrors.drives, held)
             if watchdog:
                 watchdog.resumed()
 
