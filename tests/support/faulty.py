@@ -128,11 +128,17 @@ class FaultyFile:
         wait_until(lambda: os.path.exists(self.pidfile) and read_file(self.pidfile).strip(),
                    "the error-injecting nbdkit")
         self.nbdkit_pid = int(read_file(self.pidfile))
-        self.fuse = subprocess.Popen(["nbdfuse", self.path, "--unix", self.sock],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # nbdfuse says every failed request on its stderr: a file, never a pipe nobody
+        # reads (a full pipe blocks nbdfuse, and with it every request on the mount:
+        # the secondary's write hangs in the kernel, uninterruptibly)
+        self.log = os.path.join(root, f"{name}.nbdfuse.log")
+        with open(self.log, "ab") as log:
+            self.fuse = subprocess.Popen(["nbdfuse", self.path, "--unix", self.sock],
+                                         stdout=subprocess.DEVNULL, stderr=log)
         wait_until(lambda: os.path.ismount(self.mnt) and os.path.exists(self.path)
                    or self.fuse.poll() is not None, "nbdfuse to mount")
-        assert self.fuse.poll() is None, f"nbdfuse failed: {self.fuse.stderr.read()}"
+        assert self.fuse.poll() is None, \
+            f"nbdfuse failed: {read_file(self.log).decode(errors='replace')}"
 
     def fail(self, on: bool) -> None:
         if on:
@@ -143,7 +149,10 @@ class FaultyFile:
     def stop(self) -> None:
         self.fail(False)
         if os.path.ismount(self.mnt):
-            subprocess.run(["umount", self.mnt], capture_output=True)
+            if subprocess.run(["umount", self.mnt], capture_output=True).returncode != 0:
+                # still open (a process left by a failed run): detach it all the same,
+                # or the mount outlives the run
+                subprocess.run(["umount", "-l", self.mnt], capture_output=True)
         try:
             self.fuse.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -289,7 +289,8 @@ class GuestHarmStory(chaos.ChaosStory):
         self._argv = [_bin("nbd-mc"), "protect", "--qmp", str(self.qmp), "--drive",
                       "drive0=vda", "--target", f"nbd://127.0.0.1:{self.port}",
                       "--control", StateDir(self.state).control,
-                      "--interval", demo.INTERVAL, "--json"]
+                      "--interval", demo.INTERVAL, "--json",
+                      "--events", str(self.dir / "protect-events.jsonl")]
         self._start_protect_again()
 
     def _collect_protect(self) -> None:
@@ -297,11 +298,34 @@ class GuestHarmStory(chaos.ChaosStory):
         the wall clock (to match them with the pauses the report lists)."""
         proc, out = self.protect, self.protect_out
         in_json = False
-        for line in proc.stdout:
-            out.append(line)
-            in_json = in_json or line.startswith("{")
-            if not in_json:
-                self.say(f"   [{_clock(time.time())}] {line.rstrip()}")
+        with open(self.dir / "protect.log", "a", buffering=1) as log:
+            log.write(f"--- [{_clock(time.time())}] protect {proc.pid} starts\n")
+            for line in proc.stdout:
+                out.append(line)
+                log.write(f"[{_clock(time.time())}] {line}")
+                in_json = in_json or line.startswith("{")
+                if not in_json:
+                    self.say(f"   [{_clock(time.time())}] {line.rstrip()}")
+
+    def _wait(self, cond, what: str, proc=None, timeout: float = demo.DEADLINE) -> None:
+        """The story's wait; a timeout also says what protect said last and what
+        the secondary reports, so that a red soak can be read without a rerun."""
+        try:
+            super()._wait(cond, what, proc, timeout)
+        except DemoFailed as e:
+            try:
+                status = self._status()
+            except Exception as s:  # the secondary may be what is wrong
+                status = f"(no status: {s})"
+            tail = "".join(self.protect_out[-40:])
+            try:
+                with open(self.dir / "protect-events.jsonl") as f:
+                    events = "".join(f.readlines()[-15:])
+            except OSError:
+                events = ""
+            raise DemoFailed(f"{e}\nsecondary: {status}\nprotect's last lines "
+                             f"(all in {self.dir / 'protect.log'}):\n{tail}\n"
+                             f"protect's last events (protect-events.jsonl):\n{events}") from None
 
     # --- the fault loop --------------------------------------------------------
     def let_it_work(self) -> None:

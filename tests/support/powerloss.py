@@ -539,14 +539,19 @@ class PowerLoss:
         os.makedirs(mountpoint, exist_ok=True)
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "support.powerloss", mountpoint, control, str(seed), str(samples)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # its stderr goes to a file: a pipe nobody reads would block the file system
+        # (and every request on it) once full
+        self.log = control + ".log"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "support.powerloss", mountpoint, control, str(seed),
+                 str(samples)], env=env, stdout=subprocess.DEVNULL, stderr=log)
         self._sock = None
         deadline = time.monotonic() + 30
         while not (os.path.ismount(mountpoint) and os.path.exists(control)):
             if self.proc.poll() is not None:
-                raise RuntimeError(f"powerloss file system failed: {self.proc.stderr.read().decode()}")
+                with open(self.log, errors="replace") as f:
+                    raise RuntimeError(f"powerloss file system failed: {f.read()}")
             if time.monotonic() > deadline:
                 self.close()
                 raise RuntimeError("powerloss file system did not mount")
@@ -607,8 +612,6 @@ class PowerLoss:
                 self.proc.wait()
         if os.path.ismount(self.mountpoint):
             subprocess.run(["umount", "-l", self.mountpoint], capture_output=True)
-        if self.proc.stderr:
-            self.proc.stderr.close()
 
 
 if __name__ == "__main__":

@@ -32,10 +32,16 @@ def _qemus():
 
 
 @pytest.fixture
-def workdir():
+def workdir(request):
+    """A fresh directory, removed after a pass; a failed run's stays (protect.log,
+    the serial console, the state directory) and its path is printed."""
     d = short_tmpdir("nbdmc-harm-")
+    failed = request.session.testsfailed
     yield d
-    shutil.rmtree(d, ignore_errors=True)
+    if request.session.testsfailed > failed:
+        print(f"\nguest-harm: the failed run's files are kept in {d}")
+    else:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize("qemu", _qemus())
