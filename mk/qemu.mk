@@ -10,7 +10,7 @@
 QEMU10 := .deps/qemu-10.0
 QEMU10_TESTS := $(addprefix tests/system/,test_qemu_versions.py test_primary.py test_resync.py test_failback.py \
 	test_writer.py test_guest.py test_demo.py test_chaos.py test_verify.py test_async.py \
-	test_history_guest.py)
+	test_history_guest.py test_stalled_copy.py)
 setup: qemu10
 qemu10: debs
 	@tools/setup-qemu10.sh $(QEMU10)

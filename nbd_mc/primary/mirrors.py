@@ -12,7 +12,7 @@ import os
 import time
 import urllib.parse
 
-from .errors import PrimaryError, PrimaryGone, QmpCommandError, SecondaryFailed
+from .errors import PrimaryError, PrimaryGone, QmpCommandError, SecondaryFailed, SecondaryStalled
 from .lifecycle import (CANCEL_TIMEOUT, HOLD_TIMEOUT, JOB_END_EVENTS, HeldStill,  # noqa: F401
                         delete_nodes, end_jobs, live_jobs, wait_gone)
 from .options import DriveSpec, NbdTarget
@@ -201,12 +201,16 @@ class Mirrors:
         return job_progress(self.qmp, self.ids)
 
     def wait_ready(self, report=None, stop_requested=lambda: False, poll: float = 0.25,
-                   timeout: float | None = None) -> bool:
+                   timeout: float | None = None, stall: float | None = None) -> bool:
         """Wait for BLOCK_JOB_READY of every mirror; report(done, total) meanwhile.
 
         Returns False if stop_requested() became true (or ``timeout`` passed) first.
+        Mirrors that copied nothing for ``stall`` seconds raise SecondaryStalled: a
+        secondary whose writes never complete would hold the sync for ever while
+        its control channel still answers.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        moved, last = time.monotonic(), -1
         while True:
             if deadline is not None and time.monotonic() > deadline:
                 return False
@@ -217,8 +221,15 @@ class Mirrors:
                 return True
             if stop_requested():
                 return False
-            if report:
-                report(*self.progress())
+            if report or stall is not None:
+                done, total = self.progress()
+                if report:
+                    report(done, total)
+                if done != last:
+                    moved, last = time.monotonic(), done
+                elif stall is not None and time.monotonic() - moved > stall:
+                    raise SecondaryStalled(f"the sync copied nothing for {stall:g} s: the "
+                                           "secondary's writes do not complete")
             self.qmp.wait_event(lambda e: True, self.qmp.cursor, poll)
 
     def wait_drained(self, timeout: float = DRAIN_TIMEOUT) -> dict[str, dict]:

@@ -43,7 +43,7 @@ from .ranges import RangeWriter
 from .rate import Rate
 from .repair import Repairs
 from .report import Report
-from .resync import ChecksumUnsupported, Resync, checksum_sync, incremental
+from .resync import ChecksumUnsupported, Resync, checksum_sync, incremental, round_stall
 from .side import PrimarySide
 from .secondary import claim_writer, connect, first_epoch, secondary_status
 from .source import (READ_TIMEOUT, NbdExport, PrimarySource, SourceError, SourceUnavailable,
@@ -589,7 +589,9 @@ class Protector:
         self.mirrors = Mirrors(self.qmp, opts.drives)
         self._start_full()
         label = "initial sync" if not self.report.resyncs else "full resync"
-        if not self.mirrors.wait_ready(self._progress(label), self.stop):
+        if not self.mirrors.wait_ready(self._progress(label), self.stop,
+                                       stall=round_stall(self.opts.stall_timeout,
+                                                         self.rate.speed)):
             return None
         r = Resync(full=True, reason="", bytes=sum(self.mirrors.synced.values()), mode="full")
         r.seconds = time.monotonic() - t0

@@ -89,8 +89,16 @@ from .side import PrimarySide
 FINAL_BYTES = 1 << 20
 #: Pre-copy rounds before the final one, at most.
 MAX_ROUNDS = 8
-#: A round on a dead secondary fails fast; a slow one is bounded only by progress.
+#: A round on a dead secondary fails fast (its job errs); one whose secondary takes
+#: writes and never completes them is bounded by progress (round_stall): ROUND_POLL
+#: is how often the jobs' offsets are read.
 ROUND_POLL = 0.25
+#: A round's stall bound when protect has no --stall-timeout (a library caller).
+ROUND_STALL = 10.0
+#: The most a rate-limited backup job writes at once (QEMU's backup copies up to a
+#: few clusters of 64 KiB per request): its stall bound grows by the time this
+#: takes at --rate.
+RATE_CHUNK = 1 << 20
 #: A write that slips into the paused final round (not a guest: HMP qemu-io, a
 #: block job) makes the final round run again, at most this often.
 FINAL_TRIES = 3
@@ -135,13 +143,18 @@ def backup_job(d: DriveSpec) -> str:
 
 
 def _wait_jobs(qmp: Qmp, ids: set, cursor: int, progress=None, stop=lambda: False,
-               deadline: float | None = None) -> int:
+               deadline: float | None = None, stall: float | None = None) -> int:
     """Wait until every backup job in ``ids`` completed; the bytes they copied.
 
     A job that ends with an error means the secondary failed under us; one that
-    has not ended by ``deadline`` (monotonic) means it stalled (SecondaryStalled)."""
+    has not ended by ``deadline`` (monotonic) means it stalled (SecondaryStalled),
+    and so do jobs that copied nothing for ``stall`` seconds: a secondary whose
+    writes never complete (a disk hung in the kernel, a peer that stopped reading
+    but keeps its connection) would otherwise hold the round, and protect, for
+    ever while its control channel still answers."""
     pending = set(ids)
     copied = 0
+    moved, last = time.monotonic(), -1
     while pending:
         poll = ROUND_POLL if deadline is None else \
             max(0.0, min(ROUND_POLL, deadline - time.monotonic()))
@@ -155,8 +168,16 @@ def _wait_jobs(qmp: Qmp, ids: set, cursor: int, progress=None, stop=lambda: Fals
                                    f"{PAUSE_DEADLINE:g} s: the VM went on, the secondary "
                                    "is lost")
         if ev is None:
-            if progress:
-                progress(*job_progress(qmp, pending))
+            if progress or stall is not None:
+                done, total = job_progress(qmp, pending)
+                if progress:
+                    progress(done, total)
+                if done != last:
+                    moved, last = time.monotonic(), done
+                elif stall is not None and time.monotonic() - moved > stall:
+                    raise SecondaryStalled(f"a resync round copied nothing for {stall:g} s: "
+                                           "the secondary's writes do not complete; the "
+                                           "round ended, the secondary is lost")
             if stop():
                 end_jobs(qmp, pending, force=True)  # gone before their bitmaps go
                 raise SecondaryFailed("stopped during the resync")
@@ -170,6 +191,14 @@ def _wait_jobs(qmp: Qmp, ids: set, cursor: int, progress=None, stop=lambda: Fals
         copied += data.get("offset", 0)
     wait_gone(qmp, ids)  # lifecycle rule 2: their bitmaps are released when they are
     return copied
+
+
+def round_stall(stall_timeout: float | None, speed: int = 0) -> float:
+    """How long a round may copy nothing before its secondary counts as stalled:
+    protect's --stall-timeout (ROUND_STALL without one), plus the time a --rate
+    limited job may spend on one chunk (QEMU counts a chunk when it is written)."""
+    base = ROUND_STALL if stall_timeout is None else stall_timeout
+    return base + (RATE_CHUNK / speed if speed else 0.0)
 
 
 def _end_jobs(qmp: Qmp, drives: list[DriveSpec], ids) -> None:
@@ -230,7 +259,8 @@ def incremental(side: PrimarySide, committed: int, progress=None, stop=lambda: F
                 cursor = qmp.cursor
                 qmp.cmd("transaction", actions=_backup_actions(bitmaps, drives, source, fleece,
                                                                   speed))
-                r.bytes += _wait_jobs(qmp, ids, cursor, progress, stop)
+                r.bytes += _wait_jobs(qmp, ids, cursor, progress, stop,
+                                      stall=round_stall(side.stall_timeout, speed))
             except BaseException:
                 _end_jobs(qmp, drives, ids)
                 raise
