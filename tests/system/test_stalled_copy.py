@@ -37,11 +37,15 @@ def hung_target(workdir: str):
     """An NBD server on a unix socket that takes every write and answers none of
     them for ten minutes (nbdkit's delay filter); reads and the handshake work."""
     sock = os.path.join(workdir, "hung.sock")
-    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "--filter=delay", "memory",
-                             str(SIZE), "delay-write=600"],
+    pidfile = os.path.join(workdir, "hung.pid")
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "-P", pidfile, "--filter=delay",
+                             "memory", str(SIZE), "delay-write=600"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: os.path.exists(sock) or proc.poll() is not None, "nbdkit's socket")
+        # the pid file, not the socket: nbdkit writes it once it listens (the socket's
+        # file exists a moment before: a connect then is refused)
+        wait_until(lambda: os.path.exists(pidfile) and os.path.getsize(pidfile)
+                   or proc.poll() is not None, "nbdkit's pid file")
         assert proc.poll() is None, "nbdkit did not start"
         yield sock
     finally:
