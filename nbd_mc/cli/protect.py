@@ -50,9 +50,10 @@ from .common import Failure, json_wanted, main, size_option
 @click.option("--drive-mirror", "legacy", is_flag=True,
               help="Use the older drive-mirror command (QEMU opens the NBD URI itself).")
 @click.option("--stall-timeout", default="10s", show_default=True, metavar="DURATION",
-              help="How long pausing the VM may wait for writes stuck on the secondary (and a "
-                   "control command for its answer) before the secondary counts as hung and "
-                   "is dropped; the guest waits at most the interval plus this.")
+              help="How long protect waits for QEMU and the secondary outside a "
+                   "checkpoint's pause (a control command's answer, a sync or resync "
+                   "round's progress) before the secondary counts as hung and is dropped; "
+                   "inside a pause it waits at most 0.5 s, whatever this is.")
 @click.option("--retry-for", default="forever", show_default=True, metavar="DURATION",
               help="How long to keep retrying a lost secondary before giving up "
                    "(0: stop at the first outage).")
