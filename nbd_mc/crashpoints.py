@@ -4,12 +4,18 @@
 (default 1) it reaches point NAME; NAME ``*`` counts every point, so a test can
 sweep "the 1st, 2nd, ... state change" without knowing their names.  Unset (the
 normal case) a point costs one global lookup: callers test ``ARMED`` first.
+
+``NBD_MC_CRASHPOINT_MARK=PATH``: just before the kill, the point's name is
+appended to PATH (a file outside the state directory), so a test knows that a
+process which died (even in `serve`'s start, before it answered anything) died by
+its crash point, and at which one under ``*``.
 """
 
 import os
 import signal
 
 _spec = os.environ.get("NBD_MC_CRASHPOINT", "")
+_mark = os.environ.get("NBD_MC_CRASHPOINT_MARK", "")
 _name, _, _count = _spec.partition(":")
 ARMED = bool(_name)
 _target = int(_count or 1) if ARMED else 0
@@ -36,4 +42,10 @@ def reached(name: str) -> None:
         return
     _hits += 1
     if _hits >= _target:
+        if _mark:
+            fd = os.open(_mark, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, f"{name}\n".encode())
+            finally:
+                os.close(fd)
         os.kill(os.getpid(), signal.SIGKILL)

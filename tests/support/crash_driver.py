@@ -192,7 +192,14 @@ def _fail(msg: str):
 
 def _run(srv: Server, trial: Trial, res: Result, initial: dict, tdir: str) -> None:
     model = GroupModel(initial)
-    srv.start(crashpoint=trial.spec)
+    mark = os.path.join(tdir, "crashpoint.mark")
+    r = srv.start(crashpoint=trial.spec, mark=mark, check=False)
+    if r.returncode != 0:
+        if not os.path.exists(mark):
+            _fail(f"serve failed: {describe(r)}")
+        res.killed, res.killed_in = True, f"serve's start ({read_file(mark).decode().strip()})"
+        _check_after_startup_kill(srv, trial, initial, tdir)
+        return
     handles = {d: srv.connect(d) for d in DISKS}
     inflight = None  # (epoch, contents) of a commit whose reply never came
     failover_to = None  # the epoch the final failover was sent to return to
@@ -249,6 +256,22 @@ def _run(srv: Server, trial: Trial, res: Result, initial: dict, tdir: str) -> No
                 _fail(f"after failover: {status}")
     srv.wait_dead() if res.killed else srv.quit()
     _check_after_crash(srv, trial, res, model, inflight, tdir, failover_to, handed)
+
+
+def _check_after_startup_kill(srv: Server, trial: Trial, initial: dict, tdir: str) -> None:
+    """Killed inside `serve`'s start (the first state file's write, say): nothing
+    was ever committed or written.  Serving again (what systemd does) must bring the
+    group up at epoch 0 with the images as they were, its overlays checking clean --
+    whichever recovery the trial names: `recover` has no group to recover yet."""
+    wait_until(lambda: not lock_held(srv.state_dir), "the killed serve to let go")
+    srv.start()
+    status = srv.execute("query-status")
+    if status["committed"] != 0 or status["role"] != "secondary":
+        _fail(f"after a kill in serve's start: {status}")
+    srv.quit()
+    _check_overlays(srv, tdir, {d: {0: initial[d]} for d in DISKS}, clean=True,
+                    when="after a kill in serve's start")
+    _check_images(srv, initial, "after a kill in serve's start")
 
 
 def handed_exports(reply: dict) -> dict:

@@ -42,6 +42,7 @@ def subprocess_env(**extra) -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}:/usr/bin:" + env.get("PATH", "")
     env.pop("NBD_MC_CRASHPOINT", None)
+    env.pop("NBD_MC_CRASHPOINT_MARK", None)
     env.pop("NBD_MC_CONTROL", None)
     env["LC_ALL"] = "C"
     env.update({k: v for k, v in extra.items() if v is not None})
@@ -315,8 +316,12 @@ class Server:
         return ["serve", *disks, "--state-dir", self.state_dir, *self.args]
 
     def start(self, *, crashpoint: str | None = None, with_disks: bool = True,
-              check: bool = True) -> subprocess.CompletedProcess:
-        r = nbd_mc(*self.serve_argv(with_disks), env=subprocess_env(NBD_MC_CRASHPOINT=crashpoint))
+              check: bool = True, mark: str | None = None) -> subprocess.CompletedProcess:
+        """`nbd-mc serve`; ``crashpoint``/``mark``: NBD_MC_CRASHPOINT[_MARK]
+        (nbd_mc/crashpoints.py)."""
+        r = nbd_mc(*self.serve_argv(with_disks),
+                   env=subprocess_env(NBD_MC_CRASHPOINT=crashpoint,
+                                      NBD_MC_CRASHPOINT_MARK=mark if crashpoint else None))
         self.serve_result = r
         if check:
             assert r.returncode == 0, f"serve failed: {describe(r)}"

@@ -66,6 +66,21 @@ def test_every_crash_point_in_both_modes(workdir):  # noqa: F811
     assert not plugin_pids(workdir + "/")
 
 
+def test_a_kill_inside_serves_start_is_served_again(workdir):
+    """"*:1" and "*:2" kill `serve` in its start, on either side of the first state
+    file's rename, before anything was committed or written.  Serving again brings
+    the group up at epoch 0 with the images untouched, whichever recovery the trial
+    names.  (make soak's "*" sweep met this after the state file's crash points
+    were added, and stopped there: every trial was expected to reach the workload.)"""
+    results = run_plan(workdir, [Trial("*", n, mode, seed=n, recovery=rec)
+                                 for n in (1, 2) for mode in ("process", "power")
+                                 for rec in ("serve", "recover")])
+    summary = summarise(results)
+    assert all(r.ok for r in results), summary
+    assert all(r.killed_in.startswith("serve's start (state.") for r in results), \
+        [r.killed_in for r in results]
+
+
 #: `make soak` runs the full sweep as tests of their own, so that pytest-xdist spreads
 #: them over its workers and each records its figures as soon as it ends (the report
 #: adds them up into one row): the named points per (seed, mode), and the "*" sweep
