@@ -493,8 +493,17 @@ class Protector:
         committed = int(status["committed"])
         group = status.get("group_id") or None
         if self.ctl.timeout != opts.stall_timeout:
+            # the probe's short-timeout connection makes way for one with the stall
+            # timeout; a secondary that went away in between is an outage like any
+            # other (connect raises a plain PrimaryError, which would end protect)
             self.ctl.close()
-            self.ctl = self._connect()
+            self.ctl = None
+            try:
+                self.ctl = self._connect()
+            except SecondaryRefused:
+                raise
+            except PrimaryError as e:
+                raise SecondaryFailed(e.desc) from None
         previous = bitmaps.group
         bitmaps.group = group
         bitmaps.prune_foreign()
