@@ -29,8 +29,9 @@
 # Wall time (2026-12-07, the shared 2-core machine at load 17-40 from other work;
 # tests/README.md says where it goes): power-loss sweep, make soak SOAK_WORKERS=4
 # SOAK_TESTS="tests/system/test_powerloss.py -k full" SOAK_SERIAL_TESTS=: 78 min
-# (1,392 crash states, 0 violations, 135 after a failover); crash matrix ~2,150
-# trials of 30-80 s, about 9 h (estimated); the other classes were not measured there.
+# (1,392 crash states, 0 violations, 135 after a failover).  On a quiet machine
+# (nothing else running) the whole make soak SOAK_SECONDS=120 takes about 50 min:
+# 25 for the classes two at a time, 22 for the guest soaks (tests/README.md).
 SOAK_SECONDS ?= 600
 HARM_CYCLES ?= 200
 SOAK_DIR := build/soak
