@@ -37,10 +37,30 @@ class QemuVM:
                                          stderr=subprocess.STDOUT)
         try:
             self.qmp = wait_until(self._connect, "QEMU's QMP socket")
+        except pytest.fail.Exception:
+            # QEMU runs but never greeted (seen once on 10.0 in a full make test):
+            # say where it was, and what it printed, before it goes
+            where = self._where()
+            self.proc.kill()
+            self.proc.wait(30)
+            pytest.fail(f"QEMU's QMP socket never greeted; QEMU was {where}; its output:\n"
+                        f"{read_file(self.log).decode(errors='replace')[-4000:]}")
         except BaseException:  # not yet known to the fixture: don't leak the process
             self.proc.kill()
             self.proc.wait(30)
             raise
+
+    def _where(self) -> str:
+        """The QEMU process's state and, per thread, the kernel function it waits in."""
+        out = []
+        try:
+            for tid in sorted(os.listdir(f"/proc/{self.proc.pid}/task")):
+                base = f"/proc/{self.proc.pid}/task/{tid}"
+                state = read_file(f"{base}/stat").decode().rsplit(")", 1)[1].split()[0]
+                out.append(f"{tid}:{state}:{read_file(f'{base}/wchan').decode()}")
+        except OSError as e:
+            out.append(f"({e})")
+        return " ".join(out)
 
     def _connect(self):
         if self.proc.poll() is not None:
