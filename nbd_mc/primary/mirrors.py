@@ -165,6 +165,34 @@ def _job_failure(event: dict, ours: set) -> str | None:
     return None
 
 
+class CopyWatch:
+    """Our jobs' (bytes copied, bytes to copy), read at every poll of a wait: passed
+    to ``report``, and with a ``stall`` bound a SecondaryStalled once the bytes
+    copied have not moved for that long -- a secondary whose writes never complete
+    (a disk hung in the kernel) would otherwise hold the wait for ever while its
+    control channel still answers.  ``what`` names the copy, ``after`` ends the
+    message."""
+
+    def __init__(self, report=None, stall: float | None = None, what: str = "the copy",
+                 after: str = ""):
+        self.report, self.stall, self.what, self.after = report, stall, what, after
+        self._moved, self._last = time.monotonic(), -1
+
+    @property
+    def wanted(self) -> bool:
+        """Whether the jobs' progress needs reading at all (one query-block-jobs)."""
+        return self.report is not None or self.stall is not None
+
+    def update(self, done: int, total: int) -> None:
+        if self.report:
+            self.report(done, total)
+        if done != self._last:
+            self._moved, self._last = time.monotonic(), done
+        elif self.stall is not None and time.monotonic() - self._moved > self.stall:
+            raise SecondaryStalled(f"{self.what} copied nothing for {self.stall:g} s: the "
+                                   f"secondary's writes do not complete{self.after}")
+
+
 class Mirrors:
     """Our mirror jobs and what QEMU said about them since they started."""
 
@@ -210,7 +238,7 @@ class Mirrors:
         its control channel still answers.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        moved, last = time.monotonic(), -1
+        watch = CopyWatch(report, stall, "the sync")
         while True:
             if deadline is not None and time.monotonic() > deadline:
                 return False
@@ -221,15 +249,8 @@ class Mirrors:
                 return True
             if stop_requested():
                 return False
-            if report or stall is not None:
-                done, total = self.progress()
-                if report:
-                    report(done, total)
-                if done != last:
-                    moved, last = time.monotonic(), done
-                elif stall is not None and time.monotonic() - moved > stall:
-                    raise SecondaryStalled(f"the sync copied nothing for {stall:g} s: the "
-                                           "secondary's writes do not complete")
+            if watch.wanted:
+                watch.update(*self.progress())
             self.qmp.wait_event(lambda e: True, self.qmp.cursor, poll)
 
     def wait_drained(self, timeout: float = DRAIN_TIMEOUT) -> dict[str, dict]:

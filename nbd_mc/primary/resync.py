@@ -76,7 +76,7 @@ from .checkpoint import CONT_TIMEOUT, PAUSE_DEADLINE, resume
 from .errors import PrimaryGone, QmpTimeout, SecondaryFailed, SecondaryStalled
 from .fleece import Fleece
 from .lifecycle import end_jobs, live_jobs, wait_gone
-from .mirrors import (BACKUP_PREFIX, Mirrors, cancel_mirrors, job_progress,
+from .mirrors import (BACKUP_PREFIX, CopyWatch, Mirrors, cancel_mirrors, job_progress,
                       resume_after_copy_error, start_mirrors, yank)
 from .options import DriveSpec
 from .qmp import Qmp
@@ -154,7 +154,8 @@ def _wait_jobs(qmp: Qmp, ids: set, cursor: int, progress=None, stop=lambda: Fals
     ever while its control channel still answers."""
     pending = set(ids)
     copied = 0
-    moved, last = time.monotonic(), -1
+    watch = CopyWatch(progress, stall, "a resync round",
+                      "; the round ended, the secondary is lost")
     while pending:
         poll = ROUND_POLL if deadline is None else \
             max(0.0, min(ROUND_POLL, deadline - time.monotonic()))
@@ -168,16 +169,8 @@ def _wait_jobs(qmp: Qmp, ids: set, cursor: int, progress=None, stop=lambda: Fals
                                    f"{PAUSE_DEADLINE:g} s: the VM went on, the secondary "
                                    "is lost")
         if ev is None:
-            if progress or stall is not None:
-                done, total = job_progress(qmp, pending)
-                if progress:
-                    progress(done, total)
-                if done != last:
-                    moved, last = time.monotonic(), done
-                elif stall is not None and time.monotonic() - moved > stall:
-                    raise SecondaryStalled(f"a resync round copied nothing for {stall:g} s: "
-                                           "the secondary's writes do not complete; the "
-                                           "round ended, the secondary is lost")
+            if watch.wanted:
+                watch.update(*job_progress(qmp, pending))
             if stop():
                 end_jobs(qmp, pending, force=True)  # gone before their bitmaps go
                 raise SecondaryFailed("stopped during the resync")
