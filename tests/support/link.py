@@ -132,6 +132,11 @@ class Link:
         self.lock = threading.Lock()
         self.conns: list = []
         self.refusing = False
+        #: numbers (1 = the first) of the connections accepted after the last
+        #: restore() that are closed at once instead of forwarded; ``accepted``
+        #: counts them (both written under ``lock``)
+        self.drop_at: frozenset = frozenset()
+        self.accepted = 0
         self.path = path
         if path:
             self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -164,6 +169,12 @@ class Link:
             except OSError:
                 return
             if self.refusing:
+                client.close()
+                continue
+            with self.lock:
+                self.accepted += 1
+                dropped = self.accepted in self.drop_at
+            if dropped:
                 client.close()
                 continue
             if not self.path:
@@ -204,7 +215,13 @@ class Link:
                 self._close(conn)
             self.conns = []
 
-    def restore(self) -> None:
+    def restore(self, drop_at=()) -> None:
+        """The link is back; of the connections accepted from now on, those whose
+        numbers (1 = the first) are in ``drop_at`` are closed at once (a peer that
+        goes away again between two connections of a client)."""
+        with self.lock:
+            self.accepted = 0
+            self.drop_at = frozenset(drop_at)
         self.refusing = False
 
     def close(self) -> None:

@@ -305,6 +305,43 @@ def test_repeated_outages(servers, vms, procs):
         check_incremental(r, co, last)
 
 
+def test_secondary_gone_between_probe_and_sync(servers, vms, procs, tmp_path):
+    """The secondary answers protect's probe, then goes away before the sync's own
+    connection (the control link drops exactly that one): an outage like any other,
+    retried; protect does not exit and the next try resyncs incrementally.  (Found
+    by the chaos soak: the failed reconnect ended protect with the VM unprotected.)"""
+    from support.link import Link
+    rng = random.Random("resync-probe-then-gone")
+    vm, server = make_pair(servers, vms, rng)
+    ctl = Link(server.control_path, path=str(tmp_path / "ctl-link.sock"))
+    try:
+        co = Tracked(servers.root, vm, rng)
+        drive_args = [a for d in ("drive0", "drive1") for a in ("--drive", f"{d}={EXPORTS[d]}")]
+        proc = spawn_protect(procs, servers.root, "--qmp", vm.qmp_path, "--target",
+                             server.uri(), "--control", ctl.path,
+                             *drive_args, "--interval", "20ms", "--checkpoint-hook", co.hook,
+                             "--json", "--stall-timeout", "2s")
+        progress(co, server, proc, 3)
+        co.play(lambda: False, ops=4)
+        last = committed(server)
+        ctl.cut()  # protect's next commit fails: the secondary is lost
+        wait_until(lambda: not [j for j in vm.jobs() if j["type"] == "mirror"],
+                   "protect to drop the mirrors of the lost secondary", timeout=DEADLINE)
+        co.play(lambda: False, ops=4)
+        # the 1st connection from now on is the probe (it answers), the 2nd the
+        # sync's own (closed at once), then the next probe and sync go through
+        ctl.restore(drop_at={2})
+        progress(co, server, proc, 3)
+        assert ctl.accepted >= 4, ctl.accepted
+    finally:
+        ctl.close()
+    report = end_with_failover(servers, vm, server, proc, co)
+    assert report["outages"] == 2 and len(report["resyncs"]) == 2, report
+    assert "cannot reach the secondary's control channel" in report["resyncs"][1]["reason"], \
+        report["resyncs"][1]
+    check_incremental(report["resyncs"][1], co, last)
+
+
 def test_status_shows_commit_age_and_stale(servers, vms, procs):
     """The secondary says how long ago the last commit was; with protect gone it
     reports the protection stale (after new-session's stale_after)."""

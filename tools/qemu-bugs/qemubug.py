@@ -186,15 +186,22 @@ def node_of(mon: Monitor, drive: str) -> str:
 
 class Nbdkit:
     """An nbdkit serving ``plugin args`` over TCP on 127.0.0.1 (QEMU's yank needs a
-    socket to shut down: a TCP one, like a real secondary)."""
+    socket to shut down: a TCP one, like a real secondary), or with ``unix=True``
+    on a unix socket in ``workdir``."""
 
-    def __init__(self, workdir: str, *plugin):
+    def __init__(self, workdir: str, *plugin, unix: bool = False):
         self.pidfile = os.path.join(workdir, f"nbdkit-{time.monotonic_ns()}.pid")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.proc = subprocess.Popen(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(self.port),
-                                      "-P", self.pidfile, *plugin], stderr=subprocess.DEVNULL)
+        self.port = self.path = None
+        if unix:
+            self.path = os.path.join(workdir, f"nbdkit-{time.monotonic_ns()}.sock")
+            listen = ["-U", self.path]
+        else:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
+            listen = ["-i", "127.0.0.1", "-p", str(self.port)]
+        self.proc = subprocess.Popen(["nbdkit", "-f", *listen, "-P", self.pidfile, *plugin],
+                                     stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while not os.path.exists(self.pidfile):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -202,6 +209,8 @@ class Nbdkit:
             time.sleep(0.02)
 
     def server(self) -> dict:
+        if self.path:
+            return {"type": "unix", "path": self.path}
         return {"type": "inet", "host": "127.0.0.1", "port": str(self.port)}
 
     def signal(self, sig) -> None:

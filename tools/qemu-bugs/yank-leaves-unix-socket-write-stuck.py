@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""``yank`` does not release an NBD write stuck on a full unix socket.
+
+The bug: a write to an NBD node whose server stopped reading (a hung secondary)
+blocks once the socket's send buffer is full: QEMU's request coroutine waits for
+the socket to become writable.  ``yank`` shuts the socket down.  Over TCP the
+kernel then reports the socket writable, the coroutine wakes, its write fails
+(EPIPE) and the request ends with an error at once.  Over a unix socket the
+kernel reports only a hang-up (POLLHUP) and never "writable" while the peer's
+queue is full, and QEMU wakes a coroutine waiting to write only on "writable"
+or an error: the write, and whatever waits for it (a drain, ``stop``), stays
+stuck until the server reads again.
+
+How: nbdkit's memory plugin, stopped (SIGSTOP) after QEMU connected; an HMP
+``qemu-io aio_write`` of 16 MiB into a drive on the NBD node (it returns at once; qemu-io
+prints the write's end on QEMU's stdout); ``yank`` of the node; then up to
+``--wait`` seconds for that line.  The same over TCP is the control: it ends
+within milliseconds.  nbd-mc's answer: the guest-harm bound on pauses holds over
+TCP only (README, Known gaps), the real case between hosts.
+
+    python3 tools/qemu-bugs/yank-leaves-unix-socket-write-stuck.py [--qemu PATH] [--tries N]
+"""
+
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qemubug  # noqa: E402
+
+SIZE = 64 << 20
+WRITE = 16 << 20
+WAIT = 5.0
+
+
+def ended(vm: qemubug.Qemu, before: int, wait: float) -> float | None:
+    """Seconds until qemu-io said the write ended (a new line on QEMU's stdout)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < wait:
+        if "aio_write" in vm.stderr()[before:] or "wrote" in vm.stderr()[before:]:
+            return time.monotonic() - t0
+        if vm.proc.poll() is not None:
+            raise qemubug.QemuDied(vm.stderr())
+        time.sleep(0.01)
+    return None
+
+
+def attempt(qemu: str, d: str, unix: bool) -> tuple[float | None, float | None]:
+    """One try: (seconds from yank to the write's end or None if it did not end
+    within WAIT, seconds from SIGCONT to its end)."""
+    target = qemubug.Nbdkit(d, "memory", str(SIZE), unix=unix)
+    uri = (f"nbd+unix:///?socket={target.path}" if unix else f"nbd://127.0.0.1:{target.port}/")
+    # a drive (a named BlockBackend): HMP qemu-io on a bare node would wait for the
+    # write when it drops its temporary one
+    vm = qemubug.Qemu(qemu, d, {}, args=("-drive", f"if=none,id=t,file={uri},format=raw"))
+    try:
+        m = vm.main
+        nbd_node = next(i["node-name"] for i in m.cmd("query-yank")
+                        if i["type"] == "block-node")
+        target.signal(signal.SIGSTOP)
+        before = len(vm.stderr())
+        m.hmp(f'qemu-io t "aio_write -P 7 0 {WRITE}"')
+        m.cmd("yank", instances=[{"type": "block-node", "node-name": nbd_node}])
+        after_yank = ended(vm, before, WAIT)
+        after_cont = None
+        if after_yank is None:
+            target.signal(signal.SIGCONT)
+            after_cont = ended(vm, before, 30)
+        return after_yank, after_cont
+    finally:
+        target.close()
+        vm.close()
+
+
+def main() -> int:
+    global WAIT
+    args = qemubug.arguments(__doc__, tries=5)
+    qemubug.need("nbdkit")
+    d = qemubug.workdir(args.keep)
+    stuck, how = 0, ""
+    for _ in range(args.tries):
+        after_yank, after_cont = attempt(args.qemu, d, unix=True)
+        if after_yank is None:
+            stuck += 1
+            how = (f"the write ended {after_cont:.2f} s after the server resumed"
+                   if after_cont is not None else "the write never ended")
+    status = qemubug.verdict("yank leaves an NBD write on a full unix socket stuck until "
+                             f"the server reads (waited {WAIT:g} s)", args.qemu, stuck,
+                             args.tries, how)
+    tcp = [attempt(args.qemu, d, unix=False)[0] for _ in range(max(1, args.tries // 2))]
+    print("  the same over TCP (the control): "
+          + ", ".join("stuck" if t is None else f"ended {t * 1000:.0f} ms after the yank"
+                      for t in tcp))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
