@@ -30,8 +30,8 @@
 # tests/README.md says where it goes): power-loss sweep, make soak SOAK_WORKERS=4
 # SOAK_TESTS="tests/system/test_powerloss.py -k full" SOAK_SERIAL_TESTS=: 78 min
 # (1,392 crash states, 0 violations, 135 after a failover).  On a quiet machine
-# (nothing else running) the whole make soak SOAK_SECONDS=120 takes about 50 min:
-# 25 for the classes two at a time, 22 for the guest soaks (tests/README.md).
+# (nothing else running) the whole make soak SOAK_SECONDS=120 takes about an hour:
+# 36 min for the classes two at a time, 24 for the guest soaks (tests/README.md).
 SOAK_SECONDS ?= 600
 HARM_CYCLES ?= 200
 SOAK_DIR := build/soak
