@@ -14,6 +14,11 @@ that may still act on a commit request it has not answered yet), the VM continue
 and SecondaryStalled makes protect count the secondary as lost and resync it from
 the dirty bitmaps later.  An epoch commits only if the secondary acknowledged the
 commit before the deadline; exactness of what is committed does not change.
+
+In async mode (shipping.py) the drain waits for the background mirrors to put
+the epoch's tail on the secondary; a checkpoint that was not forced by
+``--max-lag`` gives way at the same deadline without losing the secondary: no
+commit, the VM continues, the epoch goes on (``Checkpoint.extended``).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class Checkpoint:
     pause: float  # seconds the VM was stopped (stop sent .. cont answered)
     skipped: str | None = None
     hook: float = 0.0  # seconds of that spent in the hook
+    extended: int = 0  # async: bytes still to ship when the checkpoint gave way
 
 
 def vm_running(qmp: Qmp, timeout: float | None = None) -> bool:
@@ -95,7 +101,10 @@ def checkpoint(side: PrimarySide, ctl: ControlClient, mirrors: Mirrors, epoch: i
     resumed, so that a protect killed in between does not leave it paused; bitmap
     ``epoch`` starts in ``side.bitmaps`` (none without them).
     ``drain`` replaces ``mirrors.wait_drained`` (the async mode's background
-    mirrors still copy after the stop: shipping.drain).
+    mirrors still copy after the stop: shipping.drain): called with the pause's
+    deadline (a time.monotonic() instant, None if the VM was not running), it
+    returns the bytes still to ship if it gave way at that instant (0: drained);
+    the checkpoint then neither starts a bitmap nor runs the hook nor commits.
     """
     qmp, bitmaps = side.qmp, side.bitmaps
     stall_timeout, watchdog = side.stall_timeout, side.watchdog
@@ -118,6 +127,7 @@ def checkpoint(side: PrimarySide, ctl: ControlClient, mirrors: Mirrors, epoch: i
     deadline = time.monotonic() + PAUSE_DEADLINE
     skipped = None
     hook_time = 0.0
+    extended = 0
     cut = False  # the NBD connections were yanked before the cont
     if watchdog and was_running:
         watchdog.pausing()
@@ -129,25 +139,28 @@ def checkpoint(side: PrimarySide, ctl: ControlClient, mirrors: Mirrors, epoch: i
                 mirrors.wait_drained(timeout=_left(deadline))
             else:
                 # async: the ``stop`` waits for the background mirrors' copies in
-                # flight and the epoch's last bytes cross the link with the VM paused
-                # (shipping.drain, bounded by progress): that time is the mode's, bounded
-                # by ``stall_timeout``, not the pause deadline's (docs/async.md)
+                # flight (at most their buffer: shipping.MIRROR_BUF), then the epoch's
+                # last bytes cross the link with the VM paused (shipping.drain): until
+                # the deadline, when the checkpoint gives way -- or, forced by
+                # --max-lag, for as long as they progress (docs/async.md); the commit
+                # then has its own PAUSE_DEADLINE
                 t_drain = time.perf_counter()
                 if was_running:
                     _stop(qmp, mirrors, stall_timeout, held)
-                drain()
+                extended = drain(deadline if was_running else None)
                 deadline += time.perf_counter() - t_drain
-            if bitmaps is not None:
-                bitmaps.start_epoch(epoch)
-            t_hook = time.perf_counter()
-            if callable(hook):
-                skipped = hook(epoch)
-            elif hook:
-                skipped = run_hook(hook, epoch)
-            hook_time = time.perf_counter() - t_hook
-            deadline += hook_time  # the hook's time is the user's, not the secondary's
-            if not skipped:
-                _commit(ctl, epoch, deadline)
+            if not extended:
+                if bitmaps is not None:
+                    bitmaps.start_epoch(epoch)
+                t_hook = time.perf_counter()
+                if callable(hook):
+                    skipped = hook(epoch)
+                elif hook:
+                    skipped = run_hook(hook, epoch)
+                hook_time = time.perf_counter() - t_hook
+                deadline += hook_time  # the hook's time is the user's, not the secondary's
+                if not skipped:
+                    _commit(ctl, epoch, deadline)
         except SecondaryFailed:
             # the secondary is lost: before the VM runs on, nothing more may reach it
             # (it may still act on a commit it did not answer: see the module docstring)
@@ -160,7 +173,8 @@ def checkpoint(side: PrimarySide, ctl: ControlClient, mirrors: Mirrors, epoch: i
             resume(qmp, CONT_TIMEOUT if cut else stall_timeout, mirrors.drives, held)
             if watchdog:
                 watchdog.resumed()
-    return Checkpoint(epoch, skipped is None, time.perf_counter() - t0, skipped, hook_time)
+    return Checkpoint(epoch, skipped is None and not extended, time.perf_counter() - t0,
+                      skipped, hook_time, extended)
 
 
 def _left(deadline: float) -> float:

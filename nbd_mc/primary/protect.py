@@ -26,7 +26,7 @@ from ..control import ControlClient
 from ..errors import NbdMcError
 from .metrics import ProtectMetrics
 from .bitmaps import Bitmaps, epoch_name, source_nodes
-from .checkpoint import checkpoint, run_hook
+from .checkpoint import PAUSE_DEADLINE, checkpoint, run_hook
 from .console import Console, StopFlag, _mib
 from .features import QemuFeatures
 from .errors import (PrimaryError, PrimaryGone, QmpCommandError, QmpTimeout, SecondaryFailed,
@@ -327,9 +327,11 @@ class Protector:
             hook = self._repair_hook(hook)
         drain = None
         if self.shipper is not None:
-            mirrors = self.mirrors
-            drain = lambda: shipping.drain(self.qmp, mirrors, opts.stall_timeout,  # noqa: E731
-                                           self.shipper)
+            mirrors, forced = self.mirrors, self.shipper.action == "force"
+
+            def drain(give_way_at):  # a forced checkpoint waits for the link: back-pressure
+                return shipping.drain(self.qmp, mirrors, opts.stall_timeout,
+                                      None if forced else give_way_at).left
         cut = time.monotonic()
         cp = checkpoint(self.side, self.ctl, self.mirrors, self.epoch, hook, drain=drain)
         mirrored = None
@@ -338,14 +340,14 @@ class Protector:
                 mirrored = self.mirrors.progress()[0]
             except PrimaryError:
                 pass
-        self.observer.checkpointed(cp.committed, mirrored, self.epoch, cp.skipped)
         report.pauses.append(cp.pause)
-        late = self.shipper.take_late() if self.shipper is not None else None
-        if late is not None:  # the guest wrote between the look and the stop
-            report.backpressure += 1
-            self.observer.say(f"  epoch {self.epoch}: {_mib(late)} written just before the "
-                              "checkpoint still to ship: back-pressure, the VM paused until "
-                              "it had crossed")
+        if cp.extended:  # the guest wrote between the look and the stop: no refusal,
+            self.shipper.gave_way()  # an extension like the look's (no event either)
+            self.observer.say(f"  epoch {self.epoch} extended: {_mib(cp.extended)} written "
+                              f"just before the checkpoint still to ship "
+                              f"{PAUSE_DEADLINE:g} s after the stop; the VM continues")
+            return False
+        self.observer.checkpointed(cp.committed, mirrored, self.epoch, cp.skipped)
         if opts.hook:
             report.hook_times.append(cp.hook)
         if not cp.committed:

@@ -22,7 +22,13 @@ How (the choice and its measurements are in docs/async.md):
   epoch trails a little more) -- unless the lag would then pass ``--max-lag``:
   then protect takes the checkpoint anyway and the VM stays paused until the
   backlog has crossed.  That pause is the back-pressure: the guest is slowed to
-  the link's pace instead of the data at risk growing without bound.
+  the link's pace instead of the data at risk growing without bound;
+* a checkpoint the look let go ("go") whose drain is not over by the pause's
+  deadline (the guest wrote more between the look and the ``stop``: a few QMP
+  round trips, seconds on a loaded host) *gives way* (``drain``'s
+  ``give_way_at``): no commit, the VM continues, the epoch is extended as if the
+  look had found that backlog.  Only ``--max-lag`` keeps the VM paused for the
+  link.
 
 "Drained", precisely (found by measurement on QEMU 7.2, block/mirror.c): a
 READY mirror that has nothing to copy sleeps up to 100 ms (BLOCK_JOB_SLICE_TIME)
@@ -144,12 +150,15 @@ def kick(qmp: Qmp, drives: list[DriveSpec]) -> None:
             pass
 
 
-def drain(qmp: Qmp, mirrors: Mirrors, stall_timeout: float, shipper=None) -> Backlog:
+def drain(qmp: Qmp, mirrors: Mirrors, stall_timeout: float,
+          give_way_at: float | None = None) -> Backlog:
     """With the VM stopped: wait until the background mirrors have put everything
-    on the secondary.  As long as the copy progresses, however slowly (a forced
-    checkpoint on a slow link: back-pressure), it waits; no progress for
-    ``stall_timeout`` is a stalled secondary.  ``shipper`` (Shipper) is told the
-    backlog found with the VM stopped (``Shipper.stopped``)."""
+    on the secondary (the Backlog returned is empty).  As long as the copy
+    progresses, however slowly (a forced checkpoint on a slow link:
+    back-pressure), it waits; no progress for ``stall_timeout`` is a stalled
+    secondary.  With ``give_way_at`` (a time.monotonic() instant: the pause's
+    deadline of a checkpoint that was not forced) it returns the backlog still
+    left at that instant instead of waiting on: the checkpoint gives way."""
     kick(qmp, mirrors.drives)
     poll = DRAIN_POLL_FIRST
     last, progressed = None, time.monotonic()
@@ -158,11 +167,11 @@ def drain(qmp: Qmp, mirrors: Mirrors, stall_timeout: float, shipper=None) -> Bac
         b = backlog(qmp, mirrors.drives)
         if b.problem:
             raise SecondaryFailed(b.problem)
-        if last is None and shipper is not None:
-            shipper.stopped(b)
         if b.left == 0:
             return b
         now = time.monotonic()
+        if give_way_at is not None and now >= give_way_at:
+            return b
         if last is None or b.copied > last.copied or b.left < last.left:
             progressed = now
         elif now - progressed > stall_timeout:
@@ -228,9 +237,7 @@ class Shipper:
     ``last`` -- the previous (instant, Backlog) sample; ``lags`` -- the lag at
     every look (for the report); ``extended``/``forced`` -- counts;
     ``behind`` -- an episode of extending is going on (one console line each);
-    ``action`` -- the last decision; ``late`` -- set by ``stopped`` when a "go"
-    checkpoint found a large backlog once the VM was stopped (the bytes), taken
-    by protect (``take_late``) to count and say it.
+    ``action`` -- the last decision (a "go" checkpoint may give way: ``drain``).
     """
 
     max_lag: float | None
@@ -242,7 +249,6 @@ class Shipper:
     forced: int = 0
     behind: bool = False
     action: str | None = None
-    late: int | None = None
 
     def lag(self, now: float | None = None) -> float:
         if self.cut_at is None:
@@ -284,23 +290,10 @@ class Shipper:
             kick(qmp, drives)
         return Decision("extend", b, lag, eta)
 
-    def stopped(self, b: Backlog) -> None:
-        """The first backlog of a checkpoint's drain, with the VM stopped.  After a
-        "go" it should be small, but the guest goes on writing between the look
-        and the ``stop`` (QMP round trips; seconds on a loaded host): what it
-        wrote then is shipped with the VM paused, at the link's pace.  That is
-        back-pressure too, unannounced by ``decide``; recorded here so protect
-        counts and says it (``take_late``) instead of a silent long pause."""
-        if self.action != "go" or b.left <= PAUSE_BYTES:
-            return
-        if self.throughput and b.left / self.throughput <= PAUSE_TARGET:
-            return
-        self.late = b.left
-
-    def take_late(self) -> int | None:
-        """The bytes a "go" checkpoint found to ship with the VM paused (None: none)."""
-        late, self.late = self.late, None
-        return late
+    def gave_way(self) -> None:
+        """A "go" checkpoint's drain was not over by the pause's deadline: the
+        checkpoint gave way, the epoch goes on (counted as extended)."""
+        self.extended += 1
 
     def committed(self, cut_at: float) -> None:
         self.cut_at = cut_at

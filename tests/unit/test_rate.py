@@ -79,20 +79,12 @@ def test_pacer_holds_copies_to_the_rate():
         pytest.approx(3 * Pacer.SLICE)
 
 
-def test_a_go_checkpoint_that_finds_a_large_backlog_once_stopped_is_back_pressure():
-    """shipping.Shipper: after a "go" look, the guest may write on until the stop;
-    a large backlog found then is back-pressure to count and say (take_late),
-    once; a small one, or one after a forced checkpoint (already counted), is not."""
-    from nbd_mc.primary.shipping import PAUSE_BYTES, Backlog, Shipper
+def test_a_go_checkpoint_that_gives_way_counts_as_an_extended_epoch():
+    """shipping.Shipper: a "go" checkpoint whose drain gave way at the pause's
+    deadline is an extension (the epoch goes on), not back-pressure."""
+    from nbd_mc.primary.shipping import Shipper
     sh = Shipper(max_lag=1.0)
     sh.action = "go"
-    sh.stopped(Backlog(dirty=PAUSE_BYTES))
-    assert sh.take_late() is None
-    sh.stopped(Backlog(dirty=6 << 20, copying=1 << 20))
-    assert sh.take_late() == 7 << 20 and sh.take_late() is None
-    sh.throughput = 1e12  # crosses in no time at the measured throughput: not a wait
-    sh.stopped(Backlog(dirty=6 << 20))
-    assert sh.take_late() is None
-    sh.throughput, sh.action = None, "force"
-    sh.stopped(Backlog(dirty=6 << 20))
-    assert sh.take_late() is None
+    sh.gave_way()
+    sh.gave_way()
+    assert sh.extended == 2 and sh.forced == 0
