@@ -69,21 +69,22 @@ class Tracked(Coordinated):
         return len(seen) * GRANULE
 
 
-def protect_json(procs, vm, server, root, co, *args, target=None):
+def protect_json(procs, vm, server, root, co, *args, target=None, control=None):
     argv = ["--interval", "20ms", "--checkpoint-hook", co.hook, "--json",
             "--stall-timeout", "2s", *args]
-    if target:
-        proc = start_protect_target(procs, vm, server, root, target, *argv)
+    if target or control:
+        proc = start_protect_target(procs, vm, server, root, target or server.uri(), *argv,
+                                    control=control)
     else:
         proc = start_protect(procs, vm, server, root, *argv)
     return proc
 
 
-def start_protect_target(procs, vm, server, root, target, *args):
-    """start_protect with another --target (TCP)."""
+def start_protect_target(procs, vm, server, root, target, *args, control=None):
+    """start_protect with another --target (TCP) and/or --control."""
     drive_args = [a for d in ("drive0", "drive1") for a in ("--drive", f"{d}={EXPORTS[d]}")]
     return spawn_protect(procs, root, "--qmp", vm.qmp_path, "--target", target,
-                         "--control", server.control_path, *drive_args, *args)
+                         "--control", control or server.control_path, *drive_args, *args)
 
 
 def progress(co, server, proc, commits: int) -> int:
@@ -316,11 +317,7 @@ def test_secondary_gone_between_probe_and_sync(servers, vms, procs, tmp_path):
     ctl = Link(server.control_path, path=str(tmp_path / "ctl-link.sock"))
     try:
         co = Tracked(servers.root, vm, rng)
-        drive_args = [a for d in ("drive0", "drive1") for a in ("--drive", f"{d}={EXPORTS[d]}")]
-        proc = spawn_protect(procs, servers.root, "--qmp", vm.qmp_path, "--target",
-                             server.uri(), "--control", ctl.path,
-                             *drive_args, "--interval", "20ms", "--checkpoint-hook", co.hook,
-                             "--json", "--stall-timeout", "2s")
+        proc = protect_json(procs, vm, server, servers.root, co, control=ctl.path)
         progress(co, server, proc, 3)
         co.play(lambda: False, ops=4)
         last = committed(server)

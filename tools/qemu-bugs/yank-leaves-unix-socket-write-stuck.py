@@ -14,7 +14,7 @@ stuck until the server reads again.
 How: nbdkit's memory plugin, stopped (SIGSTOP) after QEMU connected; an HMP
 ``qemu-io aio_write`` of 16 MiB into a drive on the NBD node (it returns at once; qemu-io
 prints the write's end on QEMU's stdout); ``yank`` of the node; then up to
-``--wait`` seconds for that line.  The same over TCP is the control: it ends
+WAIT (5) seconds for that line.  The same over TCP is the control: it ends
 within milliseconds.  nbd-mc's answer: the guest-harm bound on pauses holds over
 TCP only (README, Known gaps), the real case between hosts.
 
@@ -38,7 +38,8 @@ def ended(vm: qemubug.Qemu, before: int, wait: float) -> float | None:
     """Seconds until qemu-io said the write ended (a new line on QEMU's stdout)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < wait:
-        if "aio_write" in vm.stderr()[before:] or "wrote" in vm.stderr()[before:]:
+        said = vm.stderr()[before:]
+        if "aio_write" in said or "wrote" in said:
             return time.monotonic() - t0
         if vm.proc.poll() is not None:
             raise qemubug.QemuDied(vm.stderr())
@@ -74,7 +75,6 @@ def attempt(qemu: str, d: str, unix: bool) -> tuple[float | None, float | None]:
 
 
 def main() -> int:
-    global WAIT
     args = qemubug.arguments(__doc__, tries=5)
     qemubug.need("nbdkit")
     d = qemubug.workdir(args.keep)
