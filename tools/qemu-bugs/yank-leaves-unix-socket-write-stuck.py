@@ -16,7 +16,7 @@ How: nbdkit's memory plugin, stopped (SIGSTOP) after QEMU connected; an HMP
 prints the write's end on QEMU's stdout); ``yank`` of the node; then up to
 WAIT (5) seconds for that line.  The same over TCP is the control: it ends
 within milliseconds.  nbd-mc's answer: the guest-harm bound on pauses holds over
-TCP only (README, Known gaps), the real case between hosts.
+TCP only (docs/known-issues.md), the real case between hosts.
 
     python3 tools/qemu-bugs/yank-leaves-unix-socket-write-stuck.py [--qemu PATH] [--tries N]
 """
