@@ -116,6 +116,14 @@ def checkpoint(side: PrimarySide, ctl: ControlClient, mirrors: Mirrors, epoch: i
         was_running = vm_running(qmp, stall_timeout)
         if was_running:
             held.hold(mirrors.ids, stall_timeout)
+            if drain is not None:
+                # async: the background mirrors' copies in flight end while the VM
+                # still runs, not inside the ``stop`` (JobsHeld.settle)
+                try:
+                    held.settle(stall_timeout)
+                except SecondaryStalled:
+                    held.release(stall_timeout)
+                    raise
     except QmpTimeout:
         # QEMU's monitor itself waits, for a write to the secondary that does not
         # come back (a synchronous one holds the main loop): the same stall (a job

@@ -145,8 +145,9 @@ def summary(report: Report) -> str:
         lag = d["lag_ms"]
         lines.append(f"async: epoch lag median {lag['median'] / 1000:.2f} s, worst "
                      f"{lag['worst'] / 1000:.2f} s; {report.extended} interval(s) extended "
-                     f"while the link was behind, {report.backpressure} checkpoint(s) "
-                     "forced by --max-lag")
+                     f"while the link was behind, {report.backpressure} back-pressure "
+                     f"episode(s) at --max-lag ({report.backpressure_slices} paused "
+                     "slice(s))")
     lines.append(f"mirrored {_mib(report.mirrored_bytes)} (initial sync "
                  f"{_mib(report.initial_sync_bytes)}) in {report.seconds:.1f} s")
     if report.outages:

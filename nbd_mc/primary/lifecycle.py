@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import time
 
-from .errors import PrimaryGone, QmpCommandError, QmpTimeout
+from .errors import PrimaryGone, QmpCommandError, QmpTimeout, SecondaryStalled
 from .qmp import Qmp
 
 #: Ending a job: QEMU reports it with one of these.
@@ -70,6 +70,12 @@ CANCEL_TIMEOUT = 30.0
 #: Pausing the VM before a forced cancel (HeldStill) waits for the guest writes in
 #: flight to the secondary; a hung one makes the cancel wait behind it (see there).
 HOLD_TIMEOUT = 10.0
+#: A job at its pause point, as query-block-jobs lists it (a READY job pauses as
+#: ``standby``).
+PAUSED = ("standby", "paused")
+#: Polling the held jobs until they reach their pause point (JobsHeld.settle).
+SETTLE_POLL_FIRST = 0.001
+SETTLE_POLL_MAX = 0.02
 #: Seconds to wait for the answer to a command that only has to be queued behind one
 #: QEMU's monitor is still running (a ``stop`` draining): it runs there, in order.
 QUEUED = 0.1
@@ -192,6 +198,36 @@ class JobsHeld:
 
     def hold(self, ids, timeout: float | None = None) -> None:
         self.jobs = pause_jobs(self.qmp, ids, timeout)
+
+    def settle(self, stall_timeout: float | None) -> None:
+        """Wait, with the VM still running, until every held job has reached its
+        pause point (QEMU lists it ``standby`` or ``paused``): a mirror pauses only
+        once its own copies in flight have ended (block/mirror.c, mirror_pause), so
+        the ``stop`` that follows has none of them to wait for.  For a background
+        mirror (the async mode) these are up to shipping.MIRROR_BUF per drive, which
+        a slow link takes seconds to carry: waited for inside the ``stop``, with the
+        vCPUs already paused, they held the VM (3.5 s at 256 KiB/s), waited for here
+        they cost the guest nothing.  A job whose copies make no progress for
+        ``stall_timeout`` (None: no bound) is a stalled secondary (SecondaryStalled,
+        the jobs still held: the caller releases them)."""
+        poll, last, progressed = SETTLE_POLL_FIRST, None, time.monotonic()
+        while True:
+            running = live_jobs(self.qmp)
+            waiting = {j: running[j] for j in self.jobs
+                       if j in running and running[j].get("status") not in PAUSED}
+            if not waiting:
+                return
+            now = time.monotonic()
+            copied = sum(info.get("offset", 0) for info in waiting.values())
+            if last is None or copied != last:
+                last, progressed = copied, now
+            elif stall_timeout is not None and now - progressed > stall_timeout:
+                raise SecondaryStalled(
+                    f"the secondary stalled: the copies in flight of "
+                    f"{', '.join(sorted(waiting))} did not move in {stall_timeout:g} s "
+                    "(the VM was not paused)")
+            time.sleep(poll)  # polling QEMU's job states, bounded by the progress deadline
+            poll = min(SETTLE_POLL_MAX, poll * 1.5)
 
     def release(self, timeout: float | None = None) -> None:
         jobs, self.jobs = self.jobs, []

@@ -135,9 +135,9 @@ class ProtectMetrics:
                  "unlimited).", self.link.rate, "bytes_per_second")):
             if value is not None:
                 fams.append(_gauge(name, doc, v, value, unit=unit))
-        bp = CounterMetricFamily("nbd_mc_protect_backpressure", "Checkpoints --max-lag "
-                                 "forced while the link was behind (the VM waited).",
-                                 labels=["vm"])
+        bp = CounterMetricFamily("nbd_mc_protect_backpressure", "Episodes of --max-lag "
+                                 "back-pressure (the VM ran in slices between pauses "
+                                 "until the backlog had crossed).", labels=["vm"])
         bp.add_metric([self.vm], getattr(report, "backpressure", 0))
         fams.append(bp)
         if self.sync is not None:

@@ -223,7 +223,7 @@ class Protector:
                 except (SecondaryFailed, QmpTimeout) as e:
                     self._lose(e)
                 continue
-            stop.sleep(opts.interval)
+            stop.sleep(self.shipper.wait(opts.interval) if self.shipper else opts.interval)
             if stop():
                 break
             try:
@@ -286,10 +286,13 @@ class Protector:
                                   f"{'none' if sh.max_lag is None else f'{sh.max_lag:g} s'})")
             return False
         if d.action == "force":
-            self.report.backpressure += 1
-            self.observer.say(f"  epoch lag {d.lag:.1f} s reached --max-lag {sh.max_lag:g} s "
-                              f"with {_mib(d.backlog.left)} still to ship: back-pressure, "
-                              f"the VM pauses until it has crossed")
+            if sh.press():
+                self.report.backpressure += 1
+                self.observer.say(f"  epoch lag {d.lag:.1f} s reached --max-lag "
+                                  f"{sh.max_lag:g} s with {_mib(d.backlog.left)} still to "
+                                  f"ship: back-pressure, the VM runs in slices between "
+                                  f"pauses of at most {PAUSE_DEADLINE:g} s until it has "
+                                  f"crossed")
         elif sh.behind:
             self.observer.say(f"  the link caught up (epoch lag {d.lag:.1f} s)")
         sh.behind = d.action == "force"
@@ -327,11 +330,11 @@ class Protector:
             hook = self._repair_hook(hook)
         drain = None
         if self.shipper is not None:
-            mirrors, forced = self.mirrors, self.shipper.action == "force"
+            mirrors = self.mirrors
 
-            def drain(give_way_at):  # a forced checkpoint waits for the link: back-pressure
+            def drain(give_way_at):  # (forced or not: back-pressure is slices, Shipper.press)
                 return shipping.drain(self.qmp, mirrors, opts.stall_timeout,
-                                      None if forced else give_way_at).left
+                                      give_way_at).left
         cut = time.monotonic()
         cp = checkpoint(self.side, self.ctl, self.mirrors, self.epoch, hook, drain=drain)
         mirrored = None
@@ -341,11 +344,12 @@ class Protector:
             except PrimaryError:
                 pass
         report.pauses.append(cp.pause)
-        if cp.extended:  # the guest wrote between the look and the stop: no refusal,
-            self.shipper.gave_way()  # an extension like the look's (no event either)
-            self.observer.say(f"  epoch {self.epoch} extended: {_mib(cp.extended)} written "
-                              f"just before the checkpoint still to ship "
-                              f"{PAUSE_DEADLINE:g} s after the stop; the VM continues")
+        if cp.extended:  # no refusal, no event: the epoch goes on
+            if not self.shipper.pressing:  # the guest wrote between the look and the stop
+                self.observer.say(f"  epoch {self.epoch} extended: {_mib(cp.extended)} "
+                                  f"written just before the checkpoint still to ship "
+                                  f"{PAUSE_DEADLINE:g} s after the stop; the VM continues")
+            self.shipper.gave_way(cp.extended, opts.interval)  # (or a back-pressure slice)
             return False
         self.observer.checkpointed(cp.committed, mirrored, self.epoch, cp.skipped)
         if opts.hook:
@@ -358,6 +362,9 @@ class Protector:
         report.committed = self.epoch
         report.commits += 1
         if self.shipper is not None:
+            if self.shipper.pressing:
+                self.observer.say(f"  back-pressure over: epoch {self.epoch} crossed, "
+                                  f"{self.shipper.slices} paused slice(s) so far")
             self.shipper.committed(cut)
         self._link_metrics()
         if bitmaps is not None:
@@ -721,6 +728,7 @@ class Protector:
         if self.shipper is not None:
             report.lags = self.shipper.lags
             report.extended = self.shipper.extended
+            report.backpressure_slices = self.shipper.slices
 
 
 def open_session(opts: Options, timeout: float):

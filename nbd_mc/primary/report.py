@@ -32,7 +32,8 @@ class Report:
     mode: str = "sync"  # --mode
     lags: list = field(default_factory=list)  # async: epoch lag (s) at each look (shipping.py)
     extended: int = 0  # async: intervals without a checkpoint (the backlog was large)
-    backpressure: int = 0  # async: checkpoints forced by --max-lag (the VM waited for the link)
+    backpressure: int = 0  # async: episodes of --max-lag back-pressure (shipping.Shipper.press)
+    backpressure_slices: int = 0  # async: the paused slices of those that gave way
 
     def as_dict(self) -> dict:
         p = sorted(self.pauses)
@@ -55,7 +56,8 @@ class Report:
                 "lag_ms": {"median": _ms(_pct(self.lags, 50)), "p99": _ms(_pct(self.lags, 99)),
                            "worst": _ms(max(self.lags) if self.lags else None),
                            "count": len(self.lags)},
-                "extended_epochs": self.extended, "backpressure": self.backpressure}
+                "extended_epochs": self.extended, "backpressure": self.backpressure,
+                "backpressure_slices": self.backpressure_slices}
 
 
 def _pct(values: list, p: float) -> float | None:

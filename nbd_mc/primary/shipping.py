@@ -76,6 +76,12 @@ DRAIN_POLL_FIRST = 0.001
 DRAIN_POLL_MAX = 0.02
 #: Weight of the newest throughput sample.
 EWMA = 0.3
+#: Back-pressure (--max-lag reached): the VM runs this long between two of its
+#: paused slices at first; the gap halves while the backlog does not shrink from
+#: one slice to the next (down to SLICE_GAP_MIN) and grows by half when it does
+#: (up to the checkpoint interval).
+SLICE_GAP_FIRST = 0.1
+SLICE_GAP_MIN = 0.01
 #: A sync=none mirror is ready at once; bound the wait anyway.
 READY_TIMEOUT = 30.0
 
@@ -237,7 +243,11 @@ class Shipper:
     ``last`` -- the previous (instant, Backlog) sample; ``lags`` -- the lag at
     every look (for the report); ``extended``/``forced`` -- counts;
     ``behind`` -- an episode of extending is going on (one console line each);
-    ``action`` -- the last decision (a "go" checkpoint may give way: ``drain``).
+    ``action`` -- the last decision (any checkpoint may give way: ``drain``);
+    ``pressing`` -- a back-pressure episode is going on (from the first "force"
+    to the next commit); ``gap`` -- how long the VM runs between two of its
+    paused slices meanwhile; ``slice_left`` -- the backlog the last slice left
+    (None: no slice yet); ``slices`` -- paused slices that gave way in all.
     """
 
     max_lag: float | None
@@ -249,6 +259,10 @@ class Shipper:
     forced: int = 0
     behind: bool = False
     action: str | None = None
+    pressing: bool = False
+    gap: float = SLICE_GAP_FIRST
+    slice_left: int | None = None
+    slices: int = 0
 
     def lag(self, now: float | None = None) -> float:
         if self.cut_at is None:
@@ -290,13 +304,43 @@ class Shipper:
             kick(qmp, drives)
         return Decision("extend", b, lag, eta)
 
-    def gave_way(self) -> None:
-        """A "go" checkpoint's drain was not over by the pause's deadline: the
-        checkpoint gave way, the epoch goes on (counted as extended)."""
-        self.extended += 1
+    def press(self) -> bool:
+        """A "force": back-pressure.  True if that starts an episode.
+
+        Back-pressure slows the guest to the link's pace without ever holding the
+        VM paused longer than a checkpoint's deadline: each forced checkpoint
+        drains for at most that long and then gives way like any other, and the
+        next one follows after ``gap`` instead of the interval -- the VM runs in
+        short slices between pauses of the link's work, like migration's
+        auto-converge throttles the vCPUs.  The episode ends at the next commit."""
+        if self.pressing:
+            return False
+        self.pressing, self.gap, self.slice_left = True, SLICE_GAP_FIRST, None
+        return True
+
+    def gave_way(self, left: int, interval: float) -> None:
+        """A checkpoint's drain was not over by the pause's deadline (``left``
+        bytes still to ship): it gave way, the epoch goes on.  Outside
+        back-pressure that is an extension; under it, a paused slice, and the gap
+        before the next one adapts to whether the backlog shrank."""
+        if not self.pressing:
+            self.extended += 1
+            return
+        self.slices += 1
+        if self.slice_left is not None:
+            if left >= self.slice_left:
+                self.gap = max(SLICE_GAP_MIN, self.gap / 2)
+            else:
+                self.gap = min(interval, self.gap * 1.5)
+        self.slice_left = left
+
+    def wait(self, interval: float) -> float:
+        """Seconds until the next look: the interval, or a slice's gap."""
+        return min(interval, self.gap) if self.pressing else interval
 
     def committed(self, cut_at: float) -> None:
         self.cut_at = cut_at
+        self.pressing = False
 
     def reset(self) -> None:
         """A sync ended: the secondary is in step as of now (the lag counts from
@@ -304,3 +348,4 @@ class Shipper:
         self.cut_at = time.monotonic()
         self.last = None
         self.behind = False
+        self.pressing = False

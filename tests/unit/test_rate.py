@@ -85,6 +85,30 @@ def test_a_go_checkpoint_that_gives_way_counts_as_an_extended_epoch():
     from nbd_mc.primary.shipping import Shipper
     sh = Shipper(max_lag=1.0)
     sh.action = "go"
-    sh.gave_way()
-    sh.gave_way()
-    assert sh.extended == 2 and sh.forced == 0
+    sh.gave_way(4 << 20, interval=1.0)
+    sh.gave_way(4 << 20, interval=1.0)
+    assert sh.extended == 2 and sh.forced == 0 and sh.slices == 0
+    assert sh.wait(1.0) == 1.0  # the next look after the interval
+
+
+def test_back_pressure_is_slices_whose_gap_adapts_to_the_backlog():
+    """shipping.Shipper under back-pressure (press): each forced checkpoint that
+    gave way is a paused slice, not an extension; the VM runs ``gap`` before the
+    next one, a gap that halves while the backlog does not shrink (never below
+    SLICE_GAP_MIN), grows again when it does (never past the interval), and the
+    episode ends at the commit: the interval again."""
+    from nbd_mc.primary.shipping import SLICE_GAP_FIRST, SLICE_GAP_MIN, Shipper
+    sh = Shipper(max_lag=1.0)
+    assert sh.press() and not sh.press()  # one episode
+    assert sh.wait(1.0) == SLICE_GAP_FIRST
+    sh.gave_way(8 << 20, interval=1.0)
+    assert sh.slices == 1 and sh.extended == 0 and sh.gap == SLICE_GAP_FIRST
+    for _ in range(20):  # the backlog does not shrink: the VM runs less and less
+        sh.gave_way(8 << 20, interval=1.0)
+    assert sh.gap == SLICE_GAP_MIN
+    for left in range(7, 0, -1):  # it shrinks: the gap grows back, up to the interval
+        sh.gave_way(left << 20, interval=0.05)
+    assert sh.gap == 0.05 and sh.wait(0.05) == 0.05
+    sh.committed(cut_at=0.0)
+    assert not sh.pressing and sh.wait(1.0) == 1.0 and sh.slices == 28
+    assert sh.press() and sh.gap == SLICE_GAP_FIRST  # a new episode starts afresh
