@@ -86,8 +86,9 @@ from .common import Failure, json_wanted, main, size_option
                    "docs/async.md).")
 @click.option("--max-lag", "max_lag", default="10s", show_default=True, metavar="DURATION",
               help="async: how far the committed epoch may trail the primary; when the link "
-                   "cannot keep up, the checkpoint is taken anyway and the VM waits for the "
-                   "backlog to cross (back-pressure). 'none' for no bound.")
+                   "cannot keep up, checkpoints are taken anyway, one after another, and the "
+                   "VM runs in short slices between pauses of at most 0.5 s until the "
+                   "backlog has crossed (back-pressure). 'none' for no bound.")
 @click.option("--rate", "rate", default="0", show_default=True, metavar="BYTES/s",
               help="Bandwidth per drive for the initial sync, resyncs and async shipping "
                    "(QEMU's job speed), e.g. 20M; 0 for unlimited.")

@@ -16,9 +16,10 @@ the dirty bitmaps later.  An epoch commits only if the secondary acknowledged th
 commit before the deadline; exactness of what is committed does not change.
 
 In async mode (shipping.py) the drain waits for the background mirrors to put
-the epoch's tail on the secondary; a checkpoint that was not forced by
-``--max-lag`` gives way at the same deadline without losing the secondary: no
-commit, the VM continues, the epoch goes on (``Checkpoint.extended``).
+the epoch's tail on the secondary; a checkpoint whose drain is not over gives
+way at the same deadline without losing the secondary: no commit, the VM
+continues, the epoch goes on (``Checkpoint.extended``).  The mirrors' own copies
+in flight are waited for before the ``stop``, the VM running (JobsHeld.settle).
 """
 
 from __future__ import annotations
@@ -146,12 +147,11 @@ def checkpoint(side: PrimarySide, ctl: ControlClient, mirrors: Mirrors, epoch: i
                     _stop(qmp, mirrors, _left(deadline), held)
                 mirrors.wait_drained(timeout=_left(deadline))
             else:
-                # async: the ``stop`` waits for the background mirrors' copies in
-                # flight (at most their buffer: shipping.MIRROR_BUF), then the epoch's
-                # last bytes cross the link with the VM paused (shipping.drain): until
-                # the deadline, when the checkpoint gives way -- or, forced by
-                # --max-lag, for as long as they progress (docs/async.md); the commit
-                # then has its own PAUSE_DEADLINE
+                # async: the mirrors' copies in flight have ended before the ``stop``
+                # (JobsHeld.settle above), then the epoch's last bytes cross the link
+                # with the VM paused (shipping.drain) until the deadline, when the
+                # checkpoint gives way (docs/async.md); the commit then has its own
+                # PAUSE_DEADLINE
                 t_drain = time.perf_counter()
                 if was_running:
                     _stop(qmp, mirrors, stall_timeout, held)

@@ -53,7 +53,10 @@ the rule says otherwise).
    the ``stop``: outside any drain.  A checkpoint's own ``stop`` met the same
    abort on 7.2 (a secondary failing a write or yanked at the pause's deadline
    inside the drain; an async checkpoint's drain of copies in flight to a
-   secondary just killed), hence JobsHeld there too.
+   secondary just killed), hence JobsHeld there too.  An async checkpoint also
+   waits, with the VM still running, until its held jobs have reached the pause
+   point (JobsHeld.settle): not a QEMU bug, the guest's 1 s pause bound -- QEMU's
+   ``stop`` would otherwise wait for a background mirror's copies in flight.
 """
 
 from __future__ import annotations

@@ -20,15 +20,17 @@ How (the choice and its measurements are in docs/async.md):
   if it would take longer than PAUSE_TARGET to cross, the epoch is *extended*
   (no checkpoint this interval: the VM runs on, the mirror ships, the committed
   epoch trails a little more) -- unless the lag would then pass ``--max-lag``:
-  then protect takes the checkpoint anyway and the VM stays paused until the
-  backlog has crossed.  That pause is the back-pressure: the guest is slowed to
-  the link's pace instead of the data at risk growing without bound;
-* a checkpoint the look let go ("go") whose drain is not over by the pause's
-  deadline (the guest wrote more between the look and the ``stop``: a few QMP
-  round trips, seconds on a loaded host) *gives way* (``drain``'s
-  ``give_way_at``): no commit, the VM continues, the epoch is extended as if the
-  look had found that backlog.  Only ``--max-lag`` keeps the VM paused for the
-  link.
+  then protect applies *back-pressure* (``Shipper.press``): it takes the
+  checkpoint anyway, and again after a short gap instead of the interval, so
+  the VM runs in short slices between pauses in which the mirror ships with no
+  new guest write coming in -- the guest is slowed towards the link's pace
+  instead of the data at risk growing without bound, and no pause is longer
+  than any other checkpoint's;
+* any checkpoint whose drain is not over by the pause's deadline (a slice of
+  back-pressure, or a "go" whose guest wrote more between the look and the
+  ``stop``: a few QMP round trips, seconds on a loaded host) *gives way*
+  (``drain``'s ``give_way_at``): no commit, the VM continues, the epoch goes on.
+  The vCPUs never wait for the link longer than that deadline.
 
 "Drained", precisely (found by measurement on QEMU 7.2, block/mirror.c): a
 READY mirror that has nothing to copy sleeps up to 100 ms (BLOCK_JOB_SLICE_TIME)
@@ -43,9 +45,13 @@ job with ``block-job-set-speed`` (QEMU re-enters a job sleeping on its timer
 when its speed is raised; we raise it by one byte and set it back).
 
 A background mirror's data in flight is bounded by its ``buf-size``
-(MIRROR_BUF): the ``stop`` at a checkpoint waits for the job's requests in
-flight (QEMU drains block jobs too), so on a slow link a smaller buffer means a
-shorter stop.
+(MIRROR_BUF).  QEMU's ``stop`` waits for a job's requests in flight (it drains
+block jobs too), so the checkpoint first pauses the jobs and waits, with the VM
+still running, until they are at their pause point with nothing in flight
+(lifecycle.JobsHeld.settle); the ``stop`` then has only local writes to drain.
+On a slow link that wait is seconds (up to about twice MIRROR_BUF per drive
+over the link's rate) during which the guest runs and writes: it is what
+weakens back-pressure there (docs/async.md).
 """
 
 from __future__ import annotations
@@ -61,7 +67,8 @@ from .options import NODE_PREFIX, DriveSpec
 from .qmp import Qmp
 
 #: Data a background mirror may have in flight (its buf-size): bounds how long a
-#: ``stop`` waits for the job's writes on a slow link.
+#: checkpoint waits, the VM running, for the job's copies on a slow link (and the
+#: window of data on its way: a round trip of 20 ms caps a job near 50 MiB/s).
 MIRROR_BUF = 1 << 20
 #: The background mirror's dirty-bitmap granularity: a 4 KiB guest write ships 4 KiB
 #: (QEMU's default for an NBD target, 64 KiB, shipped 16 times what a 4 KiB random
@@ -159,12 +166,12 @@ def kick(qmp: Qmp, drives: list[DriveSpec]) -> None:
 def drain(qmp: Qmp, mirrors: Mirrors, stall_timeout: float,
           give_way_at: float | None = None) -> Backlog:
     """With the VM stopped: wait until the background mirrors have put everything
-    on the secondary (the Backlog returned is empty).  As long as the copy
-    progresses, however slowly (a forced checkpoint on a slow link:
-    back-pressure), it waits; no progress for ``stall_timeout`` is a stalled
-    secondary.  With ``give_way_at`` (a time.monotonic() instant: the pause's
-    deadline of a checkpoint that was not forced) it returns the backlog still
-    left at that instant instead of waiting on: the checkpoint gives way."""
+    on the secondary (the Backlog returned is empty).  With ``give_way_at`` (a
+    time.monotonic() instant: the pause's deadline) it returns the backlog still
+    left at that instant instead of waiting on: the checkpoint gives way.
+    Without it (the VM was not running: no pause to bound) it waits as long as
+    the copy progresses; no progress for ``stall_timeout`` is a stalled
+    secondary."""
     kick(qmp, mirrors.drives)
     poll = DRAIN_POLL_FIRST
     last, progressed = None, time.monotonic()
