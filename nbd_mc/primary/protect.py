@@ -293,6 +293,14 @@ class Protector:
                                   f"ship: back-pressure, the VM runs in slices between "
                                   f"pauses of at most {PAUSE_DEADLINE:g} s until it has "
                                   f"crossed")
+            elif sh.outrunning(d.lag):
+                rate = (f" (the link carries {_mib(sh.throughput)}/s)"
+                        if sh.throughput else "")
+                self.observer.say(f"  back-pressure is not holding --max-lag: epoch lag "
+                                  f"{d.lag:.1f} s with {_mib(d.backlog.left)} still to "
+                                  f"ship{rate}; the guest writes faster than the link "
+                                  f"carries while the copies in flight end before each "
+                                  f"pause (docs/async.md)")
         elif sh.behind:
             self.observer.say(f"  the link caught up (epoch lag {d.lag:.1f} s)")
         sh.behind = d.action == "force"

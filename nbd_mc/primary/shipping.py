@@ -89,6 +89,8 @@ EWMA = 0.3
 #: (up to the checkpoint interval).
 SLICE_GAP_FIRST = 0.1
 SLICE_GAP_MIN = 0.01
+#: Back-pressure is said to be losing when the lag reaches this many times --max-lag.
+OUTRUN = 2.0
 #: A sync=none mirror is ready at once; bound the wait anyway.
 READY_TIMEOUT = 30.0
 
@@ -254,7 +256,8 @@ class Shipper:
     ``pressing`` -- a back-pressure episode is going on (from the first "force"
     to the next commit); ``gap`` -- how long the VM runs between two of its
     paused slices meanwhile; ``slice_left`` -- the backlog the last slice left
-    (None: no slice yet); ``slices`` -- paused slices that gave way in all.
+    (None: no slice yet); ``slices`` -- paused slices that gave way in all;
+    ``outrun`` -- this episode was said to be losing (``outrunning``).
     """
 
     max_lag: float | None
@@ -270,6 +273,7 @@ class Shipper:
     gap: float = SLICE_GAP_FIRST
     slice_left: int | None = None
     slices: int = 0
+    outrun: bool = False
 
     def lag(self, now: float | None = None) -> float:
         if self.cut_at is None:
@@ -323,6 +327,19 @@ class Shipper:
         if self.pressing:
             return False
         self.pressing, self.gap, self.slice_left = True, SLICE_GAP_FIRST, None
+        self.outrun = False
+        return True
+
+    def outrunning(self, lag: float) -> bool:
+        """True, once per episode, when back-pressure is not holding the bound:
+        the lag has reached OUTRUN times --max-lag.  On a very slow link the
+        guest runs while the mirrors' copies in flight end before each pause
+        (lifecycle.JobsHeld.settle), and a guest that writes faster than the link
+        carries in that time outruns the pauses (docs/async.md)."""
+        if not self.pressing or self.outrun or self.max_lag is None or \
+                lag < OUTRUN * self.max_lag:
+            return False
+        self.outrun = True
         return True
 
     def gave_way(self, left: int, interval: float) -> None:

@@ -112,3 +112,19 @@ def test_back_pressure_is_slices_whose_gap_adapts_to_the_backlog():
     sh.committed(cut_at=0.0)
     assert not sh.pressing and sh.wait(1.0) == 1.0 and sh.slices == 28
     assert sh.press() and sh.gap == SLICE_GAP_FIRST  # a new episode starts afresh
+
+
+def test_back_pressure_that_does_not_hold_the_bound_is_said_once_per_episode():
+    """shipping.Shipper.outrunning: true once per episode when the lag reaches
+    OUTRUN times --max-lag (a guest outrunning the pauses on a very slow link);
+    never outside an episode, never without a bound."""
+    from nbd_mc.primary.shipping import OUTRUN, Shipper
+    sh = Shipper(max_lag=1.0)
+    assert not sh.outrunning(10.0)  # no episode
+    sh.press()
+    assert not sh.outrunning(OUTRUN * 0.99)
+    assert sh.outrunning(OUTRUN) and not sh.outrunning(OUTRUN * 3)
+    sh.committed(cut_at=0.0)
+    sh.press()
+    assert sh.outrunning(OUTRUN)  # the next episode says it again
+    assert not Shipper(max_lag=None).outrunning(1e9)
