@@ -299,8 +299,8 @@ class Protector:
                 self.observer.say(f"  back-pressure is not holding --max-lag: epoch lag "
                                   f"{d.lag:.1f} s with {_mib(d.backlog.left)} still to "
                                   f"ship{rate}; the guest writes faster than the link "
-                                  f"carries while the copies in flight end before each "
-                                  f"pause (docs/async.md)")
+                                  f"carries in its slices between the pauses "
+                                  f"(docs/async.md)")
         elif sh.behind:
             self.observer.say(f"  the link caught up (epoch lag {d.lag:.1f} s)")
         sh.behind = d.action == "force"

@@ -332,10 +332,11 @@ class Shipper:
 
     def outrunning(self, lag: float) -> bool:
         """True, once per episode, when back-pressure is not holding the bound:
-        the lag has reached OUTRUN times --max-lag.  On a very slow link the
-        guest runs while the mirrors' copies in flight end before each pause
-        (lifecycle.JobsHeld.settle), and a guest that writes faster than the link
-        carries in that time outruns the pauses (docs/async.md)."""
+        the lag has reached OUTRUN times --max-lag.  Between two pauses the VM
+        runs for the gap, protect's look and set-up, and the wait for the
+        mirrors' copies in flight (lifecycle.JobsHeld.settle: seconds on a very
+        slow link); a guest that writes faster than the link carries in that time
+        outruns the pauses (docs/async.md)."""
         if not self.pressing or self.outrun or self.max_lag is None or \
                 lag < OUTRUN * self.max_lag:
             return False
