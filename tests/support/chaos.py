@@ -185,7 +185,7 @@ class ChaosStory(demo.Story):
         super().__init__(workdir, seconds, say)
         self.rounds = rounds
         # the soak holds a full undo file system until protect has claimed the
-        # secondary again, so its resync rounds meet ENOSPC too (README Known gaps:
+        # secondary again, so its resync rounds meet ENOSPC too (docs/known-issues.md:
         # a secondary's write error during a resync round reaches the guest); the
         # short run in `make test` gives the space back once the write was refused
         self.hold_full = rounds is None

@@ -75,7 +75,7 @@ class PlayedGuest:
     the writes go through the mirror), never while a checkpoint holds the VM.
 
     QEMU 7.2 crashes or hangs when a block job's filter node is inserted or removed
-    while an HMP qemu-io request is in flight (README, Known gaps): the request
+    while an HMP qemu-io request is in flight (docs/known-issues.md): the request
     polls the main loop, and a job that ends there (a resync's backup round, a
     mirror cancelled by a detach or dropped after a lost secondary) changes the
     graph under it.  So the tests play only while protect is in step

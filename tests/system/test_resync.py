@@ -293,7 +293,7 @@ def test_repeated_outages(servers, vms, procs):
             server.stop()
         # HMP qemu-io is no guest: protect's pause (stop) does not hold it back, and
         # a mirror force-cancelled under an HMP write in flight corrupts QEMU 7.2's
-        # heap (README Known gaps) -- so the outage's writes start once protect has
+        # heap (docs/known-issues.md) -- so the outage's writes start once protect has
         # dropped the mirrors
         wait_until(lambda: not [j for j in vm.jobs() if j["type"] == "mirror"],
                    "protect to drop the mirrors of the lost secondary", timeout=DEADLINE)
