@@ -185,8 +185,8 @@ class ChaosStory(demo.Story):
         super().__init__(workdir, seconds, say)
         self.rounds = rounds
         # the soak holds a full undo file system until protect has claimed the
-        # secondary again, so its resync rounds meet ENOSPC too (docs/known-issues.md:
-        # a secondary's write error during a resync round reaches the guest); the
+        # secondary again, so its resync rounds meet ENOSPC too (they copy from a
+        # fleecing snapshot: the round ends, no guest write fails: docs/guest-harm.md); the
         # short run in `make test` gives the space back once the write was refused
         self.hold_full = rounds is None
         need = 32 * MiB + int(seconds * GUEST_MIB_PER_SECOND * MiB)  # ext4's own + records
