@@ -301,9 +301,9 @@ class Protector:
                                   f"ship{rate}; the guest writes faster than the link "
                                   f"carries in its slices between the pauses "
                                   f"(docs/async.md)")
-        elif sh.behind:
+        elif sh.behind and not sh.pressing:  # (back-pressure's end is its commit's line)
             self.observer.say(f"  the link caught up (epoch lag {d.lag:.1f} s)")
-        sh.behind = d.action == "force"
+        sh.behind = False
         return True
 
     def _link_metrics(self, d=None) -> None:
