@@ -48,7 +48,10 @@ the rule says otherwise).
    or ``bdrv_close: Assertion 'QLIST_EMPTY(&bs->dirty_bitmaps)'``).  The
    reproducer hit it in 27 of 40 tries on 7.2 (15 outages each), 6 of 10 with the
    guest writing through QEMU's NBD server instead of HMP, 0 of 12 on 10.0; with
-   the failing mirrors left to end before the ``stop``, 0 of 10.  A paused job
+   the failing mirrors left to end before the ``stop``, 0 of 10.  The cause: the
+   job's exit runs inside ``stop``'s ``bdrv_flush_all()``, whose ``bdrv_next()``
+   walk then drops its reference on the drive's node instead of the mirror filter
+   it took it on (fixed upstream in QEMU 9.0, f6d38c9f6dae).  A paused job
    does not run its end until its cancel or ``block-job-resume`` resumes it, after
    the ``stop``: outside any drain.  A checkpoint's own ``stop`` met the same
    abort on 7.2 (a secondary failing a write or yanked at the pause's deadline
