@@ -10,9 +10,11 @@ exactly the disks recorded at the epoch the secondary acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import types
 
 import pytest
 
@@ -128,19 +130,18 @@ def test_async_link_outage(servers, vms, procs, links):
 
 
 # --- a checkpoint whose tail cannot cross in time gives way ---------------------------------------
-def test_async_checkpoint_gives_way_when_the_tail_cannot_cross(servers, vms, links):
-    """primary.checkpoint in async mode, driven step by step on a real QEMU: a
-    checkpoint that was not forced by --max-lag, whose drain is not over by the
-    pause's deadline (8 MiB written, the link capped at 256 KiB/s), gives way:
-    no commit, no bitmap, no hook, the VM runs on and the secondary is not lost
-    (its mirrors still run).  Once the link has carried the backlog, the next
-    checkpoint commits exactly what the primary held."""
+@contextlib.contextmanager
+def stepped(servers, vms, links, seed: str, stall_timeout: float = 60.0):
+    """A pair driven step by step through primary.* (no protect process): the
+    secondary behind a TCP link, the writer claimed, background mirrors READY.
+    Yields a namespace: vm, server, nbd (the link), ctl, qmp, drives, epoch (the
+    first one to commit), mirrors, side, and drain (shipping.drain bounded by
+    ``stall_timeout``, as protect passes it to checkpoint)."""
     from nbd_mc import primary
     from nbd_mc.control import ControlClient
     from nbd_mc.primary import shipping
-    from test_primary import assert_committed_view, drive_specs
-    rng = random.Random("async-give-way")
-    vm, server = make_pair(servers, vms, rng)
+    from test_primary import drive_specs
+    vm, server = make_pair(servers, vms, random.Random(seed))
     nbd, ctl_link = slow_link(links, server, servers.root, rtt=0.0)
     drives = drive_specs()
     ctl = ControlClient(ctl_link.path, timeout=60)
@@ -152,15 +153,38 @@ def test_async_checkpoint_gives_way_when_the_tail_cannot_cross(servers, vms, lin
         shipping.start_background(qmp, drives, "full")
         mirrors = primary.Mirrors(qmp, drives)
         assert mirrors.wait_ready()
-        side = primary.PrimarySide(qmp, drives)
+        side = primary.PrimarySide(qmp, drives, stall_timeout=stall_timeout)
+
+        def drain(give_way_at):
+            return shipping.drain(qmp, mirrors, stall_timeout, give_way_at).left
+
+        yield types.SimpleNamespace(vm=vm, server=server, nbd=nbd, ctl=ctl, qmp=qmp,
+                                    drives=drives, epoch=epoch, mirrors=mirrors, side=side,
+                                    drain=drain)
+    finally:
+        nbd.rate = None
+        qmp.close()
+        ctl.close()
+
+
+def test_async_checkpoint_gives_way_when_the_tail_cannot_cross(servers, vms, links):
+    """primary.checkpoint in async mode, driven step by step on a real QEMU: a
+    checkpoint that was not forced by --max-lag, whose drain is not over by the
+    pause's deadline (8 MiB written, the link capped at 256 KiB/s), gives way:
+    no commit, no bitmap, no hook, the VM runs on and the secondary is not lost
+    (its mirrors still run).  Once the link has carried the backlog, the next
+    checkpoint commits exactly what the primary held."""
+    from nbd_mc import primary
+    from nbd_mc.primary import shipping
+    from test_primary import assert_committed_view
+    with stepped(servers, vms, links, "async-give-way") as t:
+        vm, server, nbd, qmp, drives = t.vm, t.server, t.nbd, t.qmp, t.drives
+        ctl, mirrors, side, epoch, drain = t.ctl, t.mirrors, t.side, t.epoch, t.drain
         records, hooked = {}, []
 
         def hook(e):
             hooked.append(e)
             records[e] = vm.record()
-
-        def drain(give_way_at):
-            return shipping.drain(qmp, mirrors, 60, give_way_at).left
 
         cp = primary.checkpoint(side, ctl, mirrors, epoch, hook=hook, drain=drain)
         assert cp.committed and not cp.extended, cp
@@ -183,9 +207,6 @@ def test_async_checkpoint_gives_way_when_the_tail_cannot_cross(servers, vms, lin
         assert cp.committed and not cp.extended, cp
         assert_committed_view(server, records[epoch + 1], "after the checkpoint that gave way")
         assert "failed" not in read_file(vm.log).decode(errors="replace")
-    finally:
-        qmp.close()
-        ctl.close()
 
 
 def test_async_checkpoint_does_not_stop_the_vm_behind_copies_in_flight(servers, vms, links):
@@ -197,27 +218,10 @@ def test_async_checkpoint_does_not_stop_the_vm_behind_copies_in_flight(servers, 
     after the stall timeout without QEMU ever having stopped the VM (no STOP
     event), and the VM runs."""
     from nbd_mc import primary
-    from nbd_mc.control import ControlClient
     from nbd_mc.primary import shipping
-    from test_primary import drive_specs
-    rng = random.Random("async-in-flight")
-    vm, server = make_pair(servers, vms, rng)
-    nbd, ctl_link = slow_link(links, server, servers.root, rtt=0.0)
-    drives = drive_specs()
-    ctl = ControlClient(ctl_link.path, timeout=60)
-    epoch = primary.first_epoch(primary.secondary_status(ctl), drives)
-    ctl, drives = primary.claim_writer(ctl, drives)
-    qmp = primary.Qmp(vm.qmp_path)
-    try:
-        primary.attach(qmp, primary.parse_nbd_uri(nbd.nbd_uri()), drives)
-        shipping.start_background(qmp, drives, "full")
-        mirrors = primary.Mirrors(qmp, drives)
-        assert mirrors.wait_ready()
-        side = primary.PrimarySide(qmp, drives, stall_timeout=2.0)
-
-        def drain(give_way_at):
-            return shipping.drain(qmp, mirrors, 2.0, give_way_at).left
-
+    with stepped(servers, vms, links, "async-in-flight", stall_timeout=2.0) as t:
+        vm, server, nbd, qmp, drives = t.vm, t.server, t.nbd, t.qmp, t.drives
+        ctl, mirrors, side, epoch, drain = t.ctl, t.mirrors, t.side, t.epoch, t.drain
         cp = primary.checkpoint(side, ctl, mirrors, epoch, drain=drain)
         assert cp.committed, cp
         nbd.rate = 4 << 10
@@ -232,10 +236,6 @@ def test_async_checkpoint_does_not_stop_the_vm_behind_copies_in_flight(servers, 
         assert stops is None, stops
         assert vm.running()
         assert server.execute("query-status")["committed"] == epoch
-    finally:
-        nbd.rate = None
-        qmp.close()
-        ctl.close()
 
 
 # --- --max-lag: the link cannot keep up --------------------------------------------------------
