@@ -19,7 +19,7 @@ import time
 
 import nbdkit
 
-from . import commands, history, writer
+from . import blocksize, commands, history, writer
 from ..address import default_control
 from ..control import ControlServer
 from .disk import COMMITTED_SUFFIX, parse_disk_spec
@@ -27,11 +27,6 @@ from .engine import KEEP, Group
 from ..errors import NbdMcError
 from ..fileio import data_extents
 from ..tls import TlsFiles
-
-MAX_REQUEST = 32 << 20
-#: The largest request nbdkit itself accepts (its MAX_REQUEST_SIZE): advertised as
-#: the maximum block size, so a client splits larger ones instead of failing.
-NBDKIT_MAX_REQUEST = 64 << 20
 
 _config = {"disks": [], "state_dir": None, "cluster_size": None, "durability": None,
            "subclusters": None, "nbd_uri": None, "history": KEEP,
@@ -207,8 +202,7 @@ def get_size(h):
 
 
 def block_size(h):
-    preferred = min(max(h.disk.cluster_size, 512), MAX_REQUEST)
-    return (1, preferred, NBDKIT_MAX_REQUEST)
+    return blocksize.block_sizes(h.disk.cluster_size, blocksize.is_unix(_config["nbd_uri"]))
 
 
 def can_write(h):

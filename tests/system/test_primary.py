@@ -122,6 +122,8 @@ class Guest:
         self.counts = collections.Counter()
         self.bytes = 0
         self.log: list[tuple[str, int, int]] = []  # (drive, offset, length) of every request
+        #: requests op() sends before random ones: (kind, drive, offset, length)
+        self.queued: list[tuple[str, str, int, int]] = []
 
     def _extent(self, size: int) -> tuple[int, int]:
         rng = self.rng
@@ -137,9 +139,12 @@ class Guest:
     def op(self, complete: bool = False) -> None:
         """One guest request; ``complete`` waits for an aio_write to finish too."""
         rng = self.rng
-        drive = rng.choice(sorted(self.sizes))
-        offset, length = self._extent(self.sizes[drive])
-        kind = rng.choices(self.KINDS, self.weights)[0]
+        if self.queued:
+            kind, drive, offset, length = self.queued.pop(0)
+        else:
+            drive = rng.choice(sorted(self.sizes))
+            offset, length = self._extent(self.sizes[drive])
+            kind = rng.choices(self.KINDS, self.weights)[0]
         pattern = rng.randrange(1, 256)
         cmd = {"write": f"write -P {pattern} {offset} {length}",
                "aio_write": f"aio_write -P {pattern} {offset} {length}",

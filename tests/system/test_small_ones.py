@@ -10,11 +10,12 @@ import nbd
 import pytest
 
 from nbd_mc.control import MAX_CLIENTS, MAX_PER_PEER
+from nbd_mc.secondary import blocksize
 from support.servers import (DEADLINE, connect_as_children, describe, make_image, read_all, run,
                              wait_until)
 
 MiB = 1 << 20
-NBDKIT_MAX_REQUEST = 64 * MiB  # nbdkit's MAX_REQUEST_SIZE (the plugin module runs only inside nbdkit)
+NBDKIT_MAX_REQUEST = blocksize.NBDKIT_MAX_REQUEST
 
 
 def _greeted(s: socket.socket) -> dict | None:
@@ -78,16 +79,47 @@ def test_committed_export_is_refused_before_the_first_commit(servers):
     assert [e["export-name"] for e in listed] == ["v", "v@committed"]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_the_advertised_maximum_request_is_accepted(servers):
+    """Over TCP the maximum is nbdkit's own, and a request that large is served."""
     path = servers.path("big.raw")
     with open(path, "wb") as f:
         f.truncate(NBDKIT_MAX_REQUEST + MiB)
     s = servers.new({"big": path})
+    port = _free_port()
+    s.args += ["--port", str(port), "--bind", "127.0.0.1"]
     s.start()
-    h = s.connect("big")
+    uri = f"nbd://127.0.0.1:{port}/big"
+    h = nbd.NBD()
+    h.connect_uri(uri)
     assert h.get_block_size(nbd.SIZE_MAXIMUM) == NBDKIT_MAX_REQUEST
     payload = bytes([7]) * NBDKIT_MAX_REQUEST
     h.pwrite(payload, MiB)           # the largest request the server says it takes
     assert h.pread(4096, MiB + NBDKIT_MAX_REQUEST - 4096) == payload[:4096]
-    r = run(["nbdinfo", "--json", s.uri("big")])
+    h.shutdown()
+    r = run(["nbdinfo", "--json", uri])
     assert json.loads(r.stdout)["exports"][0]["block_size_maximum"] == NBDKIT_MAX_REQUEST
+
+
+def test_a_unix_socket_advertises_what_fits_in_its_buffer(servers):
+    """Over a unix socket the maximum keeps QEMU's 16 requests in flight inside the
+    socket's send buffer (nbd_mc/secondary/blocksize.py says why); a client that
+    sends more is still served."""
+    path = servers.path("v.raw")
+    make_image(path, 4 * MiB)
+    s = servers.new({"v": path})
+    s.start()
+    h = s.connect("v")
+    maximum = blocksize.unix_maximum(blocksize.send_buffer())
+    assert h.get_block_size(nbd.SIZE_MAXIMUM) == maximum
+    assert blocksize.QEMU_REQUESTS * (maximum + blocksize.PER_REQUEST_OVERHEAD) \
+        <= blocksize.send_buffer()
+    assert h.get_block_size(nbd.SIZE_PREFERRED) <= maximum
+    payload = bytes([9]) * (2 * MiB)
+    h.pwrite(payload, MiB)
+    assert h.pread(2 * MiB, MiB) == payload
