@@ -44,8 +44,9 @@ HOOK_TIMEOUT = 60.0
 #: What is left of the 1 s the VM may stay paused is for the yank, the end of the
 #: drain it releases and the ``cont``.
 PAUSE_DEADLINE = 0.5
-#: Seconds the ``cont`` after a yank may take before protect yanks again (a write
-#: that the first yank did not release, over a unix socket: docs/known-issues.md).
+#: Seconds the ``cont`` after a yank may take before protect yanks again (a request
+#: sent after the first yank, or a write the yank could not release: over a unix
+#: socket to a server that advertises large requests, nbd_mc/blocksize.py).
 CONT_TIMEOUT = 2.0
 
 

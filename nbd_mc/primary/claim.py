@@ -17,16 +17,26 @@ class Claim:
     exports: dict
 
 
-def claim(ctl, stale_after: float | None = None) -> Claim:
+def claim(ctl, stale_after: float | None = None, max_request: int | None = None) -> Claim:
     """Claim the secondary for this primary (``ctl``: a control.ControlClient) in a
-    new session (``stale_after``: see the engine's new_session).
+    new session (``stale_after``: see the engine's new_session), asking its writer
+    exports to advertise ``max_request`` (nbd_mc/blocksize.py) if given.
 
     A secondary that predates writer identities has no ``claim``: then the plain
-    exports are used, as before (no writer id, commits name no writer).
+    exports are used, as before (no writer id, commits name no writer).  One that
+    predates ``max_request`` refuses the argument: the claim is sent again without
+    it (its exports keep their own maximum).
     """
     from ..control import ControlError
+    args = {} if stale_after is None else {"stale_after": stale_after}
     try:
-        r = ctl.execute("claim", **({} if stale_after is None else {"stale_after": stale_after}))
+        try:
+            r = ctl.execute("claim", **args,
+                            **({} if max_request is None else {"max_request": max_request}))
+        except ControlError as e:
+            if max_request is None or "unexpected arguments max_request" not in e.desc:
+                raise
+            r = ctl.execute("claim", **args)
     except ControlError as e:
         if e.error_class == "CommandNotFound":
             return Claim(None, None, {})

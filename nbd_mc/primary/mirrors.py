@@ -311,9 +311,10 @@ def yank(qmp: Qmp, drives: list[DriveSpec], timeout: float = 5.0) -> None:
     """Shut our NBD nodes' connections down at once, out of band: requests in flight
     to a hung secondary fail (the mirror reports a target error, the guest's write
     has already succeeded on its own disk), which ends a ``stop`` stuck draining
-    them.  Over TCP that is always enough; over a unix socket a write still
-    waiting for socket-buffer space stays stuck until the peer reads (QEMU 7.2 does
-    not wake a writer on hang-up)."""
+    them.  Over TCP that is always enough.  Over a unix socket a write waiting for
+    socket-buffer space would stay stuck until the peer reads (QEMU does not wake a
+    writer on hang-up); the maximum request protect asks for in ``claim`` there
+    keeps any write from waiting for space (nbd_mc/blocksize.py)."""
     instances = [{"type": "block-node", "node-name": d.node} for d in drives]
     for inst in instances:
         try:

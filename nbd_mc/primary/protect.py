@@ -22,6 +22,7 @@ import time
 from dataclasses import replace
 
 from . import verify
+from .. import blocksize
 from ..control import ControlClient
 from ..errors import NbdMcError
 from .metrics import ProtectMetrics
@@ -525,10 +526,13 @@ class Protector:
         bitmaps.group = group
         bitmaps.prune_foreign()
         # claim = new-session (older connections can no longer write) plus a new writer
-        # id: every sync mirrors into exports that no earlier session can open
+        # id: every sync mirrors into exports that no earlier session can open; over
+        # a unix socket they advertise requests small enough that QEMU never waits
+        # for buffer space (nbd_mc/blocksize.py: where a yank could not free it)
         self._close_ranges()
-        self.ctl, self.writer_drives = claim_writer(self.ctl, opts.drives, observer.say,
-                                                    opts.stale_after)
+        self.ctl, self.writer_drives = claim_writer(
+            self.ctl, opts.drives, observer.say, opts.stale_after,
+            blocksize.qemu_max_request(opts.target.server))
         self.epoch = committed + 1
         t0 = time.monotonic()
         self._enter(Phase.RESYNCING if self.report.resyncs else Phase.SYNCING)

@@ -125,18 +125,19 @@ def new_session(ctl: ControlClient, stale_after: float | None) -> dict:
 
 
 def claim_writer(ctl: ControlClient, drives: list[DriveSpec], say=lambda text: None,
-                 stale_after: float | None = None):
+                 stale_after: float | None = None, max_request: int | None = None):
     """Become the secondary's one writer (nbd_mc/secondary/writer.py) in a new session.
 
     ``claim`` is new-session plus a new writer identity: the secondary cuts off the
     connections of earlier sessions and refuses the previous writer's export name
     from now on.  Returns the control connection to commit through (its commits
     name the writer, so a superseded protect cannot commit) and the drives with
-    the writer exports to mirror into.  A secondary that predates writer identities
+    the writer exports to mirror into.  ``max_request``: the largest request
+    those exports should advertise (nbd_mc/blocksize.py).  A secondary that predates writer identities
     gets a plain new-session, and the plain exports are used.  A promoted or
     fenced secondary refuses for good (SecondaryRefused)."""
     with _rpc("the secondary refused the writer claim"):
-        got = writer_claim.claim(ctl, stale_after)
+        got = writer_claim.claim(ctl, stale_after, max_request)
     if not got.writer:
         new_session(ctl, stale_after)
         return ctl, drives

@@ -126,7 +126,7 @@ def _commit(s: Session, a: dict) -> dict:
 
 def _claim(s: Session, a: dict) -> dict:
     with _writer_lock:
-        return _with_uris(s, s.group.claim(a["stale_after"]))
+        return _with_uris(s, s.group.claim(a["stale_after"], a["max_request"]))
 
 
 COMMANDS = {c.name: c for c in (
@@ -152,8 +152,9 @@ COMMANDS = {c.name: c for c in (
             "longer write; stale_after is how long without a commit makes protection stale",
             lambda s, a: s.group.new_session(a["stale_after"]), (Arg("stale_after", "seconds"),)),
     Command("claim", "new-session plus a new writer identity: the previous writer can no "
-            "longer write, not even by reconnecting (what protect sends at every sync)",
-            _claim, (Arg("stale_after", "seconds"),)),
+            "longer write, not even by reconnecting (what protect sends at every sync); "
+            "max_request: the largest request the writer's exports advertise",
+            _claim, (Arg("stale_after", "seconds"), Arg("max_request", "any"))),
     Command("verify-range", "hash a range of a disk's committed view at an epoch (online verify)",
             lambda s, a: verify.verify_range(s.group, a),
             tuple(Arg(n, "any") for n in ("disk", "offset", "length", "epoch", "block")),

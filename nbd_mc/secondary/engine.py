@@ -24,7 +24,7 @@ import time
 import uuid
 from contextlib import contextmanager
 
-from .. import crashpoints, qcow2
+from .. import blocksize, crashpoints, qcow2
 from . import history as hist, mode, writer
 from ..errors import (BadRequest, EpochMismatch, Fenced, IOFailure, NbdMcError, NotProtected,
                      NotRetained, StateError, io_failure)
@@ -124,6 +124,10 @@ class Group:
         #: Seconds without a commit after which status calls protection stale;
         #: a primary sets it for its session (new_session), in memory only.
         self.stale_after = DEFAULT_STALE_AFTER
+        #: The largest request the current writer asked its exports to advertise
+        #: (``claim``'s max_request; None: nbdkit's own), in memory only: set by each
+        #: claim (nbd_mc/blocksize.py says why a writer asks).
+        self.max_request: int | None = None
         self._refresh_fast_path()
         self.stats = {"writes": 0, "zeroes": 0, "trims": 0, "bytes_written": 0,
                       "commits": 0, "rollbacks": 0, "refused_writes": 0, "errors": 0}
@@ -534,14 +538,16 @@ class Group:
             return None
         return state.committed if state is not None else None
 
-    def new_session(self, stale_after: float | None = None, claim: bool = False) -> dict:
+    def new_session(self, stale_after: float | None = None, claim: bool = False,
+                    max_request: int | None = None) -> dict:
         """A primary (re)attaches: NBD connections opened before now can no longer
         write (as after a fence, but the group stays writable for new ones).
 
         A connection of an earlier session may still hold writes in its socket (a
         secondary that hung and came back): they must not land after the resync
         that replaces them.  ``stale_after`` is how long without a commit makes this
-        primary's protection stale.
+        primary's protection stale.  ``max_request`` (claim only) is the largest
+        request the new writer's exports advertise (nbd_mc/blocksize.py).
 
         ``claim`` (the ``claim`` command, which is what protect sends at every
         (re)sync) also grants a new writer identity (nbd_mc/secondary/writer.py): besides the
@@ -560,6 +566,9 @@ class Group:
                         or stale_after <= 0):
                     raise BadRequest(f"{what}: 'stale_after' must be a positive number")
                 self.stale_after = float(stale_after)
+            if max_request is not None and not blocksize.valid_max_request(max_request):
+                raise BadRequest(f"{what}: 'max_request' must be a power of two from "
+                                 f"{blocksize.MIN_MAXIMUM} to {blocksize.NBDKIT_MAX_REQUEST}")
             with self.gate.closed():  # no write of an earlier session is still in flight
                 generation = self.state.generation + 1
                 if claim:
@@ -570,16 +579,19 @@ class Group:
             out = {"generation": generation, "group_id": self.state.group_id,
                    "committed": self.state.committed}
             if claim:
+                self.max_request = max_request
+                if max_request is not None:
+                    out["max_request"] = max_request
                 out["writer"] = self.state.writer
                 out["exports"] = writer.writer_exports([d.name for d in self.disks],
                                                        self.state.writer)
             return out
 
-    def claim(self, stale_after: float | None = None) -> dict:
+    def claim(self, stale_after: float | None = None, max_request: int | None = None) -> dict:
         """A new session with a new writer identity (see new_session): the previous
         writer's connections and export name are refused from now on, the group
-        stays usable for the new writer."""
-        return self.new_session(stale_after, claim=True)
+        stays usable for the new writer, whose exports advertise ``max_request``."""
+        return self.new_session(stale_after, claim=True, max_request=max_request)
 
     def _persist(self, **changes) -> None:
         """Save the state with ``changes``.  On failure the in-memory state follows

@@ -19,7 +19,8 @@ import time
 
 import nbdkit
 
-from . import blocksize, commands, history, writer
+from . import commands, history, writer
+from .. import blocksize
 from ..address import default_control
 from ..control import ControlServer
 from .disk import COMMITTED_SUFFIX, parse_disk_spec
@@ -202,7 +203,9 @@ def get_size(h):
 
 
 def block_size(h):
-    return blocksize.block_sizes(h.disk.cluster_size, blocksize.is_unix(_config["nbd_uri"]))
+    # the writer's max_request (from its claim) applies to its own exports only
+    asked = _group.max_request if h.access.kind == "writer" else None
+    return blocksize.block_sizes(h.disk.cluster_size, asked)
 
 
 def can_write(h):

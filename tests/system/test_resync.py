@@ -184,9 +184,9 @@ def test_secondary_hung_then_continued(servers, vms, procs, transport):
     keeps running, protect does not call it a dead primary, and resyncs once the
     secondary continues.  Over a unix socket the yank alone would not release a
     write larger than the socket's buffer (QEMU's bug,
-    tools/qemu-bugs/yank-leaves-unix-socket-write-stuck.py): the secondary's smaller
-    maximum request there (nbd_mc/secondary/blocksize.py) keeps every write QEMU
-    has in flight inside the buffer."""
+    tools/qemu-bugs/yank-leaves-unix-socket-write-stuck.py): the smaller maximum
+    request protect asks for in ``claim`` there (nbd_mc/blocksize.py) keeps every
+    write QEMU has in flight inside the buffer."""
     rng = random.Random("resync-hang" if transport == "tcp" else "resync-hang-unix")
     vm, server = make_pair(servers, vms, rng)
     target = None

@@ -10,7 +10,7 @@ import nbd
 import pytest
 
 from nbd_mc.control import MAX_CLIENTS, MAX_PER_PEER
-from nbd_mc.secondary import blocksize
+from nbd_mc import blocksize
 from support.servers import (DEADLINE, connect_as_children, describe, make_image, read_all, run,
                              wait_until)
 
@@ -106,20 +106,31 @@ def test_the_advertised_maximum_request_is_accepted(servers):
     assert json.loads(r.stdout)["exports"][0]["block_size_maximum"] == NBDKIT_MAX_REQUEST
 
 
-def test_a_unix_socket_advertises_what_fits_in_its_buffer(servers):
-    """Over a unix socket the maximum keeps QEMU's 16 requests in flight inside the
-    socket's send buffer (nbd_mc/secondary/blocksize.py says why); a client that
-    sends more is still served."""
+def test_a_claim_asks_its_exports_for_a_smaller_maximum(servers):
+    """``claim`` with ``max_request`` (what protect sends when QEMU reaches the
+    secondary over a unix socket, nbd_mc/blocksize.py says why): the writer's exports
+    advertise it, the other exports keep nbdkit's maximum, a client that sends more
+    is still served, the next claim without it gives the default back, and a value
+    that is no power of two in range is refused."""
     path = servers.path("v.raw")
     make_image(path, 4 * MiB)
     s = servers.new({"v": path})
     s.start()
-    h = s.connect("v")
     maximum = blocksize.unix_maximum(blocksize.send_buffer())
-    assert h.get_block_size(nbd.SIZE_MAXIMUM) == maximum
     assert blocksize.QEMU_REQUESTS * (maximum + blocksize.PER_REQUEST_OVERHEAD) \
         <= blocksize.send_buffer()
+    r = s.execute("claim", max_request=maximum)
+    assert r["max_request"] == maximum
+    h = s.connect(r["exports"]["v"])
+    assert h.get_block_size(nbd.SIZE_MAXIMUM) == maximum
     assert h.get_block_size(nbd.SIZE_PREFERRED) <= maximum
     payload = bytes([9]) * (2 * MiB)
     h.pwrite(payload, MiB)
     assert h.pread(2 * MiB, MiB) == payload
+    assert s.connect("v").get_block_size(nbd.SIZE_MAXIMUM) == NBDKIT_MAX_REQUEST
+    r = s.execute("claim")
+    assert "max_request" not in r
+    assert s.connect(r["exports"]["v"]).get_block_size(nbd.SIZE_MAXIMUM) == NBDKIT_MAX_REQUEST
+    for bad in (3000, 2048, 2 * NBDKIT_MAX_REQUEST, True, "8192", 8192.0, -4096):
+        with pytest.raises(Exception, match="max_request"):
+            s.execute("claim", max_request=bad)

@@ -19,7 +19,8 @@ before = set(sys.modules)
 runpy.run_path(sys.argv[1])
 shared = ("nbd_mc", "nbd_mc.errors", "nbd_mc.units", "nbd_mc.address", "nbd_mc.tls",
           "nbd_mc.fileio", "nbd_mc.crashpoints", "nbd_mc.sockfile", "nbd_mc.rangeargs",
-          "nbd_mc.checksum", "nbd_mc.verify", "nbd_mc.statedir", "nbd_mc.nbduri")
+          "nbd_mc.checksum", "nbd_mc.verify", "nbd_mc.statedir", "nbd_mc.nbduri",
+          "nbd_mc.blocksize")
 bad = []
 for name in sorted(set(sys.modules) - before):
     top = name.split(".")[0]

@@ -26,12 +26,15 @@ import tempfile
 import time
 
 
-def arguments(doc: str, tries: int) -> argparse.Namespace:
+def arguments(doc: str, tries: int, more=None) -> argparse.Namespace:
+    """The common options; ``more(parser)`` adds a reproducer's own."""
     ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     ap.add_argument("--qemu", default="qemu-system-x86_64",
                     help="the QEMU to try (default: qemu-system-x86_64 on PATH)")
     ap.add_argument("--tries", type=int, default=tries, help=f"attempts (default {tries})")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    if more:
+        more(ap)
     return ap.parse_args()
 
 
