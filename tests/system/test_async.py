@@ -150,9 +150,11 @@ def stepped(servers, vms, links, seed: str, stall_timeout: float = 60.0):
     qmp = primary.Qmp(vm.qmp_path)
     try:
         primary.attach(qmp, primary.parse_nbd_uri(nbd.nbd_uri()), drives)
-        shipping.start_background(qmp, drives, "full")
+        # before the jobs start: a Mirrors sees only the events after its creation,
+        # and a small disk's mirror can be READY before start_background returns
         mirrors = primary.Mirrors(qmp, drives)
-        assert mirrors.wait_ready()
+        shipping.start_background(qmp, drives, "full")
+        assert mirrors.wait_ready(timeout=DEADLINE)
         side = primary.PrimarySide(qmp, drives, stall_timeout=stall_timeout)
 
         def drain(give_way_at):
