@@ -18,7 +18,7 @@ from typing import Callable
 
 from .. import __version__, nbduri
 from . import checksum, verify
-from . import boot, writer
+from . import boot
 from ..control.server import AfterReply
 from ..errors import BadRequest, CommandNotFound
 
@@ -111,22 +111,13 @@ def _failover(s: Session, a: dict) -> dict:
     return _with_uris(s, reply)
 
 
-#: Held by claim and by a commit that names its writer, so the writer cannot
-#: change between the check and the commit.
-_writer_lock = threading.Lock()
-
-
 def _commit(s: Session, a: dict) -> dict:
-    if a["writer"] is None:
-        return s.group.commit(a["epoch"])
-    with _writer_lock:
-        writer.check_commit_writer(s.group.state, a["writer"])
-        return s.group.commit(a["epoch"])
+    # the writer is checked inside the engine, under the lock claim and failover hold
+    return s.group.commit(a["epoch"], a["writer"])
 
 
 def _claim(s: Session, a: dict) -> dict:
-    with _writer_lock:
-        return _with_uris(s, s.group.claim(a["stale_after"], a["max_request"]))
+    return _with_uris(s, s.group.claim(a["stale_after"], a["max_request"]))
 
 
 COMMANDS = {c.name: c for c in (

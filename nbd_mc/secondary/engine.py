@@ -435,21 +435,28 @@ class Group:
             raise io_failure(f"flushing image {disk.spec.image}", e) from None
 
     # --- checkpoint operations --------------------------------------------------------
-    def commit(self, epoch: int) -> dict:
-        """Commit ``epoch``.  Every answer says whether it is committed: a reply
+    def commit(self, epoch: int, writer_id: str | None = None) -> dict:
+        """Commit ``epoch``; ``writer_id`` (the id ``claim`` returned, if the commit
+        names one) must be the current writer's (writer.check_commit_writer).
+
+        The writer is checked under the same lock as the commit, the claim and the
+        failover: checked outside it, a commit that came during a failover saw the
+        group fenced and not yet promoted, and its protect told the user to start a
+        fresh secondary instead of to stop a VM that was failed over.  Every answer says whether it is committed: a reply
         carries ``committed``, and so does every error raised here (the epoch the
         state file holds, read back after a failure).  The retry rule: after an
         error or a lost reply, send the same commit again; a reply means the epoch
         is committed (durably, in ``power`` mode: a retry re-syncs the state file)."""
         try:
-            return self._commit(epoch)
+            return self._commit(epoch, writer_id)
         except NbdMcError:
             self._count("refused_commits")
             raise
 
-    def _commit(self, epoch: int) -> dict:
+    def _commit(self, epoch: int, writer_id: str | None) -> dict:
         with self._control:
             try:
+                writer.check_commit_writer(self.state, writer_id)
                 return self._commit_locked(epoch)
             except NbdMcError as e:
                 e.details = {"committed": self._committed_on_disk()}

@@ -131,3 +131,47 @@ def test_claim_is_a_new_session_with_a_new_writer(session):
     assert n["generation"] == g0 + 2 and s.group.state.writer == c["writer"]
     c2 = handle("claim", {})
     assert c2["generation"] == g0 + 3 and c2["writer"] != c["writer"]
+
+
+def test_a_writer_commit_during_a_failover_waits_and_hears_promoted(session, group):
+    """A commit naming its writer that arrives while a failover runs (fenced, not yet
+    promoted) waits for it and is refused as *promoted*: protect must tell the user
+    to stop a VM that was failed over, not to start a fresh secondary.  The writer
+    check once ran outside the failover's lock and saw the group merely fenced."""
+    import threading
+    from nbd_mc.errors import Fenced
+    handle = commands.handler(session[0])
+    writer_id = handle("claim", {})["writer"]
+    handle("commit", {"epoch": 1, "writer": writer_id})
+    inside, release = threading.Event(), threading.Event()
+    rollback = group._rollback_locked
+
+    def held_rollback():
+        inside.set()  # fenced=True is persisted, the promotion not yet
+        release.wait(30)
+        return rollback()
+    group._rollback_locked = held_rollback
+    failover = threading.Thread(target=handle, args=("failover", {}))
+    failover.start()
+    assert inside.wait(30)
+    assert group.state.fenced and group.state.role != "primary"
+    result = {}
+    engine_commit = group.commit
+
+    def entering_commit(*a, **kw):  # the failover goes on once the commit is under way
+        release.set()
+        return engine_commit(*a, **kw)
+    group.commit = entering_commit
+
+    def commit():
+        try:
+            result["reply"] = handle("commit", {"epoch": 2, "writer": writer_id})
+        except Fenced as e:
+            result["refused"] = e.desc
+        finally:
+            release.set()
+    committer = threading.Thread(target=commit)
+    committer.start()
+    failover.join(30)
+    committer.join(30)
+    assert "promoted" in result.get("refused", ""), result
