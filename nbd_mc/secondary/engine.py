@@ -442,11 +442,13 @@ class Group:
         The writer is checked under the same lock as the commit, the claim and the
         failover: checked outside it, a commit that came during a failover saw the
         group fenced and not yet promoted, and its protect told the user to start a
-        fresh secondary instead of to stop a VM that was failed over.  Every answer says whether it is committed: a reply
-        carries ``committed``, and so does every error raised here (the epoch the
-        state file holds, read back after a failure).  The retry rule: after an
-        error or a lost reply, send the same commit again; a reply means the epoch
-        is committed (durably, in ``power`` mode: a retry re-syncs the state file)."""
+        fresh secondary instead of to stop a VM that was failed over.
+
+        Every answer says whether it is committed: a reply carries ``committed``,
+        and so does every error raised here (the epoch the state file holds, read
+        back after a failure).  The retry rule: after an error or a lost reply, send
+        the same commit again; a reply means the epoch is committed (durably, in
+        ``power`` mode: a retry re-syncs the state file)."""
         try:
             return self._commit(epoch, writer_id)
         except NbdMcError:
