@@ -133,9 +133,9 @@ def claim_writer(ctl: ControlClient, drives: list[DriveSpec], say=lambda text: N
     from now on.  Returns the control connection to commit through (its commits
     name the writer, so a superseded protect cannot commit) and the drives with
     the writer exports to mirror into.  ``max_request``: the largest request
-    those exports should advertise (nbd_mc/blocksize.py).  A secondary that predates writer identities
-    gets a plain new-session, and the plain exports are used.  A promoted or
-    fenced secondary refuses for good (SecondaryRefused)."""
+    those exports should advertise (nbd_mc/blocksize.py).  A secondary that
+    predates writer identities gets a plain new-session, and the plain exports
+    are used.  A promoted or fenced secondary refuses for good (SecondaryRefused)."""
     with _rpc("the secondary refused the writer claim"):
         got = writer_claim.claim(ctl, stale_after, max_request)
     if not got.writer:

@@ -245,6 +245,13 @@ def short_tmpdir(prefix: str = "nbdmc-") -> str:
 
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_until(cond, what: str, timeout: float = DEADLINE, poll: float = 0.005):
     """Poll ``cond`` until it is true; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

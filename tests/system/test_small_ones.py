@@ -11,8 +11,8 @@ import pytest
 
 from nbd_mc.control import MAX_CLIENTS, MAX_PER_PEER
 from nbd_mc import blocksize
-from support.servers import (DEADLINE, connect_as_children, describe, make_image, read_all, run,
-                             wait_until)
+from support.servers import (DEADLINE, connect_as_children, describe, free_port, make_image,
+                             read_all, run, wait_until)
 
 MiB = 1 << 20
 NBDKIT_MAX_REQUEST = blocksize.NBDKIT_MAX_REQUEST
@@ -79,19 +79,13 @@ def test_committed_export_is_refused_before_the_first_commit(servers):
     assert [e["export-name"] for e in listed] == ["v", "v@committed"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_advertised_maximum_request_is_accepted(servers):
     """Over TCP the maximum is nbdkit's own, and a request that large is served."""
     path = servers.path("big.raw")
     with open(path, "wb") as f:
         f.truncate(NBDKIT_MAX_REQUEST + MiB)
     s = servers.new({"big": path})
-    port = _free_port()
+    port = free_port()
     s.args += ["--port", str(port), "--bind", "127.0.0.1"]
     s.start()
     uri = f"nbd://127.0.0.1:{port}/big"
